@@ -1,0 +1,213 @@
+//! Wire types shared by the kernel probe and the userspace loader.
+//!
+//! Everything here crosses the kernel/user boundary as raw bytes: `#[repr(C)]`,
+//! fixed-width integers only, explicit padding, no `bool` and no Rust enums.
+#![no_std]
+
+/// Names of the maps and programs in the probe object. One definition for both sides.
+pub const MAP_EVENTS: &str = "EVENTS";
+pub const MAP_SOCKETS: &str = "SOCKETS";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const PROG_TP_BTF: &str = "connwatch_tp_btf";
+pub const PROG_TRACEPOINT: &str = "connwatch_tracepoint";
+pub const GLOBAL_OFFSETS: &str = "OFFSETS";
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// How the owner named in an event was found.
+pub mod owner_source {
+    /// Neither the transition's context nor an earlier one names the owner.
+    pub const UNKNOWN: u8 = 0;
+    /// The transition runs in the owning process (connect, close, shutdown, listen).
+    pub const CONTEXT: u8 = 1;
+    /// Remembered for this socket from an earlier `CONTEXT` transition.
+    pub const CARRIED: u8 = 2;
+}
+
+/// Transitions that run in the syscall of the process that owns the socket, so that the
+/// current task *is* the owner. Every other transition runs in softirq or a timer
+/// (or, on loopback, inside the peer's syscall): its current task is a bystander.
+#[inline(always)]
+pub const fn runs_in_owner_context(old: u8, new: u8) -> bool {
+    use tcp_state::*;
+    matches!(
+        (old, new),
+        (CLOSE, SYN_SENT) // connect()
+            | (CLOSE, LISTEN) // listen()
+            | (LISTEN, CLOSE) // close() of a listener
+            | (ESTABLISHED, FIN_WAIT1) // close()/shutdown(): we close first
+            | (SYN_RECV, FIN_WAIT1) // close() of a fast-open socket before the handshake ends
+            | (CLOSE_WAIT, LAST_ACK) // close() after the peer closed
+    )
+}
+
+/// Indexes into the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// TCP transitions the probe ran for (after filtering).
+    pub const SEEN: u32 = 0;
+    /// Events lost because the ring buffer was full.
+    pub const DROPPED: u32 = 1;
+    /// Per-socket state that could not be stored (map update failed).
+    pub const SOCKET_STORE_FAILED: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+/// Record layout of the classic tracepoint `sock/inet_sock_set_state` (stable since
+/// Linux 4.16). Userspace checks the tracepoint's `format` file against these offsets
+/// before it attaches the fallback program that reads them.
+pub mod tp_record {
+    pub const SKADDR: usize = 8;
+    pub const OLDSTATE: usize = 16;
+    pub const NEWSTATE: usize = 20;
+    pub const SPORT: usize = 24;
+    pub const DPORT: usize = 26;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+    pub const SADDR: usize = 32;
+    pub const DADDR: usize = 36;
+    pub const SADDR_V6: usize = 40;
+    pub const DADDR_V6: usize = 56;
+    /// (field name in `format`, offset) pairs that must match.
+    pub const FIELDS: [(&str, usize); 11] = [
+        ("skaddr", SKADDR),
+        ("oldstate", OLDSTATE),
+        ("newstate", NEWSTATE),
+        ("sport", SPORT),
+        ("dport", DPORT),
+        ("family", FAMILY),
+        ("protocol", PROTOCOL),
+        ("saddr", SADDR),
+        ("daddr", DADDR),
+        ("saddr_v6", SADDR_V6),
+        ("daddr_v6", DADDR_V6),
+    ];
+}
+
+/// One TCP state transition, as written to the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the transition.
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock` (reused quickly: an id only together with time).
+    pub skaddr: u64,
+    /// When the socket entered `oldstate`; 0 when the probe did not see it.
+    pub old_since_ns: u64,
+    /// Inode of the socket's file (`socket:[N]` in /proc/PID/fd); 0 when it has none.
+    pub inode: u64,
+    /// Network namespace inode number; 0 when unknown.
+    pub netns: u32,
+    /// Owner's tgid; 0 when `owner_source` is UNKNOWN.
+    pub owner_pid: u32,
+    /// tgid of the task that was current when the probe ran (may be an interrupted bystander).
+    pub task_pid: u32,
+    pub family: u16,
+    /// Local and remote port, host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub oldstate: u8,
+    pub newstate: u8,
+    pub owner_source: u8,
+    pub _pad: [u8; 3],
+    /// Local and remote address: IPv4 in the first 4 bytes, IPv6 in all 16.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub owner_comm: [u8; 16],
+    pub task_comm: [u8; 16],
+}
+
+/// Per-socket state the probe keeps between transitions, keyed by socket address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockState {
+    /// When the socket entered its current state.
+    pub since_ns: u64,
+    /// Owner tgid; 0 while unknown.
+    pub owner_pid: u32,
+    pub _pad: u32,
+    pub owner_comm: [u8; 16],
+}
+
+/// Byte offsets of the kernel struct fields the probe reads, resolved by userspace from
+/// the running kernel's BTF (aya has no CO-RE). `u32::MAX` marks a field that could not
+/// be resolved: the probe skips that read (value stays 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    /// `sock_common.skc_family` (u16).
+    pub skc_family: u32,
+    /// `sock_common.skc_daddr` / `skc_rcv_saddr` (be32).
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    /// `sock_common.skc_v6_daddr` / `skc_v6_rcv_saddr` (16 bytes).
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `sock_common.skc_dport` (be16).
+    pub skc_dport: u32,
+    /// `inet_sock.inet_sport` (be16); `skc_num` is already 0 on ->CLOSE.
+    pub inet_sport: u32,
+    /// `sock.sk_protocol` (u16, not a bitfield since Linux 5.6).
+    pub sk_protocol: u32,
+    /// `sock_common.skc_net` -> `net.ns.inum`.
+    pub skc_net: u32,
+    pub net_ns_inum: u32,
+    /// `sock.sk_socket` -> `socket.file` -> `file.f_inode` -> `inode.i_ino`.
+    pub sk_socket: u32,
+    pub socket_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
+}
+
+impl Offsets {
+    pub const UNRESOLVED: u32 = u32::MAX;
+    pub const fn unresolved() -> Self {
+        let u = Self::UNRESOLVED;
+        Self {
+            skc_family: u,
+            skc_daddr: u,
+            skc_rcv_saddr: u,
+            skc_v6_daddr: u,
+            skc_v6_rcv_saddr: u,
+            skc_dport: u,
+            inet_sport: u,
+            sk_protocol: u,
+            skc_net: u,
+            net_ns_inum: u,
+            sk_socket: u,
+            socket_file: u,
+            file_inode: u,
+            inode_ino: u,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, `#[repr(C)]`, no implicit padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::SockState {}
+    unsafe impl aya::Pod for super::Offsets {}
+}
+
+// The wire layout is fixed: a change here must be a deliberate one on both sides.
+const _: () = assert!(core::mem::size_of::<Event>() == 120);
+const _: () = assert!(core::mem::size_of::<SockState>() == 32);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 14 * 4);

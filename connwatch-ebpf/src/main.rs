@@ -1,0 +1,255 @@
+//! connwatch kernel probe: one event per TCP state transition.
+//!
+//! Hooks (userspace attaches exactly one of them):
+//! - `tp_btf/inet_sock_set_state`: typed `struct sock *` argument, cheapest, needs no
+//!   tracefs. Fields are read at offsets that userspace resolves from the kernel's BTF and
+//!   passes in the `OFFSETS` global (aya has no CO-RE).
+//! - `tracepoint/sock/inet_sock_set_state`: the classic tracepoint, stable record layout
+//!   since Linux 4.16; the fallback when tp_btf cannot load. Needs tracefs mounted.
+//!
+//! The probe keeps policy out of the kernel: it filters TCP, stamps the time, remembers
+//! per socket when it entered its state and who owns it, and emits. Which process owns a
+//! socket is only known where the transition runs in that process's own syscall
+//! (connect, listen, close/shutdown); other transitions run in softirq or timers, where
+//! the current task is a bystander, so they carry the owner remembered earlier.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use aya_log_ebpf::debug;
+use connwatch_common::{
+    AF_INET, AF_INET6, Event, IPPROTO_TCP, Offsets, SockState, counter, owner_source,
+    runs_in_owner_context, tcp_state, tp_record,
+};
+
+/// Event stream to userspace. Size is set by userspace at load time (`--ring-size`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Per-socket state keyed by `struct sock` address. LRU so that a missed ->CLOSE can never
+/// leak an entry forever. Size is set by userspace at load time.
+#[map]
+static SOCKETS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(1 << 18, 0);
+
+/// Per-CPU counters (see `connwatch_common::counter`): no atomics needed, summed in userspace.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Kernel struct field offsets, filled in by userspace from BTF before load.
+#[unsafe(no_mangle)]
+static OFFSETS: Offsets = Offsets::unresolved();
+
+/// The fields of a transition that the two hooks obtain differently.
+struct Tuple {
+    family: u16,
+    sport: u16,
+    dport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let off = offsets();
+    // SAFETY: `sk` is the tracepoint's `struct sock *`; every read goes through
+    // bpf_probe_read_kernel, which fails cleanly on a bad address.
+    unsafe {
+        if read_at::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
+            return 0;
+        }
+        let Some(family) = read_at::<u16>(sk, off.skc_family) else {
+            return 0;
+        };
+        let mut t = Tuple {
+            family,
+            sport: u16::from_be(read_at::<u16>(sk, off.inet_sport).unwrap_or(0)),
+            dport: u16::from_be(read_at::<u16>(sk, off.skc_dport).unwrap_or(0)),
+            saddr: [0; 16],
+            daddr: [0; 16],
+        };
+        match family {
+            AF_INET => {
+                t.saddr[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, off.skc_rcv_saddr).unwrap_or([0; 4]));
+                t.daddr[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, off.skc_daddr).unwrap_or([0; 4]));
+            }
+            AF_INET6 => {
+                t.saddr = read_at::<[u8; 16]>(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
+                t.daddr = read_at::<[u8; 16]>(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
+            }
+            _ => return 0,
+        }
+        handle(&ctx, sk, old as u8, new as u8, &t);
+    }
+    0
+}
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn connwatch_tracepoint(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets within the tracepoint record, checked by userspace against `format`.
+    unsafe {
+        if ctx.read_at::<u16>(tp_record::PROTOCOL) != Ok(IPPROTO_TCP) {
+            return 0;
+        }
+        let Ok(family) = ctx.read_at::<u16>(tp_record::FAMILY) else {
+            return 0;
+        };
+        let mut t = Tuple {
+            family,
+            // The tracepoint already converted the ports to host order.
+            sport: ctx.read_at::<u16>(tp_record::SPORT).unwrap_or(0),
+            dport: ctx.read_at::<u16>(tp_record::DPORT).unwrap_or(0),
+            saddr: [0; 16],
+            daddr: [0; 16],
+        };
+        match family {
+            AF_INET => {
+                t.saddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(tp_record::SADDR).unwrap_or([0; 4]));
+                t.daddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(tp_record::DADDR).unwrap_or([0; 4]));
+            }
+            AF_INET6 => {
+                t.saddr = ctx.read_at::<[u8; 16]>(tp_record::SADDR_V6).unwrap_or([0; 16]);
+                t.daddr = ctx.read_at::<[u8; 16]>(tp_record::DADDR_V6).unwrap_or([0; 16]);
+            }
+            _ => return 0,
+        }
+        let sk = ctx.read_at::<u64>(tp_record::SKADDR).unwrap_or(0) as *const u8;
+        let old = ctx.read_at::<i32>(tp_record::OLDSTATE).unwrap_or(0);
+        let new = ctx.read_at::<i32>(tp_record::NEWSTATE).unwrap_or(0);
+        handle(&ctx, sk, old as u8, new as u8, &t);
+    }
+    0
+}
+
+#[inline(always)]
+unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new: u8, t: &Tuple) {
+    bump(counter::SEEN);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = sk as u64;
+    let task_pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let task_comm = bpf_get_current_comm().unwrap_or([0; 16]);
+
+    // A socket that starts a life (connect/listen from CLOSE, or a child created by a
+    // listener) must not inherit a stale entry left by a freed socket at the same address.
+    let fresh = old == tcp_state::CLOSE
+        || (old == tcp_state::LISTEN && new == tcp_state::SYN_RECV);
+    let prev: Option<SockState> = if fresh {
+        None
+    } else {
+        // SAFETY: the value is copied out at once.
+        unsafe { SOCKETS.get(&key).copied() }
+    };
+
+    let mut state = SockState {
+        since_ns: now,
+        ..SockState::default()
+    };
+    let source = if runs_in_owner_context(old, new) {
+        state.owner_pid = task_pid;
+        state.owner_comm = task_comm;
+        owner_source::CONTEXT
+    } else if let Some(p) = prev.filter(|p| p.owner_pid != 0) {
+        state.owner_pid = p.owner_pid;
+        state.owner_comm = p.owner_comm;
+        owner_source::CARRIED
+    } else {
+        owner_source::UNKNOWN
+    };
+
+    if new == tcp_state::CLOSE {
+        let _ = SOCKETS.remove(&key);
+    } else if SOCKETS.insert(&key, &state, 0).is_err() {
+        bump(counter::SOCKET_STORE_FAILED);
+        debug!(ctx, "connwatch: could not store socket state");
+    }
+
+    let off = offsets();
+    let (netns, inode) = unsafe { (netns_of(sk, &off), inode_of(sk, &off)) };
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        bump(counter::DROPPED);
+        return;
+    };
+    entry.write(Event {
+        ts_ns: now,
+        skaddr: key,
+        old_since_ns: prev.map(|p| p.since_ns).unwrap_or(0),
+        inode,
+        netns,
+        owner_pid: state.owner_pid,
+        task_pid,
+        family: t.family,
+        sport: t.sport,
+        dport: t.dport,
+        oldstate: old,
+        newstate: new,
+        owner_source: source,
+        _pad: [0; 3],
+        saddr: t.saddr,
+        daddr: t.daddr,
+        owner_comm: state.owner_comm,
+        task_comm,
+    });
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn offsets() -> Offsets {
+    // SAFETY: a read of our own global; volatile so the compiler cannot fold the
+    // placeholder values userspace overrides at load time.
+    unsafe { core::ptr::read_volatile(&raw const OFFSETS) }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, and the program is not re-entered on this CPU for the
+        // same tracepoint, so a plain add is race-free.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Reads a `T` at `base + off`; `None` when the offset is unresolved or the read fails.
+#[inline(always)]
+unsafe fn read_at<T>(base: *const u8, off: u32) -> Option<T> {
+    if off == Offsets::UNRESOLVED || base.is_null() {
+        return None;
+    }
+    unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T).ok() }
+}
+
+#[inline(always)]
+unsafe fn netns_of(sk: *const u8, off: &Offsets) -> u32 {
+    unsafe {
+        let net = read_at::<u64>(sk, off.skc_net).unwrap_or(0) as *const u8;
+        read_at::<u32>(net, off.net_ns_inum).unwrap_or(0)
+    }
+}
+
+#[inline(always)]
+unsafe fn inode_of(sk: *const u8, off: &Offsets) -> u64 {
+    unsafe {
+        let sock = read_at::<u64>(sk, off.sk_socket).unwrap_or(0) as *const u8;
+        let file = read_at::<u64>(sock, off.socket_file).unwrap_or(0) as *const u8;
+        let inode = read_at::<u64>(file, off.file_inode).unwrap_or(0) as *const u8;
+        read_at::<u64>(inode, off.inode_ino).unwrap_or(0)
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

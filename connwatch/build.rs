@@ -1,0 +1,28 @@
+//! Builds the eBPF probe (nightly, `-Z build-std=core`, bpf-linker) and leaves the object
+//! in OUT_DIR, where `src/probe` embeds it with `include_bytes_aligned!`.
+use anyhow::{Context as _, anyhow};
+use aya_build::Toolchain;
+
+fn main() -> anyhow::Result<()> {
+    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("MetadataCommand::exec")?;
+    let ebpf = packages
+        .into_iter()
+        .find(|p| p.name.as_str() == "connwatch-ebpf")
+        .ok_or_else(|| anyhow!("connwatch-ebpf package not found"))?;
+    let root_dir = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
+    let package = aya_build::Package {
+        name: ebpf.name.as_str(),
+        root_dir: root_dir.as_str(),
+        ..Default::default()
+    };
+    aya_build::build_ebpf([package], Toolchain::default()).context(
+        "building the eBPF probe failed: run `cargo xtask setup` to install llvm-22, \
+         rust-src for nightly and bpf-linker",
+    )
+}

@@ -1,0 +1,136 @@
+//! Command line: clap derive, doc comments are the help text.
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::probe::HookChoice;
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo connwatch trace                      every TCP state transition, as a table
+  sudo connwatch trace --json | jq .        the same as JSON lines
+  sudo connwatch trace --duration 10s       stop after ten seconds";
+
+/// Find the processes behind CLOSE_WAIT and TIME_WAIT sockets, with eBPF.
+#[derive(Debug, Parser)]
+#[command(name = "connwatch", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Show diagnostics: the hook chosen and why, the probe's own log, verifier output.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print every TCP state transition on the machine, one line each.
+    ///
+    /// Columns: TIME PID COMM LADDR:LPORT RADDR:RPORT OLD -> NEW MS, where MS is the time
+    /// the socket spent in OLD (blank when connwatch did not see it enter OLD). PID and COMM
+    /// name the socket's owner only where the kernel tells it; otherwise they are `-`.
+    #[command(after_help = "\
+Owner sources (JSON `owner_source`):
+  context   the transition ran in the owner's syscall (connect, listen, close, shutdown)
+  carried   remembered from an earlier `context` transition of the same socket
+  unknown   neither: pid and comm are null rather than a guess
+
+Examples:
+  sudo connwatch trace --json --duration 30s > transitions.jsonl
+  sudo connwatch trace | grep CLOSE_WAIT")]
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// One JSON object per line instead of columns.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Stop after this long (e.g. 10s, 2m, 1h).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+/// Options of the kernel probe, shared by every command that loads it.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Kernel hook: tp_btf with fallback to the classic tracepoint, or force one.
+    #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
+    pub hook: HookChoice,
+
+    /// Size of the kernel-to-user event ring buffer in bytes: a power of two, at least
+    /// 4096 (suffixes K and M allowed, e.g. 16M). Raise it if events are dropped.
+    #[arg(long, default_value = "4M", value_parser = parse_ring_size)]
+    pub ring_size: u32,
+
+    /// Sockets the kernel side remembers at once (entry time, owner); about 100 bytes of
+    /// kernel memory each. The oldest are forgotten first when it is full.
+    #[arg(long, default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub max_sockets: u32,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e}: use a number with a unit, e.g. 500ms, 10s, 2m"))?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+pub fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    let (digits, mult) = if let Some(n) = upper.strip_suffix('M') {
+        (n, 1u64 << 20)
+    } else if let Some(n) = upper.strip_suffix('K') {
+        (n, 1u64 << 10)
+    } else {
+        (upper.as_str(), 1)
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size: use bytes, or K/M, e.g. 4M"))?;
+    let bytes = n.saturating_mul(mult);
+    if !bytes.is_power_of_two() || !(4096..=(1 << 30)).contains(&bytes) {
+        return Err(format!(
+            "{bytes} bytes: the ring size must be a power of two between 4K and 1024M"
+        ));
+    }
+    u32::try_from(bytes).map_err(|_| "too large".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("ten").is_err());
+    }
+
+    #[test]
+    fn ring_sizes() {
+        assert_eq!(parse_ring_size("4M"), Ok(4 << 20));
+        assert_eq!(parse_ring_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_ring_size("8192"), Ok(8192));
+        assert!(parse_ring_size("3M").is_err());
+        assert!(parse_ring_size("1K").is_err());
+        assert!(parse_ring_size("2048M").is_err());
+        assert!(parse_ring_size("lots").is_err());
+    }
+}

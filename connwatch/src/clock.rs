@@ -1,0 +1,41 @@
+//! Kernel timestamps are CLOCK_MONOTONIC; they are turned into wall-clock time once, at
+//! the edge, for display.
+use std::time::{Duration, SystemTime};
+
+/// Maps CLOCK_MONOTONIC nanoseconds to wall-clock time, with the offset taken once.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    /// Wall-clock time at monotonic zero.
+    epoch: SystemTime,
+}
+
+impl WallClock {
+    pub fn new() -> Self {
+        let mono = monotonic_ns();
+        let now = SystemTime::now();
+        Self {
+            epoch: now - Duration::from_nanos(mono),
+        }
+    }
+
+    /// A clock whose monotonic zero is `epoch` (for tests).
+    #[cfg(test)]
+    pub fn with_epoch(epoch: SystemTime) -> Self {
+        Self { epoch }
+    }
+
+    pub fn wall(&self, mono_ns: u64) -> SystemTime {
+        self.epoch + Duration::from_nanos(mono_ns)
+    }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

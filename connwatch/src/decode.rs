@@ -1,0 +1,365 @@
+//! Turns the probe's raw ring-buffer records into typed transitions.
+//!
+//! The bytes come from the kernel but are still treated as untrusted: a short record is an
+//! error, an unknown state number is a value to show (`STATE_<n>`), never a panic.
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use connwatch_common::{AF_INET, AF_INET6, Event, owner_source, tcp_state};
+
+/// A TCP state number with the kernel's name for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TcpState(pub u8);
+
+impl TcpState {
+    pub const ESTABLISHED: Self = Self(tcp_state::ESTABLISHED);
+    pub const SYN_SENT: Self = Self(tcp_state::SYN_SENT);
+    pub const SYN_RECV: Self = Self(tcp_state::SYN_RECV);
+    pub const FIN_WAIT1: Self = Self(tcp_state::FIN_WAIT1);
+    pub const FIN_WAIT2: Self = Self(tcp_state::FIN_WAIT2);
+    pub const TIME_WAIT: Self = Self(tcp_state::TIME_WAIT);
+    pub const CLOSE: Self = Self(tcp_state::CLOSE);
+    pub const CLOSE_WAIT: Self = Self(tcp_state::CLOSE_WAIT);
+    pub const LAST_ACK: Self = Self(tcp_state::LAST_ACK);
+    pub const LISTEN: Self = Self(tcp_state::LISTEN);
+    pub const CLOSING: Self = Self(tcp_state::CLOSING);
+    pub const NEW_SYN_RECV: Self = Self(tcp_state::NEW_SYN_RECV);
+
+    /// The kernel's spelling (`include/trace/events/sock.h`), `None` for unknown numbers.
+    pub fn name(self) -> Option<&'static str> {
+        Some(match self.0 {
+            tcp_state::ESTABLISHED => "ESTABLISHED",
+            tcp_state::SYN_SENT => "SYN_SENT",
+            tcp_state::SYN_RECV => "SYN_RECV",
+            tcp_state::FIN_WAIT1 => "FIN_WAIT1",
+            tcp_state::FIN_WAIT2 => "FIN_WAIT2",
+            tcp_state::TIME_WAIT => "TIME_WAIT",
+            tcp_state::CLOSE => "CLOSE",
+            tcp_state::CLOSE_WAIT => "CLOSE_WAIT",
+            tcp_state::LAST_ACK => "LAST_ACK",
+            tcp_state::LISTEN => "LISTEN",
+            tcp_state::CLOSING => "CLOSING",
+            tcp_state::NEW_SYN_RECV => "NEW_SYN_RECV",
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => f.pad(name),
+            None => f.pad(&format!("STATE_{}", self.0)),
+        }
+    }
+}
+
+/// How the owner of a socket was found. Carried from where it is made to every view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OwnerSource {
+    /// The transition ran in the owner's own syscall.
+    Context,
+    /// Remembered from an earlier `Context` transition of the same socket.
+    Carried,
+    /// Nobody is known: pid and comm are left empty rather than guessed.
+    Unknown,
+}
+
+impl OwnerSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Context => "context",
+            Self::Carried => "carried",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// The process a transition is attributed to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub source: OwnerSource,
+}
+
+/// One decoded TCP state transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub skaddr: u64,
+    /// When the socket entered `old`; `None` when the probe did not see that.
+    pub old_since_ns: Option<u64>,
+    pub inode: u64,
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub old: TcpState,
+    pub new: TcpState,
+    pub owner: Owner,
+    /// The task that was running when the probe fired (not necessarily the owner).
+    pub task_pid: u32,
+    pub task_comm: String,
+}
+
+impl Transition {
+    /// Time spent in `old`, when its start was seen.
+    pub fn duration_ns(&self) -> Option<u64> {
+        self.old_since_ns.map(|since| self.ts_ns.saturating_sub(since))
+    }
+
+    pub fn is_ipv6(&self) -> bool {
+        self.local.is_ipv6()
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    Short { len: usize },
+    Family(u16),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Short { len } => write!(
+                f,
+                "event record of {len} bytes, expected {}",
+                size_of::<Event>()
+            ),
+            Self::Family(family) => write!(f, "event with unknown address family {family}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
+    if bytes.len() < size_of::<Event>() {
+        return Err(DecodeError::Short { len: bytes.len() });
+    }
+    // SAFETY: length checked above; `Event` is plain data valid for any bit pattern, and
+    // `read_unaligned` makes no alignment assumption about the ring buffer's memory.
+    let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    from_event(&ev)
+}
+
+pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
+    let (local, remote) = match ev.family {
+        AF_INET => (ipv4(&ev.saddr), ipv4(&ev.daddr)),
+        AF_INET6 => (
+            IpAddr::V6(Ipv6Addr::from(ev.saddr)),
+            IpAddr::V6(Ipv6Addr::from(ev.daddr)),
+        ),
+        other => return Err(DecodeError::Family(other)),
+    };
+    let source = match ev.owner_source {
+        owner_source::CONTEXT => OwnerSource::Context,
+        owner_source::CARRIED => OwnerSource::Carried,
+        _ => OwnerSource::Unknown,
+    };
+    let owner = match source {
+        OwnerSource::Unknown => Owner {
+            pid: None,
+            comm: None,
+            source,
+        },
+        _ => Owner {
+            pid: Some(ev.owner_pid),
+            comm: Some(comm(&ev.owner_comm)),
+            source,
+        },
+    };
+    Ok(Transition {
+        ts_ns: ev.ts_ns,
+        skaddr: ev.skaddr,
+        old_since_ns: (ev.old_since_ns != 0).then_some(ev.old_since_ns),
+        inode: ev.inode,
+        netns: ev.netns,
+        local: SocketAddr::new(local, ev.sport),
+        remote: SocketAddr::new(remote, ev.dport),
+        old: TcpState(ev.oldstate),
+        new: TcpState(ev.newstate),
+        owner,
+        task_pid: ev.task_pid,
+        task_comm: comm(&ev.task_comm),
+    })
+}
+
+fn ipv4(bytes: &[u8; 16]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+}
+
+/// A task's comm: NUL-terminated, at most 16 bytes, not necessarily UTF-8.
+pub fn comm(bytes: &[u8; 16]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn event_bytes(ev: &Event) -> Vec<u8> {
+        // SAFETY: `Event` is `#[repr(C)]` plain data without implicit padding.
+        unsafe {
+            std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>())
+                .to_vec()
+        }
+    }
+
+    fn comm16(s: &str) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..s.len()].copy_from_slice(s.as_bytes());
+        out
+    }
+
+    pub fn v4_event(old: u8, new: u8) -> Event {
+        let mut ev = Event {
+            ts_ns: 5_000_000_000,
+            skaddr: 0xffff_8880_1234_5678,
+            old_since_ns: 4_000_000_000,
+            inode: 4242,
+            netns: 4026531840,
+            owner_pid: 1234,
+            task_pid: 99,
+            family: AF_INET,
+            sport: 43210,
+            dport: 8080,
+            oldstate: old,
+            newstate: new,
+            owner_source: owner_source::CONTEXT,
+            owner_comm: comm16("curl"),
+            task_comm: comm16("swapper/0"),
+            ..Event::default()
+        };
+        ev.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        ev.daddr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        ev
+    }
+
+    #[test]
+    fn decodes_ipv4_record() {
+        let bytes = event_bytes(&v4_event(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1));
+        let t = decode(&bytes).unwrap();
+        assert_eq!(t.local, "127.0.0.1:43210".parse().unwrap());
+        assert_eq!(t.remote, "10.1.2.3:8080".parse().unwrap());
+        assert_eq!(t.old, TcpState::ESTABLISHED);
+        assert_eq!(t.new, TcpState::FIN_WAIT1);
+        assert_eq!(t.duration_ns(), Some(1_000_000_000));
+        assert_eq!(t.owner.pid, Some(1234));
+        assert_eq!(t.owner.comm.as_deref(), Some("curl"));
+        assert_eq!(t.owner.source, OwnerSource::Context);
+        assert_eq!(t.task_comm, "swapper/0");
+        assert_eq!(t.netns, 4026531840);
+        assert_eq!(t.inode, 4242);
+    }
+
+    #[test]
+    fn decodes_unaligned_record() {
+        let mut bytes = vec![0u8];
+        bytes.extend(event_bytes(&v4_event(1, 4)));
+        assert!(decode(&bytes[1..]).is_ok());
+    }
+
+    #[test]
+    fn decodes_ipv6_record() {
+        let mut ev = v4_event(tcp_state::SYN_SENT, tcp_state::ESTABLISHED);
+        ev.family = AF_INET6;
+        ev.saddr = "::1".parse::<Ipv6Addr>().unwrap().octets();
+        ev.daddr = "2001:db8::7".parse::<Ipv6Addr>().unwrap().octets();
+        let t = decode(&event_bytes(&ev)).unwrap();
+        assert_eq!(t.local, "[::1]:43210".parse().unwrap());
+        assert_eq!(t.remote, "[2001:db8::7]:8080".parse().unwrap());
+        assert!(t.is_ipv6());
+    }
+
+    #[test]
+    fn short_record_is_an_error() {
+        let bytes = event_bytes(&v4_event(1, 4));
+        assert_eq!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Short {
+                len: bytes.len() - 1
+            })
+        );
+        assert_eq!(decode(&[]), Err(DecodeError::Short { len: 0 }));
+    }
+
+    #[test]
+    fn unknown_family_is_an_error() {
+        let mut ev = v4_event(1, 4);
+        ev.family = 1;
+        assert_eq!(decode(&event_bytes(&ev)), Err(DecodeError::Family(1)));
+    }
+
+    #[test]
+    fn unknown_state_is_shown_by_number() {
+        let t = decode(&event_bytes(&v4_event(200, 13))).unwrap();
+        assert_eq!(t.old.to_string(), "STATE_200");
+        assert_eq!(t.new.to_string(), "STATE_13");
+        assert_eq!(TcpState::CLOSE_WAIT.to_string(), "CLOSE_WAIT");
+    }
+
+    #[test]
+    fn unknown_owner_has_no_pid_or_comm() {
+        let mut ev = v4_event(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT);
+        ev.owner_source = owner_source::UNKNOWN;
+        ev.owner_pid = 0;
+        let t = decode(&event_bytes(&ev)).unwrap();
+        assert_eq!(
+            t.owner,
+            Owner {
+                pid: None,
+                comm: None,
+                source: OwnerSource::Unknown
+            }
+        );
+        // The bystander task is kept apart, never promoted to owner.
+        assert_eq!(t.task_pid, 99);
+    }
+
+    #[test]
+    fn unseen_entry_has_no_duration() {
+        let mut ev = v4_event(tcp_state::CLOSE, tcp_state::SYN_SENT);
+        ev.old_since_ns = 0;
+        assert_eq!(decode(&event_bytes(&ev)).unwrap().duration_ns(), None);
+    }
+
+    #[test]
+    fn comm_stops_at_nul_and_tolerates_bad_utf8() {
+        let mut raw = [0u8; 16];
+        raw[..3].copy_from_slice(&[b'a', 0xff, b'b']);
+        assert_eq!(comm(&raw), "a\u{fffd}b");
+        assert_eq!(comm(&[b'x'; 16]), "x".repeat(16));
+    }
+
+    #[test]
+    fn owner_context_rules() {
+        use connwatch_common::runs_in_owner_context as ctx;
+        use tcp_state::*;
+        // Syscalls of the owning process.
+        assert!(ctx(CLOSE, SYN_SENT));
+        assert!(ctx(ESTABLISHED, FIN_WAIT1));
+        assert!(ctx(CLOSE_WAIT, LAST_ACK));
+        assert!(ctx(CLOSE, LISTEN));
+        // Softirq/timer transitions: the current task is a bystander.
+        for (old, new) in [
+            (LISTEN, SYN_RECV),
+            (SYN_RECV, ESTABLISHED),
+            (SYN_SENT, ESTABLISHED),
+            (ESTABLISHED, CLOSE_WAIT),
+            (FIN_WAIT1, FIN_WAIT2),
+            (FIN_WAIT2, CLOSE),
+            (LAST_ACK, CLOSE),
+            (ESTABLISHED, CLOSE),
+            (SYN_SENT, CLOSE),
+        ] {
+            assert!(!ctx(old, new), "{old}->{new} must not be attributed to the current task");
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! connwatch: find the processes behind CLOSE_WAIT and TIME_WAIT sockets.
+//!
+//! `main` only wires the modules: `cli` parses, `probe` loads and attaches the kernel
+//! side, `decode` turns its records into transitions, `views` format them.
+mod cli;
+mod clock;
+mod decode;
+mod probe;
+mod shutdown;
+mod trace;
+mod views;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use crate::{
+    cli::{Cli, Command, ProbeArgs},
+    probe::{Probe, ProbeOptions},
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let verbose = cli.verbose;
+    env_logger::Builder::new()
+        .filter_level(if verbose {
+            log::LevelFilter::Debug
+        } else {
+            log::LevelFilter::Warn
+        })
+        .format_timestamp(None)
+        .format_target(false)
+        .parse_env("CONNWATCH_LOG")
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("connwatch: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            if verbose {
+                eprintln!("connwatch: {e:?}");
+            } else {
+                eprintln!("connwatch: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Trace(args) => {
+            let opts = probe_options(&args.probe, cli.verbose);
+            trace::run(args, opts).await
+        }
+    }
+}
+
+fn probe_options(args: &ProbeArgs, verbose: bool) -> ProbeOptions {
+    ProbeOptions {
+        hook: args.hook,
+        ring_bytes: args.ring_size,
+        max_sockets: args.max_sockets,
+        btf_path: probe::default_btf_path(),
+        verbose,
+    }
+}
+
+/// Says on stderr which hook is attached, and what is degraded.
+fn announce(probe: &Probe) {
+    eprintln!("connwatch: attached {}", probe.attached);
+    if !probe.degraded.is_empty() {
+        eprintln!(
+            "connwatch: warning: {} not found in kernel BTF: network namespace and socket inode are not reported",
+            probe.degraded.join(", ")
+        );
+    }
+}

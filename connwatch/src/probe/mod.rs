@@ -1,0 +1,255 @@
+//! Loads the probe and attaches it to `inet_sock_set_state`.
+//!
+//! Hook choice, in order (`--hook auto`):
+//! 1. `tp_btf/inet_sock_set_state`: typed `struct sock *`, cheapest per event, needs no
+//!    tracefs; needs kernel BTF and the field offsets resolved from it.
+//! 2. `tracepoint/sock/inet_sock_set_state`: the classic tracepoint with a stable record;
+//!    aya finds it through tracefs, which a fresh machine boots without, so it is mounted
+//!    here when missing (and unmounted again once attached).
+//!
+//! fentry/kprobes are not used: they are unavailable on the kernels we target (see
+//! shared/KERNEL.md).
+mod offsets;
+mod preflight;
+mod tracefs;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+};
+use connwatch_common::{
+    GLOBAL_OFFSETS, MAP_COUNTERS, MAP_EVENTS, MAP_SOCKETS, Offsets, PROG_TP_BTF, PROG_TRACEPOINT,
+    counter,
+};
+
+pub use preflight::check_privileges;
+
+/// Which kernel hook to attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookChoice {
+    /// tp_btf, falling back to the classic tracepoint.
+    Auto,
+    /// Only `tp_btf/inet_sock_set_state`.
+    TpBtf,
+    /// Only the classic tracepoint `sock/inet_sock_set_state`.
+    Tracepoint,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    pub hook: HookChoice,
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Capacity of the kernel per-socket LRU map.
+    pub max_sockets: u32,
+    /// Kernel BTF; overridable so that the no-BTF path can be tested.
+    pub btf_path: PathBuf,
+    pub verbose: bool,
+}
+
+/// The attached probe. Dropping it detaches every program (links are owned by the
+/// `Ebpf` object; the kernel also drops them when the process dies).
+pub struct Probe {
+    ebpf: Ebpf,
+    pub attached: &'static str,
+    /// Optional fields that could not be resolved (netns/inode then read as 0).
+    pub degraded: Vec<&'static str>,
+}
+
+/// Counters kept by the probe, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub seen: u64,
+    pub dropped: u64,
+    pub socket_store_failed: u64,
+}
+
+static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connwatch"));
+
+impl Probe {
+    pub fn load(opts: &ProbeOptions) -> Result<Self> {
+        check_privileges()?;
+        let has_btf = opts.btf_path.exists();
+        let resolved = if has_btf {
+            Some(offsets::resolve(&opts.btf_path)?)
+        } else {
+            None
+        };
+        let offsets = resolved
+            .as_ref()
+            .map_or_else(Offsets::unresolved, |r| r.offsets);
+        let degraded = resolved
+            .as_ref()
+            .map_or_else(|| vec!["kernel BTF"], |r| r.missing_optional.clone());
+
+        let tp_btf_blocker = match &resolved {
+            None => Some(format!(
+                "{} does not exist (kernel built without CONFIG_DEBUG_INFO_BTF)",
+                opts.btf_path.display()
+            )),
+            Some(r) if !r.missing_required.is_empty() => Some(format!(
+                "kernel BTF lacks {}",
+                r.missing_required.join(", ")
+            )),
+            Some(_) => None,
+        };
+
+        let btf = if has_btf {
+            Some(Btf::parse_file(&opts.btf_path, aya::Endianness::default()).with_context(
+                || format!("cannot parse kernel BTF at {}", opts.btf_path.display()),
+            )?)
+        } else {
+            None
+        };
+        let mut ebpf = EbpfLoader::new()
+            .btf(btf.as_ref())
+            .override_global(GLOBAL_OFFSETS, &offsets, true)
+            .map_max_entries(MAP_EVENTS, opts.ring_bytes)
+            .map_max_entries(MAP_SOCKETS, opts.max_sockets)
+            .load(PROBE_OBJECT)
+            .map_err(|e| load_error(e, opts.verbose))?;
+
+        if opts.verbose {
+            // The probe's own diagnostics (aya-log), never the data.
+            match aya_log::EbpfLogger::init(&mut ebpf) {
+                Ok(logger) => spawn_logger(logger),
+                Err(e) => log::warn!("probe log unavailable: {e}"),
+            }
+        }
+
+        let attached = match opts.hook {
+            HookChoice::TpBtf => {
+                if let Some(why) = &tp_btf_blocker {
+                    bail!("cannot use tp_btf: {why}; try --hook tracepoint");
+                }
+                attach_tp_btf(&mut ebpf, btf.as_ref(), opts.verbose)?
+            }
+            HookChoice::Tracepoint => attach_tracepoint(&mut ebpf, opts.verbose)?,
+            HookChoice::Auto => {
+                let first = match &tp_btf_blocker {
+                    Some(why) => Err(anyhow!("{why}")),
+                    None => attach_tp_btf(&mut ebpf, btf.as_ref(), opts.verbose),
+                };
+                match first {
+                    Ok(name) => name,
+                    Err(e) => {
+                        log::info!("tp_btf unavailable ({e:#}); falling back to the tracepoint");
+                        attach_tracepoint(&mut ebpf, opts.verbose).map_err(|e2| {
+                            anyhow!("{e2:#} (tp_btf was not usable either: {e:#})")
+                        })?
+                    }
+                }
+            }
+        };
+        Ok(Self {
+            ebpf,
+            attached,
+            degraded,
+        })
+    }
+
+    /// The event ring buffer, for the reader. Can be taken once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(MAP_EVENTS)
+            .context("the probe's event ring buffer is missing")?;
+        RingBuf::try_from(map).context(
+            "cannot open the probe's ring buffer (kernel 5.8 or newer is needed for BPF ring buffers)",
+        )
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        let map = self
+            .ebpf
+            .map(MAP_COUNTERS)
+            .context("the probe's counters map is missing")?;
+        let array = PerCpuArray::<_, u64>::try_from(map)?;
+        let sum = |index: u32| -> Result<u64> {
+            Ok(array.get(&index, 0)?.iter().sum())
+        };
+        Ok(Counters {
+            seen: sum(counter::SEEN)?,
+            dropped: sum(counter::DROPPED)?,
+            socket_store_failed: sum(counter::SOCKET_STORE_FAILED)?,
+        })
+    }
+}
+
+fn attach_tp_btf(ebpf: &mut Ebpf, btf: Option<&Btf>, verbose: bool) -> Result<&'static str> {
+    let btf = btf.context("no kernel BTF")?;
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(PROG_TP_BTF)
+        .context("probe object lacks its tp_btf program")?
+        .try_into()?;
+    prog.load("inet_sock_set_state", btf)
+        .map_err(|e| verifier_error("tp_btf/inet_sock_set_state", e, verbose))?;
+    prog.attach()
+        .context("cannot attach tp_btf/inet_sock_set_state")?;
+    Ok("tp_btf/inet_sock_set_state")
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, verbose: bool) -> Result<&'static str> {
+    let mount = tracefs::ensure_event("sock", "inet_sock_set_state")?;
+    tracefs::check_record_layout(&mount.path)?;
+    let prog: &mut TracePoint = ebpf
+        .program_mut(PROG_TRACEPOINT)
+        .context("probe object lacks its tracepoint program")?
+        .try_into()?;
+    prog.load()
+        .map_err(|e| verifier_error("tracepoint/sock/inet_sock_set_state", e, verbose))?;
+    prog.attach("sock", "inet_sock_set_state")
+        .context("cannot attach tracepoint sock/inet_sock_set_state")?;
+    drop(mount);
+    Ok("tracepoint/sock/inet_sock_set_state")
+}
+
+/// A verifier rejection carries the whole verifier log: show it only with --verbose.
+fn verifier_error(what: &str, e: aya::programs::ProgramError, verbose: bool) -> anyhow::Error {
+    if verbose {
+        anyhow!("the kernel rejected {what}: {e:#?}")
+    } else {
+        anyhow!("the kernel rejected {what} (run with --verbose for the verifier log)")
+    }
+}
+
+fn load_error(e: aya::EbpfError, verbose: bool) -> anyhow::Error {
+    if verbose {
+        anyhow!("cannot load the eBPF probe: {e:#?}")
+    } else {
+        anyhow!("cannot load the eBPF probe: {e} (run with --verbose for details)")
+    }
+}
+
+/// Registers a map's fd (ring buffer, log) with the tokio reactor for readability.
+pub fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: the aya maps passed here own their fd, keep it open and return the same
+    // one from `as_raw_fd` for as long as they live, which is as long as the AsyncFd.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    tokio::spawn(async move {
+        let Ok(mut fd) = readable(logger) else {
+            return;
+        };
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// Default location of the kernel's BTF.
+pub fn default_btf_path() -> PathBuf {
+    std::env::var_os("CONNWATCH_BTF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new("/sys/kernel/btf/vmlinux").to_path_buf())
+}

@@ -1,0 +1,160 @@
+//! Resolves the byte offsets of the kernel struct fields the probe reads, from the running
+//! kernel's BTF (`/sys/kernel/btf/vmlinux`). aya has no CO-RE relocations and bindgen
+//! output is frozen to one kernel build, so the offsets are looked up at start-up and
+//! handed to the probe in its `OFFSETS` global. A field that cannot be found is reported
+//! by name instead of being read at a wrong offset.
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+use btf_rs::{Btf, Type};
+use connwatch_common::Offsets;
+
+/// Offsets for the probe, and which optional fields could not be resolved.
+#[derive(Debug)]
+pub struct Resolved {
+    pub offsets: Offsets,
+    /// Fields needed by the `tp_btf` hook that are missing (it cannot be used then).
+    pub missing_required: Vec<&'static str>,
+    /// Fields whose absence only blanks netns/inode in events.
+    pub missing_optional: Vec<&'static str>,
+}
+
+pub fn resolve(path: &Path) -> Result<Resolved> {
+    let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
+        .or_else(|_| Btf::from_file(path))
+        .with_context(|| format!("cannot parse kernel BTF at {}", path.display()))?;
+    let mut r = Resolved {
+        offsets: Offsets::unresolved(),
+        missing_required: Vec::new(),
+        missing_optional: Vec::new(),
+    };
+    // `struct sock` starts with `struct sock_common __sk_common`; `struct inet_sock`
+    // starts with `struct sock sk`: these paths give offsets from the `struct sock *`.
+    let required: [(&'static str, &str, &[&str], &mut u32); 8] = [
+        ("skc_family", "sock", &["__sk_common", "skc_family"], &mut r.offsets.skc_family),
+        ("skc_daddr", "sock", &["__sk_common", "skc_daddr"], &mut r.offsets.skc_daddr),
+        ("skc_rcv_saddr", "sock", &["__sk_common", "skc_rcv_saddr"], &mut r.offsets.skc_rcv_saddr),
+        ("skc_v6_daddr", "sock", &["__sk_common", "skc_v6_daddr"], &mut r.offsets.skc_v6_daddr),
+        (
+            "skc_v6_rcv_saddr",
+            "sock",
+            &["__sk_common", "skc_v6_rcv_saddr"],
+            &mut r.offsets.skc_v6_rcv_saddr,
+        ),
+        ("skc_dport", "sock", &["__sk_common", "skc_dport"], &mut r.offsets.skc_dport),
+        ("inet_sport", "inet_sock", &["inet_sport"], &mut r.offsets.inet_sport),
+        ("sk_protocol", "sock", &["sk_protocol"], &mut r.offsets.sk_protocol),
+    ];
+    for (name, root, path, slot) in required {
+        match field_offset(&btf, root, path) {
+            Ok(off) => *slot = off,
+            Err(_) => r.missing_required.push(name),
+        }
+    }
+    let optional: [(&'static str, &str, &[&str], &mut u32); 6] = [
+        ("skc_net", "sock", &["__sk_common", "skc_net", "net"], &mut r.offsets.skc_net),
+        ("net.ns.inum", "net", &["ns", "inum"], &mut r.offsets.net_ns_inum),
+        ("sk_socket", "sock", &["sk_socket"], &mut r.offsets.sk_socket),
+        ("socket.file", "socket", &["file"], &mut r.offsets.socket_file),
+        ("file.f_inode", "file", &["f_inode"], &mut r.offsets.file_inode),
+        ("inode.i_ino", "inode", &["i_ino"], &mut r.offsets.inode_ino),
+    ];
+    for (name, root, path, slot) in optional {
+        match field_offset(&btf, root, path) {
+            Ok(off) => *slot = off,
+            Err(_) => r.missing_optional.push(name),
+        }
+    }
+    Ok(r)
+}
+
+/// Byte offset of `path` (a chain of member names, anonymous structs/unions searched
+/// through) inside `struct root`. Bitfields and non-byte-aligned members are refused.
+pub fn field_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<u32> {
+    let mut ty = named_struct(btf, root)?;
+    let mut total_bits = 0u32;
+    for (i, name) in path.iter().enumerate() {
+        let (bits, member_ty) = find_member(btf, &ty, name)?
+            .with_context(|| format!("struct {root} has no field {}", path[..=i].join(".")))?;
+        total_bits += bits;
+        ty = strip(btf, member_ty)?;
+    }
+    if total_bits % 8 != 0 {
+        bail!("{root}.{} is not byte-aligned", path.join("."));
+    }
+    Ok(total_bits / 8)
+}
+
+fn named_struct(btf: &Btf, name: &str) -> Result<Type> {
+    btf.resolve_types_by_name(name)
+        .with_context(|| format!("no struct {name} in kernel BTF"))?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(_)))
+        .with_context(|| format!("no struct {name} in kernel BTF"))
+}
+
+/// Follows typedefs and qualifiers to the underlying type.
+fn strip(btf: &Btf, mut ty: Type) -> Result<Type> {
+    for _ in 0..16 {
+        match &ty {
+            Type::Typedef(t) => ty = btf.resolve_chained_type(t)?,
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
+                ty = btf.resolve_chained_type(t)?
+            }
+            Type::TypeTag(t) => ty = btf.resolve_chained_type(t)?,
+            _ => return Ok(ty),
+        }
+    }
+    bail!("type chain too deep")
+}
+
+/// Finds `name` among the members of a struct/union, descending into anonymous members.
+/// Returns the member's bit offset and its type.
+fn find_member(btf: &Btf, ty: &Type, name: &str) -> Result<Option<(u32, Type)>> {
+    let (Type::Struct(s) | Type::Union(s)) = ty else {
+        bail!("{name}: parent is not a struct or union");
+    };
+    for m in &s.members {
+        let mname = btf.resolve_name(m).unwrap_or_default();
+        if mname == name {
+            if m.bitfield_size().is_some_and(|size| size != 0) {
+                bail!("{name} is a bitfield");
+            }
+            return Ok(Some((m.bit_offset(), btf.resolve_chained_type(m)?)));
+        }
+        if mname.is_empty() {
+            let inner = strip(btf, btf.resolve_chained_type(m)?)?;
+            if matches!(inner, Type::Struct(_) | Type::Union(_))
+                && let Some((bits, found)) = find_member(btf, &inner, name)?
+            {
+                return Ok(Some((m.bit_offset() + bits, found)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checks against the running kernel's BTF when it has one (every supported kernel
+    /// does; the test says so and passes vacuously only where there is none).
+    #[test]
+    fn resolves_sock_fields_on_this_kernel() {
+        let path = Path::new("/sys/kernel/btf/vmlinux");
+        if !path.exists() {
+            eprintln!("no kernel BTF here: skipped");
+            return;
+        }
+        let r = resolve(path).unwrap();
+        assert!(r.missing_required.is_empty(), "{:?}", r.missing_required);
+        // `__sk_common` is the first member of `struct sock`, `skc_daddr` its first field.
+        assert_eq!(r.offsets.skc_daddr, 0);
+        assert_eq!(r.offsets.skc_rcv_saddr, 4);
+        assert!(r.offsets.inet_sport > r.offsets.sk_protocol);
+        let btf = Btf::from_file(path).unwrap();
+        assert!(field_offset(&btf, "sock", &["no_such_field"]).is_err());
+        assert!(field_offset(&btf, "no_such_struct", &["x"]).is_err());
+    }
+}

@@ -1,0 +1,100 @@
+//! `connwatch trace`: stream every transition from the probe to stdout.
+use std::{
+    io::{self, Write},
+    process::ExitCode,
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+
+use crate::{
+    cli::TraceArgs,
+    clock::WallClock,
+    decode::decode,
+    probe::{Probe, ProbeOptions},
+    shutdown::Shutdown,
+    views::trace as view,
+};
+
+pub async fn run(args: TraceArgs, opts: ProbeOptions) -> Result<ExitCode> {
+    let mut probe = Probe::load(&opts)?;
+    let ring = probe.take_events()?;
+    crate::announce(&probe);
+    let clock = WallClock::new();
+    let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
+    let mut shutdown = Shutdown::new(args.duration)?;
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut stats = Stats::default();
+
+    let result: io::Result<()> = async {
+        if !args.json {
+            writeln!(out, "{}", view::header())?;
+            out.flush()?;
+        }
+        loop {
+            tokio::select! {
+                ready = ring.readable_mut() => {
+                    let mut guard = ready?;
+                    drain(guard.get_inner_mut(), &mut out, &clock, args.json, &mut stats)?;
+                    guard.clear_ready();
+                }
+                () = shutdown.wait() => break,
+            }
+        }
+        drain(ring.get_mut(), &mut out, &clock, args.json, &mut stats)
+    }
+    .await;
+
+    match result {
+        // `connwatch trace | head`: the reader is gone, which is not an error.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
+        Err(e) => return Err(e).context("cannot write the output"),
+        Ok(()) => {}
+    }
+    let counters = probe.counters()?;
+    eprintln!("{}", stats.summary(counters.dropped));
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Default)]
+struct Stats {
+    received: u64,
+    undecodable: u64,
+}
+
+impl Stats {
+    fn summary(&self, dropped: u64) -> String {
+        let mut s = format!(
+            "connwatch: {} events received, {} dropped",
+            self.received, dropped
+        );
+        if self.undecodable > 0 {
+            s += &format!(", {} undecodable", self.undecodable);
+        }
+        if dropped > 0 {
+            s += " (the ring buffer was full: raise --ring-size)";
+        }
+        s
+    }
+}
+
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    out: &mut impl Write,
+    clock: &WallClock,
+    json: bool,
+    stats: &mut Stats,
+) -> io::Result<()> {
+    while let Some(item) = ring.next() {
+        stats.received += 1;
+        match decode(&item) {
+            Ok(t) if json => writeln!(out, "{}", view::json_line(&t, clock))?,
+            Ok(t) => writeln!(out, "{}", view::human_row(&t, clock))?,
+            Err(e) => {
+                stats.undecodable += 1;
+                log::warn!("skipped an event: {e}");
+            }
+        }
+    }
+    out.flush()
+}

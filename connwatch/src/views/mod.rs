@@ -1,0 +1,2 @@
+//! Output formats: one module per view over the same flow.
+pub mod trace;

@@ -1,0 +1,178 @@
+//! `connwatch trace` output: one line per transition, as aligned columns or JSON lines.
+use std::{net::SocketAddr, time::SystemTime};
+
+use serde::Serialize;
+
+use crate::{clock::WallClock, decode::Transition};
+
+/// Column header of the human format.
+pub fn header() -> String {
+    format!(
+        "{:<15} {:>7} {:<16} {:<26} {:<26} {:<11}    {:<11} {:>10}",
+        "TIME", "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "OLD", "NEW", "MS"
+    )
+}
+
+/// One aligned row: `TIME PID COMM LADDR:LPORT RADDR:RPORT OLD -> NEW MS`. Address
+/// columns fit IPv4 and short IPv6 addresses; longer ones push the rest of the row right.
+pub fn human_row(t: &Transition, clock: &WallClock) -> String {
+    let time = humantime::format_rfc3339_micros(clock.wall(t.ts_ns)).to_string();
+    // "2026-11-25T16:40:00.123456Z" -> "16:40:00.123456"
+    let time = time.get(11..26).unwrap_or(&time);
+    let pid = t.owner.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+    let comm = t.owner.comm.as_deref().unwrap_or("-");
+    let ms = duration_ms(t).map_or_else(String::new, |ms| format!("{ms:.3}"));
+    format!(
+        "{:<15} {:>7} {:<16} {:<26} {:<26} {:<11} -> {:<11} {:>10}",
+        time,
+        pid,
+        comm,
+        addr(&t.local),
+        addr(&t.remote),
+        t.old,
+        t.new,
+        ms
+    )
+    .trim_end()
+    .to_string()
+}
+
+fn addr(a: &SocketAddr) -> String {
+    // SocketAddr's Display already brackets IPv6: [::1]:8080.
+    a.to_string()
+}
+
+fn duration_ms(t: &Transition) -> Option<f64> {
+    t.duration_ns().map(|ns| ns as f64 / 1e6)
+}
+
+/// The JSON-lines record. Key names and order are a public interface: scripts read them.
+#[derive(Serialize)]
+pub struct JsonRow<'a> {
+    pub time: String,
+    pub family: &'static str,
+    pub saddr: String,
+    pub sport: u16,
+    pub daddr: String,
+    pub dport: u16,
+    pub old: String,
+    pub new: String,
+    pub duration_ms: Option<f64>,
+    pub pid: Option<u32>,
+    pub comm: Option<&'a str>,
+    pub owner_source: &'static str,
+}
+
+pub fn json_row<'a>(t: &'a Transition, clock: &WallClock) -> JsonRow<'a> {
+    JsonRow {
+        time: rfc3339(clock.wall(t.ts_ns)),
+        family: if t.is_ipv6() { "ipv6" } else { "ipv4" },
+        saddr: t.local.ip().to_string(),
+        sport: t.local.port(),
+        daddr: t.remote.ip().to_string(),
+        dport: t.remote.port(),
+        old: t.old.to_string(),
+        new: t.new.to_string(),
+        // Rounded to the microsecond: nanoseconds are noise in a JSON float.
+        duration_ms: duration_ms(t).map(|ms| (ms * 1000.0).round() / 1000.0),
+        pid: t.owner.pid,
+        comm: t.owner.comm.as_deref(),
+        owner_source: t.owner.source.as_str(),
+    }
+}
+
+pub fn json_line(t: &Transition, clock: &WallClock) -> String {
+    // A struct of strings and numbers always serializes.
+    serde_json::to_string(&json_row(t, clock)).unwrap_or_default()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use connwatch_common::{AF_INET6, owner_source, tcp_state};
+
+    use super::*;
+    use crate::decode::{from_event, tests::v4_event};
+
+    fn clock() -> WallClock {
+        // 2026-11-25T16:40:00Z minus the 5 s monotonic timestamp of the test event.
+        WallClock::with_epoch(UNIX_EPOCH + Duration::from_secs(1_795_624_795))
+    }
+
+    #[test]
+    fn json_has_exactly_the_documented_keys_in_order() {
+        let t = from_event(&v4_event(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1)).unwrap();
+        assert_eq!(
+            json_line(&t, &clock()),
+            r#"{"time":"2026-11-25T16:40:00.000000Z","family":"ipv4","saddr":"127.0.0.1","sport":43210,"daddr":"10.1.2.3","dport":8080,"old":"ESTABLISHED","new":"FIN_WAIT1","duration_ms":1000.0,"pid":1234,"comm":"curl","owner_source":"context"}"#
+        );
+    }
+
+    #[test]
+    fn json_unknown_owner_and_unseen_entry_are_null() {
+        let mut ev = v4_event(tcp_state::CLOSE, 77);
+        ev.owner_source = owner_source::UNKNOWN;
+        ev.old_since_ns = 0;
+        ev.family = AF_INET6;
+        ev.saddr = [0; 16];
+        ev.saddr[15] = 1;
+        let t = from_event(&ev).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json_line(&t, &clock())).unwrap();
+        assert_eq!(v["pid"], serde_json::Value::Null);
+        assert_eq!(v["comm"], serde_json::Value::Null);
+        assert_eq!(v["duration_ms"], serde_json::Value::Null);
+        assert_eq!(v["owner_source"], "unknown");
+        assert_eq!(v["family"], "ipv6");
+        assert_eq!(v["saddr"], "::1");
+        assert_eq!(v["new"], "STATE_77");
+    }
+
+    #[test]
+    fn human_row_is_aligned_with_header() {
+        let t = from_event(&v4_event(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1)).unwrap();
+        let row = human_row(&t, &clock());
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            [
+                "16:40:00.000000",
+                "1234",
+                "curl",
+                "127.0.0.1:43210",
+                "10.1.2.3:8080",
+                "ESTABLISHED",
+                "->",
+                "FIN_WAIT1",
+                "1000.000"
+            ]
+        );
+        let h = header();
+        // Every column starts where its header starts.
+        for (col, value) in [("COMM", "curl"), ("RADDR", "10.1.2.3"), ("MS", "1000.000")] {
+            let hpos = h.find(col).unwrap();
+            let vpos = row.find(value).unwrap();
+            if col == "MS" {
+                // Right-aligned: both end at the same column.
+                assert_eq!(hpos + col.len(), vpos + value.len());
+            } else {
+                assert_eq!(hpos, vpos, "{col}");
+            }
+        }
+    }
+
+    #[test]
+    fn human_row_unknown_owner_shows_dashes_and_no_ms() {
+        let mut ev = v4_event(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT);
+        ev.owner_source = owner_source::UNKNOWN;
+        ev.old_since_ns = 0;
+        let row = human_row(&from_event(&ev).unwrap(), &clock());
+        let cols: Vec<_> = row.split_whitespace().collect();
+        assert_eq!(cols[1], "-");
+        assert_eq!(cols[2], "-");
+        assert_eq!(cols.last(), Some(&"CLOSE_WAIT"));
+    }
+}

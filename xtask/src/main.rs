@@ -1,0 +1,116 @@
+//! Project tasks that cargo alone cannot do: install the eBPF toolchain, run connwatch as
+//! root, run every test tier.
+//!
+//! `cargo xtask run -- trace`   installs what is missing, builds in release, runs connwatch
+//! `cargo xtask test`           installs what is missing, runs unit and root integration tests
+mod setup;
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the probe needs (llvm 22, nightly rust-src, bpf-linker).
+    Setup,
+    /// Set up, build connwatch in release and run it (as root) with the given arguments.
+    Run {
+        /// Arguments for connwatch, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run every test tier: unit tests and root integration tests that load
+    /// the real probe. Extra arguments go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.task {
+        Task::Setup => {
+            setup::ensure_all()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Run { args } => {
+            setup::ensure_all()?;
+            status(cargo().args(["build", "--release", "--package", "connwatch"]))?;
+            let bin = workspace_root().join("target/release/connwatch");
+            let mut cmd = if setup::is_root() {
+                Command::new(&bin)
+            } else {
+                eprintln!("xtask: connwatch loads an eBPF probe: running it through sudo");
+                let mut c = Command::new("sudo");
+                c.arg(&bin);
+                c
+            };
+            exit_code(cmd.args(args))
+        }
+        Task::Test { args } => {
+            if !setup::is_root() {
+                bail!(
+                    "the integration tests load the real probe: run as root (sudo -E cargo xtask test)"
+                );
+            }
+            setup::ensure_all()?;
+            // default-members leave out the eBPF crate (built by connwatch/build.rs).
+            exit_code(cargo().args(["test", "--no-fail-fast"]).args(args))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// `cargo`, run at the workspace root, with bpf-linker's directory on PATH.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root()).env("PATH", setup::path_with_cargo_bin());
+    cmd
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn exit_code(cmd: &mut Command) -> Result<ExitCode> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    Ok(match st.code() {
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}

@@ -1,0 +1,162 @@
+//! Idempotent installation of the probe's build toolchain. Each step checks first and is
+//! skipped when already satisfied, so a second run takes seconds; each says on stderr what
+//! it does. Versions follow shared/KERNEL.md (verified on Debian 12 with kernel 6.18).
+use std::{
+    env,
+    ffi::OsString,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libclang-22-dev"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn ensure_all() -> Result<()> {
+    ensure_apt_packages(APT_PACKAGES)?;
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn say(msg: &str) {
+    eprintln!("xtask: {msg}");
+}
+
+/// Debian packages, installed with apt when any is missing.
+pub fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        say(&format!("{} already installed", packages.join(" ")));
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {}: run `sudo apt-get update && sudo apt-get install -y {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    say(&format!("installing {} with apt-get", missing.join(" ")));
+    run(Command::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// The eBPF crate builds with nightly and `-Z build-std=core`, which needs rust-src.
+fn ensure_rust_src() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .stderr(Stdio::null())
+        .output()
+        .context("rustup is needed to build the eBPF probe: install it from rustup.rs")?;
+    let listing = String::from_utf8_lossy(&installed.stdout);
+    if installed.status.success() && listing.lines().any(|l| l.starts_with("rust-src")) {
+        say("nightly toolchain with rust-src already installed");
+        return Ok(());
+    }
+    if installed.status.success() {
+        say("adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    } else {
+        say("installing the nightly toolchain with rust-src");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))
+    }
+}
+
+/// bpf-linker links the probe; built against the system's LLVM 22.
+fn ensure_bpf_linker() -> Result<()> {
+    let found = Command::new("bpf-linker")
+        .arg("--version")
+        .env("PATH", path_with_cargo_bin())
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if let Some(version) = found
+        && version.contains(BPF_LINKER_VERSION)
+    {
+        say(&format!("{version} already installed"));
+        return Ok(());
+    }
+    say(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+    ));
+    let path = {
+        let mut p = OsString::from(format!("{LLVM_PREFIX}/bin:"));
+        p.push(path_with_cargo_bin());
+        p
+    };
+    run(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .env("PATH", path))
+}
+
+/// PATH with cargo's bin directory (where `cargo install` puts bpf-linker) first.
+pub fn path_with_cargo_bin() -> OsString {
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    let mut paths = vec![cargo_home.join("bin")];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    env::join_paths(paths).unwrap_or_default()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
