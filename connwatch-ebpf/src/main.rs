@@ -16,6 +16,7 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
@@ -79,8 +80,10 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
         };
         match family {
             AF_INET => {
-                t.saddr[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, off.skc_rcv_saddr).unwrap_or([0; 4]));
-                t.daddr[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, off.skc_daddr).unwrap_or([0; 4]));
+                t.saddr[..4]
+                    .copy_from_slice(&read_at::<[u8; 4]>(sk, off.skc_rcv_saddr).unwrap_or([0; 4]));
+                t.daddr[..4]
+                    .copy_from_slice(&read_at::<[u8; 4]>(sk, off.skc_daddr).unwrap_or([0; 4]));
             }
             AF_INET6 => {
                 t.saddr = read_at::<[u8; 16]>(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
@@ -95,42 +98,55 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn connwatch_tracepoint(ctx: TracePointContext) -> u32 {
-    // SAFETY: offsets within the tracepoint record, checked by userspace against `format`.
+    let rec = ctx.as_ptr() as *const u8;
+    // SAFETY: direct loads from the tracepoint record at the offsets of `tp_record`, which
+    // userspace checks against the tracepoint's `format` file before attaching; the
+    // verifier bounds-checks every context access.
     unsafe {
-        if ctx.read_at::<u16>(tp_record::PROTOCOL) != Ok(IPPROTO_TCP) {
+        let field = |off: usize| rec.add(off);
+        if core::ptr::read_volatile(field(tp_record::PROTOCOL) as *const u16) != IPPROTO_TCP {
             return 0;
         }
-        let Ok(family) = ctx.read_at::<u16>(tp_record::FAMILY) else {
-            return 0;
-        };
+        let family = core::ptr::read_volatile(field(tp_record::FAMILY) as *const u16);
         let mut t = Tuple {
             family,
             // The tracepoint already converted the ports to host order.
-            sport: ctx.read_at::<u16>(tp_record::SPORT).unwrap_or(0),
-            dport: ctx.read_at::<u16>(tp_record::DPORT).unwrap_or(0),
+            sport: core::ptr::read_volatile(field(tp_record::SPORT) as *const u16),
+            dport: core::ptr::read_volatile(field(tp_record::DPORT) as *const u16),
             saddr: [0; 16],
             daddr: [0; 16],
         };
         match family {
             AF_INET => {
-                t.saddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(tp_record::SADDR).unwrap_or([0; 4]));
-                t.daddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(tp_record::DADDR).unwrap_or([0; 4]));
+                let s = core::ptr::read_volatile(field(tp_record::SADDR) as *const u32);
+                let d = core::ptr::read_volatile(field(tp_record::DADDR) as *const u32);
+                t.saddr[..4].copy_from_slice(&s.to_ne_bytes());
+                t.daddr[..4].copy_from_slice(&d.to_ne_bytes());
             }
             AF_INET6 => {
-                t.saddr = ctx.read_at::<[u8; 16]>(tp_record::SADDR_V6).unwrap_or([0; 16]);
-                t.daddr = ctx.read_at::<[u8; 16]>(tp_record::DADDR_V6).unwrap_or([0; 16]);
+                for i in 0..4 {
+                    let s =
+                        core::ptr::read_volatile(field(tp_record::SADDR_V6 + 4 * i) as *const u32);
+                    let d =
+                        core::ptr::read_volatile(field(tp_record::DADDR_V6 + 4 * i) as *const u32);
+                    t.saddr[4 * i..4 * i + 4].copy_from_slice(&s.to_ne_bytes());
+                    t.daddr[4 * i..4 * i + 4].copy_from_slice(&d.to_ne_bytes());
+                }
             }
             _ => return 0,
         }
-        let sk = ctx.read_at::<u64>(tp_record::SKADDR).unwrap_or(0) as *const u8;
-        let old = ctx.read_at::<i32>(tp_record::OLDSTATE).unwrap_or(0);
-        let new = ctx.read_at::<i32>(tp_record::NEWSTATE).unwrap_or(0);
+        let sk = core::ptr::read_volatile(field(tp_record::SKADDR) as *const u64) as *const u8;
+        let old = core::ptr::read_volatile(field(tp_record::OLDSTATE) as *const i32);
+        let new = core::ptr::read_volatile(field(tp_record::NEWSTATE) as *const i32);
         handle(&ctx, sk, old as u8, new as u8, &t);
     }
     0
 }
 
-#[inline(always)]
+// Not inlined: one copy shared by both hooks, and LLVM's cross-inlining of the
+// tracepoint's record loads produced code the verifier rejects (pointer shifted as a
+// scalar).
+#[inline(never)]
 unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new: u8, t: &Tuple) {
     bump(counter::SEEN);
     let now = unsafe { bpf_ktime_get_ns() };
@@ -140,8 +156,7 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
 
     // A socket that starts a life (connect/listen from CLOSE, or a child created by a
     // listener) must not inherit a stale entry left by a freed socket at the same address.
-    let fresh = old == tcp_state::CLOSE
-        || (old == tcp_state::LISTEN && new == tcp_state::SYN_RECV);
+    let fresh = old == tcp_state::CLOSE || (old == tcp_state::LISTEN && new == tcp_state::SYN_RECV);
     let prev: Option<SockState> = if fresh {
         None
     } else {

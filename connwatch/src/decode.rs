@@ -14,19 +14,6 @@ use connwatch_common::{AF_INET, AF_INET6, Event, owner_source, tcp_state};
 pub struct TcpState(pub u8);
 
 impl TcpState {
-    pub const ESTABLISHED: Self = Self(tcp_state::ESTABLISHED);
-    pub const SYN_SENT: Self = Self(tcp_state::SYN_SENT);
-    pub const SYN_RECV: Self = Self(tcp_state::SYN_RECV);
-    pub const FIN_WAIT1: Self = Self(tcp_state::FIN_WAIT1);
-    pub const FIN_WAIT2: Self = Self(tcp_state::FIN_WAIT2);
-    pub const TIME_WAIT: Self = Self(tcp_state::TIME_WAIT);
-    pub const CLOSE: Self = Self(tcp_state::CLOSE);
-    pub const CLOSE_WAIT: Self = Self(tcp_state::CLOSE_WAIT);
-    pub const LAST_ACK: Self = Self(tcp_state::LAST_ACK);
-    pub const LISTEN: Self = Self(tcp_state::LISTEN);
-    pub const CLOSING: Self = Self(tcp_state::CLOSING);
-    pub const NEW_SYN_RECV: Self = Self(tcp_state::NEW_SYN_RECV);
-
     /// The kernel's spelling (`include/trace/events/sock.h`), `None` for unknown numbers.
     pub fn name(self) -> Option<&'static str> {
         Some(match self.0 {
@@ -108,7 +95,8 @@ pub struct Transition {
 impl Transition {
     /// Time spent in `old`, when its start was seen.
     pub fn duration_ns(&self) -> Option<u64> {
-        self.old_since_ns.map(|since| self.ts_ns.saturating_sub(since))
+        self.old_since_ns
+            .map(|since| self.ts_ns.saturating_sub(since))
     }
 
     pub fn is_ipv6(&self) -> bool {
@@ -248,8 +236,8 @@ pub(crate) mod tests {
         let t = decode(&bytes).unwrap();
         assert_eq!(t.local, "127.0.0.1:43210".parse().unwrap());
         assert_eq!(t.remote, "10.1.2.3:8080".parse().unwrap());
-        assert_eq!(t.old, TcpState::ESTABLISHED);
-        assert_eq!(t.new, TcpState::FIN_WAIT1);
+        assert_eq!(t.old, TcpState(tcp_state::ESTABLISHED));
+        assert_eq!(t.new, TcpState(tcp_state::FIN_WAIT1));
         assert_eq!(t.duration_ns(), Some(1_000_000_000));
         assert_eq!(t.owner.pid, Some(1234));
         assert_eq!(t.owner.comm.as_deref(), Some("curl"));
@@ -302,7 +290,7 @@ pub(crate) mod tests {
         let t = decode(&event_bytes(&v4_event(200, 13))).unwrap();
         assert_eq!(t.old.to_string(), "STATE_200");
         assert_eq!(t.new.to_string(), "STATE_13");
-        assert_eq!(TcpState::CLOSE_WAIT.to_string(), "CLOSE_WAIT");
+        assert_eq!(TcpState(tcp_state::CLOSE_WAIT).to_string(), "CLOSE_WAIT");
     }
 
     #[test]
@@ -359,7 +347,10 @@ pub(crate) mod tests {
             (ESTABLISHED, CLOSE),
             (SYN_SENT, CLOSE),
         ] {
-            assert!(!ctx(old, new), "{old}->{new} must not be attributed to the current task");
+            assert!(
+                !ctx(old, new),
+                "{old}->{new} must not be attributed to the current task"
+            );
         }
     }
 }

@@ -91,7 +91,8 @@ fn workspace_root() -> PathBuf {
 /// `cargo`, run at the workspace root, with bpf-linker's directory on PATH.
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root()).env("PATH", setup::path_with_cargo_bin());
+    cmd.current_dir(workspace_root())
+        .env("PATH", setup::path_with_cargo_bin());
     cmd
 }
 

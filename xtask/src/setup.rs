@@ -126,18 +126,20 @@ fn ensure_bpf_linker() -> Result<()> {
         p.push(path_with_cargo_bin());
         p
     };
-    run(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ])
-        .env("LLVM_PREFIX", LLVM_PREFIX)
-        .env("PATH", path))
+    run(
+        Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("PATH", path),
+    )
 }
 
 /// PATH with cargo's bin directory (where `cargo install` puts bpf-linker) first.

@@ -99,9 +99,11 @@ impl Probe {
         };
 
         let btf = if has_btf {
-            Some(Btf::parse_file(&opts.btf_path, aya::Endianness::default()).with_context(
-                || format!("cannot parse kernel BTF at {}", opts.btf_path.display()),
-            )?)
+            Some(
+                Btf::parse_file(&opts.btf_path, aya::Endianness::default()).with_context(|| {
+                    format!("cannot parse kernel BTF at {}", opts.btf_path.display())
+                })?,
+            )
         } else {
             None
         };
@@ -138,9 +140,8 @@ impl Probe {
                     Ok(name) => name,
                     Err(e) => {
                         log::info!("tp_btf unavailable ({e:#}); falling back to the tracepoint");
-                        attach_tracepoint(&mut ebpf, opts.verbose).map_err(|e2| {
-                            anyhow!("{e2:#} (tp_btf was not usable either: {e:#})")
-                        })?
+                        attach_tracepoint(&mut ebpf, opts.verbose)
+                            .map_err(|e2| anyhow!("{e2:#} (tp_btf was not usable either: {e:#})"))?
                     }
                 }
             }
@@ -169,9 +170,7 @@ impl Probe {
             .map(MAP_COUNTERS)
             .context("the probe's counters map is missing")?;
         let array = PerCpuArray::<_, u64>::try_from(map)?;
-        let sum = |index: u32| -> Result<u64> {
-            Ok(array.get(&index, 0)?.iter().sum())
-        };
+        let sum = |index: u32| -> Result<u64> { Ok(array.get(&index, 0)?.iter().sum()) };
         Ok(Counters {
             seen: sum(counter::SEEN)?,
             dropped: sum(counter::DROPPED)?,

@@ -31,19 +31,54 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
     // `struct sock` starts with `struct sock_common __sk_common`; `struct inet_sock`
     // starts with `struct sock sk`: these paths give offsets from the `struct sock *`.
     let required: [(&'static str, &str, &[&str], &mut u32); 8] = [
-        ("skc_family", "sock", &["__sk_common", "skc_family"], &mut r.offsets.skc_family),
-        ("skc_daddr", "sock", &["__sk_common", "skc_daddr"], &mut r.offsets.skc_daddr),
-        ("skc_rcv_saddr", "sock", &["__sk_common", "skc_rcv_saddr"], &mut r.offsets.skc_rcv_saddr),
-        ("skc_v6_daddr", "sock", &["__sk_common", "skc_v6_daddr"], &mut r.offsets.skc_v6_daddr),
+        (
+            "skc_family",
+            "sock",
+            &["__sk_common", "skc_family"],
+            &mut r.offsets.skc_family,
+        ),
+        (
+            "skc_daddr",
+            "sock",
+            &["__sk_common", "skc_daddr"],
+            &mut r.offsets.skc_daddr,
+        ),
+        (
+            "skc_rcv_saddr",
+            "sock",
+            &["__sk_common", "skc_rcv_saddr"],
+            &mut r.offsets.skc_rcv_saddr,
+        ),
+        (
+            "skc_v6_daddr",
+            "sock",
+            &["__sk_common", "skc_v6_daddr"],
+            &mut r.offsets.skc_v6_daddr,
+        ),
         (
             "skc_v6_rcv_saddr",
             "sock",
             &["__sk_common", "skc_v6_rcv_saddr"],
             &mut r.offsets.skc_v6_rcv_saddr,
         ),
-        ("skc_dport", "sock", &["__sk_common", "skc_dport"], &mut r.offsets.skc_dport),
-        ("inet_sport", "inet_sock", &["inet_sport"], &mut r.offsets.inet_sport),
-        ("sk_protocol", "sock", &["sk_protocol"], &mut r.offsets.sk_protocol),
+        (
+            "skc_dport",
+            "sock",
+            &["__sk_common", "skc_dport"],
+            &mut r.offsets.skc_dport,
+        ),
+        (
+            "inet_sport",
+            "inet_sock",
+            &["inet_sport"],
+            &mut r.offsets.inet_sport,
+        ),
+        (
+            "sk_protocol",
+            "sock",
+            &["sk_protocol"],
+            &mut r.offsets.sk_protocol,
+        ),
     ];
     for (name, root, path, slot) in required {
         match field_offset(&btf, root, path) {
@@ -52,11 +87,36 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
         }
     }
     let optional: [(&'static str, &str, &[&str], &mut u32); 6] = [
-        ("skc_net", "sock", &["__sk_common", "skc_net", "net"], &mut r.offsets.skc_net),
-        ("net.ns.inum", "net", &["ns", "inum"], &mut r.offsets.net_ns_inum),
-        ("sk_socket", "sock", &["sk_socket"], &mut r.offsets.sk_socket),
-        ("socket.file", "socket", &["file"], &mut r.offsets.socket_file),
-        ("file.f_inode", "file", &["f_inode"], &mut r.offsets.file_inode),
+        (
+            "skc_net",
+            "sock",
+            &["__sk_common", "skc_net", "net"],
+            &mut r.offsets.skc_net,
+        ),
+        (
+            "net.ns.inum",
+            "net",
+            &["ns", "inum"],
+            &mut r.offsets.net_ns_inum,
+        ),
+        (
+            "sk_socket",
+            "sock",
+            &["sk_socket"],
+            &mut r.offsets.sk_socket,
+        ),
+        (
+            "socket.file",
+            "socket",
+            &["file"],
+            &mut r.offsets.socket_file,
+        ),
+        (
+            "file.f_inode",
+            "file",
+            &["f_inode"],
+            &mut r.offsets.file_inode,
+        ),
         ("inode.i_ino", "inode", &["i_ino"], &mut r.offsets.inode_ino),
     ];
     for (name, root, path, slot) in optional {
@@ -79,7 +139,7 @@ pub fn field_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<u32> {
         total_bits += bits;
         ty = strip(btf, member_ty)?;
     }
-    if total_bits % 8 != 0 {
+    if !total_bits.is_multiple_of(8) {
         bail!("{root}.{} is not byte-aligned", path.join("."));
     }
     Ok(total_bits / 8)

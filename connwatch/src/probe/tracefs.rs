@@ -110,7 +110,7 @@ pub fn layout_mismatches(format: &str) -> Vec<String> {
 }
 
 /// Offset of a field in a tracepoint `format` file, e.g.
-/// `field:__u16 sport;	offset:24;	size:2;	signed:0;`.
+/// `field:__u16 sport; offset:24; size:2; signed:0;`.
 fn field_offset(format: &str, name: &str) -> Option<usize> {
     format.lines().find_map(|line| {
         let decl = line.trim().strip_prefix("field:")?;

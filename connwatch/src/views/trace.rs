@@ -19,7 +19,10 @@ pub fn human_row(t: &Transition, clock: &WallClock) -> String {
     let time = humantime::format_rfc3339_micros(clock.wall(t.ts_ns)).to_string();
     // "2026-11-25T16:40:00.123456Z" -> "16:40:00.123456"
     let time = time.get(11..26).unwrap_or(&time);
-    let pid = t.owner.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+    let pid = t
+        .owner
+        .pid
+        .map_or_else(|| "-".to_string(), |p| p.to_string());
     let comm = t.owner.comm.as_deref().unwrap_or("-");
     let ms = duration_ms(t).map_or_else(String::new, |ms| format!("{ms:.3}"));
     format!(

@@ -1,0 +1,93 @@
+//! Bad input gets one clear line on stderr and a non-zero exit, never a panic.
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn run(cmd: &mut Command) -> (Output, Vec<String>) {
+    let out = cmd.output().expect("run connwatch");
+    let err: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(
+        !err.iter().any(|l| l.contains("panicked")),
+        "connwatch panicked: {err:?}"
+    );
+    (out, err)
+}
+
+#[test]
+fn non_root_gets_one_line_and_fails() {
+    require_root();
+    let (out, err) = run(Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args([CONNWATCH, "trace"]));
+    assert!(!out.status.success());
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].contains("needs root") && err[0].contains("sudo"),
+        "{err:?}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn bad_flags_are_rejected_by_clap() {
+    for args in [
+        &["trace", "--ring-size", "3M"][..],
+        &["trace", "--duration", "soon"],
+        &["trace", "--hook", "kprobe"],
+        &["trace", "--max-sockets", "12"],
+        &["no-such-command"],
+    ] {
+        let (out, err) = run(Command::new(CONNWATCH).args(args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(err[0].starts_with("error:"), "{args:?}: {err:?}");
+    }
+}
+
+#[test]
+fn missing_btf_with_forced_tp_btf_says_what_to_do() {
+    require_root();
+    let (out, err) = run(Command::new(CONNWATCH)
+        .args(["trace", "--hook", "tp-btf"])
+        .env("CONNWATCH_BTF", "/nonexistent/vmlinux"));
+    assert!(!out.status.success());
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].contains("/nonexistent/vmlinux") && err[0].contains("--hook tracepoint"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn missing_btf_falls_back_to_the_tracepoint_with_a_warning() {
+    require_root();
+    let (out, err) = run(Command::new(CONNWATCH)
+        .args(["trace", "--duration", "200ms"])
+        .env("CONNWATCH_BTF", "/nonexistent/vmlinux"));
+    assert!(out.status.success(), "{err:?}");
+    assert!(
+        err.iter()
+            .any(|l| l.contains("attached tracepoint/sock/inet_sock_set_state")),
+        "{err:?}"
+    );
+    assert!(err.iter().any(|l| l.contains("warning")), "{err:?}");
+}
+
+#[test]
+fn help_has_examples() {
+    let (out, _) = run(Command::new(CONNWATCH).args(["trace", "--help"]));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("Examples:") && help.contains("--json"),
+        "{help}"
+    );
+}

@@ -1,0 +1,263 @@
+//! Helpers for the root integration tests: run the real connwatch binary, and real peer
+//! processes (this test binary re-executed in a peer role) that open sockets on loopback.
+//!
+//! Every wait is on a condition with a deadline; no test sleeps to synchronise.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError, channel},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub const CONNWATCH: &str = env!("CARGO_BIN_EXE_connwatch");
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "root integration tests load the real probe: run them as root (cargo xtask test)"
+    );
+}
+
+/// Lines of a child's output, read by a thread so that waits can have deadlines.
+pub struct Lines {
+    rx: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Lines {
+    pub fn new(r: impl std::io::Read + Send + 'static) -> Self {
+        let (tx, rx) = channel();
+        thread::spawn(move || {
+            for line in BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Next line, or `None` at EOF or after `deadline`.
+    pub fn next_within(&mut self, deadline: Duration) -> Option<String> {
+        match self.rx.recv_timeout(deadline) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                Some(line)
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Reads until a line satisfies `pred`; panics with what was seen after the deadline.
+    pub fn wait_for(&mut self, what: &str, mut pred: impl FnMut(&str) -> bool) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.next_within(left) {
+                Some(line) if pred(&line) => return line,
+                Some(_) => {}
+                None => panic!(
+                    "timed out waiting for {what}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Everything already read plus whatever arrives until `idle` passes with nothing new.
+    pub fn drain(&mut self, idle: Duration) -> Vec<String> {
+        while self.next_within(idle).is_some() {}
+        self.seen.clone()
+    }
+}
+
+/// A running `connwatch` with its output streams.
+pub struct Connwatch {
+    pub child: Child,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Connwatch {
+    /// Starts connwatch and waits until it says the probe is attached.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(CONNWATCH)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn connwatch");
+        let stdout = Lines::new(child.stdout.take().unwrap());
+        let stderr = Lines::new(child.stderr.take().unwrap());
+        let mut cw = Self {
+            child,
+            stdout,
+            stderr,
+        };
+        cw.stderr
+            .wait_for("connwatch to attach", |l| l.contains("attached"));
+        cw
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for the process to exit, with a deadline.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < end, "connwatch did not exit");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Connwatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A peer process: this test binary re-executed in a role (see `peer_main`).
+pub struct Peer {
+    pub child: Child,
+    stdin: ChildStdin,
+    pub out: Lines,
+}
+
+impl Peer {
+    pub fn spawn(role: &[&str]) -> Self {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = Command::new(exe)
+            .args([
+                "--exact",
+                "peer_entry",
+                "--ignored",
+                "--nocapture",
+                "--quiet",
+            ])
+            .env("CW_PEER", role.join(" "))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn peer");
+        let stdin = child.stdin.take().unwrap();
+        let out = Lines::new(child.stdout.take().unwrap());
+        Self { child, stdin, out }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a line `key value` from the peer and returns `value`.
+    pub fn expect(&mut self, key: &str) -> String {
+        let prefix = format!("{key} ");
+        let line = self
+            .out
+            .wait_for(&format!("peer to say {key}"), |l| l.starts_with(&prefix));
+        line[prefix.len()..].to_string()
+    }
+
+    pub fn send(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Entry point of a peer process. Roles (from `CW_PEER`):
+/// - `server ADDR`: listen on ADDR (port 0), say `port N`, accept one connection, say
+///   `accepted`, then on `close` close it and say `closed`.
+/// - `client ADDR HOLD_MS`: connect, say `local PORT`, keep the connection HOLD_MS, close
+///   it and say `held MS` (measured from connect's return to close), then idle.
+///
+/// A peer exits when its stdin closes.
+pub fn peer_main(role: &str) {
+    let args: Vec<&str> = role.split_whitespace().collect();
+    let mut stdin = BufReader::new(std::io::stdin()).lines();
+    let say = |s: String| {
+        println!("{s}");
+        std::io::stdout().flush().unwrap();
+    };
+    match args.as_slice() {
+        ["server", addr] => {
+            let l = TcpListener::bind(addr.parse::<SocketAddr>().unwrap()).unwrap();
+            say(format!("port {}", l.local_addr().unwrap().port()));
+            let (conn, _) = l.accept().unwrap();
+            say("accepted 1".into());
+            while let Some(Ok(cmd)) = stdin.next() {
+                if cmd == "close" {
+                    drop(conn);
+                    say("closed 1".into());
+                    break;
+                }
+            }
+        }
+        ["client", addr, hold_ms] => {
+            let conn = TcpStream::connect(addr.parse::<SocketAddr>().unwrap()).unwrap();
+            let start = Instant::now();
+            say(format!("local {}", conn.local_addr().unwrap().port()));
+            thread::sleep(Duration::from_millis(hold_ms.parse().unwrap()));
+            let held = start.elapsed();
+            drop(conn);
+            say(format!("held {:.3}", held.as_secs_f64() * 1e3));
+        }
+        other => panic!("unknown peer role {other:?}"),
+    }
+    // Stay alive (owning nothing more) until the test is done with us.
+    for _ in stdin.by_ref() {}
+}
+
+/// One `trace --json` row.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Row {
+    pub time: String,
+    pub family: String,
+    pub saddr: String,
+    pub sport: u16,
+    pub daddr: String,
+    pub dport: u16,
+    pub old: String,
+    pub new: String,
+    pub duration_ms: Option<f64>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub owner_source: String,
+}
+
+pub fn parse_rows(lines: &[String]) -> Vec<Row> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON row {l}: {e}")))
+        .collect()
+}
