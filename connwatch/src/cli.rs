@@ -7,6 +7,9 @@ use crate::probe::HookChoice;
 
 const EXAMPLES: &str = "\
 Examples:
+  sudo connwatch watch                      who holds CLOSE_WAIT sockets, refreshed every 2s
+  sudo connwatch watch --json --duration 1m one JSON report per interval, then a final one
+  sudo connwatch snapshot --check           one report without BPF; exit 3 if a process is flagged
   sudo connwatch trace                      every TCP state transition, as a table
   sudo connwatch trace --json | jq .        the same as JSON lines
   sudo connwatch trace --duration 10s       stop after ten seconds";
@@ -40,6 +43,71 @@ Examples:
   sudo connwatch trace --json --duration 30s > transitions.jsonl
   sudo connwatch trace | grep CLOSE_WAIT")]
     Trace(TraceArgs),
+
+    /// Name the processes that hold CLOSE_WAIT sockets, live: count, age, growth, peers,
+    /// fds against the fd limit. Refreshed every --interval; a final report on exit.
+    #[command(after_help = "\
+Flags:
+  close_wait_leak   holds CLOSE_WAIT sockets older than --close-wait-age
+  close_wait_slow   closes its CLOSE_WAIT sockets, but p99 later than --close-wait-age
+
+Exit status with --check: 3 when the final report flags a process, 0 otherwise.
+
+Examples:
+  sudo connwatch watch --close-wait-age 30s
+  sudo connwatch watch --json --duration 5m --check > report.jsonl")]
+    Watch(WatchArgs),
+
+    /// One report from sock_diag and /proc alone, without loading BPF (works where BPF is
+    /// forbidden). Ages of CLOSE_WAIT sockets are estimates (time since the peer's last ACK).
+    #[command(after_help = "\
+Examples:
+  sudo connwatch snapshot
+  sudo connwatch snapshot --json --check || echo leak found")]
+    Snapshot(SnapshotArgs),
+}
+
+/// Options of the per-process report (`watch`, `snapshot`).
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// One JSON report object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Exit with status 3 when the final report flags a process (for cron and CI).
+    #[arg(long)]
+    pub check: bool,
+
+    /// CLOSE_WAIT sockets older than this are a leak; a p99 lifetime above it is slow.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub close_wait_age: Duration,
+
+    /// Growth rates and closed-socket lifetimes cover this much recent time.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub window: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Time between reports.
+    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    pub interval: Duration,
+
+    /// Stop after this long and print the final report (e.g. 30s, 5m).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    #[command(flatten)]
+    pub report: ReportArgs,
+
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +147,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{e}: use a number with a unit, e.g. 500ms, 10s, 2m"))?;
     if d.is_zero() {
         return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+/// A report interval: between 100ms and 1h.
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+        return Err("the interval must be between 100ms and 1h".into());
     }
     Ok(d)
 }

@@ -5,10 +5,16 @@
 mod cli;
 mod clock;
 mod decode;
+mod monitor;
+mod owners;
 mod probe;
+mod report;
 mod shutdown;
+mod sockdiag;
+mod table;
 mod trace;
 mod views;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -61,6 +67,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let opts = probe_options(&args.probe, cli.verbose);
             trace::run(args, opts).await
         }
+        Command::Watch(args) => {
+            let opts = probe_options(&args.probe, cli.verbose);
+            watch::watch(args, opts).await
+        }
+        Command::Snapshot(args) => watch::snapshot(args),
     }
 }
 

@@ -1,0 +1,149 @@
+//! Who holds a socket: the processes with `socket:[INODE]` among their fds.
+//!
+//! A CLOSE_WAIT socket's transition runs in softirq, so the probe cannot name its owner;
+//! whoever holds its file descriptor can. Scanning every /proc/PID/fd is what `ss -p`
+//! does each time; here the index is kept and rebuilt only when a socket's inode is
+//! unknown to it (at most once per `min_rescan`), and in full every `max_age` so that
+//! fds closed or passed on are noticed.
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use procfs::process::{FDTarget, Process, all_processes};
+
+/// What a report shows of a process.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub comm: String,
+    /// Open file descriptors.
+    pub fds: u64,
+    /// Soft `RLIMIT_NOFILE`; `None` when unlimited or unreadable.
+    pub fd_limit: Option<u64>,
+}
+
+pub struct FdIndex {
+    holders: HashMap<u64, Vec<u32>>,
+    last_scan: Option<Instant>,
+    min_rescan: Duration,
+    max_age: Duration,
+    /// Full /proc scans done so far (shown in diagnostics; a cost counter).
+    pub scans: u64,
+}
+
+impl FdIndex {
+    pub fn new(min_rescan: Duration, max_age: Duration) -> Self {
+        Self {
+            holders: HashMap::new(),
+            last_scan: None,
+            min_rescan,
+            max_age,
+            scans: 0,
+        }
+    }
+
+    /// Makes sure the index knows `inodes`: rescans /proc when one is missing and the
+    /// last scan is older than `min_rescan`, or when the index is older than `max_age`.
+    pub fn ensure(&mut self, inodes: impl IntoIterator<Item = u64>) {
+        let age = self.last_scan.map(|t| t.elapsed());
+        let stale = age.is_none_or(|a| a >= self.max_age);
+        let may_rescan = age.is_none_or(|a| a >= self.min_rescan);
+        let unknown = || {
+            inodes
+                .into_iter()
+                .any(|i| i != 0 && !self.holders.contains_key(&i))
+        };
+        if stale || (may_rescan && unknown()) {
+            self.scan();
+        }
+    }
+
+    /// Rebuilds the index from every process's fd table.
+    pub fn scan(&mut self) {
+        let mut holders: HashMap<u64, Vec<u32>> = HashMap::new();
+        if let Ok(procs) = all_processes() {
+            for proc in procs.flatten() {
+                let pid = proc.pid() as u32;
+                // Processes that exit meanwhile or deny access are skipped.
+                let Ok(fds) = proc.fd() else { continue };
+                for fd in fds.flatten() {
+                    if let FDTarget::Socket(inode) = fd.target {
+                        let pids = holders.entry(inode).or_default();
+                        if !pids.contains(&pid) {
+                            pids.push(pid);
+                        }
+                    }
+                }
+            }
+        }
+        self.holders = holders;
+        self.last_scan = Some(Instant::now());
+        self.scans += 1;
+    }
+
+    /// Processes holding the socket with this inode (several after fork or fd passing).
+    pub fn holders(&self, inode: u64) -> &[u32] {
+        self.holders.get(&inode).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Name, fd count and fd limit of a process; `None` when it is gone.
+pub fn proc_info(pid: u32) -> Option<ProcInfo> {
+    let proc = Process::new(pid as i32).ok()?;
+    let comm = proc.stat().ok()?.comm;
+    let fds = proc.fd_count().ok().map_or(0, |n| n as u64);
+    let fd_limit = proc
+        .limits()
+        .ok()
+        .and_then(|l| match l.max_open_files.soft_limit {
+            procfs::process::LimitValue::Value(v) => Some(v),
+            procfs::process::LimitValue::Unlimited => None,
+        });
+    Some(ProcInfo {
+        comm,
+        fds,
+        fd_limit,
+    })
+}
+
+/// Inode of this process's network namespace (`/proc/self/ns/net`).
+pub fn own_netns() -> u32 {
+    std::fs::read_link("/proc/self/ns/net")
+        .ok()
+        .and_then(|p| {
+            let s = p.to_string_lossy().into_owned();
+            s.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[test]
+    fn finds_our_own_socket_and_process() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = l.as_raw_fd();
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        let inode: u64 = link
+            .to_string_lossy()
+            .trim_start_matches("socket:[")
+            .trim_end_matches(']')
+            .parse()
+            .unwrap();
+        let mut index = FdIndex::new(Duration::ZERO, Duration::from_secs(60));
+        index.ensure([inode]);
+        assert_eq!(index.holders(inode), [std::process::id()]);
+        assert_eq!(index.scans, 1);
+        // Known inode, fresh index: no rescan.
+        index.ensure([inode]);
+        assert_eq!(index.scans, 1);
+        let me = proc_info(std::process::id()).unwrap();
+        assert!(me.fds >= 3);
+        assert!(me.fd_limit.is_some());
+        assert_ne!(own_netns(), 0);
+    }
+}

@@ -1,0 +1,795 @@
+//! The per-process report: counts, ages, growth, fd headroom, flags and the sentence that
+//! explains each flag. Pure: built from the socket table, process facts and a clock
+//! reading, so that tests drive it with synthetic input.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    time::Duration,
+};
+
+use serde::Serialize;
+
+use crate::{
+    decode::OwnerSource,
+    owners::ProcInfo,
+    sockdiag::DiagSocket,
+    table::{AgeSource, Table},
+};
+
+pub const FLAG_CLOSE_WAIT_LEAK: &str = "close_wait_leak";
+pub const FLAG_CLOSE_WAIT_SLOW: &str = "close_wait_slow";
+
+/// Peers listed per process.
+const TOP_PEERS: usize = 5;
+
+#[derive(Clone, Copy, Debug)]
+pub struct ReportConfig {
+    /// A CLOSE_WAIT socket older than this is a leak; a p99 lifetime above it is slow.
+    pub close_wait_age: Duration,
+    /// Growth and closed lifetimes are measured over this much recent time.
+    pub window: Duration,
+}
+
+/// Loss counters shown in every report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Loss {
+    pub events_dropped: u64,
+    pub sockets_untracked: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Unattributed {
+    pub close_wait: u64,
+    pub time_wait: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Peer {
+    pub addr: String,
+    pub close_wait: u64,
+    pub time_wait: u64,
+}
+
+/// Lifetimes of CLOSE_WAIT sockets that ended within the window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ClosedStats {
+    pub count: u64,
+    pub p50_s: Option<f64>,
+    pub p99_s: Option<f64>,
+    pub max_s: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub comm: String,
+    pub close_wait: u64,
+    pub close_wait_oldest_s: Option<f64>,
+    pub close_wait_age_source: Option<&'static str>,
+    pub time_wait: u64,
+    pub time_wait_oldest_s: Option<f64>,
+    pub fds: Option<u64>,
+    pub fd_limit: Option<u64>,
+    pub flags: Vec<&'static str>,
+    pub reason: Option<String>,
+    pub peers: Vec<Peer>,
+    pub owner_sources: Vec<&'static str>,
+    /// Net change of the CLOSE_WAIT count per minute over the window.
+    pub close_wait_growth_per_min: Option<f64>,
+    /// Bytes received and never read, summed over its CLOSE_WAIT sockets.
+    pub close_wait_recv_q_bytes: u64,
+    /// At the current growth, seconds until the soft fd limit is reached.
+    pub fds_exhausted_in_s: Option<f64>,
+    pub close_wait_closed: ClosedStats,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Report {
+    pub time: String,
+    pub elapsed_s: f64,
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    pub states: BTreeMap<String, u64>,
+    pub processes: Vec<ProcessRow>,
+    pub unattributed: Unattributed,
+    pub loss: Loss,
+}
+
+impl Report {
+    pub fn flagged(&self) -> bool {
+        self.processes.iter().any(|p| !p.flags.is_empty())
+    }
+}
+
+/// What a report is made of, besides the table.
+pub struct Inputs<'a> {
+    /// Wall-clock time of the report, already formatted (RFC 3339).
+    pub time: String,
+    pub now_ns: u64,
+    pub elapsed_s: f64,
+    pub is_final: bool,
+    pub states: BTreeMap<String, u64>,
+    pub procs: &'a HashMap<u32, ProcInfo>,
+    /// Local ports with a listener, per network namespace: sockets on them are the
+    /// server side, whose peers differ only by ephemeral port.
+    pub listen_ports: &'a HashSet<(u32, u16)>,
+    pub loss: Loss,
+}
+
+/// The machine's state histogram from a full dump: every TCP state, IPv4 and IPv6.
+/// Timewait sockets whose substate is FIN_WAIT2 (orphans the process already closed)
+/// are counted apart from real FIN_WAIT2 sockets, as `FIN_WAIT2_TW`.
+pub fn state_counts(sockets: &[DiagSocket]) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for s in sockets {
+        let name = if s.timewait && s.state.0 == connwatch_common::tcp_state::FIN_WAIT2 {
+            "FIN_WAIT2_TW".to_string()
+        } else {
+            s.state.to_string()
+        };
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Local ports that have a listener, per namespace, from a full dump.
+pub fn listen_ports(netns: u32, sockets: &[DiagSocket]) -> HashSet<(u32, u16)> {
+    sockets
+        .iter()
+        .filter(|s| s.state.0 == connwatch_common::tcp_state::LISTEN)
+        .map(|s| (netns, s.local.port()))
+        .collect()
+}
+
+/// Per-process history of CLOSE_WAIT counts, for growth rates.
+#[derive(Default)]
+pub struct Growth {
+    samples: HashMap<u32, VecDeque<(u64, u64)>>,
+}
+
+impl Growth {
+    /// Records `counts` at `now_ns` (processes absent count 0) and forgets samples older
+    /// than the window, keeping the newest of those as the window's starting point.
+    pub fn record(&mut self, now_ns: u64, counts: &HashMap<u32, u64>, window: Duration) {
+        let start = now_ns.saturating_sub(window.as_nanos() as u64);
+        for (pid, &n) in counts {
+            self.samples.entry(*pid).or_default().push_back((now_ns, n));
+        }
+        self.samples.retain(|pid, s| {
+            if !counts.contains_key(pid) {
+                s.push_back((now_ns, 0));
+            }
+            while s.len() > 1 && s.get(1).is_some_and(|&(t, _)| t <= start) {
+                s.pop_front();
+            }
+            // A process with no sockets over a whole window is forgotten.
+            s.iter().any(|&(_, n)| n > 0)
+        });
+    }
+
+    /// Net change per minute between the window's first sample and the last.
+    pub fn per_min(&self, pid: u32) -> Option<f64> {
+        let s = self.samples.get(&pid)?;
+        let (&(t0, n0), &(t1, n1)) = (s.front()?, s.back()?);
+        let span_min = (t1.checked_sub(t0)? as f64) / 60e9;
+        (span_min > 0.0).then(|| (n1 as f64 - n0 as f64) / span_min)
+    }
+}
+
+#[derive(Default)]
+struct Acc {
+    close_wait: u64,
+    oldest_ns: Option<(u64, AgeSource)>,
+    recv_q: u64,
+    peers: BTreeMap<String, u64>,
+    sources: BTreeSet<&'static str>,
+    closed: Vec<u64>,
+    comm: Option<String>,
+}
+
+/// Builds the report. `growth` gets this report's counts recorded.
+pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growth) -> Report {
+    let mut accs: BTreeMap<u32, Acc> = BTreeMap::new();
+    let mut unattributed = Unattributed {
+        close_wait: 0,
+        time_wait: inp.states.get("TIME_WAIT").copied().unwrap_or(0),
+    };
+    for (key, cw) in table.close_wait() {
+        let age_ns = inp.now_ns.saturating_sub(cw.since_ns);
+        let (pids, source): (Vec<u32>, &'static str) = if !cw.holders.is_empty() {
+            (cw.holders.clone(), "fd")
+        } else if let Some((pid, _, src)) = &cw.probe_owner {
+            let src = match src {
+                OwnerSource::Context => "context",
+                _ => "carried",
+            };
+            (vec![*pid], src)
+        } else {
+            unattributed.close_wait += 1;
+            continue;
+        };
+        // A socket shared after fork counts for every holder.
+        for pid in pids {
+            let a = accs.entry(pid).or_default();
+            a.close_wait += 1;
+            if a.oldest_ns.is_none_or(|(o, _)| age_ns > o) {
+                a.oldest_ns = Some((age_ns, cw.age_source));
+            }
+            a.recv_q += u64::from(cw.recv_q);
+            *a.peers.entry(peer_addr(key, inp.listen_ports)).or_insert(0) += 1;
+            a.sources.insert(source);
+            if a.comm.is_none() {
+                a.comm = cw.probe_owner.as_ref().map(|(_, c, _)| c.clone());
+            }
+        }
+    }
+    let window_start = inp.now_ns.saturating_sub(cfg.window.as_nanos() as u64);
+    for c in table.closed_since(window_start) {
+        if let Some(pid) = c.pid {
+            let a = accs.entry(pid).or_default();
+            a.closed.push(c.lifetime_ns);
+            if a.comm.is_none() {
+                a.comm.clone_from(&c.comm);
+            }
+        }
+    }
+
+    let counts: HashMap<u32, u64> = accs.iter().map(|(p, a)| (*p, a.close_wait)).collect();
+    growth.record(inp.now_ns, &counts, cfg.window);
+
+    let mut processes: Vec<ProcessRow> = accs
+        .into_iter()
+        .map(|(pid, a)| row(pid, a, inp, cfg, growth))
+        .collect();
+    processes.sort_by(|a, b| {
+        // Flagged first, then the most CLOSE_WAIT sockets, then the oldest.
+        a.flags
+            .is_empty()
+            .cmp(&b.flags.is_empty())
+            .then(b.close_wait.cmp(&a.close_wait))
+            .then(
+                b.close_wait_oldest_s
+                    .unwrap_or(0.0)
+                    .total_cmp(&a.close_wait_oldest_s.unwrap_or(0.0)),
+            )
+            .then(a.pid.cmp(&b.pid))
+    });
+    Report {
+        time: inp.time.clone(),
+        elapsed_s: round3(inp.elapsed_s),
+        is_final: inp.is_final,
+        states: inp.states.clone(),
+        processes,
+        unattributed,
+        loss: inp.loss,
+    }
+}
+
+fn row(pid: u32, mut a: Acc, inp: &Inputs, cfg: &ReportConfig, growth: &Growth) -> ProcessRow {
+    let info = inp.procs.get(&pid);
+    let comm = info
+        .map(|i| i.comm.clone())
+        .or(a.comm.take())
+        .unwrap_or_else(|| "?".into());
+    let oldest_s = a.oldest_ns.map(|(ns, _)| ns as f64 / 1e9);
+    let closed = closed_stats(&mut a.closed);
+    let growth_per_min = growth.per_min(pid).filter(|_| a.close_wait > 0);
+    let fds = info.map(|i| i.fds);
+    let fd_limit = info.and_then(|i| i.fd_limit);
+    let fds_exhausted_in_s = match (growth_per_min, fds, fd_limit) {
+        (Some(g), Some(used), Some(limit)) if g > 0.0 => {
+            Some(round3(limit.saturating_sub(used) as f64 / g * 60.0))
+        }
+        _ => None,
+    };
+
+    let age_limit = cfg.close_wait_age.as_secs_f64();
+    let mut flags = Vec::new();
+    if oldest_s.is_some_and(|o| o > age_limit) {
+        flags.push(FLAG_CLOSE_WAIT_LEAK);
+    }
+    if closed.p99_s.is_some_and(|p| p > age_limit) {
+        flags.push(FLAG_CLOSE_WAIT_SLOW);
+    }
+    let mut peers: Vec<Peer> = a
+        .peers
+        .into_iter()
+        .map(|(addr, n)| Peer {
+            addr,
+            close_wait: n,
+            time_wait: 0,
+        })
+        .collect();
+    peers.sort_by(|x, y| y.close_wait.cmp(&x.close_wait).then(x.addr.cmp(&y.addr)));
+    let other_peers = peers.len().saturating_sub(1);
+    peers.truncate(TOP_PEERS);
+
+    let mut row = ProcessRow {
+        pid,
+        comm,
+        close_wait: a.close_wait,
+        close_wait_oldest_s: oldest_s.map(round3),
+        close_wait_age_source: a.oldest_ns.map(|(_, s)| s.as_str()),
+        time_wait: 0,
+        time_wait_oldest_s: None,
+        fds,
+        fd_limit,
+        flags,
+        reason: None,
+        peers,
+        owner_sources: a.sources.into_iter().collect(),
+        close_wait_growth_per_min: growth_per_min.map(round3),
+        close_wait_recv_q_bytes: a.recv_q,
+        fds_exhausted_in_s,
+        close_wait_closed: closed,
+    };
+    row.reason = reason(&row, other_peers);
+    row
+}
+
+/// A peer as `addr:port`; on the server side (a listener's port) the client's ephemeral
+/// port says nothing, so its sockets are grouped as `addr:*`.
+fn peer_addr(key: &crate::table::SockKey, listen_ports: &HashSet<(u32, u16)>) -> String {
+    if listen_ports.contains(&(key.netns, key.local.port())) {
+        match key.remote.ip() {
+            std::net::IpAddr::V4(ip) => format!("{ip}:*"),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]:*"),
+        }
+    } else {
+        key.remote.to_string()
+    }
+}
+
+fn closed_stats(lifetimes: &mut [u64]) -> ClosedStats {
+    if lifetimes.is_empty() {
+        return ClosedStats::default();
+    }
+    lifetimes.sort_unstable();
+    let pct = |p: f64| {
+        // Nearest rank.
+        let rank = ((p / 100.0) * lifetimes.len() as f64).ceil() as usize;
+        round3(lifetimes[rank.clamp(1, lifetimes.len()) - 1] as f64 / 1e9)
+    };
+    ClosedStats {
+        count: lifetimes.len() as u64,
+        p50_s: Some(pct(50.0)),
+        p99_s: Some(pct(99.0)),
+        max_s: lifetimes.last().map(|&m| round3(m as f64 / 1e9)),
+    }
+}
+
+/// One plain sentence per flag, e.g. `python3[4242] holds 50 CLOSE_WAIT sockets from
+/// 127.0.0.1:8080, oldest 5m12s, +10/min; 60 of 1024 fds used: fds run out in ~96 min.
+/// It never calls close() after the peer hangs up.`
+fn reason(r: &ProcessRow, other_peers: usize) -> Option<String> {
+    let mut parts = Vec::new();
+    let who = format!("{}[{}]", r.comm, r.pid);
+    if r.flags.contains(&FLAG_CLOSE_WAIT_LEAK) {
+        let mut s = format!(
+            "{who} holds {} CLOSE_WAIT socket{}",
+            r.close_wait,
+            plural(r.close_wait)
+        );
+        if let Some(p) = r.peers.first() {
+            s += &format!(" from {}", p.addr);
+            if other_peers > 0 {
+                s += &format!(
+                    " and {other_peers} other peer{}",
+                    plural(other_peers as u64)
+                );
+            }
+        }
+        if let Some(o) = r.close_wait_oldest_s {
+            s += &format!(", oldest {}", fmt_age(o));
+            if r.close_wait_age_source == Some("estimated") {
+                s += " (estimated)";
+            }
+        }
+        if let Some(g) = r.close_wait_growth_per_min.filter(|g| *g >= 0.05) {
+            s += &format!(", +{}/min", fmt_rate(g));
+        }
+        match (r.fds, r.fd_limit) {
+            (Some(used), Some(limit)) => {
+                s += &format!("; {used} of {limit} fds used");
+                if let Some(eta) = r.fds_exhausted_in_s {
+                    s += &format!(": fds run out in ~{}", fmt_eta(eta));
+                }
+            }
+            (Some(used), None) => s += &format!("; {used} fds used"),
+            _ => {}
+        }
+        s += if r.close_wait_closed.count > 0 {
+            ". It closes sockets late or never after the peer hangs up."
+        } else {
+            ". It never calls close() after the peer hangs up."
+        };
+        parts.push(s);
+    }
+    if r.flags.contains(&FLAG_CLOSE_WAIT_SLOW) {
+        let c = &r.close_wait_closed;
+        parts.push(format!(
+            "{who} closed {} CLOSE_WAIT socket{} only {} after the peer hung up (p50), {} at p99, up to {}: it is slow to call close().",
+            c.count,
+            plural(c.count),
+            fmt_age(c.p50_s.unwrap_or(0.0)),
+            fmt_age(c.p99_s.unwrap_or(0.0)),
+            fmt_age(c.max_s.unwrap_or(0.0)),
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join(" "))
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn fmt_rate(g: f64) -> String {
+    if g >= 10.0 {
+        format!("{g:.0}")
+    } else {
+        format!("{g:.1}")
+    }
+}
+
+fn fmt_eta(secs: f64) -> String {
+    let min = secs / 60.0;
+    if min < 1.0 {
+        format!("{secs:.0} s")
+    } else if min < 120.0 {
+        format!("{min:.0} min")
+    } else {
+        format!("{:.1} h", min / 60.0)
+    }
+}
+
+/// Compact age: `850ms`, `42s`, `5m12s`, `3h04m`, `2d05h`.
+pub fn fmt_age(secs: f64) -> String {
+    let s = secs.max(0.0);
+    if s < 1.0 {
+        return format!("{:.0}ms", s * 1000.0);
+    }
+    if s < 10.0 {
+        return format!("{s:.1}s");
+    }
+    let t = s as u64;
+    match t {
+        0..60 => format!("{t}s"),
+        60..3600 => format!("{}m{:02}s", t / 60, t % 60),
+        3600..86400 => format!("{}h{:02}m", t / 3600, (t % 3600) / 60),
+        _ => format!("{}d{:02}h", t / 86400, (t % 86400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use connwatch_common::tcp_state::*;
+
+    use super::*;
+    use crate::table::{
+        SockKey,
+        tests::{NS, close_cw, diag, enter_cw},
+    };
+
+    const SEC: u64 = 1_000_000_000;
+    const L: &str = "127.0.0.1:8080";
+
+    fn cfg() -> ReportConfig {
+        ReportConfig {
+            close_wait_age: Duration::from_secs(60),
+            window: Duration::from_secs(300),
+        }
+    }
+
+    static NO_LISTENERS: std::sync::LazyLock<HashSet<(u32, u16)>> =
+        std::sync::LazyLock::new(HashSet::new);
+
+    fn inputs(now_s: u64, procs: &HashMap<u32, ProcInfo>) -> Inputs<'_> {
+        Inputs {
+            time: "2026-11-25T16:40:00.000000Z".into(),
+            now_ns: now_s * SEC,
+            elapsed_s: now_s as f64,
+            is_final: false,
+            states: BTreeMap::from([("CLOSE_WAIT".into(), 3), ("TIME_WAIT".into(), 2)]),
+            procs,
+            listen_ports: &NO_LISTENERS,
+            loss: Loss::default(),
+        }
+    }
+
+    fn procs() -> HashMap<u32, ProcInfo> {
+        HashMap::from([
+            (
+                4242,
+                ProcInfo {
+                    comm: "python3".into(),
+                    fds: 60,
+                    fd_limit: Some(1024),
+                },
+            ),
+            (
+                7,
+                ProcInfo {
+                    comm: "nginx".into(),
+                    fds: 10,
+                    fd_limit: Some(1024),
+                },
+            ),
+        ])
+    }
+
+    fn hold(t: &mut Table, pid_for_inode: impl Fn(u64) -> Vec<u32>) {
+        for (_, cw) in t.close_wait_mut() {
+            cw.holders = pid_for_inode(cw.inode);
+        }
+    }
+
+    #[test]
+    fn leaker_is_flagged_with_a_reason_and_prompt_closer_is_not() {
+        let mut t = Table::new(NS);
+        // The leaker: 3 sockets from one peer, the oldest 5m12s old at t=400s.
+        for (i, at) in [88.0, 200.0, 390.0].into_iter().enumerate() {
+            t.apply(&enter_cw(
+                at,
+                L,
+                &format!("127.0.0.1:{}", 40000 + i),
+                100 + i as u64,
+            ));
+        }
+        // The well-behaved server closes each within 50 ms.
+        for i in 0..20 {
+            let r = format!("127.0.0.2:{}", 50000 + i);
+            t.apply(&enter_cw(300.0 + i as f64, "127.0.0.1:9090", &r, 900 + i));
+            t.apply(&close_cw(300.05 + i as f64, "127.0.0.1:9090", &r, 7));
+        }
+        hold(&mut t, |_| vec![4242]);
+        let procs = procs();
+        let mut g = Growth::default();
+        let r = build(&t, &inputs(400, &procs), &cfg(), &mut g);
+        assert_eq!(r.processes.len(), 2);
+        let leak = &r.processes[0];
+        assert_eq!((leak.pid, leak.comm.as_str()), (4242, "python3"));
+        assert_eq!(leak.close_wait, 3);
+        assert_eq!(leak.close_wait_oldest_s, Some(312.0));
+        assert_eq!(leak.close_wait_age_source, Some("observed"));
+        assert_eq!(leak.flags, [FLAG_CLOSE_WAIT_LEAK]);
+        assert_eq!(leak.owner_sources, ["fd"]);
+        assert_eq!(leak.close_wait_recv_q_bytes, 0);
+        assert_eq!(
+            leak.reason.as_deref(),
+            Some(
+                "python3[4242] holds 3 CLOSE_WAIT sockets from 127.0.0.1:40000 and 2 other peers, \
+                 oldest 5m12s; 60 of 1024 fds used. It never calls close() after the peer hangs up."
+            )
+        );
+        let good = &r.processes[1];
+        assert_eq!((good.pid, good.close_wait), (7, 0));
+        assert!(good.flags.is_empty(), "{good:?}");
+        assert_eq!(good.reason, None);
+        assert_eq!(good.close_wait_closed.count, 20);
+        assert_eq!(good.close_wait_closed.p50_s, Some(0.05));
+        assert_eq!(r.unattributed.time_wait, 2);
+        assert!(r.flagged());
+    }
+
+    #[test]
+    fn growth_and_fd_runout() {
+        let mut t = Table::new(NS);
+        let procs = procs();
+        let mut g = Growth::default();
+        // 10 new leaked sockets per minute, sampled each minute.
+        for minute in 0..3u64 {
+            for i in 0..10 {
+                let r = format!("127.0.0.1:{}", 40000 + minute * 10 + i);
+                t.apply(&enter_cw((minute * 60) as f64, L, &r, minute * 10 + i + 1));
+            }
+            hold(&mut t, |_| vec![4242]);
+            let _ = build(&t, &inputs(minute * 60 + 1, &procs), &cfg(), &mut g);
+        }
+        let r = build(&t, &inputs(121, &procs), &cfg(), &mut g);
+        let p = &r.processes[0];
+        assert_eq!(p.close_wait, 30);
+        assert_eq!(p.close_wait_growth_per_min, Some(10.0));
+        // (1024 - 60) fds left at 10/min: 96.4 min.
+        assert_eq!(p.fds_exhausted_in_s, Some(5784.0));
+        assert!(
+            p.reason
+                .as_deref()
+                .unwrap()
+                .contains(", +10/min; 60 of 1024 fds used: fds run out in ~96 min."),
+            "{:?}",
+            p.reason
+        );
+    }
+
+    #[test]
+    fn late_closer_is_slow_with_percentiles() {
+        let mut t = Table::new(NS);
+        for i in 0..10u64 {
+            let r = format!("127.0.0.2:{}", 50000 + i);
+            let at = 10.0 + i as f64;
+            t.apply(&enter_cw(at, L, &r, 900 + i));
+            // Closes each after 70 s (90 s for the last one).
+            let life = if i == 9 { 90.0 } else { 70.0 };
+            t.apply(&close_cw(at + life, L, &r, 7));
+        }
+        let procs = procs();
+        let r = build(&t, &inputs(200, &procs), &cfg(), &mut Growth::default());
+        let p = &r.processes[0];
+        assert_eq!(p.flags, [FLAG_CLOSE_WAIT_SLOW]);
+        assert_eq!(p.close_wait_closed.count, 10);
+        assert_eq!(p.close_wait_closed.p50_s, Some(70.0));
+        assert_eq!(p.close_wait_closed.p99_s, Some(90.0));
+        assert_eq!(p.close_wait_closed.max_s, Some(90.0));
+        assert!(
+            p.reason
+                .as_deref()
+                .unwrap()
+                .contains("slow to call close()")
+        );
+    }
+
+    #[test]
+    fn fork_shared_socket_lists_every_holder() {
+        let mut t = Table::new(NS);
+        t.apply(&enter_cw(1.0, L, "127.0.0.1:40000", 55));
+        hold(&mut t, |_| vec![4242, 7]);
+        let procs = procs();
+        let r = build(&t, &inputs(100, &procs), &cfg(), &mut Growth::default());
+        let pids: Vec<u32> = r.processes.iter().map(|p| p.pid).collect();
+        assert_eq!(pids.len(), 2);
+        assert!(pids.contains(&4242) && pids.contains(&7));
+        assert!(
+            r.processes
+                .iter()
+                .all(|p| p.close_wait == 1 && p.flags == [FLAG_CLOSE_WAIT_LEAK])
+        );
+    }
+
+    #[test]
+    fn socket_without_holder_is_unattributed_not_guessed() {
+        let mut t = Table::new(NS);
+        t.apply(&enter_cw(1.0, L, "127.0.0.1:40000", 55));
+        let procs = procs();
+        let r = build(&t, &inputs(100, &procs), &cfg(), &mut Growth::default());
+        assert!(r.processes.is_empty());
+        assert_eq!(r.unattributed.close_wait, 1);
+        assert!(!r.flagged());
+    }
+
+    #[test]
+    fn estimated_age_is_said_so() {
+        let mut t = Table::new(NS);
+        t.seed(
+            NS,
+            &[diag(CLOSE_WAIT, L, "127.0.0.1:40000", 55, 90_000)],
+            100 * SEC,
+        );
+        hold(&mut t, |_| vec![4242]);
+        let procs = procs();
+        let r = build(&t, &inputs(100, &procs), &cfg(), &mut Growth::default());
+        let p = &r.processes[0];
+        assert_eq!(p.close_wait_age_source, Some("estimated"));
+        assert_eq!(p.close_wait_oldest_s, Some(90.0));
+        assert!(
+            p.reason
+                .as_deref()
+                .unwrap()
+                .contains("oldest 1m30s (estimated)")
+        );
+    }
+
+    #[test]
+    fn json_keys_are_the_documented_ones() {
+        let mut t = Table::new(NS);
+        t.apply(&enter_cw(1.0, L, "127.0.0.1:40000", 55));
+        hold(&mut t, |_| vec![4242]);
+        let procs = procs();
+        let r = build(&t, &inputs(100, &procs), &cfg(), &mut Growth::default());
+        let v = serde_json::to_value(&r).unwrap();
+        for key in [
+            "time",
+            "elapsed_s",
+            "final",
+            "states",
+            "processes",
+            "unattributed",
+            "loss",
+        ] {
+            assert!(v.get(key).is_some(), "{key}");
+        }
+        let p = &v["processes"][0];
+        for key in [
+            "pid",
+            "comm",
+            "close_wait",
+            "close_wait_oldest_s",
+            "close_wait_age_source",
+            "time_wait",
+            "time_wait_oldest_s",
+            "fds",
+            "fd_limit",
+            "flags",
+            "reason",
+            "peers",
+            "owner_sources",
+            "close_wait_closed",
+        ] {
+            assert!(p.get(key).is_some(), "{key}");
+        }
+        assert_eq!(p["peers"][0]["addr"], "127.0.0.1:40000");
+        assert_eq!(p["peers"][0]["close_wait"], 1);
+        assert_eq!(v["loss"]["events_dropped"], 0);
+        assert_eq!(v["loss"]["sockets_untracked"], 0);
+        assert_eq!(v["unattributed"]["close_wait"], 0);
+        assert_eq!(p["close_wait_closed"]["count"], 0);
+    }
+
+    #[test]
+    fn state_histogram_separates_timewait_fin_wait2() {
+        let mut tw_fw2 = diag(FIN_WAIT2, L, "1.2.3.4:5", 0, 0);
+        tw_fw2.timewait = true;
+        let mut tw = diag(TIME_WAIT, L, "1.2.3.4:6", 0, 0);
+        tw.timewait = true;
+        let counts = state_counts(&[
+            diag(ESTABLISHED, L, "1.2.3.4:1", 1, 0),
+            diag(ESTABLISHED, L, "1.2.3.4:2", 2, 0),
+            diag(FIN_WAIT2, L, "1.2.3.4:3", 3, 0),
+            tw_fw2,
+            tw,
+        ]);
+        assert_eq!(
+            counts,
+            BTreeMap::from([
+                ("ESTABLISHED".into(), 2),
+                ("FIN_WAIT2".into(), 1),
+                ("FIN_WAIT2_TW".into(), 1),
+                ("TIME_WAIT".into(), 1),
+            ])
+        );
+    }
+
+    #[test]
+    fn server_side_peers_are_grouped_by_address() {
+        let mut t = Table::new(NS);
+        for i in 0..3 {
+            t.apply(&enter_cw(
+                1.0,
+                L,
+                &format!("10.0.0.9:{}", 40000 + i),
+                55 + i,
+            ));
+        }
+        t.apply(&enter_cw(1.0, "127.0.0.1:41000", "10.0.0.7:5432", 60));
+        hold(&mut t, |_| vec![4242]);
+        let procs = procs();
+        let listening = HashSet::from([(NS, 8080)]);
+        let mut inp = inputs(100, &procs);
+        inp.listen_ports = &listening;
+        let r = build(&t, &inp, &cfg(), &mut Growth::default());
+        let peers: Vec<(&str, u64)> = r.processes[0]
+            .peers
+            .iter()
+            .map(|p| (p.addr.as_str(), p.close_wait))
+            .collect();
+        assert_eq!(peers, [("10.0.0.9:*", 3), ("10.0.0.7:5432", 1)]);
+        let v6 = SockKey {
+            netns: NS,
+            local: "[::1]:8080".parse().unwrap(),
+            remote: "[::1]:5000".parse().unwrap(),
+        };
+        assert_eq!(peer_addr(&v6, &listening), "[::1]:*");
+    }
+
+    #[test]
+    fn ages_are_compact() {
+        assert_eq!(fmt_age(0.25), "250ms");
+        assert_eq!(fmt_age(4.5), "4.5s");
+        assert_eq!(fmt_age(42.0), "42s");
+        assert_eq!(fmt_age(312.0), "5m12s");
+        assert_eq!(fmt_age(11_040.0), "3h04m");
+        assert_eq!(fmt_age(190_800.0), "2d05h");
+    }
+}

@@ -1,0 +1,493 @@
+//! The socket table: which sockets are in CLOSE_WAIT, since when, held by whom.
+//!
+//! Pure logic, driven by the probe's transitions and by sock_diag observations, with the
+//! time passed in (CLOCK_MONOTONIC ns), so that tests can feed synthetic sequences.
+//!
+//! Sockets are keyed by network namespace + local + remote address: the kernel reuses
+//! `struct sock` addresses within seconds, and containers reuse the same addresses in
+//! different namespaces. Only the states a report needs are kept, so memory follows the
+//! number of CLOSE_WAIT sockets, not of every connection on the box.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+};
+
+use serde::Serialize;
+
+use crate::{
+    decode::{OwnerSource, TcpState, Transition},
+    sockdiag::DiagSocket,
+};
+
+const CLOSE_WAIT: TcpState = TcpState(connwatch_common::tcp_state::CLOSE_WAIT);
+
+/// Closed CLOSE_WAIT lifetimes kept at most (the window prunes them sooner).
+const MAX_CLOSED: usize = 100_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockKey {
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// Whether an age was measured from the transition or estimated afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgeSource {
+    /// connwatch saw the socket enter its state.
+    Observed,
+    /// Derived later (sock_diag's `tcpi_last_ack_recv`), or a lower bound.
+    Estimated,
+}
+
+impl AgeSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Observed => "observed",
+            Self::Estimated => "estimated",
+        }
+    }
+}
+
+/// A socket in CLOSE_WAIT: the peer closed, the process did not (yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseWait {
+    pub since_ns: u64,
+    pub age_source: AgeSource,
+    /// Socket inode, to find the processes holding its fd; 0 until known.
+    pub inode: u64,
+    /// Bytes received and never read.
+    pub recv_q: u32,
+    /// Owner named by the probe (connect/close context, carried), when it knew one.
+    pub probe_owner: Option<(u32, String, OwnerSource)>,
+    /// Processes holding the socket's fd (filled in from /proc by the caller).
+    pub holders: Vec<u32>,
+    /// Added by reconciliation, not by a transition: if no transition follows, the
+    /// probe missed this socket's entry.
+    from_reconcile: bool,
+    /// Consecutive reconciliations that did not list the socket.
+    missed: u8,
+}
+
+/// A CLOSE_WAIT socket that its process finally closed (or that was reset).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClosedCloseWait {
+    pub at_ns: u64,
+    pub lifetime_ns: u64,
+    /// The process that closed it, when known.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Table {
+    close_wait: HashMap<SockKey, CloseWait>,
+    closed: VecDeque<ClosedCloseWait>,
+    /// Sockets whose state connwatch lost: a transition it never saw (dropped event,
+    /// socket from before start in a namespace it could not dump).
+    pub untracked: u64,
+    own_netns: u32,
+}
+
+impl Table {
+    pub fn new(own_netns: u32) -> Self {
+        Self {
+            own_netns,
+            ..Self::default()
+        }
+    }
+
+    fn key(&self, netns: u32, local: SocketAddr, remote: SocketAddr) -> SockKey {
+        // Without the netns offset the probe reports 0: treat it as our own namespace.
+        let netns = if netns == 0 { self.own_netns } else { netns };
+        SockKey {
+            netns,
+            local,
+            remote,
+        }
+    }
+
+    /// Applies one transition from the probe.
+    pub fn apply(&mut self, t: &Transition) {
+        let key = self.key(t.netns, t.local, t.remote);
+        if t.old == CLOSE_WAIT {
+            let entry = self.close_wait.remove(&key);
+            let since = t
+                .old_since_ns
+                .or(entry.as_ref().map(|e| e.since_ns))
+                .filter(|&s| s <= t.ts_ns);
+            let Some(since) = since else {
+                // It was in CLOSE_WAIT, but since when and held by whom is unknown.
+                self.untracked += 1;
+                return;
+            };
+            // The closer: the process whose close() ran now, else whoever held the fd.
+            let (pid, comm) = match (&t.owner.source, &entry) {
+                (OwnerSource::Context, _) => (t.owner.pid, t.owner.comm.clone()),
+                (_, Some(e)) if !e.holders.is_empty() => (e.holders.first().copied(), None),
+                _ => (t.owner.pid, t.owner.comm.clone()),
+            };
+            self.push_closed(ClosedCloseWait {
+                at_ns: t.ts_ns,
+                lifetime_ns: t.ts_ns - since,
+                pid,
+                comm,
+            });
+        }
+        if t.new == CLOSE_WAIT {
+            let probe_owner = t.owner.pid.map(|pid| {
+                (
+                    pid,
+                    t.owner.comm.clone().unwrap_or_default(),
+                    t.owner.source,
+                )
+            });
+            // A reused 4-tuple replaces whatever was there.
+            self.close_wait.insert(
+                key,
+                CloseWait {
+                    since_ns: t.ts_ns,
+                    age_source: AgeSource::Observed,
+                    inode: t.inode,
+                    recv_q: 0,
+                    probe_owner,
+                    holders: Vec::new(),
+                    from_reconcile: false,
+                    missed: 0,
+                },
+            );
+        }
+    }
+
+    fn push_closed(&mut self, c: ClosedCloseWait) {
+        if self.closed.len() >= MAX_CLOSED {
+            self.closed.pop_front();
+        }
+        self.closed.push_back(c);
+    }
+
+    /// Sockets that existed before connwatch: CLOSE_WAIT ages are estimated from the
+    /// time since the peer's last ACK (its FIN, if nothing was sent after it).
+    pub fn seed(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
+        for s in sockets.iter().filter(|s| s.state == CLOSE_WAIT) {
+            let key = self.key(netns, s.local, s.remote);
+            self.close_wait
+                .entry(key)
+                .or_insert_with(|| estimated(s, now_ns, false));
+        }
+    }
+
+    /// Brings the table in line with a dump of one namespace's CLOSE_WAIT sockets:
+    /// fills in what transitions do not carry (Recv-Q, the inode of a socket not yet
+    /// accepted), adds sockets whose transition was missed and drops those that are gone.
+    pub fn reconcile(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
+        let netns = if netns == 0 { self.own_netns } else { netns };
+        let mut listed = std::collections::HashSet::new();
+        for s in sockets.iter().filter(|s| s.state == CLOSE_WAIT) {
+            let key = self.key(netns, s.local, s.remote);
+            listed.insert(key);
+            match self.close_wait.get_mut(&key) {
+                Some(e) => {
+                    e.recv_q = unread(s);
+                    if s.inode != 0 {
+                        e.inode = s.inode;
+                    }
+                    e.missed = 0;
+                    if e.from_reconcile {
+                        // Still no transition a full period later: it was missed.
+                        e.from_reconcile = false;
+                        self.untracked += 1;
+                    }
+                }
+                None => {
+                    // Its transition may still be in the ring buffer: decided next time.
+                    self.close_wait.insert(key, estimated(s, now_ns, true));
+                }
+            }
+        }
+        let mut gone = 0;
+        self.close_wait.retain(|k, e| {
+            if k.netns != netns || listed.contains(k) {
+                return true;
+            }
+            e.missed += 1;
+            // Twice absent: closed without a transition connwatch saw.
+            let keep = e.missed < 2;
+            if !keep {
+                gone += 1;
+            }
+            keep
+        });
+        self.untracked += gone;
+    }
+
+    pub fn close_wait(&self) -> impl Iterator<Item = (&SockKey, &CloseWait)> {
+        self.close_wait.iter()
+    }
+
+    pub fn close_wait_mut(&mut self) -> impl Iterator<Item = (&SockKey, &mut CloseWait)> {
+        self.close_wait.iter_mut()
+    }
+
+    /// CLOSE_WAIT sockets closed at or after `from_ns`.
+    pub fn closed_since(&self, from_ns: u64) -> impl Iterator<Item = &ClosedCloseWait> {
+        self.closed.iter().filter(move |c| c.at_ns >= from_ns)
+    }
+
+    /// Forgets lifetimes that ended before `before_ns`.
+    pub fn prune_closed(&mut self, before_ns: u64) {
+        while self.closed.front().is_some_and(|c| c.at_ns < before_ns) {
+            self.closed.pop_front();
+        }
+    }
+}
+
+/// Unread bytes of a CLOSE_WAIT socket. sock_diag's Recv-Q is `rcv_nxt - copied_seq`,
+/// which counts the peer's FIN as one byte: that byte is not data.
+fn unread(s: &DiagSocket) -> u32 {
+    s.recv_q.saturating_sub(1)
+}
+
+fn estimated(s: &DiagSocket, now_ns: u64, from_reconcile: bool) -> CloseWait {
+    let age_ns = u64::from(s.last_ack_recv_ms.unwrap_or(0)) * 1_000_000;
+    CloseWait {
+        since_ns: now_ns.saturating_sub(age_ns),
+        age_source: AgeSource::Estimated,
+        inode: s.inode,
+        recv_q: unread(s),
+        probe_owner: None,
+        holders: Vec::new(),
+        from_reconcile,
+        missed: 0,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use connwatch_common::tcp_state::*;
+
+    use super::*;
+    use crate::decode::Owner;
+
+    pub const NS: u32 = 4026531840;
+    const SEC: u64 = 1_000_000_000;
+
+    pub fn tr(ts_s: f64, old: u8, new: u8, local: &str, remote: &str) -> Transition {
+        Transition {
+            ts_ns: (ts_s * 1e9) as u64,
+            skaddr: 0xffff_0000,
+            old_since_ns: None,
+            inode: 0,
+            netns: NS,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            old: TcpState(old),
+            new: TcpState(new),
+            owner: Owner {
+                pid: None,
+                comm: None,
+                source: OwnerSource::Unknown,
+            },
+            task_pid: 1,
+            task_comm: "bystander".into(),
+        }
+    }
+
+    pub fn enter_cw(ts_s: f64, local: &str, remote: &str, inode: u64) -> Transition {
+        let mut t = tr(ts_s, ESTABLISHED, CLOSE_WAIT, local, remote);
+        t.inode = inode;
+        t
+    }
+
+    pub fn close_cw(ts_s: f64, local: &str, remote: &str, pid: u32) -> Transition {
+        let mut t = tr(ts_s, CLOSE_WAIT, LAST_ACK, local, remote);
+        t.owner = Owner {
+            pid: Some(pid),
+            comm: Some("server".into()),
+            source: OwnerSource::Context,
+        };
+        t
+    }
+
+    pub fn diag(state: u8, local: &str, remote: &str, inode: u64, lastack_ms: u32) -> DiagSocket {
+        DiagSocket {
+            state: TcpState(state),
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            inode,
+            uid: 0,
+            recv_q: 5,
+            send_q: 0,
+            timewait: false,
+            expires_ms: 0,
+            last_ack_recv_ms: Some(lastack_ms),
+        }
+    }
+
+    const L: &str = "127.0.0.1:8080";
+    const R1: &str = "127.0.0.1:40001";
+    const R2: &str = "127.0.0.1:40002";
+
+    #[test]
+    fn leak_stays_with_observed_age() {
+        let mut t = Table::new(NS);
+        t.apply(&enter_cw(10.0, L, R1, 77));
+        let (k, cw) = t.close_wait().next().unwrap();
+        assert_eq!(k.remote, R1.parse().unwrap());
+        assert_eq!(cw.since_ns, 10 * SEC);
+        assert_eq!(cw.age_source, AgeSource::Observed);
+        assert_eq!(cw.inode, 77);
+        assert_eq!(t.closed_since(0).count(), 0);
+    }
+
+    #[test]
+    fn prompt_close_records_lifetime_and_closer() {
+        let mut t = Table::new(NS);
+        t.apply(&enter_cw(10.0, L, R1, 77));
+        t.apply(&close_cw(10.25, L, R1, 4242));
+        assert_eq!(t.close_wait().count(), 0);
+        let closed: Vec<_> = t.closed_since(0).collect();
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].lifetime_ns, SEC / 4);
+        assert_eq!(closed[0].pid, Some(4242));
+        assert_eq!(t.untracked, 0);
+    }
+
+    #[test]
+    fn reused_four_tuple_starts_afresh() {
+        let mut t = Table::new(NS);
+        t.apply(&enter_cw(10.0, L, R1, 77));
+        t.apply(&close_cw(11.0, L, R1, 1));
+        t.apply(&enter_cw(20.0, L, R1, 78));
+        let (_, cw) = t.close_wait().next().unwrap();
+        assert_eq!((cw.since_ns, cw.inode), (20 * SEC, 78));
+    }
+
+    #[test]
+    fn same_tuple_in_two_namespaces_are_two_sockets() {
+        let mut t = Table::new(NS);
+        t.apply(&enter_cw(10.0, L, R1, 77));
+        let mut other = enter_cw(11.0, L, R1, 99);
+        other.netns = NS + 1;
+        t.apply(&other);
+        assert_eq!(t.close_wait().count(), 2);
+    }
+
+    #[test]
+    fn close_of_unknown_socket_is_counted_untracked() {
+        let mut t = Table::new(NS);
+        t.apply(&close_cw(5.0, L, R1, 1));
+        assert_eq!(t.untracked, 1);
+        assert_eq!(t.closed_since(0).count(), 0);
+        // With the kernel's own entry time the lifetime is still known.
+        let mut c = close_cw(5.0, L, R2, 1);
+        c.old_since_ns = Some(2 * SEC);
+        t.apply(&c);
+        assert_eq!(t.closed_since(0).next().unwrap().lifetime_ns, 3 * SEC);
+        assert_eq!(t.untracked, 1);
+    }
+
+    #[test]
+    fn seeded_sockets_have_estimated_ages() {
+        let mut t = Table::new(NS);
+        t.seed(
+            NS,
+            &[
+                diag(CLOSE_WAIT, L, R1, 77, 3_924),
+                diag(ESTABLISHED, L, R2, 78, 0),
+            ],
+            100 * SEC,
+        );
+        let cws: Vec<_> = t.close_wait().collect();
+        assert_eq!(cws.len(), 1);
+        assert_eq!(cws[0].1.age_source, AgeSource::Estimated);
+        assert_eq!(cws[0].1.since_ns, 100 * SEC - 3_924_000_000);
+        assert_eq!(cws[0].1.recv_q, 4, "the FIN is not unread data");
+    }
+
+    #[test]
+    fn reconcile_fills_inode_and_drops_vanished_sockets() {
+        let mut t = Table::new(NS);
+        // Entered CLOSE_WAIT before accept(): no file, no inode yet.
+        t.apply(&enter_cw(10.0, L, R1, 0));
+        t.apply(&enter_cw(10.0, L, R2, 88));
+        t.reconcile(NS, &[diag(CLOSE_WAIT, L, R1, 77, 0)], 12 * SEC);
+        let r1 = t
+            .close_wait()
+            .find(|(k, _)| k.remote == R1.parse().unwrap())
+            .unwrap();
+        assert_eq!(r1.1.inode, 77);
+        assert_eq!(r1.1.age_source, AgeSource::Observed);
+        // R2 missing once: kept (its close may still be in flight); twice: gone, counted.
+        assert_eq!(t.close_wait().count(), 2);
+        t.reconcile(NS, &[diag(CLOSE_WAIT, L, R1, 77, 0)], 14 * SEC);
+        assert_eq!(t.close_wait().count(), 1);
+        assert_eq!(t.untracked, 1);
+    }
+
+    #[test]
+    fn reconcile_leaves_other_namespaces_alone() {
+        let mut t = Table::new(NS);
+        let mut other = enter_cw(10.0, L, R1, 77);
+        other.netns = NS + 7;
+        t.apply(&other);
+        t.reconcile(NS, &[], 12 * SEC);
+        t.reconcile(NS, &[], 14 * SEC);
+        assert_eq!(t.close_wait().count(), 1);
+    }
+
+    #[test]
+    fn socket_found_only_by_reconcile_counts_as_untracked_once_confirmed() {
+        let mut t = Table::new(NS);
+        t.reconcile(NS, &[diag(CLOSE_WAIT, L, R1, 77, 1_000)], 12 * SEC);
+        assert_eq!(t.untracked, 0);
+        // Its transition arrives late: observed, nothing lost.
+        t.apply(&enter_cw(11.5, L, R1, 77));
+        t.reconcile(NS, &[diag(CLOSE_WAIT, L, R1, 77, 1_000)], 14 * SEC);
+        assert_eq!(t.untracked, 0);
+        // Another never gets its transition.
+        t.reconcile(
+            NS,
+            &[
+                diag(CLOSE_WAIT, L, R1, 77, 0),
+                diag(CLOSE_WAIT, L, R2, 78, 500),
+            ],
+            16 * SEC,
+        );
+        t.reconcile(
+            NS,
+            &[
+                diag(CLOSE_WAIT, L, R1, 77, 0),
+                diag(CLOSE_WAIT, L, R2, 78, 500),
+            ],
+            18 * SEC,
+        );
+        assert_eq!(t.untracked, 1);
+    }
+
+    #[test]
+    fn closer_falls_back_to_fd_holder() {
+        let mut t = Table::new(NS);
+        t.apply(&enter_cw(10.0, L, R1, 77));
+        for (_, cw) in t.close_wait_mut() {
+            cw.holders = vec![31, 32];
+        }
+        // Reset by the peer: ->CLOSE in softirq, no context owner.
+        t.apply(&tr(13.0, CLOSE_WAIT, CLOSE, L, R1));
+        let c = t.closed_since(0).next().unwrap();
+        assert_eq!(c.pid, Some(31));
+        assert_eq!(c.lifetime_ns, 3 * SEC);
+    }
+
+    #[test]
+    fn prune_forgets_old_lifetimes() {
+        let mut t = Table::new(NS);
+        t.apply(&enter_cw(1.0, L, R1, 1));
+        t.apply(&close_cw(2.0, L, R1, 1));
+        t.apply(&enter_cw(3.0, L, R2, 2));
+        t.apply(&close_cw(9.0, L, R2, 1));
+        t.prune_closed(5 * SEC);
+        assert_eq!(t.closed_since(0).count(), 1);
+    }
+}

@@ -1,0 +1,206 @@
+//! The `watch`/`snapshot` report for people: a summary line, the process table (flagged
+//! processes first) and one sentence per flagged process. `--json` serializes the
+//! `Report` itself.
+use comfy_table::{CellAlignment, Table, presets::NOTHING};
+
+use crate::report::{Report, fmt_age};
+
+pub fn json(report: &Report) -> String {
+    // Strings, numbers and maps only: serialization cannot fail.
+    serde_json::to_string(report).unwrap_or_default()
+}
+
+pub fn human(r: &Report) -> String {
+    let mut out = String::new();
+    if r.loss.events_dropped > 0 {
+        out += &format!(
+            "WARNING: {} events dropped by the kernel (ring buffer full): ages and lifetimes may be missing; raise --ring-size\n",
+            r.loss.events_dropped
+        );
+    }
+    let states: Vec<String> = r.states.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    out += &format!(
+        "connwatch {} {}  elapsed {}  |  {}\n",
+        if r.is_final { "final report" } else { "at" },
+        r.time.get(..19).unwrap_or(&r.time).replace('T', " "),
+        fmt_age(r.elapsed_s),
+        if states.is_empty() {
+            "no TCP sockets".to_string()
+        } else {
+            states.join("  ")
+        }
+    );
+    if r.processes.is_empty() {
+        out += "no process holds CLOSE_WAIT sockets\n";
+    } else {
+        let mut t = Table::new();
+        t.load_style(NOTHING);
+        t.set_header([
+            "PID",
+            "COMM",
+            "CLOSE_WAIT",
+            "OLDEST",
+            "GROWTH/MIN",
+            "RECV-Q",
+            "FDS/LIMIT",
+            "CLOSED p50/p99",
+            "TOP PEER",
+            "FLAGS",
+        ]);
+        for p in &r.processes {
+            let oldest = p.close_wait_oldest_s.map_or("-".into(), |o| {
+                let est = if p.close_wait_age_source == Some("estimated") {
+                    "~"
+                } else {
+                    ""
+                };
+                format!("{est}{}", fmt_age(o))
+            });
+            let growth = p
+                .close_wait_growth_per_min
+                .map_or("-".into(), |g| format!("{g:+.1}"));
+            let fds = match (p.fds, p.fd_limit) {
+                (Some(u), Some(l)) => format!("{u}/{l}"),
+                (Some(u), None) => format!("{u}/-"),
+                _ => "-".into(),
+            };
+            let c = &p.close_wait_closed;
+            let closed = match (c.p50_s, c.p99_s) {
+                (Some(a), Some(b)) => format!("{} {}/{}", c.count, fmt_age(a), fmt_age(b)),
+                _ => "-".into(),
+            };
+            let peer = p
+                .peers
+                .first()
+                .map_or("-".into(), |x| format!("{} ({})", x.addr, x.close_wait));
+            t.add_row([
+                p.pid.to_string(),
+                p.comm.clone(),
+                p.close_wait.to_string(),
+                oldest,
+                growth,
+                p.close_wait_recv_q_bytes.to_string(),
+                fds,
+                closed,
+                peer,
+                if p.flags.is_empty() {
+                    "-".into()
+                } else {
+                    p.flags.join(",")
+                },
+            ]);
+        }
+        for i in [0, 2, 3, 4, 5] {
+            if let Some(col) = t.column_mut(i) {
+                col.set_cell_alignment(CellAlignment::Right);
+            }
+        }
+        out += &t.to_string();
+        out.push('\n');
+        for reason in r.processes.iter().filter_map(|p| p.reason.as_deref()) {
+            out += &format!("  * {reason}\n");
+        }
+    }
+    out += &format!(
+        "unattributed: {} CLOSE_WAIT, {} TIME_WAIT   loss: {} events dropped, {} sockets untracked\n",
+        r.unattributed.close_wait,
+        r.unattributed.time_wait,
+        r.loss.events_dropped,
+        r.loss.sockets_untracked
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::report::{ClosedStats, Loss, Peer, ProcessRow, Unattributed};
+
+    fn report(dropped: u64) -> Report {
+        Report {
+            time: "2026-11-25T16:40:00.000000Z".into(),
+            elapsed_s: 4.0,
+            is_final: false,
+            states: BTreeMap::from([("CLOSE_WAIT".into(), 50), ("ESTABLISHED".into(), 10)]),
+            processes: vec![ProcessRow {
+                pid: 4242,
+                comm: "python3".into(),
+                close_wait: 50,
+                close_wait_oldest_s: Some(312.0),
+                close_wait_age_source: Some("estimated"),
+                time_wait: 0,
+                time_wait_oldest_s: None,
+                fds: Some(60),
+                fd_limit: Some(1024),
+                flags: vec!["close_wait_leak"],
+                reason: Some("python3[4242] holds 50 CLOSE_WAIT sockets.".into()),
+                peers: vec![Peer {
+                    addr: "127.0.0.1:8080".into(),
+                    close_wait: 50,
+                    time_wait: 0,
+                }],
+                owner_sources: vec!["fd"],
+                close_wait_growth_per_min: Some(10.0),
+                close_wait_recv_q_bytes: 0,
+                fds_exhausted_in_s: Some(5784.0),
+                close_wait_closed: ClosedStats::default(),
+            }],
+            unattributed: Unattributed {
+                close_wait: 0,
+                time_wait: 3,
+            },
+            loss: Loss {
+                events_dropped: dropped,
+                sockets_untracked: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn human_report_shows_row_reason_and_totals() {
+        let text = human(&report(0));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("connwatch at 2026-11-25 16:40:00"),
+            "{text}"
+        );
+        assert!(lines[0].contains("CLOSE_WAIT 50  ESTABLISHED 10"), "{text}");
+        let row = lines.iter().find(|l| l.contains("python3")).unwrap();
+        for cell in [
+            "4242",
+            "50",
+            "~5m12s",
+            "+10.0",
+            "60/1024",
+            "127.0.0.1:8080 (50)",
+            "close_wait_leak",
+        ] {
+            assert!(row.contains(cell), "{cell} missing in {row}");
+        }
+        assert!(text.contains("  * python3[4242] holds 50 CLOSE_WAIT sockets."));
+        assert!(text.contains("unattributed: 0 CLOSE_WAIT, 3 TIME_WAIT"));
+        assert!(!text.contains("WARNING"));
+    }
+
+    #[test]
+    fn drops_are_announced_on_the_first_line() {
+        let text = human(&report(12));
+        assert!(
+            text.lines()
+                .next()
+                .unwrap()
+                .starts_with("WARNING: 12 events dropped")
+        );
+    }
+
+    #[test]
+    fn json_is_one_line_with_final_key() {
+        let line = json(&report(0));
+        assert!(!line.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["final"], false);
+        assert_eq!(v["processes"][0]["flags"][0], "close_wait_leak");
+    }
+}
