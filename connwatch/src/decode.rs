@@ -14,6 +14,10 @@ use connwatch_common::{AF_INET, AF_INET6, Event, owner_source, tcp_state};
 pub struct TcpState(pub u8);
 
 impl TcpState {
+    pub const CLOSE_WAIT: Self = Self(tcp_state::CLOSE_WAIT);
+    pub const LISTEN: Self = Self(tcp_state::LISTEN);
+    pub const FIN_WAIT2: Self = Self(tcp_state::FIN_WAIT2);
+
     /// The kernel's spelling (`include/trace/events/sock.h`), `None` for unknown numbers.
     pub fn name(self) -> Option<&'static str> {
         Some(match self.0 {

@@ -16,8 +16,6 @@ use crate::{
     table::Table,
 };
 
-const CLOSE_WAIT: TcpState = TcpState(connwatch_common::tcp_state::CLOSE_WAIT);
-
 pub struct Monitor {
     table: Table,
     index: FdIndex,
@@ -51,7 +49,7 @@ impl Monitor {
     /// Sockets that existed before start: CLOSE_WAIT with `tcp_info` for age estimates.
     pub fn seed(&mut self) -> Result<()> {
         let now = monotonic_ns();
-        let cw = sockdiag::dump(Query::states(&[CLOSE_WAIT], true))
+        let cw = sockdiag::dump(Query::states(&[TcpState::CLOSE_WAIT], true))
             .context("cannot list TCP sockets through netlink sock_diag")?;
         self.table.seed(self.own_netns, &cw, now);
         Ok(())

@@ -9,7 +9,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    decode::OwnerSource,
+    decode::{OwnerSource, TcpState},
     owners::ProcInfo,
     sockdiag::DiagSocket,
     table::{AgeSource, Table},
@@ -121,7 +121,7 @@ pub struct Inputs<'a> {
 pub fn state_counts(sockets: &[DiagSocket]) -> BTreeMap<String, u64> {
     let mut counts = BTreeMap::new();
     for s in sockets {
-        let name = if s.timewait && s.state.0 == connwatch_common::tcp_state::FIN_WAIT2 {
+        let name = if s.timewait && s.state == TcpState::FIN_WAIT2 {
             "FIN_WAIT2_TW".to_string()
         } else {
             s.state.to_string()
@@ -135,7 +135,7 @@ pub fn state_counts(sockets: &[DiagSocket]) -> BTreeMap<String, u64> {
 pub fn listen_ports(netns: u32, sockets: &[DiagSocket]) -> HashSet<(u32, u16)> {
     sockets
         .iter()
-        .filter(|s| s.state.0 == connwatch_common::tcp_state::LISTEN)
+        .filter(|s| s.state == TcpState::LISTEN)
         .map(|s| (netns, s.local.port()))
         .collect()
 }

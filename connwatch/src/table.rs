@@ -19,8 +19,6 @@ use crate::{
     sockdiag::DiagSocket,
 };
 
-const CLOSE_WAIT: TcpState = TcpState(connwatch_common::tcp_state::CLOSE_WAIT);
-
 /// Closed CLOSE_WAIT lifetimes kept at most (the window prunes them sooner).
 const MAX_CLOSED: usize = 100_000;
 
@@ -111,7 +109,7 @@ impl Table {
     /// Applies one transition from the probe.
     pub fn apply(&mut self, t: &Transition) {
         let key = self.key(t.netns, t.local, t.remote);
-        if t.old == CLOSE_WAIT {
+        if t.old == TcpState::CLOSE_WAIT {
             let entry = self.close_wait.remove(&key);
             let since = t
                 .old_since_ns
@@ -135,7 +133,7 @@ impl Table {
                 comm,
             });
         }
-        if t.new == CLOSE_WAIT {
+        if t.new == TcpState::CLOSE_WAIT {
             let probe_owner = t.owner.pid.map(|pid| {
                 (
                     pid,
@@ -170,7 +168,7 @@ impl Table {
     /// Sockets that existed before connwatch: CLOSE_WAIT ages are estimated from the
     /// time since the peer's last ACK (its FIN, if nothing was sent after it).
     pub fn seed(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
-        for s in sockets.iter().filter(|s| s.state == CLOSE_WAIT) {
+        for s in sockets.iter().filter(|s| s.state == TcpState::CLOSE_WAIT) {
             let key = self.key(netns, s.local, s.remote);
             self.close_wait
                 .entry(key)
@@ -184,7 +182,7 @@ impl Table {
     pub fn reconcile(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
         let netns = if netns == 0 { self.own_netns } else { netns };
         let mut listed = std::collections::HashSet::new();
-        for s in sockets.iter().filter(|s| s.state == CLOSE_WAIT) {
+        for s in sockets.iter().filter(|s| s.state == TcpState::CLOSE_WAIT) {
             let key = self.key(netns, s.local, s.remote);
             listed.insert(key);
             match self.close_wait.get_mut(&key) {

@@ -231,10 +231,73 @@ pub fn peer_main(role: &str) {
             drop(conn);
             say(format!("held {:.3}", held.as_secs_f64() * 1e3));
         }
+        ["leaker", addr, n] | ["forkleaker", addr, n] => {
+            // Accepts N connections and never closes them: once the clients close, they
+            // sit in CLOSE_WAIT. `forkleaker` then forks, so parent and child share them.
+            let l = TcpListener::bind(addr.parse::<SocketAddr>().unwrap()).unwrap();
+            say(format!("port {}", l.local_addr().unwrap().port()));
+            let n: usize = n.parse().unwrap();
+            let held: Vec<TcpStream> = (0..n).map(|_| l.accept().unwrap().0).collect();
+            say(format!("accepted {n}"));
+            if args[0] == "forkleaker" {
+                // SAFETY: the child only sleeps and polls its parent before exiting.
+                let child = unsafe { libc::fork() };
+                if child == 0 {
+                    // SAFETY: getppid/_exit have no preconditions.
+                    while unsafe { libc::getppid() } != 1 {
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                    unsafe { libc::_exit(0) };
+                }
+                say(format!("child {child}"));
+            }
+            for _ in stdin.by_ref() {}
+            drop(held);
+            drop(l);
+            return;
+        }
+        ["closer", addr, n, delay_ms] => {
+            // Closes each connection DELAY_MS after its peer closed it.
+            let l = TcpListener::bind(addr.parse::<SocketAddr>().unwrap()).unwrap();
+            say(format!("port {}", l.local_addr().unwrap().port()));
+            let delay = Duration::from_millis(delay_ms.parse().unwrap());
+            let workers: Vec<_> = (0..n.parse::<usize>().unwrap())
+                .map(|_| {
+                    let (mut conn, _) = l.accept().unwrap();
+                    thread::spawn(move || {
+                        let mut buf = [0u8; 64];
+                        while std::io::Read::read(&mut conn, &mut buf).unwrap_or(0) > 0 {}
+                        thread::sleep(delay);
+                        drop(conn);
+                    })
+                })
+                .collect();
+            say(format!("accepted {}", workers.len()));
+            for w in workers {
+                w.join().unwrap();
+            }
+            say("done 1".into());
+        }
         other => panic!("unknown peer role {other:?}"),
     }
     // Stay alive (owning nothing more) until the test is done with us.
     for _ in stdin.by_ref() {}
+}
+
+/// Opens `n` connections to `addr` from this process.
+pub fn connect_n(addr: &str, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| TcpStream::connect(addr).expect("connect to peer"))
+        .collect()
+}
+
+/// `ip` and `port` as a connectable address (brackets for IPv6).
+pub fn addr(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
 }
 
 /// One `trace --json` row.

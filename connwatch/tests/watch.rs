@@ -1,0 +1,245 @@
+//! Root integration tests of `connwatch watch` and `connwatch snapshot` with real
+//! processes on loopback: leakers, prompt and late closers, fork-shared sockets.
+mod common;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant, SystemTime},
+};
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+#[ignore = "helper: runs only as a re-executed peer process"]
+fn peer_entry() {
+    if let Ok(role) = std::env::var("CW_PEER") {
+        peer_main(&role);
+    }
+}
+
+const N: usize = 4;
+
+fn report_time(r: &Value) -> SystemTime {
+    humantime::parse_rfc3339(r["time"].as_str().unwrap()).unwrap()
+}
+
+fn process(r: &Value, pid: u32) -> Option<&Value> {
+    r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+}
+
+fn flags(p: &Value) -> Vec<String> {
+    p["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Reads JSON reports until one satisfies `pred`.
+fn wait_report(cw: &mut Connwatch, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
+    let line = cw.stdout.wait_for(what, |l| {
+        serde_json::from_str::<Value>(l).is_ok_and(|r| pred(&r))
+    });
+    serde_json::from_str(&line).unwrap()
+}
+
+/// A leaker beside a well-behaved server: the leaker is flagged with its pid, count and
+/// age; the server that closes promptly is not.
+fn leaker_and_good_server(ip: &str) {
+    require_root();
+    let mut cw = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "300ms",
+        "--close-wait-age",
+        "1s",
+    ]);
+    let bind = addr(ip, 0);
+    let mut leaker = Peer::spawn(&["leaker", &bind, &N.to_string()]);
+    let lport: u16 = leaker.expect("port").parse().unwrap();
+    let mut good = Peer::spawn(&["closer", &bind, &N.to_string(), "0"]);
+    let gport: u16 = good.expect("port").parse().unwrap();
+
+    let to_leaker = connect_n(&addr(ip, lport), N);
+    let to_good = connect_n(&addr(ip, gport), N);
+    leaker.expect("accepted");
+    good.expect("accepted");
+    drop(to_good);
+    drop(to_leaker);
+    let closed_at = SystemTime::now();
+    good.expect("done");
+
+    let r = wait_report(&mut cw, "the leaker to be flagged", |r| {
+        process(r, leaker.pid()).is_some_and(|p| flags(p).contains(&"close_wait_leak".into()))
+    });
+    let p = process(&r, leaker.pid()).unwrap();
+    assert_eq!(p["close_wait"], N as u64, "{p}");
+    assert_eq!(p["close_wait_age_source"], "observed", "{p}");
+    assert_eq!(p["owner_sources"], serde_json::json!(["fd"]), "{p}");
+    let truth = report_time(&r)
+        .duration_since(closed_at)
+        .unwrap()
+        .as_secs_f64();
+    let oldest = p["close_wait_oldest_s"].as_f64().unwrap();
+    assert!(
+        (oldest - truth).abs() < 0.5,
+        "oldest {oldest} s, truth {truth} s"
+    );
+    let reason = p["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("[{}] holds {N} CLOSE_WAIT sockets", leaker.pid())),
+        "{reason}"
+    );
+    assert!(p["fds"].as_u64().unwrap() >= N as u64 + 3, "{p}");
+    assert!(p["fd_limit"].as_u64().is_some(), "{p}");
+    let family_peer = if ip.contains(':') {
+        format!("[{ip}]:*")
+    } else {
+        format!("{ip}:*")
+    };
+    assert_eq!(p["peers"][0]["addr"], family_peer, "{p}");
+    assert_eq!(p["peers"][0]["close_wait"], N as u64, "{p}");
+    // The prompt closer is never flagged.
+    if let Some(g) = process(&r, good.pid()) {
+        assert!(flags(g).is_empty(), "{g}");
+        assert_eq!(g["close_wait"], 0, "{g}");
+    }
+    assert!(r["states"]["CLOSE_WAIT"].as_u64().unwrap() >= N as u64);
+    assert_eq!(r["final"], false);
+
+    // SIGINT: a final report, and --check is not set: exit 0.
+    cw.signal(libc::SIGINT);
+    let fin = wait_report(&mut cw, "the final report", |r| r["final"] == true);
+    assert!(process(&fin, leaker.pid()).is_some());
+    assert!(cw.wait_exit().success());
+}
+
+#[test]
+fn leaker_is_flagged_ipv4() {
+    leaker_and_good_server("127.0.0.1");
+}
+
+#[test]
+fn leaker_is_flagged_ipv6() {
+    leaker_and_good_server("::1");
+}
+
+/// A server that closes each CLOSE_WAIT socket 1.5 s late is `close_wait_slow`.
+#[test]
+fn late_closer_is_slow() {
+    require_root();
+    let mut cw = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "300ms",
+        "--close-wait-age",
+        "1s",
+        "--duration",
+        "3s",
+    ]);
+    let mut late = Peer::spawn(&["closer", "127.0.0.1:0", &N.to_string(), "1500"]);
+    let port: u16 = late.expect("port").parse().unwrap();
+    let clients = connect_n(&addr("127.0.0.1", port), N);
+    late.expect("accepted");
+    drop(clients);
+    late.expect("done");
+    let fin = wait_report(&mut cw, "the final report", |r| r["final"] == true);
+    let p = process(&fin, late.pid()).expect("late closer in report");
+    assert!(flags(p).contains(&"close_wait_slow".into()), "{p}");
+    let closed = &p["close_wait_closed"];
+    assert_eq!(closed["count"], N as u64, "{p}");
+    let p50 = closed["p50_s"].as_f64().unwrap();
+    assert!((p50 - 1.5).abs() < 0.2, "p50 {p50}");
+    assert_eq!(p["close_wait"], 0, "{p}");
+    assert!(!flags(p).contains(&"close_wait_leak".into()), "{p}");
+}
+
+/// A leak from before connwatch started: flagged, with an estimated age.
+#[test]
+fn preexisting_leak_has_estimated_age() {
+    require_root();
+    let mut leaker = Peer::spawn(&["leaker", "127.0.0.1:0", &N.to_string()]);
+    let port: u16 = leaker.expect("port").parse().unwrap();
+    let clients = connect_n(&addr("127.0.0.1", port), N);
+    leaker.expect("accepted");
+    drop(clients);
+    let closed_at = SystemTime::now();
+    // Let the leak age past the threshold before connwatch looks.
+    let end = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    for cmd in [&["snapshot"][..], &["watch", "--duration", "300ms"]] {
+        let out = Command::new(CONNWATCH)
+            .args(cmd)
+            .args(["--json", "--close-wait-age", "1s", "--check"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{cmd:?} --check with a leak");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let last = text.lines().last().expect("a report");
+        let r: Value = serde_json::from_str(last).unwrap();
+        assert_eq!(r["final"], true);
+        let p = process(&r, leaker.pid()).expect("leaker in report");
+        assert!(flags(p).contains(&"close_wait_leak".into()), "{p}");
+        assert_eq!(p["close_wait"], N as u64);
+        assert_eq!(p["close_wait_age_source"], "estimated");
+        let truth = report_time(&r)
+            .duration_since(closed_at)
+            .unwrap()
+            .as_secs_f64();
+        let oldest = p["close_wait_oldest_s"].as_f64().unwrap();
+        assert!(
+            (oldest - truth).abs() < 1.0,
+            "{cmd:?}: oldest {oldest} s, truth {truth} s"
+        );
+    }
+}
+
+/// After fork both processes hold the sockets: both are listed.
+#[test]
+fn fork_shared_sockets_list_both_holders() {
+    require_root();
+    let mut leaker = Peer::spawn(&["forkleaker", "127.0.0.1:0", &N.to_string()]);
+    let port: u16 = leaker.expect("port").parse().unwrap();
+    let clients = connect_n(&addr("127.0.0.1", port), N);
+    leaker.expect("accepted");
+    let child: u32 = leaker.expect("child").parse().unwrap();
+    drop(clients);
+    let out = Command::new(CONNWATCH)
+        .args(["snapshot", "--json", "--close-wait-age", "100d"])
+        .output()
+        .unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for pid in [leaker.pid(), child] {
+        let p = process(&r, pid).unwrap_or_else(|| panic!("holder {pid} missing: {r}"));
+        assert_eq!(p["close_wait"], N as u64, "{p}");
+    }
+}
+
+/// `--check` exits 0 when nothing is flagged.
+#[test]
+fn check_exits_zero_without_flags() {
+    require_root();
+    let out = Command::new(CONNWATCH)
+        .args(["snapshot", "--check", "--close-wait-age", "100d"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("connwatch final report"), "{text}");
+}
