@@ -95,8 +95,10 @@ pub fn human(r: &Report) -> String {
                 col.set_cell_alignment(CellAlignment::Right);
             }
         }
-        out += &t.to_string();
-        out.push('\n');
+        for line in t.to_string().lines() {
+            out += line.trim_end();
+            out.push('\n');
+        }
         for reason in r.processes.iter().filter_map(|p| p.reason.as_deref()) {
             out += &format!("  * {reason}\n");
         }
