@@ -33,6 +33,9 @@ pub enum Command {
     /// Columns: TIME PID COMM LADDR:LPORT RADDR:RPORT OLD -> NEW MS, where MS is the time
     /// the socket spent in OLD (blank when connwatch did not see it enter OLD). PID and COMM
     /// name the socket's owner only where the kernel tells it; otherwise they are `-`.
+    /// TIME_WAIT, which the kernel never reports, is inferred: `FIN_WAIT2 -> TIME_WAIT`
+    /// once a poll confirms the timewait socket, `TIME_WAIT -> CLOSE` when it is gone
+    /// (`expired` by its timer, or `early`); these rows are marked `synthetic`.
     #[command(after_help = "\
 Owner sources (JSON `owner_source`):
   context   the transition ran in the owner's syscall (connect, listen, close, shutdown)
@@ -50,6 +53,9 @@ Examples:
 Flags:
   close_wait_leak   holds CLOSE_WAIT sockets older than --close-wait-age
   close_wait_slow   closes its CLOSE_WAIT sockets, but p99 later than --close-wait-age
+  active_closer     listens on a port and holds >= --time-wait-min TIME_WAIT sockets on it
+  port_pressure     TIME_WAITs towards one destination use > --port-pressure % of the
+                    ephemeral port range
 
 Exit status with --check: 3 when the final report flags a process, 0 otherwise.
 
@@ -85,6 +91,16 @@ pub struct ReportArgs {
     /// Growth rates and closed-socket lifetimes cover this much recent time.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub window: Duration,
+
+    /// A process that listens on a port and holds at least this many TIME_WAIT sockets on
+    /// it is flagged `active_closer` (a server closing first).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub time_wait_min: u64,
+
+    /// Flag `port_pressure` when TIME_WAIT sockets from ephemeral ports towards one
+    /// destination exceed this percentage of net.ipv4.ip_local_port_range.
+    #[arg(long = "port-pressure", default_value_t = 50.0, value_parser = parse_percent)]
+    pub port_pressure_pct: f64,
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +108,10 @@ pub struct WatchArgs {
     /// Time between reports.
     #[arg(long, default_value = "2s", value_parser = parse_interval)]
     pub interval: Duration,
+
+    /// How often timewait sockets are polled (they fire no event when they end).
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    pub tw_poll: Duration,
 
     /// Stop after this long and print the final report (e.g. 30s, 5m).
     #[arg(long, value_parser = parse_duration)]
@@ -119,6 +139,11 @@ pub struct TraceArgs {
     /// Stop after this long (e.g. 10s, 2m, 1h).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
+
+    /// How often timewait sockets are polled for the TIME_WAIT rows (they fire no
+    /// event: entries are confirmed and ends noticed at the next poll).
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    pub tw_poll: Duration,
 
     #[command(flatten)]
     pub probe: ProbeArgs,
@@ -158,6 +183,17 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
         return Err("the interval must be between 100ms and 1h".into());
     }
     Ok(d)
+}
+
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("`{s}` is not a percentage"))?;
+    if !(v > 0.0 && v <= 100.0) {
+        return Err("must be a percentage above 0 and at most 100".into());
+    }
+    Ok(v)
 }
 
 pub fn parse_ring_size(s: &str) -> Result<u32, String> {

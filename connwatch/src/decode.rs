@@ -17,6 +17,9 @@ impl TcpState {
     pub const CLOSE_WAIT: Self = Self(tcp_state::CLOSE_WAIT);
     pub const LISTEN: Self = Self(tcp_state::LISTEN);
     pub const FIN_WAIT2: Self = Self(tcp_state::FIN_WAIT2);
+    pub const TIME_WAIT: Self = Self(tcp_state::TIME_WAIT);
+    pub const CLOSE: Self = Self(tcp_state::CLOSE);
+    pub const CLOSING: Self = Self(tcp_state::CLOSING);
 
     /// The kernel's spelling (`include/trace/events/sock.h`), `None` for unknown numbers.
     pub fn name(self) -> Option<&'static str> {
@@ -56,6 +59,11 @@ pub enum OwnerSource {
     Carried,
     /// Nobody is known: pid and comm are left empty rather than guessed.
     Unknown,
+    /// Holds the socket's file descriptor (found in /proc/PID/fd).
+    Fd,
+    /// Listens on the socket's local port: the likely owner of a TIME_WAIT socket that
+    /// existed before connwatch started (a server that closed first).
+    Listener,
 }
 
 impl OwnerSource {
@@ -64,6 +72,8 @@ impl OwnerSource {
             Self::Context => "context",
             Self::Carried => "carried",
             Self::Unknown => "unknown",
+            Self::Fd => "fd",
+            Self::Listener => "listener",
         }
     }
 }
@@ -101,10 +111,6 @@ impl Transition {
     pub fn duration_ns(&self) -> Option<u64> {
         self.old_since_ns
             .map(|since| self.ts_ns.saturating_sub(since))
-    }
-
-    pub fn is_ipv6(&self) -> bool {
-        self.local.is_ipv6()
     }
 }
 
@@ -267,7 +273,7 @@ pub(crate) mod tests {
         let t = decode(&event_bytes(&ev)).unwrap();
         assert_eq!(t.local, "[::1]:43210".parse().unwrap());
         assert_eq!(t.remote, "[2001:db8::7]:8080".parse().unwrap());
-        assert!(t.is_ipv6());
+        assert!(t.local.is_ipv6());
     }
 
     #[test]

@@ -5,13 +5,16 @@
 mod cli;
 mod clock;
 mod decode;
+mod kernelinfo;
 mod monitor;
+mod netns;
 mod owners;
 mod probe;
 mod report;
 mod shutdown;
 mod sockdiag;
 mod table;
+mod timewait;
 mod trace;
 mod views;
 mod watch;

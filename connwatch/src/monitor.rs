@@ -1,7 +1,9 @@
-//! The flow every report view shares: seed the socket table from sock_diag, apply the
-//! probe's transitions, reconcile and resolve owners each interval, build the report.
+//! The flow every view shares: seed from sock_diag, apply the probe's transitions, poll
+//! timewait sockets, reconcile and resolve owners, build the report. Covers every network
+//! namespace on the host (the probe sees them all; dumps are made inside each).
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -10,22 +12,32 @@ use anyhow::{Context as _, Result};
 use crate::{
     clock::{WallClock, monotonic_ns},
     decode::{TcpState, Transition},
+    kernelinfo::KernelInfo,
+    netns,
     owners::{self, FdIndex, ProcInfo},
     report::{self, Growth, Inputs, Loss, Report, ReportConfig},
-    sockdiag::{self, Query},
-    table::Table,
+    sockdiag::{self, DiagSocket, Query},
+    table::{SockKey, Table},
+    timewait::{Synthetic, Tracker, TwOwner},
 };
 
 pub struct Monitor {
     table: Table,
+    tw: Tracker,
     index: FdIndex,
     growth: Growth,
     cfg: ReportConfig,
     own_netns: u32,
+    namespaces: BTreeMap<u32, PathBuf>,
     start_ns: u64,
     clock: WallClock,
     states: BTreeMap<String, u64>,
-    listen_ports: HashSet<(u32, u16)>,
+    /// Listening sockets: (netns, port) → socket inode.
+    listeners: HashMap<(u32, u16), u64>,
+    kernel: BTreeMap<u32, KernelInfo>,
+    tw_seeded: bool,
+    /// Namespaces whose dump failed (gone meanwhile, or no permission).
+    pub dump_errors: u64,
 }
 
 impl Monitor {
@@ -33,59 +45,187 @@ impl Monitor {
         let own_netns = owners::own_netns();
         Self {
             table: Table::new(own_netns),
+            tw: Tracker::default(),
             // Unknown inodes trigger a /proc rescan at most once a second; the whole
             // index is refreshed every 30 s to notice fds closed or handed over.
             index: FdIndex::new(Duration::from_secs(1), Duration::from_secs(30)),
             growth: Growth::default(),
             cfg,
             own_netns,
+            namespaces: BTreeMap::new(),
             start_ns: monotonic_ns(),
             clock: WallClock::new(),
             states: BTreeMap::new(),
-            listen_ports: HashSet::new(),
+            listeners: HashMap::new(),
+            kernel: BTreeMap::new(),
+            tw_seeded: false,
+            dump_errors: 0,
         }
     }
 
-    /// Sockets that existed before start: CLOSE_WAIT with `tcp_info` for age estimates.
+    /// Dumps `query` in every namespace; a namespace that fails (its last process exited
+    /// meanwhile) is counted and skipped.
+    fn dump_all(&mut self, query: Query) -> Result<Vec<(u32, Vec<DiagSocket>)>> {
+        let mut out = Vec::new();
+        for (&ns, path) in &self.namespaces {
+            let dumped = if ns == self.own_netns {
+                sockdiag::dump(query)
+            } else {
+                netns::run_in(path, move || sockdiag::dump(query))
+            };
+            match dumped {
+                Ok(sockets) => out.push((ns, sockets)),
+                Err(e) if ns == self.own_netns => {
+                    return Err(e).context("cannot list TCP sockets through netlink sock_diag");
+                }
+                Err(e) => {
+                    self.dump_errors += 1;
+                    log::debug!("netns {ns}: sock_diag dump failed: {e}");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn discover_namespaces(&mut self) {
+        self.namespaces = netns::all();
+        self.namespaces
+            .entry(self.own_netns)
+            .or_insert_with(|| PathBuf::from("/proc/self/ns/net"));
+    }
+
+    /// Sockets that existed before start: CLOSE_WAIT with `tcp_info` for age estimates,
+    /// and the timewait sockets with their timers.
     pub fn seed(&mut self) -> Result<()> {
+        self.discover_namespaces();
         let now = monotonic_ns();
-        let cw = sockdiag::dump(Query::states(&[TcpState::CLOSE_WAIT], true))
-            .context("cannot list TCP sockets through netlink sock_diag")?;
-        self.table.seed(self.own_netns, &cw, now);
+        for (ns, sockets) in self.dump_all(Query::states(&[TcpState::CLOSE_WAIT], true))? {
+            self.table.seed(ns, &sockets, now);
+        }
+        self.poll_timewait()?;
         Ok(())
     }
 
     pub fn apply(&mut self, t: &Transition) {
         self.table.apply(t);
+        let ns = if t.netns == 0 {
+            self.own_netns
+        } else {
+            t.netns
+        };
+        let key = SockKey {
+            netns: ns,
+            local: t.local,
+            remote: t.remote,
+        };
+        self.tw.on_transition(key, t);
     }
 
-    /// Full dump: the state histogram, and the table reconciled with what exists.
-    pub fn refresh(&mut self) -> Result<()> {
+    /// Polls timewait sockets (and listeners, their likely owners) in every namespace:
+    /// confirms TIME_WAIT entries, notices their ends. Returns the inferred transitions.
+    pub fn poll_timewait(&mut self) -> Result<Vec<Synthetic>> {
+        let query = Query::states(
+            &[TcpState::TIME_WAIT, TcpState::FIN_WAIT2, TcpState::LISTEN],
+            false,
+        );
+        let dumps = self.dump_all(query)?;
+        self.observe(dumps)
+    }
+
+    fn observe(&mut self, dumps: Vec<(u32, Vec<DiagSocket>)>) -> Result<Vec<Synthetic>> {
         let now = monotonic_ns();
-        let all = sockdiag::dump(Query::all())
-            .context("cannot list TCP sockets through netlink sock_diag")?;
-        self.states = report::state_counts(&all);
-        self.listen_ports = report::listen_ports(self.own_netns, &all);
-        self.table.reconcile(self.own_netns, &all, now);
-        Ok(())
+        let mut rows = Vec::new();
+        for (ns, sockets) in &dumps {
+            self.listeners.retain(|(n, _), _| n != ns);
+            for s in sockets.iter().filter(|s| s.state == TcpState::LISTEN) {
+                self.listeners.insert((*ns, s.local.port()), s.inode);
+            }
+        }
+        let seeding = !self.tw_seeded;
+        if seeding {
+            // Pre-existing TIME_WAITs are attributed to listeners: know their holders.
+            self.index.ensure(self.listeners.values().copied());
+        }
+        let Self {
+            tw,
+            index,
+            listeners,
+            ..
+        } = self;
+        for (ns, sockets) in &dumps {
+            let listener = |port: u16| -> Option<TwOwner> {
+                let inode = listeners.get(&(*ns, port))?;
+                let pid = *index.holders(*inode).first()?;
+                let comm = owners::proc_info(pid).map(|p| p.comm).unwrap_or_default();
+                Some(TwOwner { pid, comm })
+            };
+            rows.extend(tw.observe(*ns, sockets, now, seeding, &listener));
+        }
+        self.tw_seeded = true;
+        rows.sort_by_key(|r| r.ts_ns);
+        Ok(rows)
+    }
+
+    /// Full dump of every namespace: the state histogram, listeners, kernel settings,
+    /// and the CLOSE_WAIT table and timewait sockets reconciled with what exists.
+    pub fn refresh(&mut self) -> Result<Vec<Synthetic>> {
+        self.discover_namespaces();
+        let now = monotonic_ns();
+        let dumps = self.dump_all(Query::all())?;
+        self.states.clear();
+        for (ns, sockets) in &dumps {
+            for (state, n) in report::state_counts(sockets) {
+                *self.states.entry(state).or_insert(0) += n;
+            }
+            self.table.reconcile(*ns, sockets, now);
+        }
+        self.kernel.retain(|ns, _| self.namespaces.contains_key(ns));
+        for (&ns, path) in &self.namespaces {
+            let info = if ns == self.own_netns {
+                Ok(KernelInfo::read())
+            } else {
+                netns::run_in(path, || Ok(KernelInfo::read()))
+            };
+            if let Ok(info) = info {
+                self.kernel.insert(ns, info);
+            }
+        }
+        self.observe(dumps)
     }
 
     /// Resolves holders and process facts, then builds the report.
     pub fn report(&mut self, is_final: bool, events_dropped: u64, untracked_extra: u64) -> Report {
         let now = monotonic_ns();
-        self.index
-            .ensure(self.table.close_wait().map(|(_, cw)| cw.inode));
+        let inodes: Vec<u64> = self
+            .table
+            .close_wait()
+            .map(|(_, cw)| cw.inode)
+            .chain(self.listeners.values().copied())
+            .collect();
+        self.index.ensure(inodes);
         for (_, cw) in self.table.close_wait_mut() {
             cw.holders = self.index.holders(cw.inode).to_vec();
         }
         let window_start = now.saturating_sub(self.cfg.window.as_nanos() as u64);
         self.table.prune_closed(window_start);
+        self.tw.prune(window_start);
+        let listening: HashMap<(u32, u16), Vec<u32>> = self
+            .listeners
+            .iter()
+            .map(|(k, inode)| (*k, self.index.holders(*inode).to_vec()))
+            .collect();
+
         let mut pids: HashSet<u32> = HashSet::new();
         for (_, cw) in self.table.close_wait() {
             pids.extend(&cw.holders);
             pids.extend(cw.probe_owner.as_ref().map(|(p, _, _)| *p));
         }
         pids.extend(self.table.closed_since(window_start).filter_map(|c| c.pid));
+        pids.extend(
+            self.tw
+                .tracked()
+                .filter_map(|(_, t)| t.owner.as_ref().map(|o| o.pid)),
+        );
         let procs: HashMap<u32, ProcInfo> = pids
             .into_iter()
             .filter_map(|pid| Some((pid, owners::proc_info(pid)?)))
@@ -97,10 +237,13 @@ impl Monitor {
             is_final,
             states: self.states.clone(),
             procs: &procs,
-            listen_ports: &self.listen_ports,
+            listening: &listening,
+            timewait: &self.tw,
+            kernel: &self.kernel,
+            own_netns: self.own_netns,
             loss: Loss {
                 events_dropped,
-                sockets_untracked: self.table.untracked + untracked_extra,
+                sockets_untracked: self.table.untracked + self.tw.untracked + untracked_extra,
             },
         };
         report::build(&self.table, &inputs, &self.cfg, &mut self.growth)

@@ -1,22 +1,26 @@
-//! The per-process report: counts, ages, growth, fd headroom, flags and the sentence that
-//! explains each flag. Pure: built from the socket table, process facts and a clock
-//! reading, so that tests drive it with synthetic input.
+//! The per-process report: counts, ages, growth, fd headroom, TIME_WAIT costs, flags and
+//! the sentence that explains each flag. Pure: built from the socket table, the timewait
+//! tracker, process facts and a clock reading, so that tests drive it with synthetic input.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     time::Duration,
 };
 
 use serde::Serialize;
 
 use crate::{
-    decode::{OwnerSource, TcpState},
+    decode::TcpState,
+    kernelinfo::KernelInfo,
     owners::ProcInfo,
     sockdiag::DiagSocket,
-    table::{AgeSource, Table},
+    table::{AgeSource, SockKey, Table},
+    timewait::{End, Tracker},
 };
 
 pub const FLAG_CLOSE_WAIT_LEAK: &str = "close_wait_leak";
 pub const FLAG_CLOSE_WAIT_SLOW: &str = "close_wait_slow";
+pub const FLAG_ACTIVE_CLOSER: &str = "active_closer";
+pub const FLAG_PORT_PRESSURE: &str = "port_pressure";
 
 /// Peers listed per process.
 const TOP_PEERS: usize = 5;
@@ -25,8 +29,24 @@ const TOP_PEERS: usize = 5;
 pub struct ReportConfig {
     /// A CLOSE_WAIT socket older than this is a leak; a p99 lifetime above it is slow.
     pub close_wait_age: Duration,
-    /// Growth and closed lifetimes are measured over this much recent time.
+    /// Growth, rates and lifetimes are measured over this much recent time.
     pub window: Duration,
+    /// A listener holding at least this many TIME_WAIT sockets on its port closes first.
+    pub time_wait_min: u64,
+    /// TIME_WAITs towards one destination above this percentage of the ephemeral port
+    /// range put new connections to it at risk.
+    pub port_pressure_pct: f64,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        Self {
+            close_wait_age: Duration::from_secs(60),
+            window: Duration::from_secs(300),
+            time_wait_min: 100,
+            port_pressure_pct: 50.0,
+        }
+    }
 }
 
 /// Loss counters shown in every report.
@@ -80,6 +100,17 @@ pub struct ProcessRow {
     /// At the current growth, seconds until the soft fd limit is reached.
     pub fds_exhausted_in_s: Option<f64>,
     pub close_wait_closed: ClosedStats,
+    /// TIME_WAIT sockets it caused per second over the window (seen entering).
+    pub time_wait_created_per_s: Option<f64>,
+}
+
+/// How TIME_WAIT sockets ended within the window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TimeWaitEnds {
+    pub expired: u64,
+    pub early: u64,
+    /// Median lifetime of those that expired (the kernel's TCP_TIMEWAIT_LEN, 60 s).
+    pub expired_p50_s: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -92,6 +123,9 @@ pub struct Report {
     pub processes: Vec<ProcessRow>,
     pub unattributed: Unattributed,
     pub loss: Loss,
+    pub time_wait_ends: TimeWaitEnds,
+    /// TIME_WAIT settings and overflow counter of connwatch's own network namespace.
+    pub kernel: Option<KernelInfo>,
 }
 
 impl Report {
@@ -100,7 +134,7 @@ impl Report {
     }
 }
 
-/// What a report is made of, besides the table.
+/// What a report is made of, besides the CLOSE_WAIT table.
 pub struct Inputs<'a> {
     /// Wall-clock time of the report, already formatted (RFC 3339).
     pub time: String,
@@ -109,9 +143,12 @@ pub struct Inputs<'a> {
     pub is_final: bool,
     pub states: BTreeMap<String, u64>,
     pub procs: &'a HashMap<u32, ProcInfo>,
-    /// Local ports with a listener, per network namespace: sockets on them are the
-    /// server side, whose peers differ only by ephemeral port.
-    pub listen_ports: &'a HashSet<(u32, u16)>,
+    /// Listening ports, per network namespace, with the processes holding the listener.
+    /// Sockets on them are the server side, whose peers differ only by ephemeral port.
+    pub listening: &'a HashMap<(u32, u16), Vec<u32>>,
+    pub timewait: &'a Tracker,
+    pub kernel: &'a BTreeMap<u32, KernelInfo>,
+    pub own_netns: u32,
     pub loss: Loss,
 }
 
@@ -129,15 +166,6 @@ pub fn state_counts(sockets: &[DiagSocket]) -> BTreeMap<String, u64> {
         *counts.entry(name).or_insert(0) += 1;
     }
     counts
-}
-
-/// Local ports that have a listener, per namespace, from a full dump.
-pub fn listen_ports(netns: u32, sockets: &[DiagSocket]) -> HashSet<(u32, u16)> {
-    sockets
-        .iter()
-        .filter(|s| s.state == TcpState::LISTEN)
-        .map(|s| (netns, s.local.port()))
-        .collect()
 }
 
 /// Per-process history of CLOSE_WAIT counts, for growth rates.
@@ -180,29 +208,38 @@ struct Acc {
     close_wait: u64,
     oldest_ns: Option<(u64, AgeSource)>,
     recv_q: u64,
-    peers: BTreeMap<String, u64>,
+    time_wait: u64,
+    tw_oldest_ns: Option<u64>,
+    /// TIME_WAITs per local port that the process listens on (server closed first).
+    tw_on_listen_port: BTreeMap<u16, u64>,
+    tw_created: u64,
+    peers: BTreeMap<String, (u64, u64)>,
     sources: BTreeSet<&'static str>,
     closed: Vec<u64>,
     comm: Option<String>,
+    pressure: Vec<Pressure>,
+}
+
+/// One destination whose ephemeral ports are running short.
+#[derive(Clone, Debug)]
+struct Pressure {
+    dest: String,
+    count: u64,
+    range: [u16; 2],
+    tw_reuse: Option<u32>,
+    pct: f64,
 }
 
 /// Builds the report. `growth` gets this report's counts recorded.
 pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growth) -> Report {
     let mut accs: BTreeMap<u32, Acc> = BTreeMap::new();
-    let mut unattributed = Unattributed {
-        close_wait: 0,
-        time_wait: inp.states.get("TIME_WAIT").copied().unwrap_or(0),
-    };
+    let mut unattributed = Unattributed::default();
     for (key, cw) in table.close_wait() {
         let age_ns = inp.now_ns.saturating_sub(cw.since_ns);
         let (pids, source): (Vec<u32>, &'static str) = if !cw.holders.is_empty() {
-            (cw.holders.clone(), "fd")
+            (cw.holders.clone(), crate::decode::OwnerSource::Fd.as_str())
         } else if let Some((pid, _, src)) = &cw.probe_owner {
-            let src = match src {
-                OwnerSource::Context => "context",
-                _ => "carried",
-            };
-            (vec![*pid], src)
+            (vec![*pid], src.as_str())
         } else {
             unattributed.close_wait += 1;
             continue;
@@ -215,14 +252,83 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
                 a.oldest_ns = Some((age_ns, cw.age_source));
             }
             a.recv_q += u64::from(cw.recv_q);
-            *a.peers.entry(peer_addr(key, inp.listen_ports)).or_insert(0) += 1;
+            a.peers.entry(peer_addr(key, inp.listening)).or_default().0 += 1;
             a.sources.insert(source);
             if a.comm.is_none() {
                 a.comm = cw.probe_owner.as_ref().map(|(_, c, _)| c.clone());
             }
         }
     }
+
     let window_start = inp.now_ns.saturating_sub(cfg.window.as_nanos() as u64);
+    // Destinations reached from ephemeral ports: (netns, remote) → TIME_WAIT count.
+    let mut per_dest: HashMap<(u32, std::net::SocketAddr), u64> = HashMap::new();
+    for (key, tw) in inp.timewait.tracked() {
+        if tw.substate != TcpState::TIME_WAIT {
+            continue;
+        }
+        let listening = inp.listening.contains_key(&(key.netns, key.local.port()));
+        let ephemeral = inp
+            .kernel
+            .get(&key.netns)
+            .is_some_and(|k| k.ephemeral().contains(&key.local.port()));
+        if ephemeral && !listening {
+            *per_dest.entry((key.netns, key.remote)).or_insert(0) += 1;
+        }
+        let Some(owner) = &tw.owner else {
+            unattributed.time_wait += 1;
+            continue;
+        };
+        let a = accs.entry(owner.pid).or_default();
+        a.time_wait += 1;
+        let age = inp.now_ns.saturating_sub(tw.entered_ns);
+        a.tw_oldest_ns = Some(a.tw_oldest_ns.map_or(age, |o| o.max(age)));
+        a.peers.entry(peer_addr(key, inp.listening)).or_default().1 += 1;
+        a.sources.insert(tw.owner_source.as_str());
+        if inp
+            .listening
+            .get(&(key.netns, key.local.port()))
+            .is_some_and(|pids| pids.contains(&owner.pid))
+        {
+            *a.tw_on_listen_port.entry(key.local.port()).or_insert(0) += 1;
+        }
+        if a.comm.is_none() {
+            a.comm = Some(owner.comm.clone());
+        }
+    }
+    for (_, pid) in inp.timewait.created_since(window_start) {
+        if let Some(pid) = pid {
+            accs.entry(*pid).or_default().tw_created += 1;
+        }
+    }
+    // Port pressure: every process with TIME_WAITs to a destination over the threshold.
+    for ((ns, dest), count) in &per_dest {
+        let Some(k) = inp.kernel.get(ns) else {
+            continue;
+        };
+        let pct = *count as f64 * 100.0 / k.ephemeral_count() as f64;
+        if pct <= cfg.port_pressure_pct {
+            continue;
+        }
+        let p = Pressure {
+            dest: dest.to_string(),
+            count: *count,
+            range: k.ip_local_port_range,
+            tw_reuse: k.tcp_tw_reuse,
+            pct,
+        };
+        for (key, tw) in inp.timewait.tracked() {
+            if key.netns == *ns && key.remote == *dest && tw.substate == TcpState::TIME_WAIT {
+                if let Some(o) = &tw.owner {
+                    let a = accs.entry(o.pid).or_default();
+                    if !a.pressure.iter().any(|x| x.dest == p.dest) {
+                        a.pressure.push(p.clone());
+                    }
+                }
+            }
+        }
+    }
+
     for c in table.closed_since(window_start) {
         if let Some(pid) = c.pid {
             let a = accs.entry(pid).or_default();
@@ -241,7 +347,7 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
         .map(|(pid, a)| row(pid, a, inp, cfg, growth))
         .collect();
     processes.sort_by(|a, b| {
-        // Flagged first, then the most CLOSE_WAIT sockets, then the oldest.
+        // Flagged first, then the most CLOSE_WAIT sockets, then the oldest, then TIME_WAIT.
         a.flags
             .is_empty()
             .cmp(&b.flags.is_empty())
@@ -251,8 +357,23 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
                     .unwrap_or(0.0)
                     .total_cmp(&a.close_wait_oldest_s.unwrap_or(0.0)),
             )
+            .then(b.time_wait.cmp(&a.time_wait))
             .then(a.pid.cmp(&b.pid))
     });
+
+    let mut expired: Vec<u64> = Vec::new();
+    let mut ends = TimeWaitEnds::default();
+    for e in inp.timewait.ended_since(window_start) {
+        match e.end {
+            End::Expired => {
+                ends.expired += 1;
+                expired.push(e.lifetime_ns);
+            }
+            End::Early => ends.early += 1,
+        }
+    }
+    ends.expired_p50_s = closed_stats(&mut expired).p50_s;
+
     Report {
         time: inp.time.clone(),
         elapsed_s: round3(inp.elapsed_s),
@@ -261,6 +382,8 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
         processes,
         unattributed,
         loss: inp.loss,
+        time_wait_ends: ends,
+        kernel: inp.kernel.get(&inp.own_netns).cloned(),
     }
 }
 
@@ -281,6 +404,8 @@ fn row(pid: u32, mut a: Acc, inp: &Inputs, cfg: &ReportConfig, growth: &Growth) 
         }
         _ => None,
     };
+    let span_s = cfg.window.as_secs_f64().min(inp.elapsed_s);
+    let tw_rate = (span_s > 0.0 && a.tw_created > 0).then(|| round3(a.tw_created as f64 / span_s));
 
     let age_limit = cfg.close_wait_age.as_secs_f64();
     let mut flags = Vec::new();
@@ -290,17 +415,33 @@ fn row(pid: u32, mut a: Acc, inp: &Inputs, cfg: &ReportConfig, growth: &Growth) 
     if closed.p99_s.is_some_and(|p| p > age_limit) {
         flags.push(FLAG_CLOSE_WAIT_SLOW);
     }
+    let closer_port = a
+        .tw_on_listen_port
+        .iter()
+        .filter(|(_, n)| **n >= cfg.time_wait_min)
+        .max_by_key(|(_, n)| **n)
+        .map(|(p, n)| (*p, *n));
+    if closer_port.is_some() {
+        flags.push(FLAG_ACTIVE_CLOSER);
+    }
+    if !a.pressure.is_empty() {
+        flags.push(FLAG_PORT_PRESSURE);
+    }
     let mut peers: Vec<Peer> = a
         .peers
         .into_iter()
-        .map(|(addr, n)| Peer {
+        .map(|(addr, (cw, tw))| Peer {
             addr,
-            close_wait: n,
-            time_wait: 0,
+            close_wait: cw,
+            time_wait: tw,
         })
         .collect();
-    peers.sort_by(|x, y| y.close_wait.cmp(&x.close_wait).then(x.addr.cmp(&y.addr)));
-    let other_peers = peers.len().saturating_sub(1);
+    peers.sort_by(|x, y| {
+        (y.close_wait + y.time_wait)
+            .cmp(&(x.close_wait + x.time_wait))
+            .then(x.addr.cmp(&y.addr))
+    });
+    let cw_peers = peers.iter().filter(|p| p.close_wait > 0).count();
     peers.truncate(TOP_PEERS);
 
     let mut row = ProcessRow {
@@ -309,8 +450,8 @@ fn row(pid: u32, mut a: Acc, inp: &Inputs, cfg: &ReportConfig, growth: &Growth) 
         close_wait: a.close_wait,
         close_wait_oldest_s: oldest_s.map(round3),
         close_wait_age_source: a.oldest_ns.map(|(_, s)| s.as_str()),
-        time_wait: 0,
-        time_wait_oldest_s: None,
+        time_wait: a.time_wait,
+        time_wait_oldest_s: a.tw_oldest_ns.map(|ns| round3(ns as f64 / 1e9)),
         fds,
         fd_limit,
         flags,
@@ -321,15 +462,16 @@ fn row(pid: u32, mut a: Acc, inp: &Inputs, cfg: &ReportConfig, growth: &Growth) 
         close_wait_recv_q_bytes: a.recv_q,
         fds_exhausted_in_s,
         close_wait_closed: closed,
+        time_wait_created_per_s: tw_rate,
     };
-    row.reason = reason(&row, other_peers);
+    row.reason = reason(&row, cw_peers.saturating_sub(1), closer_port, &a.pressure);
     row
 }
 
 /// A peer as `addr:port`; on the server side (a listener's port) the client's ephemeral
 /// port says nothing, so its sockets are grouped as `addr:*`.
-fn peer_addr(key: &crate::table::SockKey, listen_ports: &HashSet<(u32, u16)>) -> String {
-    if listen_ports.contains(&(key.netns, key.local.port())) {
+fn peer_addr(key: &SockKey, listening: &HashMap<(u32, u16), Vec<u32>>) -> String {
+    if listening.contains_key(&(key.netns, key.local.port())) {
         match key.remote.ip() {
             std::net::IpAddr::V4(ip) => format!("{ip}:*"),
             std::net::IpAddr::V6(ip) => format!("[{ip}]:*"),
@@ -360,7 +502,12 @@ fn closed_stats(lifetimes: &mut [u64]) -> ClosedStats {
 /// One plain sentence per flag, e.g. `python3[4242] holds 50 CLOSE_WAIT sockets from
 /// 127.0.0.1:8080, oldest 5m12s, +10/min; 60 of 1024 fds used: fds run out in ~96 min.
 /// It never calls close() after the peer hangs up.`
-fn reason(r: &ProcessRow, other_peers: usize) -> Option<String> {
+fn reason(
+    r: &ProcessRow,
+    other_peers: usize,
+    closer_port: Option<(u16, u64)>,
+    pressure: &[Pressure],
+) -> Option<String> {
     let mut parts = Vec::new();
     let who = format!("{}[{}]", r.comm, r.pid);
     if r.flags.contains(&FLAG_CLOSE_WAIT_LEAK) {
@@ -369,7 +516,7 @@ fn reason(r: &ProcessRow, other_peers: usize) -> Option<String> {
             r.close_wait,
             plural(r.close_wait)
         );
-        if let Some(p) = r.peers.first() {
+        if let Some(p) = r.peers.iter().find(|p| p.close_wait > 0) {
             s += &format!(" from {}", p.addr);
             if other_peers > 0 {
                 s += &format!(
@@ -413,6 +560,33 @@ fn reason(r: &ProcessRow, other_peers: usize) -> Option<String> {
             fmt_age(c.p50_s.unwrap_or(0.0)),
             fmt_age(c.p99_s.unwrap_or(0.0)),
             fmt_age(c.max_s.unwrap_or(0.0)),
+        ));
+    }
+    if let Some((port, n)) = closer_port {
+        let mut s = format!(
+            "{who} listens on port {port} and closed first on {n} of its connections: {n} TIME_WAIT socket{} on that port",
+            plural(n)
+        );
+        if let Some(o) = r.time_wait_oldest_s {
+            s += &format!(", oldest {}", fmt_age(o));
+        }
+        if let Some(rate) = r.time_wait_created_per_s {
+            s += &format!(", {}/s", fmt_rate(rate));
+        }
+        s += ". A server should let its clients close first (they then pay the TIME_WAIT); \
+              usual fixes: keep-alive or pooling so connections are reused, and a protocol \
+              where the client closes.";
+        parts.push(s);
+    }
+    for p in pressure {
+        parts.push(format!(
+            "{who} has TIME_WAIT sockets to {} from local ephemeral ports: {} in all, {:.0}% of the range {}-{} (tcp_tw_reuse={}); new connections to it may fail with EADDRNOTAVAIL. Reuse connections (pooling, keep-alive) or widen net.ipv4.ip_local_port_range.",
+            p.dest,
+            p.count,
+            p.pct,
+            p.range[0],
+            p.range[1],
+            p.tw_reuse.map_or("unknown".into(), |v| v.to_string()),
         ));
     }
     (!parts.is_empty()).then(|| parts.join(" "))
@@ -480,11 +654,16 @@ mod tests {
         ReportConfig {
             close_wait_age: Duration::from_secs(60),
             window: Duration::from_secs(300),
+            time_wait_min: 3,
+            port_pressure_pct: 50.0,
         }
     }
 
-    static NO_LISTENERS: std::sync::LazyLock<HashSet<(u32, u16)>> =
-        std::sync::LazyLock::new(HashSet::new);
+    static NO_LISTENERS: std::sync::LazyLock<HashMap<(u32, u16), Vec<u32>>> =
+        std::sync::LazyLock::new(HashMap::new);
+    static NO_TIMEWAIT: std::sync::LazyLock<Tracker> = std::sync::LazyLock::new(Tracker::default);
+    static NO_KERNEL: std::sync::LazyLock<BTreeMap<u32, KernelInfo>> =
+        std::sync::LazyLock::new(BTreeMap::new);
 
     fn inputs(now_s: u64, procs: &HashMap<u32, ProcInfo>) -> Inputs<'_> {
         Inputs {
@@ -494,7 +673,10 @@ mod tests {
             is_final: false,
             states: BTreeMap::from([("CLOSE_WAIT".into(), 3), ("TIME_WAIT".into(), 2)]),
             procs,
-            listen_ports: &NO_LISTENERS,
+            listening: &NO_LISTENERS,
+            timewait: &NO_TIMEWAIT,
+            kernel: &NO_KERNEL,
+            own_netns: NS,
             loss: Loss::default(),
         }
     }
@@ -570,7 +752,6 @@ mod tests {
         assert_eq!(good.reason, None);
         assert_eq!(good.close_wait_closed.count, 20);
         assert_eq!(good.close_wait_closed.p50_s, Some(0.05));
-        assert_eq!(r.unattributed.time_wait, 2);
         assert!(r.flagged());
     }
 
@@ -765,9 +946,9 @@ mod tests {
         t.apply(&enter_cw(1.0, "127.0.0.1:41000", "10.0.0.7:5432", 60));
         hold(&mut t, |_| vec![4242]);
         let procs = procs();
-        let listening = HashSet::from([(NS, 8080)]);
+        let listening = HashMap::from([((NS, 8080), vec![4242])]);
         let mut inp = inputs(100, &procs);
-        inp.listen_ports = &listening;
+        inp.listening = &listening;
         let r = build(&t, &inp, &cfg(), &mut Growth::default());
         let peers: Vec<(&str, u64)> = r.processes[0]
             .peers
@@ -781,6 +962,114 @@ mod tests {
             remote: "[::1]:5000".parse().unwrap(),
         };
         assert_eq!(peer_addr(&v6, &listening), "[::1]:*");
+    }
+
+    /// A tracker holding `n` confirmed TIME_WAITs from `local` (port varying when
+    /// `vary_local`) to `remote`, owned by `pid`.
+    fn timewaits(n: u16, local: &str, remote: &str, vary_local: bool, pid: u32) -> Tracker {
+        use crate::{decode::Owner, table::tests::tr, timewait::TwOwner};
+        let mut tw = Tracker::default();
+        let mut polled = Vec::new();
+        for i in 0..n {
+            let mut l: std::net::SocketAddr = local.parse().unwrap();
+            let mut r: std::net::SocketAddr = remote.parse().unwrap();
+            if vary_local {
+                l.set_port(l.port() + i);
+            } else {
+                r.set_port(r.port() + i);
+            }
+            let mut t = tr(10.0, FIN_WAIT2, CLOSE, &l.to_string(), &r.to_string());
+            t.owner = Owner {
+                pid: Some(pid),
+                comm: Some("x".into()),
+                source: crate::decode::OwnerSource::Carried,
+            };
+            tw.on_transition(
+                SockKey {
+                    netns: NS,
+                    local: l,
+                    remote: r,
+                },
+                &t,
+            );
+            let mut d = diag(TIME_WAIT, &l.to_string(), &r.to_string(), 0, 0);
+            d.timewait = true;
+            d.expires_ms = 59_000;
+            polled.push(d);
+        }
+        let none = |_: u16| -> Option<TwOwner> { None };
+        tw.observe(NS, &polled, 11 * SEC, false, &none);
+        tw
+    }
+
+    #[test]
+    fn server_closing_first_is_an_active_closer() {
+        let t = Table::new(NS);
+        let tw = timewaits(3, L, "127.0.0.2:50000", false, 7);
+        let procs = procs();
+        let listening = HashMap::from([((NS, 8080), vec![7])]);
+        let mut inp = inputs(20, &procs);
+        inp.listening = &listening;
+        inp.timewait = &tw;
+        let r = build(&t, &inp, &cfg(), &mut Growth::default());
+        let p = &r.processes[0];
+        assert_eq!((p.pid, p.time_wait), (7, 3));
+        assert_eq!(p.flags, [FLAG_ACTIVE_CLOSER]);
+        assert_eq!(p.time_wait_oldest_s, Some(10.0));
+        assert_eq!(p.owner_sources, ["carried"]);
+        assert_eq!(p.peers[0].addr, "127.0.0.2:*");
+        assert_eq!(p.peers[0].time_wait, 3);
+        let reason = p.reason.as_deref().unwrap();
+        assert!(
+            reason.contains("listens on port 8080 and closed first on 3"),
+            "{reason}"
+        );
+        assert!(reason.contains("keep-alive"), "{reason}");
+        // Below --time-wait-min: not flagged.
+        let mut strict = cfg();
+        strict.time_wait_min = 4;
+        let r = build(&t, &inp, &strict, &mut Growth::default());
+        assert!(r.processes[0].flags.is_empty());
+    }
+
+    #[test]
+    fn client_time_wait_is_not_an_active_closer_but_may_press_ports() {
+        let t = Table::new(NS);
+        // 6 TIME_WAITs from ephemeral ports 40000.. to one destination.
+        let tw = timewaits(6, "127.0.0.1:40000", "127.0.0.1:8080", true, 42);
+        let procs = procs();
+        let kernel = BTreeMap::from([(
+            NS,
+            KernelInfo {
+                ip_local_port_range: [40000, 40009],
+                tcp_tw_reuse: Some(2),
+                tcp_max_tw_buckets: Some(131072),
+                time_wait_overflow: Some(0),
+            },
+        )]);
+        let mut inp = inputs(20, &procs);
+        inp.timewait = &tw;
+        inp.kernel = &kernel;
+        let r = build(&t, &inp, &cfg(), &mut Growth::default());
+        let p = &r.processes[0];
+        assert_eq!((p.pid, p.time_wait), (42, 6));
+        assert_eq!(p.flags, [FLAG_PORT_PRESSURE]);
+        let reason = p.reason.as_deref().unwrap();
+        assert!(
+            reason.contains("to 127.0.0.1:8080")
+                && reason.contains("6 in all, 60% of the range 40000-40009 (tcp_tw_reuse=2)"),
+            "{reason}"
+        );
+        assert_eq!(
+            r.kernel.as_ref().unwrap().ip_local_port_range,
+            [40000, 40009]
+        );
+        // At 50% of a wider range: no pressure.
+        let mut wide = kernel.clone();
+        wide.get_mut(&NS).unwrap().ip_local_port_range = [40000, 40019];
+        inp.kernel = &wide;
+        let r = build(&t, &inp, &cfg(), &mut Growth::default());
+        assert!(r.processes[0].flags.is_empty());
     }
 
     #[test]

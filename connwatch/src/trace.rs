@@ -11,20 +11,27 @@ use crate::{
     cli::TraceArgs,
     clock::WallClock,
     decode::decode,
+    monitor::Monitor,
     probe::{Probe, ProbeOptions},
+    report::ReportConfig,
     shutdown::Shutdown,
-    views::trace as view,
+    views::trace::{self as view, Row},
 };
 
 pub async fn run(args: TraceArgs, opts: ProbeOptions) -> Result<ExitCode> {
     let mut probe = Probe::load(&opts)?;
     let ring = probe.take_events()?;
+    // The monitor follows timewait sockets (TIME_WAIT is never a transition).
+    let mut monitor = Monitor::new(ReportConfig::default());
+    monitor.seed()?;
     crate::announce(&probe);
     let clock = WallClock::new();
     let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
     let mut shutdown = Shutdown::new(args.duration)?;
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut stats = Stats::default();
+    let mut tw_poll = tokio::time::interval(args.tw_poll);
+    tw_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let result: io::Result<()> = async {
         if !args.json {
@@ -35,13 +42,18 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions) -> Result<ExitCode> {
             tokio::select! {
                 ready = ring.readable_mut() => {
                     let mut guard = ready?;
-                    drain(guard.get_inner_mut(), &mut out, &clock, args.json, &mut stats)?;
+                    drain(guard.get_inner_mut(), &mut monitor, &mut out, &clock, args.json, &mut stats)?;
                     guard.clear_ready();
+                }
+                _ = tw_poll.tick() => {
+                    drain(ring.get_mut(), &mut monitor, &mut out, &clock, args.json, &mut stats)?;
+                    let rows = monitor.poll_timewait().map_err(io::Error::other)?;
+                    print_rows(rows.iter().map(Row::from), &mut out, &clock, args.json)?;
                 }
                 () = shutdown.wait() => break,
             }
         }
-        drain(ring.get_mut(), &mut out, &clock, args.json, &mut stats)
+        drain(ring.get_mut(), &mut monitor, &mut out, &clock, args.json, &mut stats)
     }
     .await;
 
@@ -78,8 +90,25 @@ impl Stats {
     }
 }
 
+fn print_rows<'a>(
+    rows: impl Iterator<Item = Row<'a>>,
+    out: &mut impl Write,
+    clock: &WallClock,
+    json: bool,
+) -> io::Result<()> {
+    for row in rows {
+        if json {
+            writeln!(out, "{}", view::json_line(&row, clock))?;
+        } else {
+            writeln!(out, "{}", view::human_row(&row, clock))?;
+        }
+    }
+    out.flush()
+}
+
 fn drain(
     ring: &mut RingBuf<MapData>,
+    monitor: &mut Monitor,
     out: &mut impl Write,
     clock: &WallClock,
     json: bool,
@@ -88,8 +117,15 @@ fn drain(
     while let Some(item) = ring.next() {
         stats.received += 1;
         match decode(&item) {
-            Ok(t) if json => writeln!(out, "{}", view::json_line(&t, clock))?,
-            Ok(t) => writeln!(out, "{}", view::human_row(&t, clock))?,
+            Ok(t) => {
+                monitor.apply(&t);
+                let row = Row::from(&t);
+                if json {
+                    writeln!(out, "{}", view::json_line(&row, clock))?;
+                } else {
+                    writeln!(out, "{}", view::human_row(&row, clock))?;
+                }
+            }
             Err(e) => {
                 stats.undecodable += 1;
                 log::warn!("skipped an event: {e}");

@@ -34,6 +34,8 @@ pub async fn watch(args: WatchArgs, opts: ProbeOptions) -> Result<ExitCode> {
     ticker.tick().await; // the first tick is immediate: skip it
     let mut out = Output::new(args.report.json);
     let mut undecodable = 0u64;
+    let mut tw_poll = tokio::time::interval(args.tw_poll);
+    tw_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         tokio::select! {
@@ -41,6 +43,10 @@ pub async fn watch(args: WatchArgs, opts: ProbeOptions) -> Result<ExitCode> {
                 let mut guard = ready?;
                 drain(guard.get_inner_mut(), &mut monitor, &mut undecodable);
                 guard.clear_ready();
+            }
+            _ = tw_poll.tick() => {
+                drain(ring.get_mut(), &mut monitor, &mut undecodable);
+                monitor.poll_timewait()?;
             }
             _ = ticker.tick() => {
                 let report = refresh(&mut probe, &mut monitor, ring.get_mut(), &mut undecodable, false)?;
@@ -75,6 +81,8 @@ fn config(args: &ReportArgs) -> ReportConfig {
     ReportConfig {
         close_wait_age: args.close_wait_age,
         window: args.window,
+        time_wait_min: args.time_wait_min,
+        port_pressure_pct: args.port_pressure_pct,
     }
 }
 

@@ -31,7 +31,7 @@ pub fn human(r: &Report) -> String {
         }
     );
     if r.processes.is_empty() {
-        out += "no process holds CLOSE_WAIT sockets\n";
+        out += "no process holds CLOSE_WAIT or TIME_WAIT sockets\n";
     } else {
         let mut t = Table::new();
         t.load_style(NOTHING);
@@ -44,6 +44,7 @@ pub fn human(r: &Report) -> String {
             "RECV-Q",
             "FDS/LIMIT",
             "CLOSED p50/p99",
+            "TIME_WAIT",
             "TOP PEER",
             "FLAGS",
         ]);
@@ -69,10 +70,14 @@ pub fn human(r: &Report) -> String {
                 (Some(a), Some(b)) => format!("{} {}/{}", c.count, fmt_age(a), fmt_age(b)),
                 _ => "-".into(),
             };
-            let peer = p
-                .peers
-                .first()
-                .map_or("-".into(), |x| format!("{} ({})", x.addr, x.close_wait));
+            let peer = p.peers.first().map_or("-".into(), |x| {
+                format!("{} ({})", x.addr, x.close_wait + x.time_wait)
+            });
+            let tw = match (p.time_wait, p.time_wait_created_per_s) {
+                (0, None) => "-".to_string(),
+                (n, Some(rate)) => format!("{n} {rate:.1}/s"),
+                (n, None) => n.to_string(),
+            };
             t.add_row([
                 p.pid.to_string(),
                 p.comm.clone(),
@@ -82,6 +87,7 @@ pub fn human(r: &Report) -> String {
                 p.close_wait_recv_q_bytes.to_string(),
                 fds,
                 closed,
+                tw,
                 peer,
                 if p.flags.is_empty() {
                     "-".into()
@@ -110,6 +116,22 @@ pub fn human(r: &Report) -> String {
         r.loss.events_dropped,
         r.loss.sockets_untracked
     );
+    let e = &r.time_wait_ends;
+    if let Some(k) = &r.kernel {
+        out += &format!(
+            "TIME_WAIT ended: {} expired, {} early   ports {}-{}  tcp_tw_reuse={}  tcp_max_tw_buckets={}  overflows={}\n",
+            e.expired,
+            e.early,
+            k.ip_local_port_range[0],
+            k.ip_local_port_range[1],
+            k.tcp_tw_reuse.map_or("?".into(), |v| v.to_string()),
+            k.tcp_max_tw_buckets.map_or("?".into(), |v| v.to_string()),
+            k.time_wait_overflow.map_or("?".into(), |v| v.to_string()),
+        );
+        if k.time_wait_overflow.is_some_and(|n| n > 0) {
+            out += "  the kernel has discarded TIME_WAIT sockets (tcp_max_tw_buckets reached): connections closed then could be confused with new ones\n";
+        }
+    }
     out
 }
 
@@ -148,6 +170,7 @@ mod tests {
                 close_wait_recv_q_bytes: 0,
                 fds_exhausted_in_s: Some(5784.0),
                 close_wait_closed: ClosedStats::default(),
+                time_wait_created_per_s: None,
             }],
             unattributed: Unattributed {
                 close_wait: 0,
@@ -157,6 +180,8 @@ mod tests {
                 events_dropped: dropped,
                 sockets_untracked: 0,
             },
+            time_wait_ends: Default::default(),
+            kernel: None,
         }
     }
 

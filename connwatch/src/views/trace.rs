@@ -3,7 +3,62 @@ use std::{net::SocketAddr, time::SystemTime};
 
 use serde::Serialize;
 
-use crate::{clock::WallClock, decode::Transition};
+use crate::{
+    clock::WallClock,
+    decode::{OwnerSource, TcpState, Transition},
+    timewait::Synthetic,
+};
+
+/// What one trace line shows: a transition from the probe, or one inferred by polling.
+pub struct Row<'a> {
+    pub ts_ns: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub old: TcpState,
+    pub new: TcpState,
+    pub duration_ns: Option<u64>,
+    pub pid: Option<u32>,
+    pub comm: Option<&'a str>,
+    pub owner_source: OwnerSource,
+    pub synthetic: bool,
+    pub end: Option<&'static str>,
+}
+
+impl<'a> From<&'a Transition> for Row<'a> {
+    fn from(t: &'a Transition) -> Self {
+        Self {
+            ts_ns: t.ts_ns,
+            local: t.local,
+            remote: t.remote,
+            old: t.old,
+            new: t.new,
+            duration_ns: t.duration_ns(),
+            pid: t.owner.pid,
+            comm: t.owner.comm.as_deref(),
+            owner_source: t.owner.source,
+            synthetic: false,
+            end: None,
+        }
+    }
+}
+
+impl<'a> From<&'a Synthetic> for Row<'a> {
+    fn from(s: &'a Synthetic) -> Self {
+        Self {
+            ts_ns: s.ts_ns,
+            local: s.key.local,
+            remote: s.key.remote,
+            old: s.old,
+            new: s.new,
+            duration_ns: s.duration_ns,
+            pid: s.owner.as_ref().map(|o| o.pid),
+            comm: s.owner.as_ref().map(|o| o.comm.as_str()),
+            owner_source: s.owner_source,
+            synthetic: true,
+            end: s.end.map(|e| e.as_str()),
+        }
+    }
+}
 
 /// Column header of the human format.
 pub fn header() -> String {
@@ -15,18 +70,21 @@ pub fn header() -> String {
 
 /// One aligned row: `TIME PID COMM LADDR:LPORT RADDR:RPORT OLD -> NEW MS`. Address
 /// columns fit IPv4 and short IPv6 addresses; longer ones push the rest of the row right.
-pub fn human_row(t: &Transition, clock: &WallClock) -> String {
+pub fn human_row(t: &Row, clock: &WallClock) -> String {
     let time = humantime::format_rfc3339_micros(clock.wall(t.ts_ns)).to_string();
     // "2026-11-25T16:40:00.123456Z" -> "16:40:00.123456"
     let time = time.get(11..26).unwrap_or(&time);
-    let pid = t
-        .owner
-        .pid
-        .map_or_else(|| "-".to_string(), |p| p.to_string());
-    let comm = t.owner.comm.as_deref().unwrap_or("-");
+    let pid = t.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+    let comm = t.comm.unwrap_or("-");
     let ms = duration_ms(t).map_or_else(String::new, |ms| format!("{ms:.3}"));
+    // Inferred rows say so, and how a TIME_WAIT ended.
+    let note = match (t.synthetic, t.end) {
+        (true, Some(end)) => format!("  (synthetic, {end})"),
+        (true, None) => "  (synthetic)".to_string(),
+        _ => String::new(),
+    };
     format!(
-        "{:<15} {:>7} {:<16} {:<26} {:<26} {:<11} -> {:<11} {:>10}",
+        "{:<15} {:>7} {:<16} {:<26} {:<26} {:<11} -> {:<11} {:>10}{}",
         time,
         pid,
         comm,
@@ -34,7 +92,8 @@ pub fn human_row(t: &Transition, clock: &WallClock) -> String {
         addr(&t.remote),
         t.old,
         t.new,
-        ms
+        ms,
+        note
     )
     .trim_end()
     .to_string()
@@ -45,8 +104,8 @@ fn addr(a: &SocketAddr) -> String {
     a.to_string()
 }
 
-fn duration_ms(t: &Transition) -> Option<f64> {
-    t.duration_ns().map(|ns| ns as f64 / 1e6)
+fn duration_ms(t: &Row) -> Option<f64> {
+    t.duration_ns.map(|ns| ns as f64 / 1e6)
 }
 
 /// The JSON-lines record. Key names and order are a public interface: scripts read them.
@@ -64,12 +123,18 @@ pub struct JsonRow<'a> {
     pub pid: Option<u32>,
     pub comm: Option<&'a str>,
     pub owner_source: &'static str,
+    /// Present (true) on rows connwatch inferred by polling rather than saw.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub synthetic: bool,
+    /// How a TIME_WAIT ended: `expired` or `early`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end: Option<&'static str>,
 }
 
-pub fn json_row<'a>(t: &'a Transition, clock: &WallClock) -> JsonRow<'a> {
+pub fn json_row<'a>(t: &Row<'a>, clock: &WallClock) -> JsonRow<'a> {
     JsonRow {
         time: rfc3339(clock.wall(t.ts_ns)),
-        family: if t.is_ipv6() { "ipv6" } else { "ipv4" },
+        family: if t.local.is_ipv6() { "ipv6" } else { "ipv4" },
         saddr: t.local.ip().to_string(),
         sport: t.local.port(),
         daddr: t.remote.ip().to_string(),
@@ -78,13 +143,15 @@ pub fn json_row<'a>(t: &'a Transition, clock: &WallClock) -> JsonRow<'a> {
         new: t.new.to_string(),
         // Rounded to the microsecond: nanoseconds are noise in a JSON float.
         duration_ms: duration_ms(t).map(|ms| (ms * 1000.0).round() / 1000.0),
-        pid: t.owner.pid,
-        comm: t.owner.comm.as_deref(),
-        owner_source: t.owner.source.as_str(),
+        pid: t.pid,
+        comm: t.comm,
+        owner_source: t.owner_source.as_str(),
+        synthetic: t.synthetic,
+        end: t.end,
     }
 }
 
-pub fn json_line(t: &Transition, clock: &WallClock) -> String {
+pub fn json_line(t: &Row, clock: &WallClock) -> String {
     // A struct of strings and numbers always serializes.
     serde_json::to_string(&json_row(t, clock)).unwrap_or_default()
 }
@@ -111,7 +178,7 @@ mod tests {
     fn json_has_exactly_the_documented_keys_in_order() {
         let t = from_event(&v4_event(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1)).unwrap();
         assert_eq!(
-            json_line(&t, &clock()),
+            json_line(&Row::from(&t), &clock()),
             r#"{"time":"2026-11-25T16:40:00.000000Z","family":"ipv4","saddr":"127.0.0.1","sport":43210,"daddr":"10.1.2.3","dport":8080,"old":"ESTABLISHED","new":"FIN_WAIT1","duration_ms":1000.0,"pid":1234,"comm":"curl","owner_source":"context"}"#
         );
     }
@@ -125,7 +192,8 @@ mod tests {
         ev.saddr = [0; 16];
         ev.saddr[15] = 1;
         let t = from_event(&ev).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&json_line(&t, &clock())).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&json_line(&Row::from(&t), &clock())).unwrap();
         assert_eq!(v["pid"], serde_json::Value::Null);
         assert_eq!(v["comm"], serde_json::Value::Null);
         assert_eq!(v["duration_ms"], serde_json::Value::Null);
@@ -138,7 +206,7 @@ mod tests {
     #[test]
     fn human_row_is_aligned_with_header() {
         let t = from_event(&v4_event(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1)).unwrap();
-        let row = human_row(&t, &clock());
+        let row = human_row(&Row::from(&t), &clock());
         assert_eq!(
             row.split_whitespace().collect::<Vec<_>>(),
             [
@@ -168,11 +236,51 @@ mod tests {
     }
 
     #[test]
+    fn synthetic_time_wait_rows_carry_their_markers() {
+        use crate::{
+            table::SockKey,
+            timewait::{End, TwOwner},
+        };
+        let s = Synthetic {
+            key: SockKey {
+                netns: 1,
+                local: "127.0.0.1:40000".parse().unwrap(),
+                remote: "127.0.0.1:8080".parse().unwrap(),
+            },
+            ts_ns: 65_000_000_000,
+            old: TcpState::TIME_WAIT,
+            new: TcpState::CLOSE,
+            duration_ns: Some(60_000_000_000),
+            owner: Some(TwOwner {
+                pid: 42,
+                comm: "client".into(),
+            }),
+            owner_source: OwnerSource::Carried,
+            end: Some(End::Expired),
+        };
+        let line = json_line(&Row::from(&s), &clock());
+        assert!(
+            line.ends_with(r#""duration_ms":60000.0,"pid":42,"comm":"client","owner_source":"carried","synthetic":true,"end":"expired"}"#),
+            "{line}"
+        );
+        let human = human_row(&Row::from(&s), &clock());
+        assert!(
+            human.contains("TIME_WAIT   -> CLOSE")
+                && human.ends_with("60000.000  (synthetic, expired)"),
+            "{human}"
+        );
+        // Rows the probe saw carry neither key.
+        let t = from_event(&v4_event(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1)).unwrap();
+        let seen = json_line(&Row::from(&t), &clock());
+        assert!(!seen.contains("synthetic") && !seen.contains("\"end\""));
+    }
+
+    #[test]
     fn human_row_unknown_owner_shows_dashes_and_no_ms() {
         let mut ev = v4_event(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT);
         ev.owner_source = owner_source::UNKNOWN;
         ev.old_since_ns = 0;
-        let row = human_row(&from_event(&ev).unwrap(), &clock());
+        let row = human_row(&Row::from(&from_event(&ev).unwrap()), &clock());
         let cols: Vec<_> = row.split_whitespace().collect();
         assert_eq!(cols[1], "-");
         assert_eq!(cols[2], "-");

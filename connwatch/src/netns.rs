@@ -1,0 +1,80 @@
+//! Network namespaces. The tracepoint sees every namespace, but sock_diag and the
+//! `net.ipv4.*` sysctls answer for the namespace of the thread that asks: to cover
+//! containers, each distinct namespace found under /proc/*/ns/net is entered by a
+//! short-lived thread (setns affects only the calling thread).
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+/// Distinct network namespaces (inode → a path to enter it), ours included.
+pub fn all() -> BTreeMap<u32, PathBuf> {
+    let mut found = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let path = entry.path().join("ns/net");
+        if let Some(inode) = inode_of(&path) {
+            found.entry(inode).or_insert(path);
+        }
+    }
+    found
+}
+
+/// Inode number of a namespace link such as `/proc/1/ns/net` (`net:[4026531840]`).
+pub fn inode_of(path: &Path) -> Option<u32> {
+    let link = std::fs::read_link(path).ok()?;
+    parse_ns_link(&link.to_string_lossy())
+}
+
+pub fn parse_ns_link(link: &str) -> Option<u32> {
+    link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Runs `f` in the network namespace at `path`, on a thread of its own.
+pub fn run_in<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    let ns = File::open(path)?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on an open namespace fd; it changes only this thread.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| io::Error::other("namespace worker panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_links() {
+        assert_eq!(parse_ns_link("net:[4026531840]"), Some(4026531840));
+        assert_eq!(parse_ns_link("mnt:[4026531840]"), None);
+        assert_eq!(parse_ns_link("net:[x]"), None);
+    }
+
+    #[test]
+    fn finds_our_namespace() {
+        let ours = inode_of(Path::new("/proc/self/ns/net")).unwrap();
+        assert!(all().contains_key(&ours));
+        let seen = run_in(Path::new("/proc/self/ns/net"), || {
+            Ok(inode_of(Path::new("/proc/thread-self/ns/net")))
+        })
+        .unwrap();
+        assert_eq!(seen, Some(ours));
+    }
+}

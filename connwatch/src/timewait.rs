@@ -1,0 +1,556 @@
+//! TIME_WAIT from birth to end.
+//!
+//! The tracepoint never reports TIME_WAIT: on FIN_WAIT2->CLOSE (or CLOSING->CLOSE) the
+//! full socket is replaced by a small timewait socket that fires no event when it dies.
+//! So entry is the ->CLOSE transition, *confirmed* by a poll that lists a timewait
+//! socket with the same namespace and 4-tuple (an RST or a full timewait table closes
+//! without one), and exit is its absence from a later poll. A normal end is timed by the
+//! kernel's own timer (the poll reports its remaining time), so the lifetime is exact;
+//! an absence before the timer was due is an `early` end (port reuse, RST, a new SYN).
+//!
+//! The owner is carried from the close() that started it (ESTABLISHED->FIN_WAIT1 runs in
+//! the closing process); a TIME_WAIT that pre-dates connwatch is attributed to the
+//! process listening on its local port, if any.
+//!
+//! Pure logic: polls and transitions come in with their timestamps.
+use std::collections::{HashMap, VecDeque};
+
+use crate::{
+    decode::{OwnerSource, TcpState, Transition},
+    sockdiag::DiagSocket,
+    table::{AgeSource, SockKey},
+};
+
+/// `TCP_TIMEWAIT_LEN`: fixed at compile time in every kernel.
+pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
+
+/// A timewait socket that vanished this much before its timer was due ended early.
+const EARLY_MARGIN_NS: u64 = 100_000_000;
+
+/// Lifetimes of ended TIME_WAIT sockets kept at most.
+const MAX_ENDED: usize = 100_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The kernel's timer ran out.
+    Expired,
+    /// Gone before its timer: port reuse, RST, a new SYN, tw bucket overflow.
+    Early,
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::Early => "early",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TwOwner {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// A timewait socket being followed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimeWait {
+    /// TIME_WAIT, or FIN_WAIT2 for an orphan still waiting for the peer's FIN.
+    pub substate: TcpState,
+    /// When it entered `substate`.
+    pub entered_ns: u64,
+    pub age_source: AgeSource,
+    pub owner: Option<TwOwner>,
+    pub owner_source: OwnerSource,
+    /// When its timer is due (from the last poll that listed it).
+    pub due_ns: u64,
+}
+
+/// A row for `trace`: a change connwatch inferred rather than saw (`"synthetic": true`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Synthetic {
+    pub key: SockKey,
+    pub ts_ns: u64,
+    pub old: TcpState,
+    pub new: TcpState,
+    pub duration_ns: Option<u64>,
+    pub owner: Option<TwOwner>,
+    pub owner_source: OwnerSource,
+    pub end: Option<End>,
+}
+
+/// A TIME_WAIT that ended (for lifetime statistics).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ended {
+    pub key: SockKey,
+    pub at_ns: u64,
+    pub lifetime_ns: u64,
+    pub end: End,
+    pub pid: Option<u32>,
+}
+
+/// A ->CLOSE from FIN_WAIT2/CLOSING waiting for a poll to confirm its timewait socket.
+#[derive(Clone, Debug)]
+struct Pending {
+    ts_ns: u64,
+    from: TcpState,
+    from_duration_ns: Option<u64>,
+    owner: Option<TwOwner>,
+    polls: u8,
+}
+
+#[derive(Default)]
+pub struct Tracker {
+    pending: HashMap<SockKey, Pending>,
+    tracked: HashMap<SockKey, TimeWait>,
+    ended: VecDeque<Ended>,
+    /// Entry times of TIME_WAITs that began while connwatch watched (for rates).
+    created: VecDeque<(u64, Option<u32>)>,
+    /// Timewait sockets found by a poll whose start connwatch did not see.
+    pub untracked: u64,
+    /// ->CLOSE transitions from FIN_WAIT2/CLOSING that left no timewait socket.
+    pub closed_without_timewait: u64,
+}
+
+impl Tracker {
+    /// Notes a transition; FIN_WAIT2/CLOSING -> CLOSE may have left a timewait socket.
+    pub fn on_transition(&mut self, key: SockKey, t: &Transition) {
+        if t.new != TcpState::CLOSE || !(t.old == TcpState::FIN_WAIT2 || t.old == TcpState::CLOSING)
+        {
+            return;
+        }
+        let owner = t.owner.pid.map(|pid| TwOwner {
+            pid,
+            comm: t.owner.comm.clone().unwrap_or_default(),
+        });
+        self.pending.insert(
+            key,
+            Pending {
+                ts_ns: t.ts_ns,
+                from: t.old,
+                from_duration_ns: t.duration_ns(),
+                owner,
+                polls: 0,
+            },
+        );
+    }
+
+    /// Applies one poll of a namespace's timewait sockets (`timewait == true` entries of
+    /// a dump) taken at `now_ns`. `seeding` marks the first poll, whose sockets pre-date
+    /// connwatch. `listener` names the process listening on a local port, if any.
+    pub fn observe(
+        &mut self,
+        netns: u32,
+        sockets: &[DiagSocket],
+        now_ns: u64,
+        seeding: bool,
+        listener: &dyn Fn(u16) -> Option<TwOwner>,
+    ) -> Vec<Synthetic> {
+        let mut rows = Vec::new();
+        let mut listed = std::collections::HashSet::new();
+        for s in sockets.iter().filter(|s| s.timewait) {
+            let key = SockKey {
+                netns,
+                local: s.local,
+                remote: s.remote,
+            };
+            listed.insert(key);
+            let due = now_ns + u64::from(s.expires_ms) * 1_000_000;
+            if let Some(tw) = self.tracked.get_mut(&key) {
+                if tw.substate == TcpState::FIN_WAIT2 && s.state == TcpState::TIME_WAIT {
+                    // The orphan got the peer's FIN: TIME_WAIT with a fresh 60 s timer.
+                    let entered = due.saturating_sub(TIMEWAIT_LEN_NS).min(now_ns);
+                    rows.push(Synthetic {
+                        key,
+                        ts_ns: entered,
+                        old: TcpState::FIN_WAIT2,
+                        new: TcpState::TIME_WAIT,
+                        duration_ns: Some(entered.saturating_sub(tw.entered_ns)),
+                        owner: tw.owner.clone(),
+                        owner_source: tw.owner_source,
+                        end: None,
+                    });
+                    tw.substate = TcpState::TIME_WAIT;
+                    tw.entered_ns = entered;
+                    self.created
+                        .push_back((entered, tw.owner.as_ref().map(|o| o.pid)));
+                }
+                tw.due_ns = due;
+                continue;
+            }
+            if let Some(p) = self.pending.remove(&key) {
+                let owner_source = if p.owner.is_some() {
+                    OwnerSource::Carried
+                } else {
+                    OwnerSource::Unknown
+                };
+                if s.state == TcpState::TIME_WAIT {
+                    rows.push(Synthetic {
+                        key,
+                        ts_ns: p.ts_ns,
+                        old: p.from,
+                        new: TcpState::TIME_WAIT,
+                        duration_ns: p.from_duration_ns,
+                        owner: p.owner.clone(),
+                        owner_source,
+                        end: None,
+                    });
+                    self.created
+                        .push_back((p.ts_ns, p.owner.as_ref().map(|o| o.pid)));
+                }
+                self.tracked.insert(
+                    key,
+                    TimeWait {
+                        substate: s.state,
+                        entered_ns: p.ts_ns,
+                        age_source: AgeSource::Observed,
+                        owner: p.owner,
+                        owner_source,
+                        due_ns: due,
+                    },
+                );
+                continue;
+            }
+            // Not seen entering: from before start, or a transition that was lost.
+            if !seeding {
+                self.untracked += 1;
+            }
+            let owner = listener(s.local.port());
+            let owner_source = if owner.is_some() {
+                OwnerSource::Listener
+            } else {
+                OwnerSource::Unknown
+            };
+            let entered = if s.state == TcpState::TIME_WAIT {
+                due.saturating_sub(TIMEWAIT_LEN_NS).min(now_ns)
+            } else {
+                now_ns
+            };
+            self.tracked.insert(
+                key,
+                TimeWait {
+                    substate: s.state,
+                    entered_ns: entered,
+                    age_source: AgeSource::Estimated,
+                    owner,
+                    owner_source,
+                    due_ns: due,
+                },
+            );
+        }
+
+        // Ends: followed sockets of this namespace that the poll no longer lists.
+        let mut gone: Vec<SockKey> = self
+            .tracked
+            .keys()
+            .filter(|k| k.netns == netns && !listed.contains(*k))
+            .copied()
+            .collect();
+        gone.sort();
+        for key in gone {
+            let Some(tw) = self.tracked.remove(&key) else {
+                continue;
+            };
+            let (end, at) = if now_ns + EARLY_MARGIN_NS >= tw.due_ns {
+                (End::Expired, tw.due_ns.max(tw.entered_ns))
+            } else {
+                (End::Early, now_ns)
+            };
+            let lifetime = at.saturating_sub(tw.entered_ns);
+            rows.push(Synthetic {
+                key,
+                ts_ns: at,
+                old: tw.substate,
+                new: TcpState::CLOSE,
+                duration_ns: (tw.age_source == AgeSource::Observed).then_some(lifetime),
+                owner: tw.owner.clone(),
+                owner_source: tw.owner_source,
+                end: Some(end),
+            });
+            if tw.substate == TcpState::TIME_WAIT && tw.age_source == AgeSource::Observed {
+                if self.ended.len() >= MAX_ENDED {
+                    self.ended.pop_front();
+                }
+                self.ended.push_back(Ended {
+                    key,
+                    at_ns: at,
+                    lifetime_ns: lifetime,
+                    end,
+                    pid: tw.owner.as_ref().map(|o| o.pid),
+                });
+            }
+        }
+
+        // Pending closes of this namespace that the poll did not confirm left no
+        // timewait socket (reset, or the kernel's timewait table was full). One poll of
+        // grace elsewhere: a namespace that is not polled cannot pile them up.
+        self.pending.retain(|k, p| {
+            p.polls += 1;
+            let drop = k.netns == netns || p.polls > 2;
+            if drop && k.netns == netns {
+                self.closed_without_timewait += 1;
+            }
+            !drop
+        });
+        rows.sort_by_key(|r| r.ts_ns);
+        rows
+    }
+
+    pub fn tracked(&self) -> impl Iterator<Item = (&SockKey, &TimeWait)> {
+        self.tracked.iter()
+    }
+
+    /// TIME_WAITs that ended at or after `from_ns`.
+    pub fn ended_since(&self, from_ns: u64) -> impl Iterator<Item = &Ended> {
+        self.ended.iter().filter(move |e| e.at_ns >= from_ns)
+    }
+
+    /// Entries created at or after `from_ns`: (time, owner pid).
+    pub fn created_since(&self, from_ns: u64) -> impl Iterator<Item = &(u64, Option<u32>)> {
+        self.created.iter().filter(move |c| c.0 >= from_ns)
+    }
+
+    /// Forgets history older than `before_ns`.
+    pub fn prune(&mut self, before_ns: u64) {
+        while self.ended.front().is_some_and(|e| e.at_ns < before_ns) {
+            self.ended.pop_front();
+        }
+        while self.created.front().is_some_and(|c| c.0 < before_ns) {
+            self.created.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use connwatch_common::tcp_state::*;
+
+    use super::*;
+    use crate::{
+        decode::Owner,
+        table::tests::{NS, diag, tr},
+    };
+
+    const SEC: u64 = 1_000_000_000;
+    const C: &str = "127.0.0.1:40000";
+    const S: &str = "127.0.0.1:8080";
+
+    fn key(local: &str, remote: &str) -> SockKey {
+        SockKey {
+            netns: NS,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+        }
+    }
+
+    fn close_from(old: u8, ts_s: f64, pid: Option<u32>) -> Transition {
+        let mut t = tr(ts_s, old, CLOSE, C, S);
+        t.old_since_ns = Some(((ts_s - 0.5) * 1e9) as u64);
+        if let Some(pid) = pid {
+            t.owner = Owner {
+                pid: Some(pid),
+                comm: Some("client".into()),
+                source: OwnerSource::Carried,
+            };
+        }
+        t
+    }
+
+    fn tw(state: u8, local: &str, remote: &str, expires_ms: u32) -> DiagSocket {
+        let mut d = diag(state, local, remote, 0, 0);
+        d.timewait = true;
+        d.expires_ms = expires_ms;
+        d
+    }
+
+    fn no_listener(_: u16) -> Option<TwOwner> {
+        None
+    }
+
+    #[test]
+    fn confirmed_time_wait_lives_exactly_its_timer() {
+        let mut t = Tracker::default();
+        t.on_transition(key(C, S), &close_from(FIN_WAIT2, 10.0, Some(42)));
+        // Polled 0.4 s later: 59.6 s left on the timer.
+        let rows = t.observe(
+            NS,
+            &[tw(TIME_WAIT, C, S, 59_600)],
+            10_400_000_000,
+            false,
+            &no_listener,
+        );
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(
+            (r.old, r.new, r.ts_ns),
+            (TcpState::FIN_WAIT2, TcpState::TIME_WAIT, 10 * SEC)
+        );
+        assert_eq!(r.owner.as_ref().map(|o| o.pid), Some(42));
+        assert_eq!(r.owner_source, OwnerSource::Carried);
+        assert_eq!(r.duration_ns, Some(SEC / 2));
+        // Still there a second later.
+        assert!(
+            t.observe(
+                NS,
+                &[tw(TIME_WAIT, C, S, 58_600)],
+                11_400_000_000,
+                false,
+                &no_listener
+            )
+            .is_empty()
+        );
+        // Gone at a poll after the timer was due: expired, lifetime from the timer.
+        let rows = t.observe(NS, &[], 71 * SEC, false, &no_listener);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].end, Some(End::Expired));
+        assert_eq!(rows[0].ts_ns, 70 * SEC);
+        assert_eq!(rows[0].duration_ns, Some(60 * SEC));
+        let ended: Vec<_> = t.ended_since(0).collect();
+        assert_eq!((ended[0].lifetime_ns, ended[0].pid), (60 * SEC, Some(42)));
+        assert_eq!(t.untracked, 0);
+    }
+
+    #[test]
+    fn vanishing_before_the_timer_is_early() {
+        let mut t = Tracker::default();
+        t.on_transition(key(C, S), &close_from(CLOSING, 10.0, Some(42)));
+        let rows = t.observe(
+            NS,
+            &[tw(TIME_WAIT, C, S, 60_000)],
+            10 * SEC,
+            false,
+            &no_listener,
+        );
+        assert_eq!(rows[0].old, TcpState::CLOSING);
+        let rows = t.observe(NS, &[], 15 * SEC, false, &no_listener);
+        assert_eq!(rows[0].end, Some(End::Early));
+        assert_eq!(rows[0].duration_ns, Some(5 * SEC));
+    }
+
+    #[test]
+    fn close_without_timewait_socket_is_not_time_wait() {
+        let mut t = Tracker::default();
+        t.on_transition(key(C, S), &close_from(FIN_WAIT2, 10.0, Some(42)));
+        assert!(t.observe(NS, &[], 11 * SEC, false, &no_listener).is_empty());
+        assert_eq!(t.tracked().count(), 0);
+        assert_eq!(t.closed_without_timewait, 1);
+    }
+
+    #[test]
+    fn orphan_fin_wait2_turns_into_time_wait_with_a_fresh_timer() {
+        let mut t = Tracker::default();
+        t.on_transition(key(C, S), &close_from(FIN_WAIT2, 10.0, Some(42)));
+        // An orphan: timewait socket in FIN_WAIT2 substate, no row yet.
+        assert!(
+            t.observe(
+                NS,
+                &[tw(FIN_WAIT2, C, S, 59_000)],
+                11 * SEC,
+                false,
+                &no_listener
+            )
+            .is_empty()
+        );
+        // The peer's FIN arrives at 13 s: TIME_WAIT with 60 s from then.
+        let rows = t.observe(
+            NS,
+            &[tw(TIME_WAIT, C, S, 59_000)],
+            14 * SEC,
+            false,
+            &no_listener,
+        );
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].old, rows[0].new),
+            (TcpState::FIN_WAIT2, TcpState::TIME_WAIT)
+        );
+        assert_eq!(rows[0].ts_ns, 13 * SEC);
+        assert_eq!(rows[0].duration_ns, Some(3 * SEC));
+        let rows = t.observe(NS, &[], 74 * SEC, false, &no_listener);
+        assert_eq!(rows[0].end, Some(End::Expired));
+        assert_eq!(rows[0].duration_ns, Some(60 * SEC));
+    }
+
+    #[test]
+    fn preexisting_time_wait_is_estimated_and_owned_by_the_listener() {
+        let mut t = Tracker::default();
+        let listener = |port: u16| {
+            (port == 8080).then(|| TwOwner {
+                pid: 7,
+                comm: "server".into(),
+            })
+        };
+        let rows = t.observe(
+            NS,
+            &[tw(TIME_WAIT, S, C, 45_000), tw(TIME_WAIT, C, S, 30_000)],
+            100 * SEC,
+            true,
+            &listener,
+        );
+        assert!(rows.is_empty());
+        let server = &t.tracked[&key(S, C)];
+        assert_eq!(server.owner_source, OwnerSource::Listener);
+        assert_eq!(server.owner.as_ref().map(|o| o.pid), Some(7));
+        assert_eq!(server.age_source, AgeSource::Estimated);
+        assert_eq!(server.entered_ns, 85 * SEC);
+        let client = &t.tracked[&key(C, S)];
+        assert_eq!(client.owner_source, OwnerSource::Unknown);
+        assert_eq!(t.untracked, 0);
+        // One that shows up later without a transition was missed.
+        t.observe(
+            NS,
+            &[
+                tw(TIME_WAIT, S, C, 44_000),
+                tw(TIME_WAIT, C, S, 29_000),
+                tw(TIME_WAIT, S, "127.0.0.1:1", 60_000),
+            ],
+            101 * SEC,
+            false,
+            &listener,
+        );
+        assert_eq!(t.untracked, 1);
+    }
+
+    #[test]
+    fn other_namespaces_are_left_alone() {
+        let mut t = Tracker::default();
+        let mut k = key(C, S);
+        t.on_transition(k, &close_from(FIN_WAIT2, 10.0, Some(42)));
+        t.observe(
+            NS,
+            &[tw(TIME_WAIT, C, S, 60_000)],
+            10 * SEC,
+            false,
+            &no_listener,
+        );
+        k.netns = NS + 1;
+        t.on_transition(k, &close_from(FIN_WAIT2, 10.0, Some(43)));
+        // A poll of another namespace neither ends nor confirms these.
+        assert!(
+            t.observe(NS + 5, &[], 11 * SEC, false, &no_listener)
+                .is_empty()
+        );
+        assert_eq!(t.tracked().count(), 1);
+        assert_eq!(t.pending.len(), 1);
+    }
+
+    #[test]
+    fn rates_and_pruning() {
+        let mut t = Tracker::default();
+        for i in 0..5 {
+            let local = format!("127.0.0.1:{}", 41000 + i);
+            let mut tr = close_from(FIN_WAIT2, 10.0 + i as f64, Some(42));
+            tr.local = local.parse().unwrap();
+            t.on_transition(key(&local, S), &tr);
+        }
+        let polled: Vec<DiagSocket> = (0..5)
+            .map(|i| tw(TIME_WAIT, &format!("127.0.0.1:{}", 41000 + i), S, 59_000))
+            .collect();
+        t.observe(NS, &polled, 15 * SEC, false, &no_listener);
+        assert_eq!(t.created_since(0).count(), 5);
+        assert_eq!(t.created_since(12 * SEC).count(), 3);
+        t.prune(13 * SEC);
+        assert_eq!(t.created_since(0).count(), 2);
+    }
+}
