@@ -20,6 +20,7 @@ impl TcpState {
     pub const TIME_WAIT: Self = Self(tcp_state::TIME_WAIT);
     pub const CLOSE: Self = Self(tcp_state::CLOSE);
     pub const CLOSING: Self = Self(tcp_state::CLOSING);
+    pub const SYN_RECV: Self = Self(tcp_state::SYN_RECV);
 
     /// The kernel's spelling (`include/trace/events/sock.h`), `None` for unknown numbers.
     pub fn name(self) -> Option<&'static str> {

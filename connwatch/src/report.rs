@@ -318,12 +318,14 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
             pct,
         };
         for (key, tw) in inp.timewait.tracked() {
-            if key.netns == *ns && key.remote == *dest && tw.substate == TcpState::TIME_WAIT {
-                if let Some(o) = &tw.owner {
-                    let a = accs.entry(o.pid).or_default();
-                    if !a.pressure.iter().any(|x| x.dest == p.dest) {
-                        a.pressure.push(p.clone());
-                    }
+            if key.netns == *ns
+                && key.remote == *dest
+                && tw.substate == TcpState::TIME_WAIT
+                && let Some(o) = &tw.owner
+            {
+                let a = accs.entry(o.pid).or_default();
+                if !a.pressure.iter().any(|x| x.dest == p.dest) {
+                    a.pressure.push(p.clone());
                 }
             }
         }

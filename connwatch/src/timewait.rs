@@ -103,6 +103,9 @@ struct Pending {
 #[derive(Default)]
 pub struct Tracker {
     pending: HashMap<SockKey, Pending>,
+    /// Rows produced between polls (early ends seen in transitions), returned by the
+    /// next `observe`.
+    queued: Vec<Synthetic>,
     tracked: HashMap<SockKey, TimeWait>,
     ended: VecDeque<Ended>,
     /// Entry times of TIME_WAITs that began while connwatch watched (for rates).
@@ -114,8 +117,15 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Notes a transition; FIN_WAIT2/CLOSING -> CLOSE may have left a timewait socket.
+    /// Notes a transition; FIN_WAIT2/CLOSING -> CLOSE may have left a timewait socket,
+    /// and a new connection on the 4-tuple of a followed one means it ended early (a SYN
+    /// to a server's TIME_WAIT, or the port reused): that end is reported at once.
     pub fn on_transition(&mut self, key: SockKey, t: &Transition) {
+        let starts_anew =
+            t.old == TcpState::CLOSE || (t.old == TcpState::LISTEN && t.new == TcpState::SYN_RECV);
+        if starts_anew && self.tracked.contains_key(&key) {
+            self.end(key, End::Early, t.ts_ns);
+        }
         if t.new != TcpState::CLOSE || !(t.old == TcpState::FIN_WAIT2 || t.old == TcpState::CLOSING)
         {
             return;
@@ -176,7 +186,12 @@ impl Tracker {
                     self.created
                         .push_back((entered, tw.owner.as_ref().map(|o| o.pid)));
                 }
-                tw.due_ns = due;
+                // Past its due time the kernel reports 0 ms left until the timer wheel gets
+                // to it: keep the due time. A later one means the timer was re-armed
+                // (a retransmitted FIN restarts TIME_WAIT).
+                if s.expires_ms > 0 {
+                    tw.due_ns = due;
+                }
                 continue;
             }
             if let Some(p) = self.pending.remove(&key) {
@@ -249,38 +264,15 @@ impl Tracker {
             .collect();
         gone.sort();
         for key in gone {
-            let Some(tw) = self.tracked.remove(&key) else {
-                continue;
-            };
-            let (end, at) = if now_ns + EARLY_MARGIN_NS >= tw.due_ns {
-                (End::Expired, tw.due_ns.max(tw.entered_ns))
+            let due = self.tracked.get(&key).map_or(0, |tw| tw.due_ns);
+            if now_ns + EARLY_MARGIN_NS >= due {
+                // Timed by the kernel's timer, not by when the poll noticed.
+                self.end(key, End::Expired, due);
             } else {
-                (End::Early, now_ns)
-            };
-            let lifetime = at.saturating_sub(tw.entered_ns);
-            rows.push(Synthetic {
-                key,
-                ts_ns: at,
-                old: tw.substate,
-                new: TcpState::CLOSE,
-                duration_ns: (tw.age_source == AgeSource::Observed).then_some(lifetime),
-                owner: tw.owner.clone(),
-                owner_source: tw.owner_source,
-                end: Some(end),
-            });
-            if tw.substate == TcpState::TIME_WAIT && tw.age_source == AgeSource::Observed {
-                if self.ended.len() >= MAX_ENDED {
-                    self.ended.pop_front();
-                }
-                self.ended.push_back(Ended {
-                    key,
-                    at_ns: at,
-                    lifetime_ns: lifetime,
-                    end,
-                    pid: tw.owner.as_ref().map(|o| o.pid),
-                });
+                self.end(key, End::Early, now_ns);
             }
         }
+        rows.append(&mut self.queued);
 
         // Pending closes of this namespace that the poll did not confirm left no
         // timewait socket (reset, or the kernel's timewait table was full). One poll of
@@ -295,6 +287,37 @@ impl Tracker {
         });
         rows.sort_by_key(|r| r.ts_ns);
         rows
+    }
+
+    /// Ends a followed socket at `at_ns`, queueing its row.
+    fn end(&mut self, key: SockKey, end: End, at_ns: u64) {
+        let Some(tw) = self.tracked.remove(&key) else {
+            return;
+        };
+        let at = at_ns.max(tw.entered_ns);
+        let lifetime = at - tw.entered_ns;
+        self.queued.push(Synthetic {
+            key,
+            ts_ns: at,
+            old: tw.substate,
+            new: TcpState::CLOSE,
+            duration_ns: (tw.age_source == AgeSource::Observed).then_some(lifetime),
+            owner: tw.owner.clone(),
+            owner_source: tw.owner_source,
+            end: Some(end),
+        });
+        if tw.substate == TcpState::TIME_WAIT && tw.age_source == AgeSource::Observed {
+            if self.ended.len() >= MAX_ENDED {
+                self.ended.pop_front();
+            }
+            self.ended.push_back(Ended {
+                key,
+                at_ns: at,
+                lifetime_ns: lifetime,
+                end,
+                pid: tw.owner.as_ref().map(|o| o.pid),
+            });
+        }
     }
 
     pub fn tracked(&self) -> impl Iterator<Item = (&SockKey, &TimeWait)> {
@@ -426,6 +449,48 @@ mod tests {
         let rows = t.observe(NS, &[], 15 * SEC, false, &no_listener);
         assert_eq!(rows[0].end, Some(End::Early));
         assert_eq!(rows[0].duration_ns, Some(5 * SEC));
+    }
+
+    #[test]
+    fn late_timer_does_not_stretch_the_lifetime() {
+        let mut t = Tracker::default();
+        t.on_transition(key(C, S), &close_from(FIN_WAIT2, 10.0, Some(42)));
+        t.observe(
+            NS,
+            &[tw(TIME_WAIT, C, S, 60_000)],
+            10 * SEC,
+            false,
+            &no_listener,
+        );
+        // The timer wheel runs it 1.5 s late: still listed, 0 ms left.
+        t.observe(NS, &[tw(TIME_WAIT, C, S, 0)], 71 * SEC, false, &no_listener);
+        let rows = t.observe(NS, &[], 72 * SEC, false, &no_listener);
+        assert_eq!(rows[0].duration_ns, Some(60 * SEC));
+    }
+
+    #[test]
+    fn new_connection_on_the_four_tuple_ends_time_wait_early() {
+        let mut t = Tracker::default();
+        let k = key(S, C);
+        let mut close = close_from(FIN_WAIT2, 10.0, Some(7));
+        close.local = S.parse().unwrap();
+        close.remote = C.parse().unwrap();
+        t.on_transition(k, &close);
+        t.observe(
+            NS,
+            &[tw(TIME_WAIT, S, C, 60_000)],
+            10 * SEC,
+            false,
+            &no_listener,
+        );
+        // A SYN from the same client port: the server's child starts on the 4-tuple.
+        t.on_transition(k, &tr(12.0, LISTEN, SYN_RECV, S, C));
+        let rows = t.observe(NS, &[], 12_500_000_000, false, &no_listener);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].end, Some(End::Early));
+        assert_eq!(rows[0].ts_ns, 12 * SEC);
+        assert_eq!(rows[0].duration_ns, Some(2 * SEC));
+        assert_eq!(t.tracked().count(), 0);
     }
 
     #[test]

@@ -148,8 +148,21 @@ pub struct Peer {
 
 impl Peer {
     pub fn spawn(role: &[&str]) -> Self {
+        Self::spawn_in(None, role)
+    }
+
+    /// Spawns the peer inside a network namespace (`ip netns exec`) when one is given.
+    pub fn spawn_in(netns: Option<&NetNs>, role: &[&str]) -> Self {
         let exe = std::env::current_exe().unwrap();
-        let mut child = Command::new(exe)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = cmd
             .args([
                 "--exact",
                 "peer_entry",
@@ -278,10 +291,70 @@ pub fn peer_main(role: &str) {
             }
             say("done 1".into());
         }
+        ["firstcloser", addr, n] => {
+            // A server that closes each connection first, as soon as it is accepted.
+            let l = TcpListener::bind(addr.parse::<SocketAddr>().unwrap()).unwrap();
+            say(format!("port {}", l.local_addr().unwrap().port()));
+            let n: usize = n.parse().unwrap();
+            for _ in 0..n {
+                drop(l.accept().unwrap().0);
+            }
+            say(format!("closed {n}"));
+            for _ in stdin.by_ref() {}
+            drop(l);
+            return;
+        }
+        ["clients", addr, n] => {
+            // Connects N times and closes each connection first, at once.
+            let n: usize = n.parse().unwrap();
+            for _ in 0..n {
+                let c = TcpStream::connect(addr.parse::<SocketAddr>().unwrap()).unwrap();
+                say(format!("local {}", c.local_addr().unwrap().port()));
+                drop(c);
+            }
+            say(format!("closed {n}"));
+        }
         other => panic!("unknown peer role {other:?}"),
     }
     // Stay alive (owning nothing more) until the test is done with us.
     for _ in stdin.by_ref() {}
+}
+
+/// A network namespace made for one test, with loopback up; deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("cw-{tag}-{}", std::process::id());
+        let run = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("run ip");
+            assert!(st.success(), "ip {args:?} failed");
+        };
+        run(&["netns", "add", &name]);
+        let ns = Self { name };
+        run(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Sets a sysctl inside the namespace (never on the host).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sysctl", "-q", "-w"])
+            .arg(format!("{key}={value}"))
+            .status()
+            .expect("run sysctl");
+        assert!(st.success(), "sysctl {key} in {}", self.name);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }
 
 /// Opens `n` connections to `addr` from this process.

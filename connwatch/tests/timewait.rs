@@ -1,0 +1,343 @@
+//! Root integration tests of the TIME_WAIT lifecycle with real processes on loopback:
+//! who closed first owns the TIME_WAIT, orphan FIN_WAIT2 turning into TIME_WAIT, early and
+//! natural ends, port pressure inside a network namespace made by the test.
+mod common;
+
+use std::{
+    io::Read,
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+#[ignore = "helper: runs only as a re-executed peer process"]
+fn peer_entry() {
+    if let Ok(role) = std::env::var("CW_PEER") {
+        peer_main(&role);
+    }
+}
+
+const N: usize = 5;
+
+fn process(r: &Value, pid: u32) -> Option<&Value> {
+    r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+}
+
+fn has_flag(p: &Value, flag: &str) -> bool {
+    p["flags"].as_array().unwrap().iter().any(|f| f == flag)
+}
+
+fn wait_report(cw: &mut Connwatch, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
+    let line = cw.stdout.wait_for(what, |l| {
+        serde_json::from_str::<Value>(l).is_ok_and(|r| pred(&r))
+    });
+    serde_json::from_str(&line).unwrap()
+}
+
+fn watch(extra: &[&str]) -> Connwatch {
+    let mut args = vec![
+        "watch",
+        "--json",
+        "--interval",
+        "300ms",
+        "--tw-poll",
+        "200ms",
+    ];
+    args.extend_from_slice(extra);
+    Connwatch::start(&args)
+}
+
+/// Connects to `port`, waits for the server to close, closes: the server closed first.
+fn connect_and_await_close(ip: &str, port: u16) -> TcpStream {
+    let mut c = TcpStream::connect(addr(ip, port)).unwrap();
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(c.read(&mut buf).unwrap(), 0, "server should close first");
+    c
+}
+
+/// A server that closes first owns its TIME_WAIT sockets and is an `active_closer`;
+/// its client holds none.
+fn server_closes_first(ip: &str) {
+    require_root();
+    let mut cw = watch(&["--time-wait-min", &N.to_string()]);
+    let mut server = Peer::spawn(&["firstcloser", &addr(ip, 0), &N.to_string()]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let clients: Vec<TcpStream> = (0..N).map(|_| connect_and_await_close(ip, port)).collect();
+    server.expect("closed");
+    drop(clients);
+
+    // The listener's holder is found by the next /proc rescan (at most one a second).
+    let r = wait_report(&mut cw, "the server flagged for its TIME_WAITs", |r| {
+        process(r, server.pid())
+            .is_some_and(|p| p["time_wait"] == N as u64 && has_flag(p, "active_closer"))
+    });
+    let p = process(&r, server.pid()).unwrap();
+    assert_eq!(p["owner_sources"], serde_json::json!(["carried"]), "{p}");
+    assert!(p["time_wait_oldest_s"].as_f64().unwrap() < 10.0, "{p}");
+    let reason = p["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("listens on port {port}")),
+        "{reason}"
+    );
+    assert_eq!(p["peers"][0]["time_wait"], N as u64, "{p}");
+    // The client (this process) closed second: no TIME_WAIT for it.
+    if let Some(me) = process(&r, std::process::id()) {
+        assert_eq!(me["time_wait"], 0, "{me}");
+    }
+    assert!(
+        r["kernel"]["tcp_max_tw_buckets"].as_u64().is_some(),
+        "{}",
+        r["kernel"]
+    );
+    assert!(r["kernel"]["time_wait_overflow"].as_u64().is_some());
+}
+
+#[test]
+fn server_closing_first_owns_time_wait_ipv4() {
+    server_closes_first("127.0.0.1");
+}
+
+#[test]
+fn server_closing_first_owns_time_wait_ipv6() {
+    server_closes_first("::1");
+}
+
+/// A client that closes first owns the TIME_WAIT sockets; the server is not flagged.
+fn client_closes_first(ip: &str) {
+    require_root();
+    let mut cw = watch(&["--time-wait-min", "1"]);
+    let mut server = Peer::spawn(&["closer", &addr(ip, 0), &N.to_string(), "0"]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let mut client = Peer::spawn(&["clients", &addr(ip, port), &N.to_string()]);
+    client.expect("closed");
+    server.expect("done");
+
+    let r = wait_report(&mut cw, "the client's TIME_WAITs", |r| {
+        process(r, client.pid()).is_some_and(|p| p["time_wait"] == N as u64)
+    });
+    let c = process(&r, client.pid()).unwrap();
+    assert_eq!(c["owner_sources"], serde_json::json!(["carried"]), "{c}");
+    assert!(!has_flag(c, "active_closer"), "{c}");
+    assert_eq!(c["peers"][0]["addr"], addr(ip, port), "{c}");
+    assert!(c["time_wait_created_per_s"].as_f64().unwrap() > 0.0, "{c}");
+    if let Some(s) = process(&r, server.pid()) {
+        assert_eq!(s["time_wait"], 0, "{s}");
+        assert!(!has_flag(s, "active_closer"), "{s}");
+    }
+}
+
+#[test]
+fn client_closing_first_owns_time_wait_ipv4() {
+    client_closes_first("127.0.0.1");
+}
+
+#[test]
+fn client_closing_first_owns_time_wait_ipv6() {
+    client_closes_first("::1");
+}
+
+fn trace() -> Connwatch {
+    Connwatch::start(&["trace", "--json", "--tw-poll", "200ms"])
+}
+
+fn rows_for(cw: &Connwatch, local: u16, remote: u16) -> Vec<Row> {
+    parse_rows(&cw.stdout.seen)
+        .into_iter()
+        .filter(|r| r.sport == local && r.dport == remote)
+        .collect()
+}
+
+fn is_synthetic(line: &str) -> bool {
+    serde_json::from_str::<Value>(line).is_ok_and(|v| v["synthetic"] == true)
+}
+
+/// An orphan in FIN_WAIT2 (its process closed, the peer has not) turns into TIME_WAIT
+/// when the peer's FIN arrives: trace reports that change.
+#[test]
+fn orphan_fin_wait2_becomes_time_wait() {
+    require_root();
+    let mut cw = trace();
+    let mut server = Peer::spawn(&["closer", "127.0.0.1:0", "1", "1500"]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let mut client = Peer::spawn(&["clients", &addr("127.0.0.1", port), "1"]);
+    let cport: u16 = client.expect("local").parse().unwrap();
+    server.expect("done");
+    let line = cw.stdout.wait_for("FIN_WAIT2 -> TIME_WAIT", |l| {
+        is_synthetic(l)
+            && serde_json::from_str::<Row>(l)
+                .is_ok_and(|r| r.sport == cport && r.old == "FIN_WAIT2" && r.new == "TIME_WAIT")
+    });
+    let row: Row = serde_json::from_str(&line).unwrap();
+    assert_eq!(row.pid, Some(client.pid()));
+    assert_eq!(row.owner_source, "carried");
+    // It waited in FIN_WAIT2 for the 1.5 s the server took to close.
+    let waited = row.duration_ms.unwrap();
+    assert!(
+        (waited - 1500.0).abs() < 300.0,
+        "FIN_WAIT2 lasted {waited} ms"
+    );
+    // The real transitions before it: FIN_WAIT2 -> CLOSE (the orphan became a tw socket).
+    let seen = rows_for(&cw, cport, port);
+    assert!(
+        seen.iter()
+            .any(|r| r.old == "FIN_WAIT2" && r.new == "CLOSE"),
+        "{seen:?}"
+    );
+}
+
+/// A new SYN from the same client port ends the server's TIME_WAIT early.
+#[test]
+fn time_wait_ended_by_port_reuse_is_early() {
+    require_root();
+    let mut cw = trace();
+    let mut server = Peer::spawn(&["firstcloser", "127.0.0.1:0", "2"]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let bind = |local: SocketAddr| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&local.into()).unwrap();
+        s.connect(
+            &addr("127.0.0.1", port)
+                .parse::<SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        let mut c: TcpStream = s.into();
+        c.set_read_timeout(Some(DEADLINE)).unwrap();
+        assert_eq!(c.read(&mut [0u8; 8]).unwrap(), 0);
+        c
+    };
+    let first = bind("127.0.0.1:0".parse().unwrap());
+    let cport = first.local_addr().unwrap().port();
+    drop(first);
+    cw.stdout.wait_for("the server's TIME_WAIT", |l| {
+        is_synthetic(l)
+            && serde_json::from_str::<Row>(l)
+                .is_ok_and(|r| r.sport == port && r.dport == cport && r.new == "TIME_WAIT")
+    });
+    let again = bind(format!("127.0.0.1:{cport}").parse().unwrap());
+    server.expect("closed");
+    let line = cw.stdout.wait_for("the early end", |l| {
+        serde_json::from_str::<Value>(l).is_ok_and(|v| {
+            v["sport"] == port
+                && v["dport"] == cport
+                && v["old"] == "TIME_WAIT"
+                && v["end"] == "early"
+        })
+    });
+    let row: Row = serde_json::from_str(&line).unwrap();
+    assert_eq!(row.new, "CLOSE");
+    assert_eq!(row.pid, Some(server.pid()));
+    assert!(row.duration_ms.unwrap() < 30_000.0, "{line}");
+    drop(again);
+}
+
+/// A TIME_WAIT followed to its natural end lives the kernel's 60 s.
+#[test]
+fn time_wait_expires_after_sixty_seconds() {
+    require_root();
+    let mut cw = trace();
+    let mut server = Peer::spawn(&["firstcloser", "127.0.0.1:0", "1"]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let c = connect_and_await_close("127.0.0.1", port);
+    let cport = c.local_addr().unwrap().port();
+    drop(c);
+    server.expect("closed");
+    let end = Instant::now() + Duration::from_secs(75);
+    let row = loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let Some(line) = cw.stdout.next_within(left) else {
+            panic!("no end of TIME_WAIT within 75 s");
+        };
+        if let Ok(v) = serde_json::from_str::<Value>(&line)
+            && v["sport"] == port
+            && v["dport"] == cport
+            && v["old"] == "TIME_WAIT"
+            && v["new"] == "CLOSE"
+        {
+            break v;
+        }
+    };
+    assert_eq!(row["end"], "expired", "{row}");
+    assert_eq!(row["synthetic"], true);
+    assert_eq!(row["pid"], server.pid());
+    let ms = row["duration_ms"].as_f64().unwrap();
+    assert!((ms - 60_000.0).abs() <= 500.0, "TIME_WAIT lasted {ms} ms");
+}
+
+/// Port pressure inside a namespace with a 10-port ephemeral range: 6 TIME_WAITs from
+/// ephemeral ports to one server are 60 % of it. Also proves connwatch looks into other
+/// namespaces (sock_diag and sysctls there), and attributes the client's TIME_WAITs.
+#[test]
+fn port_pressure_in_a_small_port_range() {
+    require_root();
+    let ns = NetNs::new("pp");
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40009");
+    let mut cw = watch(&[]);
+    let mut server = Peer::spawn_in(Some(&ns), &["closer", "127.0.0.1:0", "6", "0"]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let mut client = Peer::spawn_in(Some(&ns), &["clients", &addr("127.0.0.1", port), "6"]);
+    client.expect("closed");
+    server.expect("done");
+    let r = wait_report(&mut cw, "port pressure", |r| {
+        process(r, client.pid()).is_some_and(|p| has_flag(p, "port_pressure"))
+    });
+    let p = process(&r, client.pid()).unwrap();
+    assert_eq!(p["time_wait"], 6, "{p}");
+    let reason = p["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("to 127.0.0.1:{port}"))
+            && reason.contains("6 in all")
+            && reason.contains("40000-40009")
+            && reason.contains("tcp_tw_reuse="),
+        "{reason}"
+    );
+    // The host's own range is untouched.
+    let host = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    assert!(!host.starts_with("40000"), "{host}");
+}
+
+/// A CLOSE_WAIT leak inside another network namespace is found and attributed.
+#[test]
+fn leak_in_another_namespace_is_attributed() {
+    require_root();
+    let ns = NetNs::new("leak");
+    let mut cw = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "300ms",
+        "--close-wait-age",
+        "1s",
+    ]);
+    let mut leaker = Peer::spawn_in(Some(&ns), &["leaker", "127.0.0.1:0", "3"]);
+    let port: u16 = leaker.expect("port").parse().unwrap();
+    let mut client = Peer::spawn_in(Some(&ns), &["clients", &addr("127.0.0.1", port), "3"]);
+    client.expect("closed");
+    leaker.expect("accepted");
+    let r = wait_report(&mut cw, "the leak in the namespace", |r| {
+        process(r, leaker.pid()).is_some_and(|p| has_flag(p, "close_wait_leak"))
+    });
+    let p = process(&r, leaker.pid()).unwrap();
+    assert_eq!(p["close_wait"], 3, "{p}");
+    assert_eq!(p["close_wait_age_source"], "observed", "{p}");
+    // snapshot (no BPF) finds it too.
+    let out = std::process::Command::new(CONNWATCH)
+        .args(["snapshot", "--json", "--close-wait-age", "100d"])
+        .output()
+        .unwrap();
+    let snap: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        process(&snap, leaker.pid()).expect("in snapshot")["close_wait"],
+        3
+    );
+}
