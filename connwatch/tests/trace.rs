@@ -198,10 +198,20 @@ fn signals_detach_and_summarise() {
                 .any(|l| l.contains("events received") && l.contains("dropped")),
             "{err:?}"
         );
-        let live = loaded_prog_ids();
-        for id in progs {
-            assert!(!live.contains(&id), "program {id} still loaded after exit");
-        }
+        wait_unloaded(&progs);
+    }
+}
+
+/// Programs are freed asynchronously (RCU, deferred work) after their last fd closes:
+/// wait for it with a deadline.
+fn wait_unloaded(progs: &[u32]) {
+    let end = std::time::Instant::now() + DEADLINE;
+    while progs.iter().any(|id| loaded_prog_ids().contains(id)) {
+        assert!(
+            std::time::Instant::now() < end,
+            "programs {progs:?} still loaded after exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
