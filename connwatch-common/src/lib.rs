@@ -11,6 +11,40 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const PROG_TP_BTF: &str = "connwatch_tp_btf";
 pub const PROG_TRACEPOINT: &str = "connwatch_tracepoint";
 pub const GLOBAL_OFFSETS: &str = "OFFSETS";
+pub const GLOBAL_FILTER: &str = "FILTER";
+pub const MAP_LISTENERS: &str = "LISTENERS";
+
+/// Most pids and ports a kernel-side filter holds.
+pub const FILTER_MAX: usize = 8;
+
+/// Which events the probe emits, set at load time (`--pid`, `--port`, `--family`,
+/// `--cgroup`). Zero counts and zero values mean "any". Per-socket state is kept for
+/// every socket whatever the filter, so owners and entry times stay right.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// AF_INET or AF_INET6; 0 for both.
+    pub family: u16,
+    pub nports: u16,
+    pub npids: u16,
+    pub _pad: u16,
+    /// Local or remote port, host order.
+    pub ports: [u16; FILTER_MAX],
+    /// Owner tgids: the socket's owner (context or carried), else its listener's owner.
+    pub pids: [u32; FILTER_MAX],
+    /// cgroup v2 id (the cgroup directory's inode) of the socket; 0 for any.
+    pub cgroup_id: u64,
+}
+
+/// Key of the listener map: the owner of a listening port, so that sockets accepted
+/// from it (whose transitions run in softirq) can be matched to a process by `--pid`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenKey {
+    pub netns: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 pub mod tcp_state {
@@ -174,6 +208,11 @@ pub struct Offsets {
     pub socket_file: u32,
     pub file_inode: u32,
     pub inode_ino: u32,
+    /// `sock.sk_cgrp_data.cgroup` -> `cgroup.kn` -> `kernfs_node.id` (cgroup v2 id).
+    pub sk_cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_id: u32,
+    pub _pad: u32,
 }
 
 impl Offsets {
@@ -195,6 +234,10 @@ impl Offsets {
             socket_file: u,
             file_inode: u,
             inode_ino: u,
+            sk_cgroup: u,
+            cgroup_kn: u,
+            kernfs_id: u,
+            _pad: 0,
         }
     }
 }
@@ -205,9 +248,13 @@ mod user {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::Offsets {}
+    unsafe impl aya::Pod for super::Filter {}
+    unsafe impl aya::Pod for super::ListenKey {}
 }
 
 // The wire layout is fixed: a change here must be a deliberate one on both sides.
 const _: () = assert!(core::mem::size_of::<Event>() == 120);
 const _: () = assert!(core::mem::size_of::<SockState>() == 32);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 14 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 18 * 4);
+const _: () = assert!(core::mem::size_of::<Filter>() == 8 + 16 + 32 + 8);
+const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);

@@ -26,8 +26,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use connwatch_common::{
-    AF_INET, AF_INET6, Event, IPPROTO_TCP, Offsets, SockState, counter, owner_source,
-    runs_in_owner_context, tcp_state, tp_record,
+    AF_INET, AF_INET6, Event, FILTER_MAX, Filter, IPPROTO_TCP, ListenKey, Offsets, SockState,
+    counter, owner_source, runs_in_owner_context, tcp_state, tp_record,
 };
 
 /// Event stream to userspace. Size is set by userspace at load time (`--ring-size`).
@@ -43,9 +43,26 @@ static SOCKETS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(1 << 1
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// Owner of each listening port, so that `--pid` matches the sockets accepted from it
+/// (their transitions run in softirq, with no owner of their own until close()).
+#[map]
+static LISTENERS: LruHashMap<ListenKey, u32> = LruHashMap::with_max_entries(1 << 14, 0);
+
 /// Kernel struct field offsets, filled in by userspace from BTF before load.
 #[unsafe(no_mangle)]
 static OFFSETS: Offsets = Offsets::unresolved();
+
+/// Which events to emit (`--pid`, `--port`, `--family`, `--cgroup`), set before load.
+#[unsafe(no_mangle)]
+static FILTER: Filter = Filter {
+    family: 0,
+    nports: 0,
+    npids: 0,
+    _pad: 0,
+    ports: [0; FILTER_MAX],
+    pids: [0; FILTER_MAX],
+    cgroup_id: 0,
+};
 
 /// The fields of a transition that the two hooks obtain differently.
 struct Tuple {
@@ -148,7 +165,6 @@ pub fn connwatch_tracepoint(ctx: TracePointContext) -> u32 {
 // scalar).
 #[inline(never)]
 unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new: u8, t: &Tuple) {
-    bump(counter::SEEN);
     let now = unsafe { bpf_ktime_get_ns() };
     let key = sk as u64;
     let task_pid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -157,12 +173,16 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
     // A socket that starts a life (connect/listen from CLOSE, or a child created by a
     // listener) must not inherit a stale entry left by a freed socket at the same address.
     let fresh = old == tcp_state::CLOSE || (old == tcp_state::LISTEN && new == tcp_state::SYN_RECV);
-    let prev: Option<SockState> = if fresh {
-        None
-    } else {
+    // A zeroed value rather than an `Option`: LLVM may otherwise compute on the payload
+    // of a `None` (undefined, often a stack pointer), which the verifier rejects as
+    // pointer arithmetic. `since_ns == 0` means "not seen".
+    let mut prev = SockState::default();
+    if !fresh {
         // SAFETY: the value is copied out at once.
-        unsafe { SOCKETS.get(&key).copied() }
-    };
+        if let Some(p) = unsafe { SOCKETS.get(&key) } {
+            prev = *p;
+        }
+    }
 
     let mut state = SockState {
         since_ns: now,
@@ -172,9 +192,9 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
         state.owner_pid = task_pid;
         state.owner_comm = task_comm;
         owner_source::CONTEXT
-    } else if let Some(p) = prev.filter(|p| p.owner_pid != 0) {
-        state.owner_pid = p.owner_pid;
-        state.owner_comm = p.owner_comm;
+    } else if prev.owner_pid != 0 {
+        state.owner_pid = prev.owner_pid;
+        state.owner_comm = prev.owner_comm;
         owner_source::CARRIED
     } else {
         owner_source::UNKNOWN
@@ -188,7 +208,23 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
     }
 
     let off = offsets();
-    let (netns, inode) = unsafe { (netns_of(sk, &off), inode_of(sk, &off)) };
+    let netns = unsafe { netns_of(sk, &off) };
+    let listen_key = ListenKey {
+        netns,
+        port: t.sport,
+        _pad: 0,
+    };
+    if new == tcp_state::LISTEN {
+        let _ = LISTENERS.insert(&listen_key, &state.owner_pid, 0);
+    } else if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
+        let _ = LISTENERS.remove(&listen_key);
+    }
+    if !unsafe { passes(t, &listen_key, state.owner_pid, sk, &off) } {
+        return;
+    }
+    bump(counter::SEEN);
+
+    let inode = unsafe { inode_of(sk, &off) };
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         bump(counter::DROPPED);
         return;
@@ -196,7 +232,7 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
     entry.write(Event {
         ts_ns: now,
         skaddr: key,
-        old_since_ns: prev.map(|p| p.since_ns).unwrap_or(0),
+        old_since_ns: prev.since_ns,
         inode,
         netns,
         owner_pid: state.owner_pid,
@@ -214,6 +250,62 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
         task_comm,
     });
     entry.submit(0);
+}
+
+/// The load-time filter. A socket whose owner is not known yet (accepted, before its
+/// close) matches `--pid` through the owner of the port it was accepted on.
+#[inline(always)]
+unsafe fn passes(
+    t: &Tuple,
+    listen_key: &ListenKey,
+    owner: u32,
+    sk: *const u8,
+    off: &Offsets,
+) -> bool {
+    // SAFETY: a read of our own global, volatile for the same reason as OFFSETS.
+    let f = unsafe { core::ptr::read_volatile(&raw const FILTER) };
+    if f.family != 0 && f.family != t.family {
+        return false;
+    }
+    if f.nports != 0 {
+        let mut hit = false;
+        for i in 0..FILTER_MAX {
+            if i < f.nports as usize && (f.ports[i] == t.sport || f.ports[i] == t.dport) {
+                hit = true;
+            }
+        }
+        if !hit {
+            return false;
+        }
+    }
+    if f.npids != 0 {
+        let pid = if owner != 0 {
+            owner
+        } else {
+            // SAFETY: copied out at once.
+            unsafe { LISTENERS.get(listen_key).copied().unwrap_or(0) }
+        };
+        let mut hit = false;
+        for i in 0..FILTER_MAX {
+            if i < f.npids as usize && pid != 0 && f.pids[i] == pid {
+                hit = true;
+            }
+        }
+        if !hit {
+            return false;
+        }
+    }
+    if f.cgroup_id != 0 {
+        let id = unsafe {
+            let cgroup = read_at::<u64>(sk, off.sk_cgroup).unwrap_or(0) as *const u8;
+            let kn = read_at::<u64>(cgroup, off.cgroup_kn).unwrap_or(0) as *const u8;
+            read_at::<u64>(kn, off.kernfs_id).unwrap_or(0)
+        };
+        if id != f.cgroup_id {
+            return false;
+        }
+    }
+    true
 }
 
 #[inline(always)]

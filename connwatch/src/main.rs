@@ -5,6 +5,7 @@
 mod cli;
 mod clock;
 mod decode;
+mod filter;
 mod kernelinfo;
 mod monitor;
 mod netns;
@@ -25,6 +26,7 @@ use clap::Parser as _;
 
 use crate::{
     cli::{Cli, Command, ProbeArgs},
+    filter::Filter,
     probe::{Probe, ProbeOptions},
 };
 
@@ -67,19 +69,25 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Trace(args) => {
-            let opts = probe_options(&args.probe, cli.verbose);
-            trace::run(args, opts).await
+            let filter = Filter::from_args(&args.filter)?;
+            let opts = probe_options(&args.probe, &filter, cli.verbose);
+            trace::run(args, opts, filter).await
         }
         Command::Watch(args) => {
-            let opts = probe_options(&args.probe, cli.verbose);
-            watch::watch(args, opts).await
+            let filter = Filter::from_args(&args.filter)?;
+            let opts = probe_options(&args.probe, &filter, cli.verbose);
+            watch::watch(args, opts, filter).await
         }
-        Command::Snapshot(args) => watch::snapshot(args),
+        Command::Snapshot(args) => {
+            let filter = Filter::from_args(&args.filter)?;
+            watch::snapshot(args, filter)
+        }
     }
 }
 
-fn probe_options(args: &ProbeArgs, verbose: bool) -> ProbeOptions {
+fn probe_options(args: &ProbeArgs, filter: &Filter, verbose: bool) -> ProbeOptions {
     ProbeOptions {
+        filter: filter.kernel(),
         hook: args.hook,
         ring_bytes: args.ring_size,
         max_sockets: args.max_sockets,

@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result};
 use crate::{
     clock::{WallClock, monotonic_ns},
     decode::{TcpState, Transition},
+    filter::Filter,
     kernelinfo::KernelInfo,
     netns,
     owners::{self, FdIndex, ProcInfo},
@@ -38,10 +39,13 @@ pub struct Monitor {
     tw_seeded: bool,
     /// Namespaces whose dump failed (gone meanwhile, or no permission).
     pub dump_errors: u64,
+    filter: Filter,
+    /// A transition came from a namespace not listed yet: list them again.
+    rediscover: bool,
 }
 
 impl Monitor {
-    pub fn new(cfg: ReportConfig) -> Self {
+    pub fn new(cfg: ReportConfig, filter: Filter) -> Self {
         let own_netns = owners::own_netns();
         Self {
             table: Table::new(own_netns),
@@ -60,6 +64,8 @@ impl Monitor {
             kernel: BTreeMap::new(),
             tw_seeded: false,
             dump_errors: 0,
+            filter,
+            rediscover: false,
         }
     }
 
@@ -74,7 +80,13 @@ impl Monitor {
                 netns::run_in(path, move || sockdiag::dump(query))
             };
             match dumped {
-                Ok(sockets) => out.push((ns, sockets)),
+                Ok(mut sockets) => {
+                    // Listeners stay: they name the owners of server-side sockets.
+                    sockets.retain(|s| {
+                        s.state == TcpState::LISTEN || self.filter.socket(&s.local, &s.remote)
+                    });
+                    out.push((ns, sockets));
+                }
                 Err(e) if ns == self.own_netns => {
                     return Err(e).context("cannot list TCP sockets through netlink sock_diag");
                 }
@@ -106,6 +118,17 @@ impl Monitor {
         Ok(())
     }
 
+    /// Owners of the listening ports found so far: (netns, port, pid).
+    pub fn listener_owners(&mut self) -> Vec<(u32, u16, u32)> {
+        self.index.ensure(self.listeners.values().copied());
+        self.listeners
+            .iter()
+            .filter_map(|(&(ns, port), &inode)| {
+                Some((ns, port, *self.index.holders(inode).first()?))
+            })
+            .collect()
+    }
+
     pub fn apply(&mut self, t: &Transition) {
         self.table.apply(t);
         let ns = if t.netns == 0 {
@@ -122,14 +145,27 @@ impl Monitor {
     }
 
     /// Polls timewait sockets (and listeners, their likely owners) in every namespace:
-    /// confirms TIME_WAIT entries, notices their ends. Returns the inferred transitions.
+    /// confirms TIME_WAIT entries, notices their ends. Returns the inferred transitions
+    /// that pass the filter.
     pub fn poll_timewait(&mut self) -> Result<Vec<Synthetic>> {
+        if std::mem::take(&mut self.rediscover) {
+            self.discover_namespaces();
+        }
         let query = Query::states(
             &[TcpState::TIME_WAIT, TcpState::FIN_WAIT2, TcpState::LISTEN],
             false,
         );
         let dumps = self.dump_all(query)?;
-        self.observe(dumps)
+        let mut rows = self.observe(dumps)?;
+        if self.filter.selects_processes() {
+            let filter = &self.filter;
+            rows.retain(|r| {
+                r.owner.as_ref().is_some_and(|o| {
+                    filter.process(o.pid, crate::filter::cgroup_of(o.pid).as_deref())
+                })
+            });
+        }
+        Ok(rows)
     }
 
     fn observe(&mut self, dumps: Vec<(u32, Vec<DiagSocket>)>) -> Result<Vec<Synthetic>> {
@@ -246,6 +282,13 @@ impl Monitor {
                 sockets_untracked: self.table.untracked + self.tw.untracked + untracked_extra,
             },
         };
-        report::build(&self.table, &inputs, &self.cfg, &mut self.growth)
+        let mut report = report::build(&self.table, &inputs, &self.cfg, &mut self.growth);
+        if self.filter.selects_processes() {
+            let filter = &self.filter;
+            report
+                .processes
+                .retain(|p| filter.process(p.pid, p.cgroup.as_deref()));
+        }
+        report
     }
 }

@@ -6,13 +6,22 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io,
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
 
-/// Distinct network namespaces (inode → a path to enter it), ours included.
+/// Distinct network namespaces (inode → a path to enter it), ours included: those of
+/// every process, and those kept by `ip netns` under /run/netns with no process yet.
 pub fn all() -> BTreeMap<u32, PathBuf> {
     let mut found = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir("/run/netns") {
+        for entry in dir.flatten() {
+            // A bind mount of the namespace: its inode is the namespace's.
+            if let Ok(meta) = entry.metadata() {
+                found.entry(meta.ino() as u32).or_insert(entry.path());
+            }
+        }
+    }
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return found;
     };

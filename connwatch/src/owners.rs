@@ -20,6 +20,8 @@ pub struct ProcInfo {
     pub fds: u64,
     /// Soft `RLIMIT_NOFILE`; `None` when unlimited or unreadable.
     pub fd_limit: Option<u64>,
+    /// cgroup v2 path (the container or service it runs in).
+    pub cgroup: Option<String>,
 }
 
 pub struct FdIndex {
@@ -103,6 +105,7 @@ pub fn proc_info(pid: u32) -> Option<ProcInfo> {
         comm,
         fds,
         fd_limit,
+        cgroup: crate::filter::cgroup_of(pid),
     })
 }
 

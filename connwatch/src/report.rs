@@ -82,6 +82,8 @@ pub struct ClosedStats {
 pub struct ProcessRow {
     pub pid: u32,
     pub comm: String,
+    /// cgroup v2 path: the container or service the process runs in.
+    pub cgroup: Option<String>,
     pub close_wait: u64,
     pub close_wait_oldest_s: Option<f64>,
     pub close_wait_age_source: Option<&'static str>,
@@ -449,6 +451,7 @@ fn row(pid: u32, mut a: Acc, inp: &Inputs, cfg: &ReportConfig, growth: &Growth) 
     let mut row = ProcessRow {
         pid,
         comm,
+        cgroup: info.and_then(|i| i.cgroup.clone()),
         close_wait: a.close_wait,
         close_wait_oldest_s: oldest_s.map(round3),
         close_wait_age_source: a.oldest_ns.map(|(_, s)| s.as_str()),
@@ -691,6 +694,7 @@ mod tests {
                     comm: "python3".into(),
                     fds: 60,
                     fd_limit: Some(1024),
+                    cgroup: None,
                 },
             ),
             (
@@ -699,6 +703,7 @@ mod tests {
                     comm: "nginx".into(),
                     fds: 10,
                     fd_limit: Some(1024),
+                    cgroup: None,
                 },
             ),
         ])

@@ -1,4 +1,6 @@
 //! When a command stops: SIGINT, SIGTERM or the end of `--duration`, whichever comes first.
+//! SIGHUP is ignored, so that a long watch survives the terminal or ssh session that
+//! started it; stop it with SIGINT or SIGTERM.
 use std::time::Duration;
 
 use anyhow::Result;
@@ -10,6 +12,8 @@ use tokio::{
 pub struct Shutdown {
     sigint: Signal,
     sigterm: Signal,
+    /// Registered so that SIGHUP no longer kills the process; never acted on.
+    _sighup: Signal,
     deadline: Option<Instant>,
 }
 
@@ -18,6 +22,7 @@ impl Shutdown {
         Ok(Self {
             sigint: signal(SignalKind::interrupt())?,
             sigterm: signal(SignalKind::terminate())?,
+            _sighup: signal(SignalKind::hangup())?,
             deadline: duration.map(|d| Instant::now() + d),
         })
     }

@@ -27,6 +27,9 @@ pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
 /// A timewait socket that vanished this much before its timer was due ended early.
 const EARLY_MARGIN_NS: u64 = 100_000_000;
 
+/// Polls of other namespaces a pending close waits for its own namespace's poll.
+const MAX_PENDING_POLLS: u8 = 64;
+
 /// Lifetimes of ended TIME_WAIT sockets kept at most.
 const MAX_ENDED: usize = 100_000;
 
@@ -275,15 +278,16 @@ impl Tracker {
         rows.append(&mut self.queued);
 
         // Pending closes of this namespace that the poll did not confirm left no
-        // timewait socket (reset, or the kernel's timewait table was full). One poll of
-        // grace elsewhere: a namespace that is not polled cannot pile them up.
+        // timewait socket (reset, or the kernel's timewait table was full). Those of
+        // namespaces not polled wait for theirs, within bounds: a namespace that is never
+        // polled (gone meanwhile) cannot pile them up.
         self.pending.retain(|k, p| {
-            p.polls += 1;
-            let drop = k.netns == netns || p.polls > 2;
-            if drop && k.netns == netns {
+            if k.netns == netns {
                 self.closed_without_timewait += 1;
+                return false;
             }
-            !drop
+            p.polls = p.polls.saturating_add(1);
+            p.polls <= MAX_PENDING_POLLS
         });
         rows.sort_by_key(|r| r.ts_ns);
         rows

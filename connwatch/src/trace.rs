@@ -11,6 +11,7 @@ use crate::{
     cli::TraceArgs,
     clock::WallClock,
     decode::decode,
+    filter::Filter,
     monitor::Monitor,
     probe::{Probe, ProbeOptions},
     report::ReportConfig,
@@ -18,12 +19,15 @@ use crate::{
     views::trace::{self as view, Row},
 };
 
-pub async fn run(args: TraceArgs, opts: ProbeOptions) -> Result<ExitCode> {
+pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
     let mut probe = Probe::load(&opts)?;
     let ring = probe.take_events()?;
     // The monitor follows timewait sockets (TIME_WAIT is never a transition).
-    let mut monitor = Monitor::new(ReportConfig::default());
+    let mut monitor = Monitor::new(ReportConfig::default(), filter);
     monitor.seed()?;
+    if opts.filter.npids > 0 {
+        probe.seed_listeners(&monitor.listener_owners())?;
+    }
     crate::announce(&probe);
     let clock = WallClock::new();
     let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
@@ -64,7 +68,7 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions) -> Result<ExitCode> {
         Ok(()) => {}
     }
     let counters = probe.counters()?;
-    eprintln!("{}", stats.summary(counters.dropped));
+    eprintln!("{}", stats.summary(counters.seen, counters.dropped));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -75,10 +79,11 @@ struct Stats {
 }
 
 impl Stats {
-    fn summary(&self, dropped: u64) -> String {
+    /// `seen` counts the events the probe produced: each was either received or dropped.
+    fn summary(&self, seen: u64, dropped: u64) -> String {
         let mut s = format!(
-            "connwatch: {} events received, {} dropped",
-            self.received, dropped
+            "connwatch: {seen} events, {} received, {dropped} dropped",
+            self.received
         );
         if self.undecodable > 0 {
             s += &format!(", {} undecodable", self.undecodable);

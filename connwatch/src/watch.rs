@@ -11,6 +11,7 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     cli::{ReportArgs, SnapshotArgs, WatchArgs},
     decode::decode,
+    filter::Filter,
     monitor::Monitor,
     probe::{Probe, ProbeOptions},
     report::{Report, ReportConfig},
@@ -21,11 +22,14 @@ use crate::{
 /// `--check`: exit status 3 when the final report flags a process.
 const EXIT_FLAGGED: u8 = 3;
 
-pub async fn watch(args: WatchArgs, opts: ProbeOptions) -> Result<ExitCode> {
+pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
     let mut probe = Probe::load(&opts)?;
     let ring = probe.take_events()?;
-    let mut monitor = Monitor::new(config(&args.report));
+    let mut monitor = Monitor::new(config(&args.report), filter);
     monitor.seed()?;
+    if opts.filter.npids > 0 {
+        probe.seed_listeners(&monitor.listener_owners())?;
+    }
     crate::announce(&probe);
     let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
     let mut shutdown = Shutdown::new(args.duration)?;
@@ -68,8 +72,8 @@ pub async fn watch(args: WatchArgs, opts: ProbeOptions) -> Result<ExitCode> {
     Ok(exit_code(&report, args.report.check))
 }
 
-pub fn snapshot(args: SnapshotArgs) -> Result<ExitCode> {
-    let mut monitor = Monitor::new(config(&args.report));
+pub fn snapshot(args: SnapshotArgs, filter: Filter) -> Result<ExitCode> {
+    let mut monitor = Monitor::new(config(&args.report), filter);
     monitor.seed()?;
     monitor.refresh()?;
     let report = monitor.report(true, 0, 0);

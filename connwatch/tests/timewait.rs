@@ -63,16 +63,28 @@ fn connect_and_await_close(ip: &str, port: u16) -> TcpStream {
     c
 }
 
+/// A namespace with `tcp_tw_reuse=0`, so that the kernel does not end a TIME_WAIT early
+/// by reusing its port for the next connection (it may on loopback by default).
+fn quiet_netns(tag: &str) -> NetNs {
+    let ns = NetNs::new(tag);
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    ns
+}
+
 /// A server that closes first owns its TIME_WAIT sockets and is an `active_closer`;
 /// its client holds none.
 fn server_closes_first(ip: &str) {
     require_root();
+    let ns = quiet_netns(if ip.contains(':') { "sf6" } else { "sf4" });
     let mut cw = watch(&["--time-wait-min", &N.to_string()]);
-    let mut server = Peer::spawn(&["firstcloser", &addr(ip, 0), &N.to_string()]);
+    let mut server = Peer::spawn_in(Some(&ns), &["firstcloser", &addr(ip, 0), &N.to_string()]);
     let port: u16 = server.expect("port").parse().unwrap();
-    let clients: Vec<TcpStream> = (0..N).map(|_| connect_and_await_close(ip, port)).collect();
+    let mut client = Peer::spawn_in(
+        Some(&ns),
+        &["secondclosers", &addr(ip, port), &N.to_string()],
+    );
+    client.expect("closed");
     server.expect("closed");
-    drop(clients);
 
     // The listener's holder is found by the next /proc rescan (at most one a second).
     let r = wait_report(&mut cw, "the server flagged for its TIME_WAITs", |r| {
@@ -88,9 +100,9 @@ fn server_closes_first(ip: &str) {
         "{reason}"
     );
     assert_eq!(p["peers"][0]["time_wait"], N as u64, "{p}");
-    // The client (this process) closed second: no TIME_WAIT for it.
-    if let Some(me) = process(&r, std::process::id()) {
-        assert_eq!(me["time_wait"], 0, "{me}");
+    // The client closed second: no TIME_WAIT for it.
+    if let Some(c) = process(&r, client.pid()) {
+        assert_eq!(c["time_wait"], 0, "{c}");
     }
     assert!(
         r["kernel"]["tcp_max_tw_buckets"].as_u64().is_some(),
@@ -113,10 +125,11 @@ fn server_closing_first_owns_time_wait_ipv6() {
 /// A client that closes first owns the TIME_WAIT sockets; the server is not flagged.
 fn client_closes_first(ip: &str) {
     require_root();
+    let ns = quiet_netns(if ip.contains(':') { "cf6" } else { "cf4" });
     let mut cw = watch(&["--time-wait-min", "1"]);
-    let mut server = Peer::spawn(&["closer", &addr(ip, 0), &N.to_string(), "0"]);
+    let mut server = Peer::spawn_in(Some(&ns), &["closer", &addr(ip, 0), &N.to_string(), "0"]);
     let port: u16 = server.expect("port").parse().unwrap();
-    let mut client = Peer::spawn(&["clients", &addr(ip, port), &N.to_string()]);
+    let mut client = Peer::spawn_in(Some(&ns), &["clients", &addr(ip, port), &N.to_string()]);
     client.expect("closed");
     server.expect("done");
 

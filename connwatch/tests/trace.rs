@@ -195,7 +195,7 @@ fn signals_detach_and_summarise() {
         let err = cw.stderr.drain(Duration::from_millis(200));
         assert!(
             err.iter()
-                .any(|l| l.contains("events received") && l.contains("dropped")),
+                .any(|l| l.contains(" received") && l.contains("dropped")),
             "{err:?}"
         );
         wait_unloaded(&progs);

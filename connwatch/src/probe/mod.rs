@@ -22,8 +22,8 @@ use aya::{
     programs::{BtfTracePoint, TracePoint},
 };
 use connwatch_common::{
-    GLOBAL_OFFSETS, MAP_COUNTERS, MAP_EVENTS, MAP_SOCKETS, Offsets, PROG_TP_BTF, PROG_TRACEPOINT,
-    counter,
+    GLOBAL_FILTER, GLOBAL_OFFSETS, ListenKey, MAP_COUNTERS, MAP_EVENTS, MAP_LISTENERS, MAP_SOCKETS,
+    Offsets, PROG_TP_BTF, PROG_TRACEPOINT, counter,
 };
 
 pub use preflight::check_privileges;
@@ -49,6 +49,8 @@ pub struct ProbeOptions {
     /// Kernel BTF; overridable so that the no-BTF path can be tested.
     pub btf_path: PathBuf,
     pub verbose: bool,
+    /// Load-time event filter.
+    pub filter: connwatch_common::Filter,
 }
 
 /// The attached probe. Dropping it detaches every program (links are owned by the
@@ -110,6 +112,7 @@ impl Probe {
         let mut ebpf = EbpfLoader::new()
             .btf(btf.as_ref())
             .override_global(GLOBAL_OFFSETS, &offsets, true)
+            .override_global(GLOBAL_FILTER, &opts.filter, true)
             .map_max_entries(MAP_EVENTS, opts.ring_bytes)
             .map_max_entries(MAP_SOCKETS, opts.max_sockets)
             .load(PROBE_OBJECT)
@@ -162,6 +165,26 @@ impl Probe {
         RingBuf::try_from(map).context(
             "cannot open the probe's ring buffer (kernel 5.8 or newer is needed for BPF ring buffers)",
         )
+    }
+
+    /// Tells the probe who owns the ports that were listening before it was attached
+    /// (it learns later ones from listen() itself): `--pid` matches accepted sockets
+    /// through them.
+    pub fn seed_listeners(&mut self, owners: &[(u32, u16, u32)]) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_LISTENERS)
+            .context("the probe's listener map is missing")?;
+        let mut listeners = aya::maps::HashMap::<_, ListenKey, u32>::try_from(map)?;
+        for &(netns, port, pid) in owners {
+            let key = ListenKey {
+                netns,
+                port,
+                _pad: 0,
+            };
+            listeners.insert(key, pid, 0)?;
+        }
+        Ok(())
     }
 
     pub fn counters(&self) -> Result<Counters> {

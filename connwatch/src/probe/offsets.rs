@@ -86,7 +86,7 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
             Err(_) => r.missing_required.push(name),
         }
     }
-    let optional: [(&'static str, &str, &[&str], &mut u32); 6] = [
+    let optional: [(&'static str, &str, &[&str], &mut u32); 9] = [
         (
             "skc_net",
             "sock",
@@ -118,6 +118,19 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
             &mut r.offsets.file_inode,
         ),
         ("inode.i_ino", "inode", &["i_ino"], &mut r.offsets.inode_ino),
+        (
+            "sk_cgrp_data.cgroup",
+            "sock",
+            &["sk_cgrp_data", "cgroup"],
+            &mut r.offsets.sk_cgroup,
+        ),
+        ("cgroup.kn", "cgroup", &["kn"], &mut r.offsets.cgroup_kn),
+        (
+            "kernfs_node.id",
+            "kernfs_node",
+            &["id"],
+            &mut r.offsets.kernfs_id,
+        ),
     ];
     for (name, root, path, slot) in optional {
         match field_offset(&btf, root, path) {

@@ -151,6 +151,7 @@ mod tests {
             processes: vec![ProcessRow {
                 pid: 4242,
                 comm: "python3".into(),
+                cgroup: None,
                 close_wait: 50,
                 close_wait_oldest_s: Some(312.0),
                 close_wait_age_source: Some("estimated"),

@@ -153,6 +153,11 @@ impl Peer {
 
     /// Spawns the peer inside a network namespace (`ip netns exec`) when one is given.
     pub fn spawn_in(netns: Option<&NetNs>, role: &[&str]) -> Self {
+        Self::spawn_with(netns, role, false)
+    }
+
+    /// With `wait`, the peer says `ready` and starts only when sent `go`.
+    pub fn spawn_with(netns: Option<&NetNs>, role: &[&str], wait: bool) -> Self {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = match netns {
             Some(ns) => {
@@ -171,6 +176,7 @@ impl Peer {
                 "--quiet",
             ])
             .env("CW_PEER", role.join(" "))
+            .env("CW_PEER_WAIT", if wait { "1" } else { "" })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -217,6 +223,16 @@ impl Drop for Peer {
 pub fn peer_main(role: &str) {
     let args: Vec<&str> = role.split_whitespace().collect();
     let mut stdin = BufReader::new(std::io::stdin()).lines();
+    if std::env::var("CW_PEER_WAIT").is_ok_and(|v| v == "1") {
+        // Wait until the test has placed us (e.g. in a cgroup) before opening sockets.
+        println!("ready 1");
+        std::io::stdout().flush().unwrap();
+        while let Some(Ok(line)) = stdin.next() {
+            if line == "go" {
+                break;
+            }
+        }
+    }
     let say = |s: String| {
         println!("{s}");
         std::io::stdout().flush().unwrap();
@@ -303,6 +319,18 @@ pub fn peer_main(role: &str) {
             for _ in stdin.by_ref() {}
             drop(l);
             return;
+        }
+        ["secondclosers", addr, n] => {
+            // Connects N times; each waits for the server to close first, then closes.
+            let n: usize = n.parse().unwrap();
+            for _ in 0..n {
+                let mut c = TcpStream::connect(addr.parse::<SocketAddr>().unwrap()).unwrap();
+                c.set_read_timeout(Some(DEADLINE)).unwrap();
+                let mut buf = [0u8; 16];
+                while std::io::Read::read(&mut c, &mut buf).unwrap_or(0) > 0 {}
+                drop(c);
+            }
+            say(format!("closed {n}"));
         }
         ["clients", addr, n] => {
             // Connects N times and closes each connection first, at once.

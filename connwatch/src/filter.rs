@@ -1,0 +1,251 @@
+//! `--pid`, `--port`, `--family`, `--cgroup`: applied in the kernel (load-time globals,
+//! so unwanted events never reach userspace) and to what sock_diag adds in userspace.
+use std::{
+    net::SocketAddr,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Result, bail};
+use connwatch_common::{AF_INET, AF_INET6, FILTER_MAX};
+
+use crate::cli::{Family, FilterArgs};
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub pids: Vec<u32>,
+    pub ports: Vec<u16>,
+    pub family: Option<Family>,
+    /// cgroup path relative to the cgroup2 root (as in /proc/PID/cgroup) and its id.
+    pub cgroup: Option<(String, u64)>,
+}
+
+impl Filter {
+    /// Validates the flags against the running system.
+    pub fn from_args(args: &FilterArgs) -> Result<Self> {
+        if args.pid.len() > FILTER_MAX || args.port.len() > FILTER_MAX {
+            bail!("at most {FILTER_MAX} --pid and {FILTER_MAX} --port values are supported");
+        }
+        for pid in &args.pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                bail!(
+                    "no process with pid {pid}: check it with `ps -p {pid}` (or find it with pgrep)"
+                );
+            }
+        }
+        let cgroup = args.cgroup.as_deref().map(cgroup_id).transpose()?;
+        Ok(Self {
+            pids: args.pid.clone(),
+            ports: args.port.clone(),
+            family: args.family,
+            cgroup,
+        })
+    }
+
+    pub fn kernel(&self) -> connwatch_common::Filter {
+        let mut f = connwatch_common::Filter {
+            family: match self.family {
+                Some(Family::Ipv4) => AF_INET,
+                Some(Family::Ipv6) => AF_INET6,
+                None => 0,
+            },
+            nports: self.ports.len() as u16,
+            npids: self.pids.len() as u16,
+            cgroup_id: self.cgroup.as_ref().map_or(0, |(_, id)| *id),
+            ..Default::default()
+        };
+        for (slot, port) in f.ports.iter_mut().zip(&self.ports) {
+            *slot = *port;
+        }
+        for (slot, pid) in f.pids.iter_mut().zip(&self.pids) {
+            *slot = *pid;
+        }
+        f
+    }
+
+    /// Family and port conditions on a socket.
+    pub fn socket(&self, local: &SocketAddr, remote: &SocketAddr) -> bool {
+        let family_ok = match self.family {
+            Some(Family::Ipv4) => local.is_ipv4(),
+            Some(Family::Ipv6) => local.is_ipv6(),
+            None => true,
+        };
+        let port_ok = self.ports.is_empty()
+            || self
+                .ports
+                .iter()
+                .any(|p| *p == local.port() || *p == remote.port());
+        family_ok && port_ok
+    }
+
+    /// Pid and cgroup conditions on a process (`cgroup` as in /proc/PID/cgroup).
+    pub fn process(&self, pid: u32, cgroup: Option<&str>) -> bool {
+        let pid_ok = self.pids.is_empty() || self.pids.contains(&pid);
+        let cgroup_ok = self
+            .cgroup
+            .as_ref()
+            .is_none_or(|(path, _)| cgroup == Some(path.as_str()));
+        pid_ok && cgroup_ok
+    }
+
+    /// Whether rows must be checked with `process` (pid or cgroup conditions).
+    pub fn selects_processes(&self) -> bool {
+        !self.pids.is_empty() || self.cgroup.is_some()
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup on unified systems,
+/// /sys/fs/cgroup/unified on hybrid ones.
+pub fn cgroup2_root() -> PathBuf {
+    std::fs::read_to_string("/proc/self/mounts")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                let mut f = l.split_whitespace();
+                let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+                (fstype == "cgroup2").then(|| PathBuf::from(dir))
+            })
+        })
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+}
+
+/// A cgroup v2 directory (absolute, or relative to the cgroup2 mount) → (path as
+/// /proc/PID/cgroup spells it, id). The id of a cgroup v2 is its directory's inode.
+fn cgroup_id(arg: &Path) -> Result<(String, u64)> {
+    let root = cgroup2_root();
+    let full: PathBuf = if arg.is_absolute() {
+        arg.to_path_buf()
+    } else {
+        root.join(arg)
+    };
+    let Ok(meta) = std::fs::metadata(&full) else {
+        bail!(
+            "no cgroup at {}: give a cgroup v2 directory, e.g. {}/system.slice/nginx.service",
+            full.display(),
+            root.display()
+        );
+    };
+    if !meta.is_dir() || !is_cgroup2(&full) {
+        bail!(
+            "{} is not a cgroup v2 directory: --cgroup needs the unified hierarchy under {}",
+            full.display(),
+            root.display()
+        );
+    }
+    let rel = full
+        .strip_prefix(&root)
+        .map(|r| format!("/{}", r.display()))
+        .unwrap_or_else(|_| full.display().to_string());
+    let rel = if rel == "/" {
+        rel
+    } else {
+        rel.trim_end_matches('/').to_string()
+    };
+    Ok((rel, meta.ino()))
+}
+
+fn is_cgroup2(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: zeroed statfs filled by the kernel; NUL-terminated path.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
+    }
+}
+
+/// The cgroup v2 path of a process (`0::/path` in /proc/PID/cgroup).
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    parse_cgroup(&text)
+}
+
+pub fn parse_cgroup(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter() -> Filter {
+        Filter {
+            pids: vec![42],
+            ports: vec![8080],
+            family: Some(Family::Ipv4),
+            cgroup: Some(("/system.slice/x.service".into(), 77)),
+        }
+    }
+
+    #[test]
+    fn socket_conditions() {
+        let f = filter();
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(f.socket(&a("127.0.0.1:8080"), &a("127.0.0.1:40000")));
+        assert!(f.socket(&a("127.0.0.1:40000"), &a("127.0.0.1:8080")));
+        assert!(!f.socket(&a("127.0.0.1:40000"), &a("127.0.0.1:9090")));
+        assert!(!f.socket(&a("[::1]:8080"), &a("[::1]:40000")));
+        assert!(Filter::default().socket(&a("[::1]:1"), &a("[::1]:2")));
+    }
+
+    #[test]
+    fn process_conditions() {
+        let f = filter();
+        assert!(f.process(42, Some("/system.slice/x.service")));
+        assert!(!f.process(43, Some("/system.slice/x.service")));
+        assert!(!f.process(42, Some("/user.slice")));
+        assert!(!f.process(42, None));
+        assert!(Filter::default().process(1, None));
+    }
+
+    #[test]
+    fn kernel_form() {
+        let k = filter().kernel();
+        assert_eq!(
+            (k.family, k.nports, k.npids, k.cgroup_id),
+            (AF_INET, 1, 1, 77)
+        );
+        assert_eq!((k.ports[0], k.pids[0]), (8080, 42));
+        assert_eq!(
+            Filter::default().kernel(),
+            connwatch_common::Filter::default()
+        );
+    }
+
+    #[test]
+    fn validation_and_cgroups() {
+        let mut args = FilterArgs {
+            pid: vec![u32::MAX - 1],
+            ..Default::default()
+        };
+        let err = Filter::from_args(&args).unwrap_err().to_string();
+        assert!(err.contains("no process with pid"), "{err}");
+        args.pid = vec![std::process::id()];
+        assert!(Filter::from_args(&args).is_ok());
+        args.cgroup = Some("/no/such/cgroup".into());
+        assert!(
+            Filter::from_args(&args)
+                .unwrap_err()
+                .to_string()
+                .contains("no cgroup")
+        );
+        args.cgroup = Some("/tmp".into());
+        assert!(
+            Filter::from_args(&args)
+                .unwrap_err()
+                .to_string()
+                .contains("not a cgroup v2")
+        );
+        let mine = cgroup_of(std::process::id()).unwrap();
+        args.cgroup = Some(PathBuf::from(format!("{}{mine}", cgroup2_root().display())));
+        let f = Filter::from_args(&args).unwrap();
+        assert_eq!(f.cgroup.as_ref().unwrap().0, mine);
+        assert!(f.process(std::process::id(), Some(&mine)));
+        assert_eq!(parse_cgroup("0::/a/b\n"), Some("/a/b".into()));
+    }
+}
