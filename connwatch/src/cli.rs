@@ -73,6 +73,14 @@ Examples:
   sudo connwatch snapshot
   sudo connwatch snapshot --json --check || echo leak found")]
     Snapshot(SnapshotArgs),
+
+    /// Serve Prometheus metrics (/metrics) and a health check (/healthz) from the same
+    /// report as `watch`, for fleets to scrape.
+    #[command(after_help = "\
+Examples:
+  sudo connwatch serve                           http://127.0.0.1:9977/metrics
+  sudo connwatch serve --listen 0.0.0.0:9977 --top 50 --cgroup-label")]
+    Serve(ServeArgs),
 }
 
 /// Options of the per-process report (`watch`, `snapshot`).
@@ -86,6 +94,13 @@ pub struct ReportArgs {
     #[arg(long)]
     pub check: bool,
 
+    #[command(flatten)]
+    pub thresholds: Thresholds,
+}
+
+/// When a process is flagged.
+#[derive(Debug, Args)]
+pub struct Thresholds {
     /// CLOSE_WAIT sockets older than this are a leak; a p99 lifetime above it is slow.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub close_wait_age: Duration,
@@ -103,6 +118,38 @@ pub struct ReportArgs {
     /// destination exceed this percentage of net.ipv4.ip_local_port_range.
     #[arg(long = "port-pressure", default_value_t = 50.0, value_parser = parse_percent)]
     pub port_pressure_pct: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address of the HTTP server for /metrics and /healthz (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:9977")]
+    pub listen: std::net::SocketAddr,
+
+    /// How often the report behind /metrics is refreshed.
+    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    pub interval: Duration,
+
+    /// How often timewait sockets are polled.
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    pub tw_poll: Duration,
+
+    /// Processes that get series of their own (the rest are summed as comm="other").
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub top: u16,
+
+    /// Add a `cgroup` label (the process's cgroup v2 path) to per-process series.
+    #[arg(long)]
+    pub cgroup_label: bool,
+
+    #[command(flatten)]
+    pub thresholds: Thresholds,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub probe: ProbeArgs,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ mod netns;
 mod owners;
 mod probe;
 mod report;
+mod serve;
 mod shutdown;
 mod sockdiag;
 mod table;
@@ -77,6 +78,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let filter = Filter::from_args(&args.filter)?;
             let opts = probe_options(&args.probe, &filter, cli.verbose);
             watch::watch(args, opts, filter).await
+        }
+        Command::Serve(args) => {
+            let filter = Filter::from_args(&args.filter)?;
+            let opts = probe_options(&args.probe, &filter, cli.verbose);
+            serve::serve(args, opts, filter).await
         }
         Command::Snapshot(args) => {
             let filter = Filter::from_args(&args.filter)?;

@@ -42,6 +42,10 @@ pub struct Monitor {
     filter: Filter,
     /// A transition came from a namespace not listed yet: list them again.
     rediscover: bool,
+    /// Time spent in sock_diag dumps and /proc scans (the polling cost).
+    pub poll_ns: u64,
+    /// How many closes/ends `take_lifetimes` already handed out.
+    taken: (u64, u64),
 }
 
 impl Monitor {
@@ -66,12 +70,21 @@ impl Monitor {
             dump_errors: 0,
             filter,
             rediscover: false,
+            poll_ns: 0,
+            taken: (0, 0),
         }
     }
 
     /// Dumps `query` in every namespace; a namespace that fails (its last process exited
     /// meanwhile) is counted and skipped.
     fn dump_all(&mut self, query: Query) -> Result<Vec<(u32, Vec<DiagSocket>)>> {
+        let started = std::time::Instant::now();
+        let out = self.dump_all_inner(query);
+        self.poll_ns += started.elapsed().as_nanos() as u64;
+        out
+    }
+
+    fn dump_all_inner(&mut self, query: Query) -> Result<Vec<(u32, Vec<DiagSocket>)>> {
         let mut out = Vec::new();
         for (&ns, path) in &self.namespaces {
             let dumped = if ns == self.own_netns {
@@ -229,6 +242,16 @@ impl Monitor {
         self.observe(dumps)
     }
 
+    /// Lifetimes (seconds) of the CLOSE_WAIT and TIME_WAIT sockets that ended since the
+    /// last call.
+    pub fn take_lifetimes(&mut self) -> (Vec<f64>, Vec<f64>) {
+        let (c, e) = (self.table.closed_total, self.tw.ended_total);
+        let cw = self.table.newest_closed(c - self.taken.0).collect();
+        let tw = self.tw.newest_ended(e - self.taken.1).collect();
+        self.taken = (c, e);
+        (cw, tw)
+    }
+
     /// Resolves holders and process facts, then builds the report.
     pub fn report(&mut self, is_final: bool, events_dropped: u64, untracked_extra: u64) -> Report {
         let now = monotonic_ns();
@@ -238,7 +261,9 @@ impl Monitor {
             .map(|(_, cw)| cw.inode)
             .chain(self.listeners.values().copied())
             .collect();
+        let started = std::time::Instant::now();
         self.index.ensure(inodes);
+        self.poll_ns += started.elapsed().as_nanos() as u64;
         for (_, cw) in self.table.close_wait_mut() {
             cw.holders = self.index.holders(cw.inode).to_vec();
         }

@@ -85,6 +85,8 @@ pub struct Table {
     /// Sockets whose state connwatch lost: a transition it never saw (dropped event,
     /// socket from before start in a namespace it could not dump).
     pub untracked: u64,
+    /// CLOSE_WAIT closes recorded so far (for consumers that take new ones).
+    pub closed_total: u64,
     own_netns: u32,
 }
 
@@ -158,7 +160,17 @@ impl Table {
         }
     }
 
+    /// Lifetimes (seconds) of the newest `n` closes still kept.
+    pub fn newest_closed(&self, n: u64) -> impl Iterator<Item = f64> + '_ {
+        let skip = self.closed.len().saturating_sub(n as usize);
+        self.closed
+            .iter()
+            .skip(skip)
+            .map(|c| c.lifetime_ns as f64 / 1e9)
+    }
+
     fn push_closed(&mut self, c: ClosedCloseWait) {
+        self.closed_total += 1;
         if self.closed.len() >= MAX_CLOSED {
             self.closed.pop_front();
         }

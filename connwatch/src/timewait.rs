@@ -117,6 +117,8 @@ pub struct Tracker {
     pub untracked: u64,
     /// ->CLOSE transitions from FIN_WAIT2/CLOSING that left no timewait socket.
     pub closed_without_timewait: u64,
+    /// Observed TIME_WAIT ends recorded so far (for consumers that take new ones).
+    pub ended_total: u64,
 }
 
 impl Tracker {
@@ -311,6 +313,7 @@ impl Tracker {
             end: Some(end),
         });
         if tw.substate == TcpState::TIME_WAIT && tw.age_source == AgeSource::Observed {
+            self.ended_total += 1;
             if self.ended.len() >= MAX_ENDED {
                 self.ended.pop_front();
             }
@@ -322,6 +325,15 @@ impl Tracker {
                 pid: tw.owner.as_ref().map(|o| o.pid),
             });
         }
+    }
+
+    /// Lifetimes (seconds) of the newest `n` ends still kept.
+    pub fn newest_ended(&self, n: u64) -> impl Iterator<Item = f64> + '_ {
+        let skip = self.ended.len().saturating_sub(n as usize);
+        self.ended
+            .iter()
+            .skip(skip)
+            .map(|e| e.lifetime_ns as f64 / 1e9)
     }
 
     pub fn tracked(&self) -> impl Iterator<Item = (&SockKey, &TimeWait)> {

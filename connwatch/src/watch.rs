@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
-    cli::{ReportArgs, SnapshotArgs, WatchArgs},
+    cli::{SnapshotArgs, Thresholds, WatchArgs},
     decode::decode,
     filter::Filter,
     monitor::Monitor,
@@ -25,7 +25,7 @@ const EXIT_FLAGGED: u8 = 3;
 pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
     let mut probe = Probe::load(&opts)?;
     let ring = probe.take_events()?;
-    let mut monitor = Monitor::new(config(&args.report), filter);
+    let mut monitor = Monitor::new(config(&args.report.thresholds), filter);
     monitor.seed()?;
     if opts.filter.npids > 0 {
         probe.seed_listeners(&monitor.listener_owners())?;
@@ -73,7 +73,7 @@ pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Resul
 }
 
 pub fn snapshot(args: SnapshotArgs, filter: Filter) -> Result<ExitCode> {
-    let mut monitor = Monitor::new(config(&args.report), filter);
+    let mut monitor = Monitor::new(config(&args.report.thresholds), filter);
     monitor.seed()?;
     monitor.refresh()?;
     let report = monitor.report(true, 0, 0);
@@ -81,12 +81,12 @@ pub fn snapshot(args: SnapshotArgs, filter: Filter) -> Result<ExitCode> {
     Ok(exit_code(&report, args.report.check))
 }
 
-fn config(args: &ReportArgs) -> ReportConfig {
+pub fn config(t: &Thresholds) -> ReportConfig {
     ReportConfig {
-        close_wait_age: args.close_wait_age,
-        window: args.window,
-        time_wait_min: args.time_wait_min,
-        port_pressure_pct: args.port_pressure_pct,
+        close_wait_age: t.close_wait_age,
+        window: t.window,
+        time_wait_min: t.time_wait_min,
+        port_pressure_pct: t.port_pressure_pct,
     }
 }
 
@@ -98,7 +98,7 @@ fn exit_code(report: &Report, check: bool) -> ExitCode {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, monitor: &mut Monitor, undecodable: &mut u64) {
+pub fn drain(ring: &mut RingBuf<MapData>, monitor: &mut Monitor, undecodable: &mut u64) {
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(t) => monitor.apply(&t),

@@ -11,7 +11,15 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libclang-22-dev"];
+/// Build toolchain (LLVM 22 for bpf-linker), and the peers that tests and benchmarks
+/// run against: promtool/prometheus, tcpstates (libbpf-tools), bpftool.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libclang-22-dev",
+    "prometheus",
+    "libbpf-tools",
+    "bpftool",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn ensure_all() -> Result<()> {

@@ -1,3 +1,4 @@
 //! Output formats: one module per view over the same flow.
+pub mod metrics;
 pub mod report;
 pub mod trace;

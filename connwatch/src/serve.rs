@@ -1,0 +1,196 @@
+//! `connwatch serve`: the `watch` report as Prometheus metrics over HTTP.
+//!
+//! The event loop refreshes the report every `--interval` and renders the scrape text
+//! once; HTTP handlers only hand out that text, so a scrape costs no socket or /proc work.
+use std::{
+    convert::Infallible,
+    process::ExitCode,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::{
+    cli::ServeArgs,
+    clock::monotonic_ns,
+    filter::Filter,
+    monitor::Monitor,
+    probe::{Probe, ProbeOptions},
+    shutdown::Shutdown,
+    views::metrics::{self, Persistent, Totals},
+    watch::{config, drain},
+};
+
+/// What the HTTP side reads.
+struct Shared {
+    metrics: Mutex<String>,
+    /// CLOCK_MONOTONIC ns of the last refresh: /healthz fails when it is stale.
+    last_refresh_ns: AtomicU64,
+    stale_after_ns: u64,
+}
+
+pub async fn serve(args: ServeArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
+    let listener = TcpListener::bind(args.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}: is another connwatch (or something else) using it? pick one with --listen",
+            args.listen
+        )
+    })?;
+    let mut probe = Probe::load(&opts)?;
+    let ring = probe.take_events()?;
+    let mut monitor = Monitor::new(config(&args.thresholds), filter);
+    monitor.seed()?;
+    if opts.filter.npids > 0 {
+        probe.seed_listeners(&monitor.listener_owners())?;
+    }
+    crate::announce(&probe);
+    eprintln!(
+        "connwatch: serving http://{}/metrics and /healthz",
+        listener.local_addr()?
+    );
+
+    let shared = Arc::new(Shared {
+        metrics: Mutex::new(String::new()),
+        last_refresh_ns: AtomicU64::new(0),
+        stale_after_ns: (args.interval * 3 + Duration::from_secs(1)).as_nanos() as u64,
+    });
+    let mut state = State {
+        persistent: Persistent::default(),
+        undecodable: 0,
+        shared: Arc::clone(&shared),
+        top: usize::from(args.top),
+        cgroup_label: args.cgroup_label,
+    };
+    let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
+    state.refresh(&mut monitor, &mut probe, ring.get_mut())?;
+    let mut shutdown = Shutdown::new(None)?;
+    let mut ticker = tokio::time::interval(args.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut tw_poll = tokio::time::interval(args.tw_poll);
+    tw_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let mut guard = ready?;
+                drain(guard.get_inner_mut(), &mut monitor, &mut state.undecodable);
+                guard.clear_ready();
+            }
+            _ = tw_poll.tick() => {
+                drain(ring.get_mut(), &mut monitor, &mut state.undecodable);
+                monitor.poll_timewait()?;
+            }
+            _ = ticker.tick() => state.refresh(&mut monitor, &mut probe, ring.get_mut())?,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(req, Arc::clone(&shared)));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            () = shutdown.wait() => break,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The event loop's side: counters that persist, and where scrapes read from.
+struct State {
+    persistent: Persistent,
+    undecodable: u64,
+    shared: Arc<Shared>,
+    top: usize,
+    cgroup_label: bool,
+}
+
+impl State {
+    /// Applies what is queued, refreshes the report and renders the scrape text.
+    fn refresh(
+        &mut self,
+        monitor: &mut Monitor,
+        probe: &mut Probe,
+        ring: &mut RingBuf<MapData>,
+    ) -> Result<()> {
+        drain(ring, monitor, &mut self.undecodable);
+        monitor.refresh()?;
+        let counters = probe.counters()?;
+        let report = monitor.report(
+            false,
+            counters.dropped,
+            counters.socket_store_failed + self.undecodable,
+        );
+        let (cw, tw) = monitor.take_lifetimes();
+        self.persistent.update(
+            &Totals {
+                events: counters.seen,
+                dropped: counters.dropped,
+                untracked: report.loss.sockets_untracked,
+                poll_ns: monitor.poll_ns,
+            },
+            &cw,
+            &tw,
+        );
+        let text = metrics::render(&report, &self.persistent, self.top, self.cgroup_label);
+        if let Ok(mut m) = self.shared.metrics.lock() {
+            *m = text;
+        }
+        self.shared
+            .last_refresh_ns
+            .store(monotonic_ns(), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        if let Ok(v) = content_type.parse() {
+            resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        Ok(resp)
+    };
+    match req.uri().path() {
+        "/metrics" => {
+            let text = shared.metrics.lock().map(|m| m.clone()).unwrap_or_default();
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text,
+            )
+        }
+        "/healthz" => {
+            let age = monotonic_ns().saturating_sub(shared.last_refresh_ns.load(Ordering::Relaxed));
+            if age < shared.stale_after_ns {
+                reply(StatusCode::OK, "text/plain", "ok\n".into())
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "stale: the report has not been refreshed\n".into(),
+                )
+            }
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "connwatch serves /metrics and /healthz\n".into(),
+        ),
+    }
+}

@@ -1,0 +1,217 @@
+//! Root integration tests of `connwatch serve`: the live /metrics passes promtool, a real
+//! Prometheus server scrapes it and sees a CLOSE_WAIT leak's series with the right comm,
+//! and the example alert rules are valid.
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+#[ignore = "helper: runs only as a re-executed peer process"]
+fn peer_entry() {
+    if let Ok(role) = std::env::var("CW_PEER") {
+        peer_main(&role);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Plain HTTP/1.0 GET: (status, body).
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+fn tool(name: &str) -> String {
+    let path = format!("/usr/bin/{name}");
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} is missing: `cargo xtask setup` installs it (Debian package prometheus)"
+    );
+    path
+}
+
+/// A leaker with `n` CLOSE_WAIT sockets; returns it and its comm.
+fn leaker(n: usize) -> (Peer, String) {
+    let mut leaker = Peer::spawn(&["leaker", "127.0.0.1:0", &n.to_string()]);
+    let port: u16 = leaker.expect("port").parse().unwrap();
+    let clients = connect_n(&addr("127.0.0.1", port), n);
+    leaker.expect("accepted");
+    drop(clients);
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", leaker.pid()))
+        .unwrap()
+        .trim()
+        .to_string();
+    (leaker, comm)
+}
+
+fn serve(port: u16) -> Connwatch {
+    Connwatch::start(&[
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--interval",
+        "300ms",
+        "--close-wait-age",
+        "1s",
+    ])
+}
+
+#[test]
+fn metrics_pass_promtool_and_show_the_leak() {
+    require_root();
+    let promtool = tool("promtool");
+    let (leaker, comm) = leaker(3);
+    let port = free_port();
+    let _cw = serve(port);
+    assert_eq!(get(port, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(get(port, "/nope").0, 404);
+    let series = format!(
+        r#"connwatch_close_wait_sockets{{comm="{comm}",pid="{}"}} 3"#,
+        leaker.pid()
+    );
+    let flagged = format!(
+        r#"connwatch_flagged{{comm="{comm}",pid="{}",flag="close_wait_leak"}} 1"#,
+        leaker.pid()
+    );
+    let end = Instant::now() + DEADLINE;
+    let body = loop {
+        let (status, body) = get(port, "/metrics");
+        assert_eq!(status, 200);
+        if body.contains(&series) && body.contains(&flagged) {
+            break body;
+        }
+        assert!(Instant::now() < end, "no leak series in:\n{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for family in [
+        "connwatch_sockets{state=\"CLOSE_WAIT\"}",
+        "connwatch_close_wait_oldest_seconds{",
+        "connwatch_events_total ",
+        "connwatch_events_dropped_total ",
+        "connwatch_sockets_untracked_total ",
+        "connwatch_poll_seconds_total ",
+        "connwatch_close_wait_lifetime_seconds_bucket{",
+        "connwatch_time_wait_lifetime_seconds_count ",
+    ] {
+        assert!(body.contains(family), "{family} missing");
+    }
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn alert_rules_are_valid() {
+    let promtool = tool("promtool");
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/alerts.yml");
+    let out = Command::new(promtool)
+        .args(["check", "rules", rules])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS"));
+}
+
+/// A real Prometheus scrapes connwatch on loopback and can query the leak.
+#[test]
+fn prometheus_scrapes_the_leak() {
+    require_root();
+    let prometheus = tool("prometheus");
+    let (leaker, comm) = leaker(2);
+    let port = free_port();
+    let _cw = serve(port);
+    let dir = std::env::temp_dir().join(format!("cw-prom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: connwatch\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+        ),
+    )
+    .unwrap();
+    let web = free_port();
+    let mut prom = Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start prometheus");
+    let query = format!(
+        "/api/v1/query?query=connwatch_close_wait_sockets%7Bpid%3D%22{}%22%7D",
+        leaker.pid()
+    );
+    let end = Instant::now() + Duration::from_secs(40);
+    let result = loop {
+        let answer = TcpStream::connect(("127.0.0.1", web))
+            .ok()
+            .map(|_| get(web, &query));
+        if let Some((200, body)) = answer
+            && let Ok(v) = serde_json::from_str::<Value>(&body)
+            && let Some(first) = v["data"]["result"].as_array().and_then(|r| r.first())
+        {
+            break first.clone();
+        }
+        assert!(Instant::now() < end, "prometheus never returned the series");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let _ = prom.kill();
+    let _ = prom.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(result["metric"]["comm"], comm.as_str(), "{result}");
+    assert_eq!(result["metric"]["job"], "connwatch");
+    assert_eq!(result["value"][1], "2", "{result}");
+}
