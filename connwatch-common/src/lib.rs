@@ -27,7 +27,10 @@ pub struct Filter {
     pub family: u16,
     pub nports: u16,
     pub npids: u16,
-    pub _pad: u16,
+    /// Non-zero: emit only the transitions the CLOSE_WAIT/TIME_WAIT report needs
+    /// (->CLOSE_WAIT, CLOSE_WAIT->, FIN_WAIT2/CLOSING->CLOSE): `watch` and `serve` do not
+    /// pay for the other seven of a connection's ten transitions.
+    pub lifecycle_only: u16,
     /// Local or remote port, host order.
     pub ports: [u16; FILTER_MAX],
     /// Owner tgids: the socket's owner (context or carried), else its listener's owner.

@@ -58,7 +58,7 @@ static FILTER: Filter = Filter {
     family: 0,
     nports: 0,
     npids: 0,
-    _pad: 0,
+    lifecycle_only: 0,
     ports: [0; FILTER_MAX],
     pids: [0; FILTER_MAX],
     cgroup_id: 0,
@@ -219,7 +219,7 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
     } else if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
         let _ = LISTENERS.remove(&listen_key);
     }
-    if !unsafe { passes(t, &listen_key, state.owner_pid, sk, &off) } {
+    if !unsafe { passes(t, old, new, &listen_key, state.owner_pid, sk, &off) } {
         return;
     }
     bump(counter::SEEN);
@@ -257,6 +257,8 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
 #[inline(always)]
 unsafe fn passes(
     t: &Tuple,
+    old: u8,
+    new: u8,
     listen_key: &ListenKey,
     owner: u32,
     sk: *const u8,
@@ -264,6 +266,13 @@ unsafe fn passes(
 ) -> bool {
     // SAFETY: a read of our own global, volatile for the same reason as OFFSETS.
     let f = unsafe { core::ptr::read_volatile(&raw const FILTER) };
+    if f.lifecycle_only != 0
+        && new != tcp_state::CLOSE_WAIT
+        && old != tcp_state::CLOSE_WAIT
+        && !(new == tcp_state::CLOSE && (old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING))
+    {
+        return false;
+    }
     if f.family != 0 && f.family != t.family {
         return false;
     }

@@ -76,12 +76,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Watch(args) => {
             let filter = Filter::from_args(&args.filter)?;
-            let opts = probe_options(&args.probe, &filter, cli.verbose);
+            let mut opts = probe_options(&args.probe, &filter, cli.verbose);
+            opts.filter.lifecycle_only = 1;
             watch::watch(args, opts, filter).await
         }
         Command::Serve(args) => {
             let filter = Filter::from_args(&args.filter)?;
-            let opts = probe_options(&args.probe, &filter, cli.verbose);
+            let mut opts = probe_options(&args.probe, &filter, cli.verbose);
+            opts.filter.lifecycle_only = 1;
             serve::serve(args, opts, filter).await
         }
         Command::Snapshot(args) => {

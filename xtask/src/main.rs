@@ -3,6 +3,7 @@
 //!
 //! `cargo xtask run -- trace`   installs what is missing, builds in release, runs connwatch
 //! `cargo xtask test`           installs what is missing, runs unit and root integration tests
+mod bench;
 mod setup;
 
 use std::{
@@ -36,6 +37,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build in release, and measure connwatch against tcpstates and against no
+    /// tracer in one run (root). Prints a table and a last `bench:` line; writes
+    /// docs/BENCHMARKS.md.
+    Bench {
+        /// A shorter run (under 90 s) with 10,000 instead of 50,000 held sockets.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,6 +76,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 c
             };
             exit_code(cmd.args(args))
+        }
+        Task::Bench { quick } => {
+            if !setup::is_root() {
+                bail!("the benchmark loads BPF programs: run as root (sudo -E cargo xtask bench)");
+            }
+            setup::ensure_all()?;
+            status(cargo().args(["build", "--release", "--package", "connwatch"]))?;
+            bench::bench(&bench::Options {
+                quick,
+                connwatch: workspace_root().join("target/release/connwatch"),
+                out: workspace_root().join("docs/BENCHMARKS.md"),
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Task::Test { args } => {
             if !setup::is_root() {
