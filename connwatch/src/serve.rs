@@ -76,6 +76,7 @@ pub async fn serve(args: ServeArgs, opts: ProbeOptions, filter: Filter) -> Resul
     let mut ticker = tokio::time::interval(args.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
+    let mut drain_tick = crate::probe::drain_timer();
     let mut tw_poll = tokio::time::interval(args.tw_poll);
     tw_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -86,6 +87,7 @@ pub async fn serve(args: ServeArgs, opts: ProbeOptions, filter: Filter) -> Resul
                 drain(guard.get_inner_mut(), &mut monitor, &mut state.undecodable);
                 guard.clear_ready();
             }
+            _ = drain_tick.tick() => drain(ring.get_mut(), &mut monitor, &mut state.undecodable),
             _ = tw_poll.tick() => {
                 drain(ring.get_mut(), &mut monitor, &mut state.undecodable);
                 monitor.poll_timewait()?;

@@ -7,10 +7,9 @@
 //! `struct sock` addresses within seconds, and containers reuse the same addresses in
 //! different namespaces. Only the states a report needs are kept, so memory follows the
 //! number of CLOSE_WAIT sockets, not of every connection on the box.
-use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
-};
+use std::{collections::VecDeque, net::SocketAddr};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use serde::Serialize;
 
@@ -193,7 +192,7 @@ impl Table {
     /// accepted), adds sockets whose transition was missed and drops those that are gone.
     pub fn reconcile(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
         let netns = if netns == 0 { self.own_netns } else { netns };
-        let mut listed = std::collections::HashSet::new();
+        let mut listed = HashSet::default();
         for s in sockets.iter().filter(|s| s.state == TcpState::CLOSE_WAIT) {
             let key = self.key(netns, s.local, s.remote);
             listed.insert(key);

@@ -13,7 +13,9 @@
 //! process listening on its local port, if any.
 //!
 //! Pure logic: polls and transitions come in with their timestamps.
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     decode::{OwnerSource, TcpState, Transition},
@@ -68,6 +70,8 @@ pub struct TimeWait {
     pub owner_source: OwnerSource,
     /// When its timer is due (from the last poll that listed it).
     pub due_ns: u64,
+    /// The poll that last listed it (mark and sweep, no per-poll key set).
+    seen: u64,
 }
 
 /// A row for `trace`: a change connwatch inferred rather than saw (`"synthetic": true`).
@@ -119,6 +123,8 @@ pub struct Tracker {
     pub closed_without_timewait: u64,
     /// Observed TIME_WAIT ends recorded so far (for consumers that take new ones).
     pub ended_total: u64,
+    /// Number of the current poll.
+    poll: u64,
 }
 
 impl Tracker {
@@ -163,16 +169,17 @@ impl Tracker {
         listener: &dyn Fn(u16) -> Option<TwOwner>,
     ) -> Vec<Synthetic> {
         let mut rows = Vec::new();
-        let mut listed = std::collections::HashSet::new();
+        self.poll += 1;
+        let poll = self.poll;
         for s in sockets.iter().filter(|s| s.timewait) {
             let key = SockKey {
                 netns,
                 local: s.local,
                 remote: s.remote,
             };
-            listed.insert(key);
             let due = now_ns + u64::from(s.expires_ms) * 1_000_000;
             if let Some(tw) = self.tracked.get_mut(&key) {
+                tw.seen = poll;
                 if tw.substate == TcpState::FIN_WAIT2 && s.state == TcpState::TIME_WAIT {
                     // The orphan got the peer's FIN: TIME_WAIT with a fresh 60 s timer.
                     let entered = due.saturating_sub(TIMEWAIT_LEN_NS).min(now_ns);
@@ -228,6 +235,7 @@ impl Tracker {
                         owner: p.owner,
                         owner_source,
                         due_ns: due,
+                        seen: poll,
                     },
                 );
                 continue;
@@ -256,6 +264,7 @@ impl Tracker {
                     owner,
                     owner_source,
                     due_ns: due,
+                    seen: poll,
                 },
             );
         }
@@ -263,9 +272,9 @@ impl Tracker {
         // Ends: followed sockets of this namespace that the poll no longer lists.
         let mut gone: Vec<SockKey> = self
             .tracked
-            .keys()
-            .filter(|k| k.netns == netns && !listed.contains(*k))
-            .copied()
+            .iter()
+            .filter(|(k, tw)| k.netns == netns && tw.seen != poll)
+            .map(|(k, _)| *k)
             .collect();
         gone.sort();
         for key in gone {

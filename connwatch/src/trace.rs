@@ -34,6 +34,7 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<
     let mut shutdown = Shutdown::new(args.duration)?;
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut stats = Stats::default();
+    let mut drain_tick = crate::probe::drain_timer();
     let mut tw_poll = tokio::time::interval(args.tw_poll);
     tw_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -48,6 +49,9 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<
                     let mut guard = ready?;
                     drain(guard.get_inner_mut(), &mut monitor, &mut out, &clock, args.json, &mut stats)?;
                     guard.clear_ready();
+                }
+                _ = drain_tick.tick() => {
+                    drain(ring.get_mut(), &mut monitor, &mut out, &clock, args.json, &mut stats)?;
                 }
                 _ = tw_poll.tick() => {
                     drain(ring.get_mut(), &mut monitor, &mut out, &clock, args.json, &mut stats)?;

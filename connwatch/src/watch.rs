@@ -38,6 +38,7 @@ pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Resul
     ticker.tick().await; // the first tick is immediate: skip it
     let mut out = Output::new(args.report.json);
     let mut undecodable = 0u64;
+    let mut drain_tick = crate::probe::drain_timer();
     let mut tw_poll = tokio::time::interval(args.tw_poll);
     tw_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -48,6 +49,7 @@ pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Resul
                 drain(guard.get_inner_mut(), &mut monitor, &mut undecodable);
                 guard.clear_ready();
             }
+            _ = drain_tick.tick() => drain(ring.get_mut(), &mut monitor, &mut undecodable),
             _ = tw_poll.tick() => {
                 drain(ring.get_mut(), &mut monitor, &mut undecodable);
                 monitor.poll_timewait()?;

@@ -407,10 +407,53 @@ pub fn bench(opts: &Options) -> Result<()> {
     let cw = opts.connwatch.as_path();
     raise_fd_limit(250_000);
     let ns = Arc::new(Netns::new()?);
+    // tcpstates attaches the classic tracepoint, which needs tracefs.
+    let tracefs = Tracefs::mount()?;
     let mut out = String::new();
     let started = Instant::now();
     let say = |s: &str| eprintln!("bench: {s}");
 
+    // Sockets held first, in a namespace no load has touched (no leftover TIME_WAIT).
+    // 5 & 6. Memory per tracked socket, and start-up with existing sockets.
+    let n = if q { 10_000 } else { 50_000 };
+    say(&format!("memory: {n} CLOSE_WAIT sockets"));
+    let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "1s"])?;
+    thread::sleep(Duration::from_secs(2));
+    let rss0 = t.rss_bytes();
+    let held = hold_sockets(&ns, n, false)?;
+    thread::sleep(Duration::from_secs(3));
+    let rss_cw = t.rss_bytes();
+    t.finish();
+    let per_cw = rss_cw.saturating_sub(rss0) as f64 / n as f64;
+    say(&format!("start-up with {n} existing sockets"));
+    let t0 = Instant::now();
+    let t = Tracer::connwatch(cw, &["watch", "--json"])?;
+    let startup_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    // 7. Against an `ss -tanpio` loop, with the sockets held.
+    let secs = if q { 10.0 } else { 30.0 };
+    say("polling comparison: connwatch watch vs ss -tanpio every 2 s");
+    let c0 = t.cpu_seconds();
+    thread::sleep(Duration::from_secs_f64(secs));
+    let cw_cpu = t.cpu_seconds() - c0;
+    t.finish();
+    let ss_cpu = ss_loop_cpu(&ns, secs)?;
+    let poll_ratio = if ss_cpu > 0.0 { cw_cpu / ss_cpu } else { 0.0 };
+    drop(held);
+    writeln!(
+        out,
+        "polling: {secs:.0} s with {n} CLOSE_WAIT sockets: connwatch {cw_cpu:.3} s CPU, ss loop {ss_cpu:.3} s CPU"
+    )?;
+
+    say(&format!("memory: {n} TIME_WAIT sockets"));
+    let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "1s"])?;
+    thread::sleep(Duration::from_secs(2));
+    let rss0_tw = t.rss_bytes();
+    let _tw = hold_sockets(&ns, n, true)?;
+    thread::sleep(Duration::from_secs(3));
+    let rss_tw = t.rss_bytes();
+    t.finish();
+    let per_tw = rss_tw.saturating_sub(rss0_tw) as f64 / n as f64;
     // 1. Saturation and a fixed rate below it.
     say("load generator: saturation without a tracer");
     let load = Load::start(&ns, 4, None)?;
@@ -505,46 +548,6 @@ pub fn bench(opts: &Options) -> Result<()> {
         "loss (stalled 5 s): {seen2} events, {recv2} received, {drop2} dropped, {uncounted2} uncounted (pid {alive} recovered and exited cleanly)"
     )?;
 
-    // 5 & 6. Memory per tracked socket, and start-up with existing sockets.
-    let n = if q { 10_000 } else { 50_000 };
-    say(&format!("memory: {n} CLOSE_WAIT sockets"));
-    let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "1s"])?;
-    thread::sleep(Duration::from_secs(2));
-    let rss0 = t.rss_bytes();
-    let held = hold_sockets(&ns, n, false)?;
-    thread::sleep(Duration::from_secs(3));
-    let rss_cw = t.rss_bytes();
-    t.finish();
-    let per_cw = rss_cw.saturating_sub(rss0) as f64 / n as f64;
-    say(&format!("start-up with {n} existing sockets"));
-    let t0 = Instant::now();
-    let t = Tracer::connwatch(cw, &["watch", "--json"])?;
-    let startup_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-    // 7. Against an `ss -tanpio` loop, with the sockets held.
-    let secs = if q { 10.0 } else { 30.0 };
-    say("polling comparison: connwatch watch vs ss -tanpio every 2 s");
-    let c0 = t.cpu_seconds();
-    thread::sleep(Duration::from_secs_f64(secs));
-    let cw_cpu = t.cpu_seconds() - c0;
-    t.finish();
-    let ss_cpu = ss_loop_cpu(&ns, secs)?;
-    let poll_ratio = if ss_cpu > 0.0 { cw_cpu / ss_cpu } else { 0.0 };
-    drop(held);
-    writeln!(
-        out,
-        "polling: {secs:.0} s with {n} CLOSE_WAIT sockets: connwatch {cw_cpu:.3} s CPU, ss loop {ss_cpu:.3} s CPU"
-    )?;
-
-    say(&format!("memory: {n} TIME_WAIT sockets"));
-    let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "1s"])?;
-    thread::sleep(Duration::from_secs(2));
-    let rss0_tw = t.rss_bytes();
-    let _tw = hold_sockets(&ns, n, true)?;
-    thread::sleep(Duration::from_secs(3));
-    let rss_tw = t.rss_bytes();
-    t.finish();
-    let per_tw = rss_tw.saturating_sub(rss0_tw) as f64 / n as f64;
     writeln!(
         out,
         "memory: RSS {rss0} B idle, {rss_cw} B with {n} CLOSE_WAIT ({per_cw:.0} B/socket); {rss0_tw} B idle, {rss_tw} B with {n} TIME_WAIT ({per_tw:.0} B/socket)"
@@ -564,7 +567,36 @@ pub fn bench(opts: &Options) -> Result<()> {
     print!("{out}");
     println!("{last}");
     write_doc(&opts.out, &out, &last, q)?;
+    drop(tracefs);
     Ok(())
+}
+
+/// tracefs mounted for the run when a fresh machine has it unmounted.
+struct Tracefs {
+    mounted: bool,
+}
+
+impl Tracefs {
+    fn mount() -> Result<Self> {
+        let empty = std::fs::read_dir("/sys/kernel/tracing")
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
+        if empty {
+            run(
+                "mount",
+                &["-t", "tracefs", "tracefs", "/sys/kernel/tracing"],
+            )?;
+        }
+        Ok(Self { mounted: empty })
+    }
+}
+
+impl Drop for Tracefs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("/sys/kernel/tracing").status();
+        }
+    }
 }
 
 /// CPU seconds of `ss -tanpio` run every 2 s for `secs` inside the namespace.

@@ -247,6 +247,14 @@ fn load_error(e: aya::EbpfError, verbose: bool) -> anyhow::Error {
     }
 }
 
+/// The probe wakes the reader only when its ring is an eighth full: below that, the
+/// reader drains on this timer (the latency of a row at low event rates).
+pub fn drain_timer() -> tokio::time::Interval {
+    let mut t = tokio::time::interval(std::time::Duration::from_millis(50));
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
 /// Registers a map's fd (ring buffer, log) with the tokio reactor for readability.
 pub fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
     // SAFETY: the aya maps passed here own their fd, keep it open and return the same
