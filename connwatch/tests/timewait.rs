@@ -293,7 +293,7 @@ fn time_wait_expires_after_sixty_seconds() {
 #[test]
 fn port_pressure_in_a_small_port_range() {
     require_root();
-    let ns = NetNs::new("pp");
+    let ns = quiet_netns("pp");
     ns.sysctl("net.ipv4.ip_local_port_range", "40000 40009");
     let mut cw = watch(&[]);
     let mut server = Peer::spawn_in(Some(&ns), &["closer", "127.0.0.1:0", "6", "0"]);
