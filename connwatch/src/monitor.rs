@@ -46,7 +46,15 @@ pub struct Monitor {
     pub poll_ns: u64,
     /// How many closes/ends `take_lifetimes` already handed out.
     taken: (u64, u64),
+    /// End and cost of the last dump that observed timewait sockets.
+    last_tw_dump: Option<(std::time::Instant, Duration)>,
+    /// Polls skipped to stay within the polling budget.
+    pub polls_skipped: u64,
 }
+
+/// Timewait polls may use at most 1/POLL_BUDGET of a CPU: with very many timewait
+/// sockets, polls are spaced out beyond --tw-poll rather than taxing the host.
+const POLL_BUDGET: u32 = 20;
 
 impl Monitor {
     pub fn new(cfg: ReportConfig, filter: Filter) -> Self {
@@ -72,6 +80,8 @@ impl Monitor {
             rediscover: false,
             poll_ns: 0,
             taken: (0, 0),
+            last_tw_dump: None,
+            polls_skipped: 0,
         }
     }
 
@@ -161,6 +171,12 @@ impl Monitor {
     /// confirms TIME_WAIT entries, notices their ends. Returns the inferred transitions
     /// that pass the filter.
     pub fn poll_timewait(&mut self) -> Result<Vec<Synthetic>> {
+        if let Some((end, cost)) = self.last_tw_dump
+            && end.elapsed() < cost * POLL_BUDGET
+        {
+            self.polls_skipped += 1;
+            return Ok(Vec::new());
+        }
         if std::mem::take(&mut self.rediscover) {
             self.discover_namespaces();
         }
@@ -168,8 +184,9 @@ impl Monitor {
             &[TcpState::TIME_WAIT, TcpState::FIN_WAIT2, TcpState::LISTEN],
             false,
         );
+        let started = std::time::Instant::now();
         let dumps = self.dump_all(query)?;
-        let mut rows = self.observe(dumps)?;
+        let mut rows = self.observe(dumps, started)?;
         if self.filter.selects_processes() {
             let filter = &self.filter;
             rows.retain(|r| {
@@ -181,7 +198,11 @@ impl Monitor {
         Ok(rows)
     }
 
-    fn observe(&mut self, dumps: Vec<(u32, Vec<DiagSocket>)>) -> Result<Vec<Synthetic>> {
+    fn observe(
+        &mut self,
+        dumps: Vec<(u32, Vec<DiagSocket>)>,
+        started: std::time::Instant,
+    ) -> Result<Vec<Synthetic>> {
         let now = monotonic_ns();
         let mut rows = Vec::new();
         for (ns, sockets) in &dumps {
@@ -212,6 +233,7 @@ impl Monitor {
         }
         self.tw_seeded = true;
         rows.sort_by_key(|r| r.ts_ns);
+        self.last_tw_dump = Some((std::time::Instant::now(), started.elapsed()));
         Ok(rows)
     }
 
@@ -220,6 +242,7 @@ impl Monitor {
     pub fn refresh(&mut self) -> Result<Vec<Synthetic>> {
         self.discover_namespaces();
         let now = monotonic_ns();
+        let started = std::time::Instant::now();
         let dumps = self.dump_all(Query::all())?;
         self.states.clear();
         for (ns, sockets) in &dumps {
@@ -239,7 +262,7 @@ impl Monitor {
                 self.kernel.insert(ns, info);
             }
         }
-        self.observe(dumps)
+        self.observe(dumps, started)
     }
 
     /// Lifetimes (seconds) of the CLOSE_WAIT and TIME_WAIT sockets that ended since the

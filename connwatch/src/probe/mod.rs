@@ -74,6 +74,8 @@ static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 impl Probe {
     pub fn load(opts: &ProbeOptions) -> Result<Self> {
+        let started = std::time::Instant::now();
+        let lap = |what: &str| log::debug!("{what}: {:?}", started.elapsed());
         check_privileges()?;
         let has_btf = opts.btf_path.exists();
         let resolved = if has_btf {
@@ -84,6 +86,7 @@ impl Probe {
         let offsets = resolved
             .as_ref()
             .map_or_else(Offsets::unresolved, |r| r.offsets);
+        lap("offsets resolved from BTF");
         let degraded = resolved
             .as_ref()
             .map_or_else(|| vec!["kernel BTF"], |r| r.missing_optional.clone());
@@ -109,6 +112,7 @@ impl Probe {
         } else {
             None
         };
+        lap("BTF parsed");
         let mut ebpf = EbpfLoader::new()
             .btf(btf.as_ref())
             .override_global(GLOBAL_OFFSETS, &offsets, true)
@@ -118,6 +122,7 @@ impl Probe {
             .load(PROBE_OBJECT)
             .map_err(|e| load_error(e, opts.verbose))?;
 
+        lap("object loaded");
         if opts.verbose {
             // The probe's own diagnostics (aya-log), never the data.
             match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -149,6 +154,7 @@ impl Probe {
                 }
             }
         };
+        lap("attached");
         Ok(Self {
             ebpf,
             attached,
