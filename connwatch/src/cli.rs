@@ -81,6 +81,29 @@ Examples:
   sudo connwatch serve                           http://127.0.0.1:9977/metrics
   sudo connwatch serve --listen 0.0.0.0:9977 --top 50 --cgroup-label")]
     Serve(ServeArgs),
+
+    /// A live full-screen view of the `watch` table: flagged processes highlighted, a
+    /// detail pane with the reason and peers of the selected process.
+    #[command(
+        after_help = "Keys: q quit, c/o/t sort by CLOSE_WAIT / oldest / TIME_WAIT, Up/Down select."
+    )]
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Time between refreshes.
+    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    pub interval: Duration,
+
+    #[command(flatten)]
+    pub thresholds: Thresholds,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub probe: ProbeArgs,
 }
 
 /// Options of the per-process report (`watch`, `snapshot`).

@@ -17,6 +17,7 @@ mod shutdown;
 mod sockdiag;
 mod table;
 mod timewait;
+mod top;
 mod trace;
 mod views;
 mod watch;
@@ -85,6 +86,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut opts = probe_options(&args.probe, &filter, cli.verbose);
             opts.filter.lifecycle_only = 1;
             serve::serve(args, opts, filter).await
+        }
+        Command::Top(args) => {
+            let filter = Filter::from_args(&args.filter)?;
+            let mut opts = probe_options(&args.probe, &filter, cli.verbose);
+            opts.filter.lifecycle_only = 1;
+            top::top(args, opts, filter).await
         }
         Command::Snapshot(args) => {
             let filter = Filter::from_args(&args.filter)?;

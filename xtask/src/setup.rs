@@ -12,13 +12,15 @@ use anyhow::{Context as _, Result, bail};
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Build toolchain (LLVM 22 for bpf-linker), and the peers that tests and benchmarks
-/// run against: promtool/prometheus, tcpstates (libbpf-tools), bpftool.
+/// run against: promtool/prometheus, tcpstates (libbpf-tools), bpftool, and tmux for
+/// the terminal test of `connwatch top`.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libclang-22-dev",
     "prometheus",
     "libbpf-tools",
     "bpftool",
+    "tmux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
