@@ -88,6 +88,14 @@ Examples:
         after_help = "Keys: q quit, c/o/t sort by CLOSE_WAIT / oldest / TIME_WAIT, Up/Down select."
     )]
     Top(TopArgs),
+
+    /// Write shell completions and man pages (used by `cargo xtask dist`).
+    #[command(hide = true)]
+    Generate {
+        /// Directory to write into.
+        #[arg(long, default_value = "target/dist")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

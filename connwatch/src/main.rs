@@ -93,6 +93,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.filter.lifecycle_only = 1;
             top::top(args, opts, filter).await
         }
+        Command::Generate { out } => {
+            generate(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Snapshot(args) => {
             let filter = Filter::from_args(&args.filter)?;
             watch::snapshot(args, filter)
@@ -109,6 +113,30 @@ fn probe_options(args: &ProbeArgs, filter: &Filter, verbose: bool) -> ProbeOptio
         btf_path: probe::default_btf_path(),
         verbose,
     }
+}
+
+/// Shell completions (bash, zsh, fish) and man pages generated from the clap definition,
+/// so that they never drift from the flags.
+fn generate(out: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    let completions = out.join("completions");
+    let man = out.join("man");
+    std::fs::create_dir_all(&completions)?;
+    std::fs::create_dir_all(&man)?;
+    let mut cmd = Cli::command();
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd, "connwatch", &completions)?;
+    }
+    clap_mangen::generate_to(cmd, &man)?;
+    eprintln!(
+        "connwatch: wrote completions and man pages to {}",
+        out.display()
+    );
+    Ok(())
 }
 
 /// Says on stderr which hook is attached, and what is degraded.

@@ -91,3 +91,21 @@ fn help_has_examples() {
         "{help}"
     );
 }
+
+#[test]
+fn generates_completions_and_man_pages() {
+    let dir = std::env::temp_dir().join(format!("cw-gen-{}", std::process::id()));
+    let (out, _) = run(Command::new(CONNWATCH)
+        .args(["generate", "--out"])
+        .arg(&dir));
+    assert!(out.status.success());
+    let bash = std::fs::read_to_string(dir.join("completions/connwatch.bash")).unwrap();
+    assert!(
+        bash.contains("--close-wait-age"),
+        "bash completion lacks flags"
+    );
+    assert!(dir.join("completions/_connwatch").exists());
+    let man = std::fs::read_to_string(dir.join("man/connwatch-watch.1")).unwrap();
+    assert!(man.contains("close\\-wait\\-age"), "{man}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -37,6 +37,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build in release and write shell completions and man pages to target/dist.
+    Dist,
     /// Set up, build in release, and measure connwatch against tcpstates and against no
     /// tracer in one run (root). Prints a table and a last `bench:` line; writes
     /// docs/BENCHMARKS.md.
@@ -76,6 +78,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 c
             };
             exit_code(cmd.args(args))
+        }
+        Task::Dist => {
+            setup::ensure_all()?;
+            status(cargo().args(["build", "--release", "--package", "connwatch"]))?;
+            let bin = workspace_root().join("target/release/connwatch");
+            let dist = workspace_root().join("target/dist");
+            status(Command::new(&bin).arg("generate").arg("--out").arg(&dist))?;
+            std::fs::copy(&bin, dist.join("connwatch"))?;
+            eprintln!(
+                "xtask: {} holds connwatch, completions/ and man/",
+                dist.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Task::Bench { quick } => {
             if !setup::is_root() {
