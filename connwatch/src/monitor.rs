@@ -85,6 +85,13 @@ impl Monitor {
         }
     }
 
+    /// Bounds the sockets followed in userspace (`--max-sockets`, as in the kernel map).
+    pub fn with_limit(mut self, max_sockets: usize) -> Self {
+        self.table.set_limit(max_sockets);
+        self.tw.limit = max_sockets;
+        self
+    }
+
     /// Dumps `query` in every namespace; a namespace that fails (its last process exited
     /// meanwhile) is counted and skipped.
     fn dump_all(&mut self, query: Query) -> Result<Vec<(u32, Vec<DiagSocket>)>> {
@@ -132,12 +139,20 @@ impl Monitor {
     /// Sockets that existed before start: CLOSE_WAIT with `tcp_info` for age estimates,
     /// and the timewait sockets with their timers.
     pub fn seed(&mut self) -> Result<()> {
+        let started = std::time::Instant::now();
         self.discover_namespaces();
+        log::debug!(
+            "seed: {} namespaces in {:?}",
+            self.namespaces.len(),
+            started.elapsed()
+        );
         let now = monotonic_ns();
         for (ns, sockets) in self.dump_all(Query::states(&[TcpState::CLOSE_WAIT], true))? {
             self.table.seed(ns, &sockets, now);
         }
+        log::debug!("seed: CLOSE_WAIT dumped at {:?}", started.elapsed());
         self.poll_timewait()?;
+        log::debug!("seed: timewait polled at {:?}", started.elapsed());
         Ok(())
     }
 
@@ -213,8 +228,15 @@ impl Monitor {
         }
         let seeding = !self.tw_seeded;
         if seeding {
-            // Pre-existing TIME_WAITs are attributed to listeners: know their holders.
-            self.index.ensure(self.listeners.values().copied());
+            // Pre-existing TIME_WAITs are attributed to listeners: know their holders,
+            // and those of the CLOSE_WAIT sockets just seeded, in one /proc scan.
+            let inodes: Vec<u64> = self
+                .listeners
+                .values()
+                .copied()
+                .chain(self.table.close_wait().map(|(_, cw)| cw.inode))
+                .collect();
+            self.index.ensure(inodes);
         }
         let Self {
             tw,

@@ -46,22 +46,21 @@ impl FdIndex {
 
     /// Makes sure the index knows `inodes`: rescans /proc when one is missing and the
     /// last scan is older than `min_rescan`, or when the index is older than `max_age`.
+    /// Only these inodes are kept, so memory follows the sockets of interest, not every
+    /// socket on the machine.
     pub fn ensure(&mut self, inodes: impl IntoIterator<Item = u64>) {
+        let wanted: rustc_hash::FxHashSet<u64> = inodes.into_iter().filter(|&i| i != 0).collect();
         let age = self.last_scan.map(|t| t.elapsed());
         let stale = age.is_none_or(|a| a >= self.max_age);
         let may_rescan = age.is_none_or(|a| a >= self.min_rescan);
-        let unknown = || {
-            inodes
-                .into_iter()
-                .any(|i| i != 0 && !self.holders.contains_key(&i))
-        };
-        if stale || (may_rescan && unknown()) {
-            self.scan();
+        let unknown = wanted.iter().any(|i| !self.holders.contains_key(i));
+        if stale || (may_rescan && unknown) {
+            self.scan(&wanted);
         }
     }
 
-    /// Rebuilds the index from every process's fd table.
-    pub fn scan(&mut self) {
+    /// Rebuilds the index of `wanted` inodes from every process's fd table.
+    pub fn scan(&mut self, wanted: &rustc_hash::FxHashSet<u64>) {
         let mut holders: HashMap<u64, Vec<u32>> = HashMap::new();
         if let Ok(procs) = all_processes() {
             for proc in procs.flatten() {
@@ -69,7 +68,9 @@ impl FdIndex {
                 // Processes that exit meanwhile or deny access are skipped.
                 let Ok(fds) = proc.fd() else { continue };
                 for fd in fds.flatten() {
-                    if let FDTarget::Socket(inode) = fd.target {
+                    if let FDTarget::Socket(inode) = fd.target
+                        && wanted.contains(&inode)
+                    {
                         let pids = holders.entry(inode).or_default();
                         if !pids.contains(&pid) {
                             pids.push(pid);

@@ -47,12 +47,14 @@ pub async fn serve(args: ServeArgs, opts: ProbeOptions, filter: Filter) -> Resul
     })?;
     let mut probe = Probe::load(&opts)?;
     let ring = probe.take_events()?;
-    let mut monitor = Monitor::new(config(&args.thresholds), filter);
+    let mut monitor =
+        Monitor::new(config(&args.thresholds), filter).with_limit(opts.max_sockets as usize);
     monitor.seed()?;
     if opts.filter.npids > 0 {
         probe.seed_listeners(&monitor.listener_owners())?;
     }
     crate::announce(&probe);
+    crate::probe::drop_capabilities();
     eprintln!(
         "connwatch: serving http://{}/metrics and /healthz",
         listener.local_addr()?

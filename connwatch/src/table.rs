@@ -87,14 +87,31 @@ pub struct Table {
     /// CLOSE_WAIT closes recorded so far (for consumers that take new ones).
     pub closed_total: u64,
     own_netns: u32,
+    /// Most sockets followed at once (`--max-sockets`); beyond it they are counted as
+    /// untracked instead of growing memory without bound.
+    limit: usize,
 }
 
 impl Table {
     pub fn new(own_netns: u32) -> Self {
         Self {
             own_netns,
+            limit: usize::MAX,
             ..Self::default()
         }
+    }
+
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
+    /// Room for one more socket? Counts it as untracked when there is none.
+    fn room(&mut self, key: &SockKey) -> bool {
+        if self.close_wait.len() < self.limit || self.close_wait.contains_key(key) {
+            return true;
+        }
+        self.untracked += 1;
+        false
     }
 
     fn key(&self, netns: u32, local: SocketAddr, remote: SocketAddr) -> SockKey {
@@ -134,7 +151,7 @@ impl Table {
                 comm,
             });
         }
-        if t.new == TcpState::CLOSE_WAIT {
+        if t.new == TcpState::CLOSE_WAIT && self.room(&key) {
             let probe_owner = t.owner.pid.map(|pid| {
                 (
                     pid,
@@ -181,9 +198,11 @@ impl Table {
     pub fn seed(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
         for s in sockets.iter().filter(|s| s.state == TcpState::CLOSE_WAIT) {
             let key = self.key(netns, s.local, s.remote);
-            self.close_wait
-                .entry(key)
-                .or_insert_with(|| estimated(s, now_ns, false));
+            if self.room(&key) {
+                self.close_wait
+                    .entry(key)
+                    .or_insert_with(|| estimated(s, now_ns, false));
+            }
         }
     }
 
@@ -211,7 +230,9 @@ impl Table {
                 }
                 None => {
                     // Its transition may still be in the ring buffer: decided next time.
-                    self.close_wait.insert(key, estimated(s, now_ns, true));
+                    if self.close_wait.len() < self.limit {
+                        self.close_wait.insert(key, estimated(s, now_ns, true));
+                    }
                 }
             }
         }
@@ -487,6 +508,20 @@ pub(crate) mod tests {
         let c = t.closed_since(0).next().unwrap();
         assert_eq!(c.pid, Some(31));
         assert_eq!(c.lifetime_ns, 3 * SEC);
+    }
+
+    #[test]
+    fn the_limit_bounds_memory_and_counts_the_rest() {
+        let mut t = Table::new(NS);
+        t.set_limit(2);
+        for i in 0..5 {
+            t.apply(&enter_cw(1.0, L, &format!("127.0.0.1:{}", 41000 + i), i));
+        }
+        assert_eq!(t.close_wait().count(), 2);
+        assert_eq!(t.untracked, 3);
+        // A socket already followed still updates.
+        t.apply(&enter_cw(2.0, L, "127.0.0.1:41000", 9));
+        assert_eq!(t.untracked, 3);
     }
 
     #[test]

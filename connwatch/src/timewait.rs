@@ -125,6 +125,8 @@ pub struct Tracker {
     pub ended_total: u64,
     /// Number of the current poll.
     poll: u64,
+    /// Most timewait sockets (and pending closes) followed at once; 0 for no limit.
+    pub limit: usize,
 }
 
 impl Tracker {
@@ -139,6 +141,10 @@ impl Tracker {
         }
         if t.new != TcpState::CLOSE || !(t.old == TcpState::FIN_WAIT2 || t.old == TcpState::CLOSING)
         {
+            return;
+        }
+        if self.limit != 0 && self.pending.len() >= self.limit {
+            self.untracked += 1;
             return;
         }
         let owner = t.owner.pid.map(|pid| TwOwner {
@@ -243,6 +249,12 @@ impl Tracker {
             // Not seen entering: from before start, or a transition that was lost.
             if !seeding {
                 self.untracked += 1;
+            }
+            if self.limit != 0 && self.tracked.len() >= self.limit {
+                if seeding {
+                    self.untracked += 1;
+                }
+                continue;
             }
             let owner = listener(s.local.port());
             let owner_source = if owner.is_some() {

@@ -18,11 +18,13 @@ use crate::{
 pub async fn top(args: TopArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
     let mut probe = Probe::load(&opts)?;
     let ring = probe.take_events()?;
-    let mut monitor = Monitor::new(config(&args.thresholds), filter);
+    let mut monitor =
+        Monitor::new(config(&args.thresholds), filter).with_limit(opts.max_sockets as usize);
     monitor.seed()?;
     if opts.filter.npids > 0 {
         probe.seed_listeners(&monitor.listener_owners())?;
     }
+    crate::probe::drop_capabilities();
     let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
 
     let (tx, mut keys) = tokio::sync::mpsc::unbounded_channel();

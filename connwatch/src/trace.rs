@@ -23,12 +23,14 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<
     let mut probe = Probe::load(&opts)?;
     let ring = probe.take_events()?;
     // The monitor follows timewait sockets (TIME_WAIT is never a transition).
-    let mut monitor = Monitor::new(ReportConfig::default(), filter);
+    let mut monitor =
+        Monitor::new(ReportConfig::default(), filter).with_limit(opts.max_sockets as usize);
     monitor.seed()?;
     if opts.filter.npids > 0 {
         probe.seed_listeners(&monitor.listener_owners())?;
     }
     crate::announce(&probe);
+    crate::probe::drop_capabilities();
     let clock = WallClock::new();
     let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
     let mut shutdown = Shutdown::new(args.duration)?;

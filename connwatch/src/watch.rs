@@ -25,12 +25,14 @@ const EXIT_FLAGGED: u8 = 3;
 pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
     let mut probe = Probe::load(&opts)?;
     let ring = probe.take_events()?;
-    let mut monitor = Monitor::new(config(&args.report.thresholds), filter);
+    let mut monitor =
+        Monitor::new(config(&args.report.thresholds), filter).with_limit(opts.max_sockets as usize);
     monitor.seed()?;
     if opts.filter.npids > 0 {
         probe.seed_listeners(&monitor.listener_owners())?;
     }
     crate::announce(&probe);
+    crate::probe::drop_capabilities();
     let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
     let mut shutdown = Shutdown::new(args.duration)?;
     let mut ticker = tokio::time::interval(args.interval);

@@ -301,3 +301,23 @@ fn loaded_prog_ids() -> Vec<u32> {
         .map(|p| p.id())
         .collect()
 }
+
+/// Once attached, connwatch keeps only the capabilities it still needs.
+#[test]
+fn capabilities_are_dropped_after_attach() {
+    require_root();
+    let cw = Connwatch::start(&["trace"]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", cw.pid())).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap();
+    let has = |bit: u32| eff & (1u64 << bit) != 0;
+    // CAP_BPF 39, CAP_PERFMON 38, CAP_SYS_MODULE 16, CAP_NET_RAW 13 are gone.
+    for cap in [39, 38, 16, 13] {
+        assert!(!has(cap), "capability {cap} still effective: {eff:#x}");
+    }
+    // CAP_SYS_PTRACE 19 and CAP_NET_ADMIN 12 stay (fd scans, sock_diag).
+    assert!(has(19) && has(12), "{eff:#x}");
+}

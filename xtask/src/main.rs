@@ -37,6 +37,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// (bench helper) Hold CLOSE_WAIT sockets in a network namespace until stdin closes.
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        count: usize,
+    },
     /// Build in release and write shell completions and man pages to target/dist.
     Dist,
     /// Set up, build in release, and measure connwatch against tcpstates and against no
@@ -78,6 +86,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 c
             };
             exit_code(cmd.args(args))
+        }
+        Task::Hold { netns, count } => {
+            bench::hold(&netns, count)?;
+            Ok(ExitCode::SUCCESS)
         }
         Task::Dist => {
             setup::ensure_all()?;

@@ -26,7 +26,7 @@ use connwatch_common::{
     Offsets, PROG_TP_BTF, PROG_TRACEPOINT, counter,
 };
 
-pub use preflight::check_privileges;
+pub use preflight::{check_privileges, drop_capabilities};
 
 /// Which kernel hook to attach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

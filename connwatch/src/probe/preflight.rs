@@ -36,6 +36,32 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
+/// Capabilities kept once the probe is attached: reading other processes' fds
+/// (SYS_PTRACE, DAC_READ_SEARCH), sock_diag details (NET_ADMIN), and entering other
+/// network namespaces and unmounting a tracefs mounted for the fallback (SYS_ADMIN).
+/// Everything else, CAP_BPF and CAP_PERFMON included, is dropped: the programs and maps
+/// are already open.
+pub const KEPT_AFTER_ATTACH: [caps::Capability; 4] = [
+    caps::Capability::CAP_SYS_PTRACE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+    caps::Capability::CAP_NET_ADMIN,
+    caps::Capability::CAP_SYS_ADMIN,
+];
+
+/// Drops every capability but `KEPT_AFTER_ATTACH` from the effective, permitted and
+/// inheritable sets. Best effort: failing to drop is logged, not fatal.
+pub fn drop_capabilities() {
+    use caps::{CapSet, CapsHashSet};
+    let keep: CapsHashSet = KEPT_AFTER_ATTACH.into_iter().collect();
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
+        let current = caps::read(None, set).unwrap_or_default();
+        let wanted: CapsHashSet = current.intersection(&keep).copied().collect();
+        if let Err(e) = caps::set(None, set, &wanted) {
+            log::warn!("could not drop capabilities ({set:?}): {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
