@@ -7,6 +7,7 @@ mod clock;
 mod decode;
 mod filter;
 mod kernelinfo;
+mod live;
 mod monitor;
 mod netns;
 mod owners;

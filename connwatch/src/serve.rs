@@ -13,7 +13,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, RingBuf};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
@@ -23,11 +22,11 @@ use crate::{
     cli::ServeArgs,
     clock::monotonic_ns,
     filter::Filter,
-    monitor::Monitor,
-    probe::{Probe, ProbeOptions},
+    live::Live,
+    probe::ProbeOptions,
     shutdown::Shutdown,
     views::metrics::{self, Persistent, Totals},
-    watch::{config, drain},
+    watch::config,
 };
 
 /// What the HTTP side reads.
@@ -45,16 +44,8 @@ pub async fn serve(args: ServeArgs, opts: ProbeOptions, filter: Filter) -> Resul
             args.listen
         )
     })?;
-    let mut probe = Probe::load(&opts)?;
-    let ring = probe.take_events()?;
-    let mut monitor =
-        Monitor::new(config(&args.thresholds), filter).with_limit(opts.max_sockets as usize);
-    monitor.seed()?;
-    if opts.filter.npids > 0 {
-        probe.seed_listeners(&monitor.listener_owners())?;
-    }
-    crate::announce(&probe);
-    crate::probe::drop_capabilities();
+    let cfg = config(&args.thresholds);
+    let mut live = Live::start(&opts, cfg, filter, args.interval, args.tw_poll).await?;
     eprintln!(
         "connwatch: serving http://{}/metrics and /healthz",
         listener.local_addr()?
@@ -67,34 +58,18 @@ pub async fn serve(args: ServeArgs, opts: ProbeOptions, filter: Filter) -> Resul
     });
     let mut state = State {
         persistent: Persistent::default(),
-        undecodable: 0,
         shared: Arc::clone(&shared),
         top: usize::from(args.top),
         cgroup_label: args.cgroup_label,
     };
-    let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
-    state.refresh(&mut monitor, &mut probe, ring.get_mut())?;
+    state.refresh(&mut live)?;
     let mut shutdown = Shutdown::new(None)?;
-    let mut ticker = tokio::time::interval(args.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    let mut drain_tick = crate::probe::drain_timer();
-    let mut tw_poll = tokio::time::interval(args.tw_poll);
-    tw_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
     loop {
         tokio::select! {
-            ready = ring.readable_mut() => {
-                let mut guard = ready?;
-                drain(guard.get_inner_mut(), &mut monitor, &mut state.undecodable);
-                guard.clear_ready();
+            due = live.report_due() => {
+                due?;
+                state.refresh(&mut live)?;
             }
-            _ = drain_tick.tick() => drain(ring.get_mut(), &mut monitor, &mut state.undecodable),
-            _ = tw_poll.tick() => {
-                drain(ring.get_mut(), &mut monitor, &mut state.undecodable);
-                monitor.poll_timewait()?;
-            }
-            _ = ticker.tick() => state.refresh(&mut monitor, &mut probe, ring.get_mut())?,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let shared = Arc::clone(&shared);
@@ -114,35 +89,22 @@ pub async fn serve(args: ServeArgs, opts: ProbeOptions, filter: Filter) -> Resul
 /// The event loop's side: counters that persist, and where scrapes read from.
 struct State {
     persistent: Persistent,
-    undecodable: u64,
     shared: Arc<Shared>,
     top: usize,
     cgroup_label: bool,
 }
 
 impl State {
-    /// Applies what is queued, refreshes the report and renders the scrape text.
-    fn refresh(
-        &mut self,
-        monitor: &mut Monitor,
-        probe: &mut Probe,
-        ring: &mut RingBuf<MapData>,
-    ) -> Result<()> {
-        drain(ring, monitor, &mut self.undecodable);
-        monitor.refresh()?;
-        let counters = probe.counters()?;
-        let report = monitor.report(
-            false,
-            counters.dropped,
-            counters.socket_store_failed + self.undecodable,
-        );
-        let (cw, tw) = monitor.take_lifetimes();
+    /// Refreshes the report and renders the scrape text.
+    fn refresh(&mut self, live: &mut Live) -> Result<()> {
+        let report = live.report(false)?;
+        let (cw, tw) = live.monitor.take_lifetimes();
         self.persistent.update(
             &Totals {
-                events: counters.seen,
-                dropped: counters.dropped,
+                events: live.events_seen()?,
+                dropped: report.loss.events_dropped,
                 untracked: report.loss.sockets_untracked,
-                poll_ns: monitor.poll_ns,
+                poll_ns: live.monitor.poll_ns,
             },
             &cw,
             &tw,

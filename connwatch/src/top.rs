@@ -2,30 +2,17 @@
 //! by a thread (crossterm's blocking reader) and handed to the event loop.
 use std::process::ExitCode;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind};
 
 use crate::{
-    cli::TopArgs,
-    filter::Filter,
-    monitor::Monitor,
-    probe::{Probe, ProbeOptions},
-    shutdown::Shutdown,
-    views::top::App,
-    watch::{config, drain},
+    cli::TopArgs, filter::Filter, live::Live, probe::ProbeOptions, shutdown::Shutdown,
+    views::top::App, watch::config,
 };
 
 pub async fn top(args: TopArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
-    let mut probe = Probe::load(&opts)?;
-    let ring = probe.take_events()?;
-    let mut monitor =
-        Monitor::new(config(&args.thresholds), filter).with_limit(opts.max_sockets as usize);
-    monitor.seed()?;
-    if opts.filter.npids > 0 {
-        probe.seed_listeners(&monitor.listener_owners())?;
-    }
-    crate::probe::drop_capabilities();
-    let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
+    let cfg = config(&args.thresholds);
+    let mut live = Live::start(&opts, cfg, filter, args.interval, args.interval).await?;
 
     let (tx, mut keys) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
@@ -50,25 +37,14 @@ pub async fn top(args: TopArgs, opts: ProbeOptions, filter: Filter) -> Result<Ex
     let mut terminal = ratatui::init();
     let mut app = App::default();
     let mut shutdown = Shutdown::new(None)?;
-    let mut ticker = tokio::time::interval(args.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut drain_tick = crate::probe::drain_timer();
-    let mut undecodable = 0u64;
     let result: Result<()> = async {
+        app.report = Some(live.report(false)?);
         loop {
             terminal.draw(|f| app.draw(f))?;
             tokio::select! {
-                ready = ring.readable_mut() => {
-                    let mut guard = ready?;
-                    drain(guard.get_inner_mut(), &mut monitor, &mut undecodable);
-                    guard.clear_ready();
-                }
-                _ = drain_tick.tick() => drain(ring.get_mut(), &mut monitor, &mut undecodable),
-                _ = ticker.tick() => {
-                    drain(ring.get_mut(), &mut monitor, &mut undecodable);
-                    monitor.refresh()?;
-                    let c = probe.counters()?;
-                    app.report = Some(monitor.report(false, c.dropped, c.socket_store_failed + undecodable));
+                due = live.report_due() => {
+                    due?;
+                    app.report = Some(live.report(false)?);
                 }
                 Some(k) = keys.recv() => {
                     app.key(k);

@@ -5,15 +5,14 @@ use std::{
     process::ExitCode,
 };
 
-use anyhow::{Context as _, Result};
-use aya::maps::{MapData, RingBuf};
+use anyhow::Result;
 
 use crate::{
     cli::{SnapshotArgs, Thresholds, WatchArgs},
-    decode::decode,
     filter::Filter,
+    live::Live,
     monitor::Monitor,
-    probe::{Probe, ProbeOptions},
+    probe::ProbeOptions,
     report::{Report, ReportConfig},
     shutdown::Shutdown,
     views::report as view,
@@ -23,55 +22,22 @@ use crate::{
 const EXIT_FLAGGED: u8 = 3;
 
 pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
-    let mut probe = Probe::load(&opts)?;
-    let ring = probe.take_events()?;
-    let mut monitor =
-        Monitor::new(config(&args.report.thresholds), filter).with_limit(opts.max_sockets as usize);
-    monitor.seed()?;
-    if opts.filter.npids > 0 {
-        probe.seed_listeners(&monitor.listener_owners())?;
-    }
-    crate::announce(&probe);
-    crate::probe::drop_capabilities();
-    let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
+    let cfg = config(&args.report.thresholds);
+    let mut live = Live::start(&opts, cfg, filter, args.interval, args.tw_poll).await?;
     let mut shutdown = Shutdown::new(args.duration)?;
-    let mut ticker = tokio::time::interval(args.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await; // the first tick is immediate: skip it
     let mut out = Output::new(args.report.json);
-    let mut undecodable = 0u64;
-    let mut drain_tick = crate::probe::drain_timer();
-    let mut tw_poll = tokio::time::interval(args.tw_poll);
-    tw_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
     loop {
         tokio::select! {
-            ready = ring.readable_mut() => {
-                let mut guard = ready?;
-                drain(guard.get_inner_mut(), &mut monitor, &mut undecodable);
-                guard.clear_ready();
-            }
-            _ = drain_tick.tick() => drain(ring.get_mut(), &mut monitor, &mut undecodable),
-            _ = tw_poll.tick() => {
-                drain(ring.get_mut(), &mut monitor, &mut undecodable);
-                monitor.poll_timewait()?;
-            }
-            _ = ticker.tick() => {
-                let report = refresh(&mut probe, &mut monitor, ring.get_mut(), &mut undecodable, false)?;
-                if out.print(&report).is_err() {
+            due = live.report_due() => {
+                due?;
+                if out.print(&live.report(false)?).is_err() {
                     return Ok(ExitCode::SUCCESS); // reader gone (`| head`)
                 }
             }
             () = shutdown.wait() => break,
         }
     }
-    let report = refresh(
-        &mut probe,
-        &mut monitor,
-        ring.get_mut(),
-        &mut undecodable,
-        true,
-    )?;
+    let report = live.report(true)?;
     let _ = out.print(&report);
     Ok(exit_code(&report, args.report.check))
 }
@@ -100,36 +66,6 @@ fn exit_code(report: &Report, check: bool) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-pub fn drain(ring: &mut RingBuf<MapData>, monitor: &mut Monitor, undecodable: &mut u64) {
-    while let Some(item) = ring.next() {
-        match decode(&item) {
-            Ok(t) => monitor.apply(&t),
-            Err(e) => {
-                *undecodable += 1;
-                log::warn!("skipped an event: {e}");
-            }
-        }
-    }
-}
-
-/// Applies what is queued, reconciles with sock_diag and builds a report.
-fn refresh(
-    probe: &mut Probe,
-    monitor: &mut Monitor,
-    ring: &mut RingBuf<MapData>,
-    undecodable: &mut u64,
-    is_final: bool,
-) -> Result<Report> {
-    drain(ring, monitor, undecodable);
-    monitor.refresh()?;
-    let counters = probe.counters()?;
-    Ok(monitor.report(
-        is_final,
-        counters.dropped,
-        counters.socket_store_failed + *undecodable,
-    ))
 }
 
 struct Output {
