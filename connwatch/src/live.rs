@@ -51,8 +51,9 @@ impl Live {
         if opts.filter.npids > 0 {
             probe.seed_listeners(&monitor.listener_owners())?;
         }
-        crate::announce(&probe);
+        // Before announcing: "attached" means the capabilities are already dropped.
         crate::probe::drop_capabilities();
+        crate::announce(&probe);
         let ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
         let mut report_tick = interval(every);
         report_tick.tick().await; // the first tick is immediate: skip it

@@ -29,8 +29,9 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<
     if opts.filter.npids > 0 {
         probe.seed_listeners(&monitor.listener_owners())?;
     }
-    crate::announce(&probe);
+    // Before announcing: "attached" means the capabilities are already dropped.
     crate::probe::drop_capabilities();
+    crate::announce(&probe);
     let clock = WallClock::new();
     let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
     let mut shutdown = Shutdown::new(args.duration)?;
