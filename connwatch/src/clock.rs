@@ -9,6 +9,12 @@ pub struct WallClock {
     epoch: SystemTime,
 }
 
+impl Default for WallClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl WallClock {
     pub fn new() -> Self {
         let mono = monotonic_ns();

@@ -53,7 +53,7 @@ impl Live {
         }
         // Before announcing: "attached" means the capabilities are already dropped.
         crate::probe::drop_capabilities();
-        crate::announce(&probe);
+        crate::probe::announce(&probe);
         let ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
         let mut report_tick = interval(every);
         report_tick.tick().await; // the first tick is immediate: skip it

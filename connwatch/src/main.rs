@@ -1,36 +1,16 @@
 //! connwatch: find the processes behind CLOSE_WAIT and TIME_WAIT sockets.
 //!
-//! `main` only wires the modules: `cli` parses, `probe` loads and attaches the kernel
-//! side, `decode` turns its records into transitions, `views` format them.
-mod cli;
-mod clock;
-mod decode;
-mod filter;
-mod kernelinfo;
-mod live;
-mod monitor;
-mod netns;
-mod owners;
-mod probe;
-mod report;
-mod serve;
-mod shutdown;
-mod sockdiag;
-mod table;
-mod timewait;
-mod top;
-mod trace;
-mod views;
-mod watch;
-
+//! `main` only wires the modules of the library: `cli` parses, each command runs its view
+//! over the same flow.
 use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use crate::{
+use connwatch::{
     cli::{Cli, Command, ProbeArgs},
     filter::Filter,
-    probe::{Probe, ProbeOptions},
+    probe::{self, ProbeOptions},
+    serve, top, trace, watch,
 };
 
 fn main() -> ExitCode {
@@ -140,13 +120,3 @@ fn generate(out: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Says on stderr which hook is attached, and what is degraded.
-fn announce(probe: &Probe) {
-    eprintln!("connwatch: attached {}", probe.attached);
-    if !probe.degraded.is_empty() {
-        eprintln!(
-            "connwatch: warning: {} not found in kernel BTF: network namespace and socket inode are not reported",
-            probe.degraded.join(", ")
-        );
-    }
-}

@@ -31,7 +31,7 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<
     }
     // Before announcing: "attached" means the capabilities are already dropped.
     crate::probe::drop_capabilities();
-    crate::announce(&probe);
+    crate::probe::announce(&probe);
     let clock = WallClock::new();
     let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
     let mut shutdown = Shutdown::new(args.duration)?;

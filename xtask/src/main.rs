@@ -45,6 +45,15 @@ enum Task {
         #[arg(long)]
         count: usize,
     },
+    /// Fuzz the parsers of untrusted bytes (cargo-fuzz, nightly): the event decoder, the
+    /// sock_diag parser and the /proc/tracefs text parsers. Seeds in connwatch/fuzz/corpus.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Targets to run (all when none): decode_event, sock_diag, proc_text.
+        targets: Vec<String>,
+    },
     /// Build in release and write shell completions and man pages to target/dist.
     Dist,
     /// Set up, build in release, and measure connwatch against tcpstates and against no
@@ -91,6 +100,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bench::hold(&netns, count)?;
             Ok(ExitCode::SUCCESS)
         }
+        Task::Fuzz { seconds, targets } => {
+            fuzz(seconds, targets)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Task::Dist => {
             setup::ensure_all()?;
             status(cargo().args(["build", "--release", "--package", "connwatch"]))?;
@@ -128,6 +141,52 @@ fn run(cli: Cli) -> Result<ExitCode> {
             exit_code(cargo().args(["test", "--no-fail-fast"]).args(args))
         }
     }
+}
+
+const FUZZ_TARGETS: [&str; 3] = ["decode_event", "sock_diag", "proc_text"];
+
+/// Runs each fuzz target for `seconds` and reports executions. The probe is not built
+/// (AYA_BUILD_SKIP): sanitizer flags would break the BPF build, and the parsers do not
+/// need it.
+fn fuzz(seconds: u64, targets: Vec<String>) -> Result<()> {
+    let installed = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["fuzz", "--version"])
+        .env("PATH", setup::path_with_cargo_bin())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!("xtask: installing cargo-fuzz");
+        status(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let targets = if targets.is_empty() {
+        FUZZ_TARGETS.iter().map(|t| t.to_string()).collect()
+    } else {
+        targets
+    };
+    let dir = workspace_root().join("connwatch");
+    for target in targets {
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        let out = Command::new("rustup")
+            .args(["run", "nightly", "cargo", "fuzz", "run", &target])
+            .arg(format!("fuzz/corpus/{target}"))
+            .args(["--", &format!("-max_total_time={seconds}"), "-max_len=4096"])
+            .current_dir(&dir)
+            .env("AYA_BUILD_SKIP", "1")
+            .env("PATH", setup::path_with_cargo_bin())
+            .output()
+            .context("cannot run cargo fuzz")?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let done = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("Done "))
+            .unwrap_or("no summary");
+        println!("fuzz {target}: {done}");
+        if !out.status.success() {
+            bail!("fuzz target {target} failed:\n{}", log.lines().rev().take(30).collect::<Vec<_>>().join("\n"));
+        }
+    }
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

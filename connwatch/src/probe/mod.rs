@@ -27,6 +27,7 @@ use connwatch_common::{
 };
 
 pub use preflight::{check_privileges, drop_capabilities};
+pub use tracefs::layout_mismatches;
 
 /// Which kernel hook to attach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -288,4 +289,15 @@ pub fn default_btf_path() -> PathBuf {
     std::env::var_os("CONNWATCH_BTF")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new("/sys/kernel/btf/vmlinux").to_path_buf())
+}
+
+/// Says on stderr which hook is attached, and what is degraded.
+pub fn announce(probe: &Probe) {
+    eprintln!("connwatch: attached {}", probe.attached);
+    if !probe.degraded.is_empty() {
+        eprintln!(
+            "connwatch: warning: {} not found in kernel BTF: network namespace and socket inode are not reported",
+            probe.degraded.join(", ")
+        );
+    }
 }

@@ -1,0 +1,15 @@
+//! Text read from /proc and tracefs: netstat counters, port ranges, cgroup lines,
+//! tracepoint formats, namespace links.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = connwatch::kernelinfo::netstat_counter(text, "TcpExt", "TCPTimeWaitOverflow");
+    let _ = connwatch::kernelinfo::parse_port_range(text);
+    let _ = connwatch::filter::parse_cgroup(text);
+    let _ = connwatch::probe::layout_mismatches(text);
+    let _ = connwatch::netns::parse_ns_link(text);
+});
