@@ -132,8 +132,12 @@ pub fn parse_datagram(mut bytes: &[u8], out: &mut Vec<DiagSocket>) -> io::Result
         match kind {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
+                // A negative errno; 0 is an acknowledgement. Saturating: the bytes are
+                // untrusted and -i32::MIN overflows (found by fuzzing).
                 let errno = u32_at(payload, 0).map_or(0, |e| e as i32);
-                return Err(io::Error::from_raw_os_error(-errno));
+                if errno != 0 {
+                    return Err(io::Error::from_raw_os_error(errno.saturating_neg()));
+                }
             }
             SOCK_DIAG_BY_FAMILY => out.push(
                 parse_inet_diag(payload)
@@ -307,6 +311,18 @@ mod tests {
         err[16..20].copy_from_slice(&(-13i32).to_ne_bytes());
         let e = parse_datagram(&err, &mut Vec::new()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(13));
+    }
+
+    /// Regression: an NLMSG_ERROR carrying i32::MIN made the negation overflow.
+    #[test]
+    fn fuzz_crash_error_with_min_errno() {
+        let input: [u8; 77] = [
+            73, 0, 0, 0, 2, 0, 0, 0, 20, 1, 0, 0, 29, 0, 0, 130, 0, 0, 0, 128, 0, 0, 0, 3, 85, 85,
+            85, 85, 0, 0, 0, 0, 0, 253, 255, 255, 255, 255, 255, 255, 255, 203, 255, 255, 255, 255,
+            255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 255, 255, 255, 255, 255, 255, 255, 195, 0,
+        ];
+        assert!(parse_datagram(&input, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -183,7 +183,9 @@ fn fuzz(seconds: u64, targets: Vec<String>) -> Result<()> {
             .unwrap_or("no summary");
         println!("fuzz {target}: {done}");
         if !out.status.success() {
-            bail!("fuzz target {target} failed:\n{}", log.lines().rev().take(30).collect::<Vec<_>>().join("\n"));
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            bail!("fuzz target {target} failed:\n{tail}");
         }
     }
     Ok(())
