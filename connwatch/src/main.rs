@@ -119,4 +119,3 @@ fn generate(out: &std::path::Path) -> anyhow::Result<()> {
     );
     Ok(())
 }
-
