@@ -287,8 +287,9 @@ fn time_wait_expires_after_sixty_seconds() {
     assert!((ms - 60_000.0).abs() <= 500.0, "TIME_WAIT lasted {ms} ms");
 }
 
-/// Port pressure inside a namespace with a 10-port ephemeral range: 6 TIME_WAITs from
-/// ephemeral ports to one server are 60 % of it. Also proves connwatch looks into other
+/// Port pressure inside a namespace with a 10-port ephemeral range: 7 TIME_WAITs from
+/// ephemeral ports to one server are 70 % of it (the server's own listening port comes
+/// from the same range, leaving 9). Also proves connwatch looks into other
 /// namespaces (sock_diag and sysctls there), and attributes the client's TIME_WAITs.
 #[test]
 fn port_pressure_in_a_small_port_range() {
@@ -296,20 +297,20 @@ fn port_pressure_in_a_small_port_range() {
     let ns = quiet_netns("pp");
     ns.sysctl("net.ipv4.ip_local_port_range", "40000 40009");
     let mut cw = watch(&[]);
-    let mut server = Peer::spawn_in(Some(&ns), &["closer", "127.0.0.1:0", "6", "0"]);
+    let mut server = Peer::spawn_in(Some(&ns), &["closer", "127.0.0.1:0", "7", "0"]);
     let port: u16 = server.expect("port").parse().unwrap();
-    let mut client = Peer::spawn_in(Some(&ns), &["clients", &addr("127.0.0.1", port), "6"]);
+    let mut client = Peer::spawn_in(Some(&ns), &["clients", &addr("127.0.0.1", port), "7"]);
     client.expect("closed");
     server.expect("done");
     let r = wait_report(&mut cw, "port pressure", |r| {
         process(r, client.pid()).is_some_and(|p| has_flag(p, "port_pressure"))
     });
     let p = process(&r, client.pid()).unwrap();
-    assert_eq!(p["time_wait"], 6, "{p}");
+    assert_eq!(p["time_wait"], 7, "{p}");
     let reason = p["reason"].as_str().unwrap();
     assert!(
         reason.contains(&format!("to 127.0.0.1:{port}"))
-            && reason.contains("6 in all")
+            && reason.contains("7 in all, 70% of the range")
             && reason.contains("40000-40009")
             && reason.contains("tcp_tw_reuse="),
         "{reason}"
