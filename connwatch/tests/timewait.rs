@@ -22,25 +22,6 @@ fn peer_entry() {
 
 const N: usize = 5;
 
-fn process(r: &Value, pid: u32) -> Option<&Value> {
-    r["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pid"] == pid)
-}
-
-fn has_flag(p: &Value, flag: &str) -> bool {
-    p["flags"].as_array().unwrap().iter().any(|f| f == flag)
-}
-
-fn wait_report(cw: &mut Connwatch, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
-    let line = cw.stdout.wait_for(what, |l| {
-        serde_json::from_str::<Value>(l).is_ok_and(|r| pred(&r))
-    });
-    serde_json::from_str(&line).unwrap()
-}
-
 fn watch(extra: &[&str]) -> Connwatch {
     let mut args = vec![
         "watch",

@@ -24,14 +24,6 @@ fn report_time(r: &Value) -> SystemTime {
     humantime::parse_rfc3339(r["time"].as_str().unwrap()).unwrap()
 }
 
-fn process(r: &Value, pid: u32) -> Option<&Value> {
-    r["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pid"] == pid)
-}
-
 fn flags(p: &Value) -> Vec<String> {
     p["flags"]
         .as_array()
@@ -39,14 +31,6 @@ fn flags(p: &Value) -> Vec<String> {
         .iter()
         .map(|f| f.as_str().unwrap().to_string())
         .collect()
-}
-
-/// Reads JSON reports until one satisfies `pred`.
-fn wait_report(cw: &mut Connwatch, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
-    let line = cw.stdout.wait_for(what, |l| {
-        serde_json::from_str::<Value>(l).is_ok_and(|r| pred(&r))
-    });
-    serde_json::from_str(&line).unwrap()
 }
 
 /// A leaker beside a well-behaved server: the leaker is flagged with its pid, count and

@@ -425,3 +425,26 @@ pub fn parse_rows(lines: &[String]) -> Vec<Row> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON row {l}: {e}")))
         .collect()
 }
+
+/// The row of `pid` in a JSON report.
+pub fn process(r: &serde_json::Value, pid: u32) -> Option<&serde_json::Value> {
+    r["processes"].as_array()?.iter().find(|p| p["pid"] == pid)
+}
+
+pub fn has_flag(p: &serde_json::Value, flag: &str) -> bool {
+    p["flags"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|x| x == flag))
+}
+
+/// Reads JSON reports from connwatch until one satisfies `pred`.
+pub fn wait_report(
+    cw: &mut Connwatch,
+    what: &str,
+    mut pred: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let line = cw.stdout.wait_for(what, |l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|r| pred(&r))
+    });
+    serde_json::from_str(&line).unwrap_or_default()
+}
