@@ -13,13 +13,7 @@ use std::{
 use common::*;
 use serde_json::Value;
 
-#[test]
-#[ignore = "helper: runs only as a re-executed peer process"]
-fn peer_entry() {
-    if let Ok(role) = std::env::var("CW_PEER") {
-        peer_main(&role);
-    }
-}
+common::peer_entry!();
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

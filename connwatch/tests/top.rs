@@ -8,13 +8,7 @@ use std::{
 
 use common::*;
 
-#[test]
-#[ignore = "helper: runs only as a re-executed peer process"]
-fn peer_entry() {
-    if let Ok(role) = std::env::var("CW_PEER") {
-        peer_main(&role);
-    }
-}
+common::peer_entry!();
 
 fn tmux(args: &[&str]) -> std::process::Output {
     Command::new("tmux")

@@ -6,14 +6,7 @@ use std::time::Duration;
 
 use common::*;
 
-/// Re-entry point for peer processes (see `common::peer_main`); ignored in normal runs.
-#[test]
-#[ignore = "helper: runs only as a re-executed peer process"]
-fn peer_entry() {
-    if let Ok(role) = std::env::var("CW_PEER") {
-        peer_main(&role);
-    }
-}
+common::peer_entry!();
 
 const HOLD_MS: u64 = 300;
 

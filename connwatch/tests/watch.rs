@@ -10,13 +10,7 @@ use std::{
 use common::*;
 use serde_json::Value;
 
-#[test]
-#[ignore = "helper: runs only as a re-executed peer process"]
-fn peer_entry() {
-    if let Ok(role) = std::env::var("CW_PEER") {
-        peer_main(&role);
-    }
-}
+common::peer_entry!();
 
 const N: usize = 4;
 

@@ -13,6 +13,23 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Defines the ignored test `peer_entry` that re-executed peer processes enter (see
+/// `peer_main`). Each test binary that spawns peers invokes it once at its root.
+#[allow(unused_macros)] // cli.rs spawns no peers
+macro_rules! peer_entry {
+    () => {
+        #[test]
+        #[ignore = "helper: runs only as a re-executed peer process"]
+        fn peer_entry() {
+            if let Ok(role) = std::env::var("CW_PEER") {
+                common::peer_main(&role);
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use peer_entry;
+
 pub const CONNWATCH: &str = env!("CARGO_BIN_EXE_connwatch");
 pub const DEADLINE: Duration = Duration::from_secs(15);
 
