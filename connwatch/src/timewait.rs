@@ -72,6 +72,10 @@ pub struct TimeWait {
     pub due_ns: u64,
     /// The poll that last listed it (mark and sweep, no per-poll key set).
     seen: u64,
+    /// Found by a poll without its ->CLOSE transition: the transition may still be on
+    /// its way (the kernel hashes the timewait socket before it emits the event), so it
+    /// is counted as untracked only if a later poll still finds it unclaimed.
+    provisional: bool,
 }
 
 /// A row for `trace`: a change connwatch inferred rather than saw (`"synthetic": true`).
@@ -143,14 +147,41 @@ impl Tracker {
         {
             return;
         }
-        if self.limit != 0 && self.pending.len() >= self.limit {
-            self.untracked += 1;
-            return;
-        }
         let owner = t.owner.pid.map(|pid| TwOwner {
             pid,
             comm: t.owner.comm.clone().unwrap_or_default(),
         });
+        if let Some(tw) = self.tracked.get_mut(&key).filter(|tw| tw.provisional) {
+            // A poll found this timewait socket just before its transition arrived.
+            tw.provisional = false;
+            tw.entered_ns = t.ts_ns;
+            tw.age_source = AgeSource::Observed;
+            tw.owner_source = if owner.is_some() {
+                OwnerSource::Carried
+            } else {
+                OwnerSource::Unknown
+            };
+            tw.owner = owner;
+            if tw.substate == TcpState::TIME_WAIT {
+                self.created
+                    .push_back((t.ts_ns, tw.owner.as_ref().map(|o| o.pid)));
+                self.queued.push(Synthetic {
+                    key,
+                    ts_ns: t.ts_ns,
+                    old: t.old,
+                    new: TcpState::TIME_WAIT,
+                    duration_ns: t.duration_ns(),
+                    owner: tw.owner.clone(),
+                    owner_source: tw.owner_source,
+                    end: None,
+                });
+            }
+            return;
+        }
+        if self.limit != 0 && self.pending.len() >= self.limit {
+            self.untracked += 1;
+            return;
+        }
         self.pending.insert(
             key,
             Pending {
@@ -186,6 +217,10 @@ impl Tracker {
             let due = now_ns + u64::from(s.expires_ms) * 1_000_000;
             if let Some(tw) = self.tracked.get_mut(&key) {
                 tw.seen = poll;
+                if std::mem::take(&mut tw.provisional) {
+                    // A full poll later, still no transition: it was missed.
+                    self.untracked += 1;
+                }
                 if tw.substate == TcpState::FIN_WAIT2 && s.state == TcpState::TIME_WAIT {
                     // The orphan got the peer's FIN: TIME_WAIT with a fresh 60 s timer.
                     let entered = due.saturating_sub(TIMEWAIT_LEN_NS).min(now_ns);
@@ -242,18 +277,15 @@ impl Tracker {
                         owner_source,
                         due_ns: due,
                         seen: poll,
+                        provisional: false,
                     },
                 );
                 continue;
             }
-            // Not seen entering: from before start, or a transition that was lost.
-            if !seeding {
-                self.untracked += 1;
-            }
+            // Not seen entering: from before start, a transition that was lost, or one
+            // still on its way (then `on_transition` claims it).
             if self.limit != 0 && self.tracked.len() >= self.limit {
-                if seeding {
-                    self.untracked += 1;
-                }
+                self.untracked += 1;
                 continue;
             }
             let owner = listener(s.local.port());
@@ -277,6 +309,7 @@ impl Tracker {
                     owner_source,
                     due_ns: due,
                     seen: poll,
+                    provisional: !seeding,
                 },
             );
         }
@@ -489,6 +522,41 @@ mod tests {
     }
 
     #[test]
+    fn transition_arriving_after_the_poll_still_claims_its_time_wait() {
+        let mut t = Tracker::default();
+        // The poll lists the timewait socket before its ->CLOSE event was read.
+        assert!(
+            t.observe(
+                NS,
+                &[tw(TIME_WAIT, C, S, 59_900)],
+                10_100_000_000,
+                false,
+                &no_listener
+            )
+            .is_empty()
+        );
+        t.on_transition(key(C, S), &close_from(FIN_WAIT2, 10.0, Some(42)));
+        let rows = t.observe(
+            NS,
+            &[tw(TIME_WAIT, C, S, 58_900)],
+            11_100_000_000,
+            false,
+            &no_listener,
+        );
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(
+            (rows[0].new, rows[0].ts_ns),
+            (TcpState::TIME_WAIT, 10 * SEC)
+        );
+        let tw0 = &t.tracked[&key(C, S)];
+        assert_eq!(tw0.owner.as_ref().map(|o| o.pid), Some(42));
+        assert_eq!(tw0.owner_source, OwnerSource::Carried);
+        assert_eq!(tw0.age_source, AgeSource::Observed);
+        assert_eq!(t.untracked, 0);
+        assert_eq!(t.created_since(0).count(), 1);
+    }
+
+    #[test]
     fn late_timer_does_not_stretch_the_lifetime() {
         let mut t = Tracker::default();
         t.on_transition(key(C, S), &close_from(FIN_WAIT2, 10.0, Some(42)));
@@ -599,18 +667,16 @@ mod tests {
         let client = &t.tracked[&key(C, S)];
         assert_eq!(client.owner_source, OwnerSource::Unknown);
         assert_eq!(t.untracked, 0);
-        // One that shows up later without a transition was missed.
-        t.observe(
-            NS,
-            &[
-                tw(TIME_WAIT, S, C, 44_000),
-                tw(TIME_WAIT, C, S, 29_000),
-                tw(TIME_WAIT, S, "127.0.0.1:1", 60_000),
-            ],
-            101 * SEC,
-            false,
-            &listener,
-        );
+        // One that shows up later, and is still unclaimed by a transition at the next
+        // poll, was missed.
+        let later = [
+            tw(TIME_WAIT, S, C, 44_000),
+            tw(TIME_WAIT, C, S, 29_000),
+            tw(TIME_WAIT, S, "127.0.0.1:1", 60_000),
+        ];
+        t.observe(NS, &later, 101 * SEC, false, &listener);
+        assert_eq!(t.untracked, 0, "its transition may still be on its way");
+        t.observe(NS, &later, 102 * SEC, false, &listener);
         assert_eq!(t.untracked, 1);
     }
 
