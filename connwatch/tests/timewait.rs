@@ -51,7 +51,10 @@ fn quiet_netns(tag: &str) -> NetNs {
 fn server_closes_first(ip: &str) {
     require_root();
     let ns = quiet_netns(if ip.contains(':') { "sf6" } else { "sf4" });
-    let mut cw = watch(&["--time-wait-min", &N.to_string()]);
+    // The client's next connect may pick a port whose server-side TIME_WAIT still exists:
+    // its SYN ends that TIME_WAIT early (correctly reported). So expect N - 1 at least.
+    let min = N as u64 - 1;
+    let mut cw = watch(&["--time-wait-min", &min.to_string()]);
     let mut server = Peer::spawn_in(Some(&ns), &["firstcloser", &addr(ip, 0), &N.to_string()]);
     let port: u16 = server.expect("port").parse().unwrap();
     let mut client = Peer::spawn_in(
@@ -64,7 +67,7 @@ fn server_closes_first(ip: &str) {
     // The listener's holder is found by the next /proc rescan (at most one a second).
     let r = wait_report(&mut cw, "the server flagged for its TIME_WAITs", |r| {
         process(r, server.pid())
-            .is_some_and(|p| p["time_wait"] == N as u64 && has_flag(p, "active_closer"))
+            .is_some_and(|p| p["time_wait"].as_u64() >= Some(min) && has_flag(p, "active_closer"))
     });
     let p = process(&r, server.pid()).unwrap();
     assert_eq!(p["owner_sources"], serde_json::json!(["carried"]), "{p}");
@@ -74,7 +77,7 @@ fn server_closes_first(ip: &str) {
         reason.contains(&format!("listens on port {port}")),
         "{reason}"
     );
-    assert_eq!(p["peers"][0]["time_wait"], N as u64, "{p}");
+    assert!(p["peers"][0]["time_wait"].as_u64() >= Some(min), "{p}");
     // The client closed second: no TIME_WAIT for it.
     if let Some(c) = process(&r, client.pid()) {
         assert_eq!(c["time_wait"], 0, "{c}");
