@@ -45,6 +45,8 @@ pub async fn serve(args: ServeArgs, opts: ProbeOptions, filter: Filter) -> Resul
         )
     })?;
     let cfg = config(&args.thresholds);
+    // Handlers first: a signal right after "attached" must not kill the process.
+    let mut shutdown = Shutdown::new(None)?;
     let mut live = Live::start(&opts, cfg, filter, args.interval, args.tw_poll).await?;
     eprintln!(
         "connwatch: serving http://{}/metrics and /healthz",
@@ -63,7 +65,6 @@ pub async fn serve(args: ServeArgs, opts: ProbeOptions, filter: Filter) -> Resul
         cgroup_label: args.cgroup_label,
     };
     state.refresh(&mut live)?;
-    let mut shutdown = Shutdown::new(None)?;
     loop {
         tokio::select! {
             due = live.report_due() => {

@@ -12,6 +12,8 @@ use crate::{
 
 pub async fn top(args: TopArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
     let cfg = config(&args.thresholds);
+    // Handlers first: a signal right after "attached" must not kill the process.
+    let mut shutdown = Shutdown::new(None)?;
     let mut live = Live::start(&opts, cfg, filter, args.interval, args.interval).await?;
 
     let (tx, mut keys) = tokio::sync::mpsc::unbounded_channel();
@@ -36,7 +38,6 @@ pub async fn top(args: TopArgs, opts: ProbeOptions, filter: Filter) -> Result<Ex
 
     let mut terminal = ratatui::init();
     let mut app = App::default();
-    let mut shutdown = Shutdown::new(None)?;
     let result: Result<()> = async {
         app.report = Some(live.report(false)?);
         loop {

@@ -20,6 +20,8 @@ use crate::{
 };
 
 pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
+    // Handlers first: a signal right after "attached" must not kill the process.
+    let mut shutdown = Shutdown::new(args.duration)?;
     let mut probe = Probe::load(&opts)?;
     let ring = probe.take_events()?;
     // The monitor follows timewait sockets (TIME_WAIT is never a transition).
@@ -34,7 +36,6 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<
     crate::probe::announce(&probe);
     let clock = WallClock::new();
     let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
-    let mut shutdown = Shutdown::new(args.duration)?;
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut stats = Stats::default();
     let mut drain_tick = crate::probe::drain_timer();

@@ -23,8 +23,9 @@ const EXIT_FLAGGED: u8 = 3;
 
 pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
     let cfg = config(&args.report.thresholds);
-    let mut live = Live::start(&opts, cfg, filter, args.interval, args.tw_poll).await?;
+    // Handlers first: a signal right after "attached" must not kill the process.
     let mut shutdown = Shutdown::new(args.duration)?;
+    let mut live = Live::start(&opts, cfg, filter, args.interval, args.tw_poll).await?;
     let mut out = Output::new(args.report.json);
     loop {
         tokio::select! {
