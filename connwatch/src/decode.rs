@@ -2,6 +2,12 @@
 //!
 //! The bytes come from the kernel but are still treated as untrusted: a short record is an
 //! error, an unknown state number is a value to show (`STATE_<n>`), never a panic.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -196,7 +202,7 @@ fn ipv4(bytes: &[u8; 16]) -> IpAddr {
 /// A task's comm: NUL-terminated, at most 16 bytes, not necessarily UTF-8.
 pub fn comm(bytes: &[u8; 16]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    String::from_utf8_lossy(bytes.get(..end).unwrap_or(bytes)).into_owned()
 }
 
 #[cfg(test)]

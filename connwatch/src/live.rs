@@ -1,6 +1,12 @@
 //! A live session shared by `watch`, `serve` and `top`: the probe attached, the monitor
 //! seeded, and an event loop that keeps the socket table current (ring buffer, drain
 //! timer, timewait polls) until the next report is due.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};

@@ -1,6 +1,12 @@
 //! The per-process report: counts, ages, growth, fd headroom, TIME_WAIT costs, flags and
 //! the sentence that explains each flag. Pure: built from the socket table, the timewait
 //! tracker, process facts and a clock reading, so that tests drive it with synthetic input.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     time::Duration,
@@ -494,7 +500,8 @@ fn closed_stats(lifetimes: &mut [u64]) -> ClosedStats {
     let pct = |p: f64| {
         // Nearest rank.
         let rank = ((p / 100.0) * lifetimes.len() as f64).ceil() as usize;
-        round3(lifetimes[rank.clamp(1, lifetimes.len()) - 1] as f64 / 1e9)
+        let at = rank.clamp(1, lifetimes.len()) - 1;
+        lifetimes.get(at).map_or(0.0, |&ns| round3(ns as f64 / 1e9))
     };
     ClosedStats {
         count: lifetimes.len() as u64,

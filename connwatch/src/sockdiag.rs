@@ -1,6 +1,12 @@
 //! TCP socket dumps through netlink `sock_diag` (what `ss` uses), for the sockets that
 //! existed before connwatch started and for periodic reconciliation. Sees the network
 //! namespace it runs in.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -107,8 +113,8 @@ fn request(socket: &Socket, family: u8, query: Query) -> io::Result<()> {
 fn receive(socket: &Socket, out: &mut Vec<DiagSocket>) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = socket.recv(&mut &mut buf[..], 0)?;
-        if parse_datagram(&buf[..n], out)? {
+        let n = socket.recv(&mut buf.as_mut_slice(), 0)?;
+        if parse_datagram(buf.get(..n).unwrap_or_default(), out)? {
             return Ok(());
         }
     }
@@ -128,7 +134,7 @@ pub fn parse_datagram(mut bytes: &[u8], out: &mut Vec<DiagSocket>) -> io::Result
         if len < NLMSG_HDRLEN || len > bytes.len() {
             return Err(bad(format!("message length {len}")));
         }
-        let payload = &bytes[NLMSG_HDRLEN..len];
+        let payload = bytes.get(NLMSG_HDRLEN..len).unwrap_or_default();
         match kind {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
@@ -172,26 +178,21 @@ fn u32_at(b: &[u8], off: usize) -> Option<u32> {
 
 /// `struct inet_diag_msg` and its attributes.
 fn parse_inet_diag(p: &[u8]) -> Option<DiagSocket> {
-    if p.len() < INET_DIAG_MSG_LEN {
-        return None;
-    }
-    let family = p[0];
-    let (sport, dport) = (
-        u16::from_be_bytes([p[4], p[5]]),
-        u16::from_be_bytes([p[6], p[7]]),
-    );
+    let head: &[u8; INET_DIAG_MSG_LEN] = p.get(..INET_DIAG_MSG_LEN)?.try_into().ok()?;
+    let [family, state, timer, _retrans, s0, s1, d0, d1, ..] = *head;
+    let (sport, dport) = (u16::from_be_bytes([s0, s1]), u16::from_be_bytes([d0, d1]));
     let addr = |off: usize| -> Option<IpAddr> {
         let raw: [u8; 16] = p.get(off..off + 16)?.try_into().ok()?;
         Some(if family == AF_INET {
-            IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+            let [a, b, c, d, ..] = raw;
+            IpAddr::V4(Ipv4Addr::new(a, b, c, d))
         } else {
             IpAddr::V6(Ipv6Addr::from(raw))
         })
     };
     let (src, dst) = (addr(8)?, addr(24)?);
-    let timer = p[2];
     let mut last_ack_recv_ms = None;
-    let mut attrs = &p[INET_DIAG_MSG_LEN..];
+    let mut attrs = p.get(INET_DIAG_MSG_LEN..).unwrap_or_default();
     while attrs.len() >= 4 {
         let alen = usize::from(u16_at(attrs, 0)?);
         let atype = u16_at(attrs, 2)?;
@@ -199,12 +200,14 @@ fn parse_inet_diag(p: &[u8]) -> Option<DiagSocket> {
             break;
         }
         if atype == INET_DIAG_INFO {
-            last_ack_recv_ms = u32_at(&attrs[4..alen], TCPI_LAST_ACK_RECV);
+            last_ack_recv_ms = attrs
+                .get(4..alen)
+                .and_then(|info| u32_at(info, TCPI_LAST_ACK_RECV));
         }
         attrs = attrs.get((alen + 3) & !3..).unwrap_or(&[]);
     }
     Some(DiagSocket {
-        state: TcpState(p[1]),
+        state: TcpState(state),
         local: SocketAddr::new(src, sport),
         remote: SocketAddr::new(dst, dport),
         inode: u64::from(u32_at(p, 68)?),

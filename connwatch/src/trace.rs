@@ -1,4 +1,10 @@
 //! `connwatch trace`: stream every transition from the probe to stdout.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 use std::{
     io::{self, Write},
     process::ExitCode,

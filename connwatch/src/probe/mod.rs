@@ -9,6 +9,12 @@
 //!
 //! fentry/kprobes are not used: they are unavailable on the kernels we target (see
 //! shared/KERNEL.md).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 mod offsets;
 mod preflight;
 mod tracefs;

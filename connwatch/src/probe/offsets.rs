@@ -147,8 +147,12 @@ pub fn field_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<u32> {
     let mut ty = named_struct(btf, root)?;
     let mut total_bits = 0u32;
     for (i, name) in path.iter().enumerate() {
-        let (bits, member_ty) = find_member(btf, &ty, name)?
-            .with_context(|| format!("struct {root} has no field {}", path[..=i].join(".")))?;
+        let (bits, member_ty) = find_member(btf, &ty, name)?.with_context(|| {
+            format!(
+                "struct {root} has no field {}",
+                path.get(..=i).unwrap_or(path).join(".")
+            )
+        })?;
         total_bits += bits;
         ty = strip(btf, member_ty)?;
     }
