@@ -279,9 +279,11 @@ pub struct ProbeArgs {
     #[arg(long, default_value = "4M", value_parser = parse_ring_size)]
     pub ring_size: u32,
 
-    /// Sockets the kernel side remembers at once (entry time, owner); about 100 bytes of
-    /// kernel memory each. The oldest are forgotten first when it is full.
-    #[arg(long, default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    /// Sockets followed at once, in the kernel (entry time, owner) and in userspace. The
+    /// kernel map is preallocated: 104 bytes per socket, 109 MB at the default of 1 Mi
+    /// sockets (lower it on small hosts: 65536 costs 6.8 MB). Beyond it the oldest are
+    /// forgotten and counted as untracked.
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
 }
 

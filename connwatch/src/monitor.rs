@@ -56,6 +56,8 @@ pub struct Monitor {
     last_tw_dump: Option<(std::time::Instant, Duration)>,
     /// Polls skipped to stay within the polling budget.
     pub polls_skipped: u64,
+    /// Whether other network namespaces can be entered (CAP_SYS_ADMIN).
+    other_netns: bool,
 }
 
 /// Timewait polls may use at most 1/POLL_BUDGET of a CPU: with very many timewait
@@ -88,6 +90,7 @@ impl Monitor {
             taken: (0, 0),
             last_tw_dump: None,
             polls_skipped: 0,
+            other_netns: crate::probe::Abilities::current().other_netns,
         }
     }
 
@@ -137,6 +140,11 @@ impl Monitor {
 
     fn discover_namespaces(&mut self) {
         self.namespaces = netns::all();
+        if !self.other_netns {
+            // setns would fail in each of them (warned once at start).
+            let own = self.own_netns;
+            self.namespaces.retain(|&ns, _| ns == own);
+        }
         self.namespaces
             .entry(self.own_netns)
             .or_insert_with(|| PathBuf::from("/proc/self/ns/net"));

@@ -50,6 +50,9 @@ pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Resul
 }
 
 pub fn snapshot(args: SnapshotArgs, filter: Filter) -> Result<ExitCode> {
+    // No BPF here: sock_diag and /proc answer anyone, so a missing privilege only
+    // narrows what is listed.
+    crate::probe::warn_missing_optional();
     let mut monitor = Monitor::new(config(&args.report.thresholds), filter);
     monitor.seed()?;
     monitor.refresh()?;

@@ -32,7 +32,9 @@ use connwatch_common::{
     Offsets, PROG_TP_BTF, PROG_TRACEPOINT, counter,
 };
 
-pub use preflight::{check_privileges, drop_capabilities};
+pub use preflight::{
+    Abilities, check_kernel, check_privileges, drop_capabilities, warn_missing_optional,
+};
 pub use tracefs::layout_mismatches;
 
 /// Which kernel hook to attach.
@@ -84,6 +86,8 @@ impl Probe {
         let started = std::time::Instant::now();
         let lap = |what: &str| log::debug!("{what}: {:?}", started.elapsed());
         check_privileges()?;
+        check_kernel()?;
+        warn_missing_optional();
         let has_btf = opts.btf_path.exists();
         let resolved = if has_btf {
             Some(offsets::resolve(&opts.btf_path)?)
