@@ -22,7 +22,7 @@ use crate::{
     kernelinfo::KernelInfo,
     netns,
     owners::{self, FdIndex, ProcInfo},
-    report::{self, Growth, Inputs, Loss, Report, ReportConfig},
+    report::{self, Footprint, Growth, Inputs, Loss, Report, ReportConfig},
     sockdiag::{self, DiagSocket, Query},
     table::{SockKey, Table},
     timewait::{Synthetic, Tracker, TwOwner},
@@ -373,6 +373,24 @@ impl Monitor {
                 .processes
                 .retain(|p| filter.process(p.pid, p.cgroup.as_deref()));
         }
+        report.footprint = self.footprint();
         report
+    }
+
+    fn footprint(&self) -> Footprint {
+        let mut entries: BTreeMap<&'static str, u64> = self
+            .table
+            .sizes()
+            .into_iter()
+            .chain(self.tw.sizes())
+            .collect();
+        entries.insert("fd_index", self.index.len() as u64);
+        entries.insert("growth_processes", self.growth.len() as u64);
+        entries.insert("listeners", self.listeners.len() as u64);
+        entries.insert("namespaces", self.namespaces.len() as u64);
+        Footprint {
+            rss_bytes: owners::own_rss_bytes(),
+            entries,
+        }
     }
 }

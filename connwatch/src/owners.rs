@@ -91,9 +91,24 @@ impl FdIndex {
     }
 
     /// Processes holding the socket with this inode (several after fork or fd passing).
+    /// Inodes indexed.
+    pub fn len(&self) -> usize {
+        self.holders.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.holders.is_empty()
+    }
+
     pub fn holders(&self, inode: u64) -> &[u32] {
         self.holders.get(&inode).map_or(&[], Vec::as_slice)
     }
+}
+
+/// This process's resident memory.
+pub fn own_rss_bytes() -> Option<u64> {
+    let statm = Process::myself().ok()?.statm().ok()?;
+    Some(statm.resident * procfs::page_size())
 }
 
 /// Name, fd count and fd limit of a process; `None` when it is gone.

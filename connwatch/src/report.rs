@@ -134,6 +134,18 @@ pub struct Report {
     pub time_wait_ends: TimeWaitEnds,
     /// TIME_WAIT settings and overflow counter of connwatch's own network namespace.
     pub kernel: Option<KernelInfo>,
+    /// connwatch's own memory: a long-running session should see these flat.
+    pub footprint: Footprint,
+}
+
+/// connwatch's resident memory and the entries in each of its tables. Every table is
+/// bounded by what exists (sockets, processes), `--max-sockets` or `--window`; none
+/// grows with how long connwatch has run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Footprint {
+    /// VmRSS of the connwatch process.
+    pub rss_bytes: Option<u64>,
+    pub entries: BTreeMap<&'static str, u64>,
 }
 
 impl Report {
@@ -183,6 +195,15 @@ pub struct Growth {
 }
 
 impl Growth {
+    /// Processes with samples kept.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
     /// Records `counts` at `now_ns` (processes absent count 0) and forgets samples older
     /// than the window, keeping the newest of those as the window's starting point.
     pub fn record(&mut self, now_ns: u64, counts: &HashMap<u32, u64>, window: Duration) {
@@ -394,6 +415,7 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
         loss: inp.loss,
         time_wait_ends: ends,
         kernel: inp.kernel.get(&inp.own_netns).cloned(),
+        footprint: Footprint::default(),
     }
 }
 

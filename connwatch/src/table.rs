@@ -258,6 +258,14 @@ impl Table {
         self.untracked += gone;
     }
 
+    /// Entries held: CLOSE_WAIT sockets followed, and closes kept for the window.
+    pub fn sizes(&self) -> [(&'static str, u64); 2] {
+        [
+            ("close_wait", self.close_wait.len() as u64),
+            ("close_wait_closed", self.closed.len() as u64),
+        ]
+    }
+
     pub fn close_wait(&self) -> impl Iterator<Item = (&SockKey, &CloseWait)> {
         self.close_wait.iter()
     }

@@ -396,6 +396,17 @@ impl Tracker {
             .map(|e| e.lifetime_ns as f64 / 1e9)
     }
 
+    /// Entries held in each of the tracker's tables.
+    pub fn sizes(&self) -> [(&'static str, u64); 5] {
+        [
+            ("time_wait", self.tracked.len() as u64),
+            ("time_wait_pending", self.pending.len() as u64),
+            ("time_wait_queued", self.queued.len() as u64),
+            ("time_wait_ended", self.ended.len() as u64),
+            ("time_wait_created", self.created.len() as u64),
+        ]
+    }
+
     pub fn tracked(&self) -> impl Iterator<Item = (&SockKey, &TimeWait)> {
         self.tracked.iter()
     }

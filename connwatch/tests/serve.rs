@@ -113,6 +113,8 @@ fn metrics_pass_promtool_and_show_the_leak() {
         "connwatch_poll_seconds_total ",
         "connwatch_close_wait_lifetime_seconds_bucket{",
         "connwatch_time_wait_lifetime_seconds_count ",
+        "connwatch_table_entries{table=\"close_wait\"} ",
+        "connwatch_resident_memory_bytes ",
     ] {
         assert!(body.contains(family), "{family} missing");
     }

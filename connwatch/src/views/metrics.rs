@@ -209,6 +209,26 @@ pub fn render(report: &Report, persistent: &Persistent, top: usize, cgroup_label
         "Time spent polling sock_diag and /proc",
         persistent.poll_seconds.clone(),
     );
+    let entries = Family::<Labels, Gauge>::default();
+    for (table, n) in &report.footprint.entries {
+        entries
+            .get_or_create(&vec![("table".into(), (*table).into())])
+            .set(*n as i64);
+    }
+    registry.register(
+        "connwatch_table_entries",
+        "Entries in connwatch's own tables (each bounded; flat over a long run)",
+        entries,
+    );
+    if let Some(rss) = report.footprint.rss_bytes {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(rss as i64);
+        registry.register(
+            "connwatch_resident_memory_bytes",
+            "Resident memory of the connwatch process",
+            gauge,
+        );
+    }
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &registry);
@@ -293,6 +313,7 @@ mod tests {
             loss: Loss::default(),
             time_wait_ends: TimeWaitEnds::default(),
             kernel: None,
+            footprint: Default::default(),
         }
     }
 

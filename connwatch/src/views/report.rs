@@ -189,6 +189,7 @@ mod tests {
             },
             time_wait_ends: Default::default(),
             kernel: None,
+            footprint: Default::default(),
         }
     }
 

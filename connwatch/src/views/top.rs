@@ -270,6 +270,7 @@ mod tests {
                 loss: Loss::default(),
                 time_wait_ends: TimeWaitEnds::default(),
                 kernel: None,
+                footprint: Default::default(),
             }),
             ..App::default()
         }
