@@ -87,6 +87,9 @@ impl Live {
                 _ = self.drain_tick.tick() => self.drain(),
                 _ = self.tw_poll.tick() => {
                     self.drain();
+                    let c = self.probe.counters()?;
+                    self.monitor
+                        .note_loss(c.dropped + c.socket_store_failed + self.undecodable);
                     self.monitor.poll_timewait()?;
                 }
                 _ = self.report_tick.tick() => return Ok(()),

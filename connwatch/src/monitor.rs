@@ -58,11 +58,26 @@ pub struct Monitor {
     pub polls_skipped: u64,
     /// Whether other network namespaces can be entered (CAP_SYS_ADMIN).
     other_netns: bool,
+    /// End and cost of the last full dump (`refresh`).
+    last_full_dump: Option<(std::time::Instant, Duration)>,
+    /// Full dumps skipped to stay within the polling budget.
+    pub refreshes_skipped: u64,
+    /// Events lost so far (dropped, unstorable, undecodable): a loss means a timewait
+    /// socket may have begun unseen, so the next poll is not skipped.
+    loss_seen: u64,
+    loss_polled: u64,
+    /// Timewait polls skipped because nothing was left to learn from them.
+    pub polls_idle: u64,
+    /// The fd index scan the CLOSE_WAIT holders were last taken from.
+    holders_scan: u64,
 }
 
 /// Timewait polls may use at most 1/POLL_BUDGET of a CPU: with very many timewait
 /// sockets, polls are spaced out beyond --tw-poll rather than taxing the host.
 const POLL_BUDGET: u32 = 20;
+
+/// Full dumps (`refresh`) may use at most 1/REFRESH_BUDGET of a CPU.
+const REFRESH_BUDGET: u32 = 100;
 
 impl Monitor {
     pub fn new(cfg: ReportConfig, filter: Filter) -> Self {
@@ -70,9 +85,10 @@ impl Monitor {
         Self {
             table: Table::new(own_netns),
             tw: Tracker::default(),
-            // Unknown inodes trigger a /proc rescan at most once a second; the whole
-            // index is refreshed every 30 s to notice fds closed or handed over.
-            index: FdIndex::new(Duration::from_secs(1), Duration::from_secs(30)),
+            // New inodes trigger a /proc rescan at most once a second; the whole index is
+            // refreshed every minute to notice fds closed or handed over (both spaced
+            // further when a scan is slow: see owners::SCAN_BUDGET).
+            index: FdIndex::new(Duration::from_secs(1), Duration::from_secs(60)),
             growth: Growth::default(),
             cfg,
             own_netns,
@@ -91,6 +107,12 @@ impl Monitor {
             last_tw_dump: None,
             polls_skipped: 0,
             other_netns: crate::probe::Abilities::current().other_netns,
+            last_full_dump: None,
+            refreshes_skipped: 0,
+            loss_seen: 0,
+            loss_polled: 0,
+            polls_idle: 0,
+            holders_scan: 0,
         }
     }
 
@@ -170,6 +192,11 @@ impl Monitor {
         Ok(())
     }
 
+    /// Notes the probe's running loss count (dropped + unstorable + undecodable events).
+    pub fn note_loss(&mut self, total: u64) {
+        self.loss_seen = total;
+    }
+
     /// Owners of the listening ports found so far: (netns, port, pid).
     pub fn listener_owners(&mut self) -> Vec<(u32, u16, u32)> {
         self.index.ensure(self.listeners.values().copied());
@@ -200,6 +227,13 @@ impl Monitor {
     /// confirms TIME_WAIT entries, notices their ends. Returns the inferred transitions
     /// that pass the filter.
     pub fn poll_timewait(&mut self) -> Result<Vec<Synthetic>> {
+        if self.tw_seeded
+            && self.loss_seen == self.loss_polled
+            && !self.tw.wants_poll(monotonic_ns())
+        {
+            self.polls_idle += 1;
+            return Ok(Vec::new());
+        }
         if let Some((end, cost)) = self.last_tw_dump
             && end.elapsed() < cost * POLL_BUDGET
         {
@@ -214,8 +248,10 @@ impl Monitor {
             false,
         );
         let started = std::time::Instant::now();
+        let loss = self.loss_seen;
         let dumps = self.dump_all(query)?;
         let mut rows = self.observe(dumps, started)?;
+        self.loss_polled = loss;
         if self.filter.selects_processes() {
             let filter = &self.filter;
             rows.retain(|r| {
@@ -275,7 +311,18 @@ impl Monitor {
 
     /// Full dump of every namespace: the state histogram, listeners, kernel settings,
     /// and the CLOSE_WAIT table and timewait sockets reconciled with what exists.
+    ///
+    /// Between full dumps the CLOSE_WAIT table follows the probe's events; the dumps only
+    /// correct what events missed and count every state, so they are spaced to use at
+    /// most 1/REFRESH_BUDGET of a CPU (a few ms on most hosts: every report; ~100 ms
+    /// with 100,000 sockets: every few seconds).
     pub fn refresh(&mut self) -> Result<Vec<Synthetic>> {
+        if let Some((end, cost)) = self.last_full_dump
+            && end.elapsed() < cost * REFRESH_BUDGET
+        {
+            self.refreshes_skipped += 1;
+            return Ok(Vec::new());
+        }
         self.discover_namespaces();
         let now = monotonic_ns();
         let started = std::time::Instant::now();
@@ -298,7 +345,11 @@ impl Monitor {
                 self.kernel.insert(ns, info);
             }
         }
-        self.observe(dumps, started)
+        let loss = self.loss_seen;
+        let rows = self.observe(dumps, started);
+        self.loss_polled = loss;
+        self.last_full_dump = Some((std::time::Instant::now(), started.elapsed()));
+        rows
     }
 
     /// Lifetimes (seconds) of the CLOSE_WAIT and TIME_WAIT sockets that ended since the
@@ -314,17 +365,24 @@ impl Monitor {
     /// Resolves holders and process facts, then builds the report.
     pub fn report(&mut self, is_final: bool, events_dropped: u64, untracked_extra: u64) -> Report {
         let now = monotonic_ns();
-        let inodes: Vec<u64> = self
-            .table
-            .close_wait()
-            .map(|(_, cw)| cw.inode)
-            .chain(self.listeners.values().copied())
-            .collect();
         let started = std::time::Instant::now();
-        self.index.ensure(inodes);
+        self.index.ensure(
+            self.table
+                .close_wait()
+                .map(|(_, cw)| cw.inode)
+                .chain(self.listeners.values().copied()),
+        );
         self.poll_ns += started.elapsed().as_nanos() as u64;
+        // Holders change only with a rescan; in between only new sockets need theirs.
+        let rescanned =
+            std::mem::replace(&mut self.holders_scan, self.index.scans) != self.index.scans;
         for (_, cw) in self.table.close_wait_mut() {
-            cw.holders = self.index.holders(cw.inode).to_vec();
+            if rescanned || cw.holders.is_empty() {
+                let holders = self.index.holders(cw.inode);
+                if cw.holders != holders {
+                    cw.holders = holders.to_vec();
+                }
+            }
         }
         let window_start = now.saturating_sub(self.cfg.window.as_nanos() as u64);
         self.table.prune_closed(window_start);

@@ -11,12 +11,10 @@
     clippy::indexing_slicing,
     clippy::panic
 )]
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use procfs::process::{FDTarget, Process, all_processes};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet};
 
 /// What a report shows of a process.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,42 +30,60 @@ pub struct ProcInfo {
 
 pub struct FdIndex {
     holders: HashMap<u64, Vec<u32>>,
+    /// Inodes the last scan looked for and found in no process (kernel sockets, holders
+    /// in reach of no /proc we can read): not worth a rescan until the index is stale.
+    missing: FxHashSet<u64>,
     last_scan: Option<Instant>,
+    /// How long the last scan took: scans are spaced so that they use at most
+    /// 1/SCAN_BUDGET of a CPU (a scan of 50,000 fds takes a few hundred ms).
+    last_cost: Duration,
     min_rescan: Duration,
     max_age: Duration,
+    /// Scans may use at most 1/budget of a CPU (0: no limit).
+    pub budget: u32,
     /// Full /proc scans done so far (shown in diagnostics; a cost counter).
     pub scans: u64,
 }
 
+/// /proc scans may use at most 1/SCAN_BUDGET of a CPU.
+const SCAN_BUDGET: u32 = 40;
+
 impl FdIndex {
     pub fn new(min_rescan: Duration, max_age: Duration) -> Self {
         Self {
-            holders: HashMap::new(),
+            holders: HashMap::default(),
+            missing: FxHashSet::default(),
             last_scan: None,
+            last_cost: Duration::ZERO,
             min_rescan,
             max_age,
+            budget: SCAN_BUDGET,
             scans: 0,
         }
     }
 
-    /// Makes sure the index knows `inodes`: rescans /proc when one is missing and the
-    /// last scan is older than `min_rescan`, or when the index is older than `max_age`.
-    /// Only these inodes are kept, so memory follows the sockets of interest, not every
-    /// socket on the machine.
+    /// Makes sure the index knows `inodes`: rescans /proc when one is new to it and the
+    /// last scan is older than `min_rescan`, or when the index is older than `max_age`
+    /// (both stretched to keep within the CPU budget). Only these inodes are kept, so
+    /// memory follows the sockets of interest, not every socket on the machine.
     pub fn ensure(&mut self, inodes: impl IntoIterator<Item = u64>) {
-        let wanted: rustc_hash::FxHashSet<u64> = inodes.into_iter().filter(|&i| i != 0).collect();
+        let wanted: Vec<u64> = inodes.into_iter().filter(|&i| i != 0).collect();
+        let spacing = self.last_cost * self.budget;
         let age = self.last_scan.map(|t| t.elapsed());
-        let stale = age.is_none_or(|a| a >= self.max_age);
-        let may_rescan = age.is_none_or(|a| a >= self.min_rescan);
-        let unknown = wanted.iter().any(|i| !self.holders.contains_key(i));
-        if stale || (may_rescan && unknown) {
-            self.scan(&wanted);
+        let stale = age.is_none_or(|a| a >= self.max_age.max(spacing));
+        let may_rescan = age.is_none_or(|a| a >= self.min_rescan.max(spacing));
+        let new = wanted
+            .iter()
+            .any(|i| !self.holders.contains_key(i) && !self.missing.contains(i));
+        if stale || (may_rescan && new) {
+            self.scan(&wanted.into_iter().collect());
         }
     }
 
     /// Rebuilds the index of `wanted` inodes from every process's fd table.
-    pub fn scan(&mut self, wanted: &rustc_hash::FxHashSet<u64>) {
-        let mut holders: HashMap<u64, Vec<u32>> = HashMap::new();
+    pub fn scan(&mut self, wanted: &FxHashSet<u64>) {
+        let started = Instant::now();
+        let mut holders: HashMap<u64, Vec<u32>> = HashMap::default();
         if let Ok(procs) = all_processes() {
             for proc in procs.flatten() {
                 let pid = proc.pid() as u32;
@@ -85,8 +101,14 @@ impl FdIndex {
                 }
             }
         }
+        self.missing = wanted
+            .iter()
+            .filter(|i| !holders.contains_key(i))
+            .copied()
+            .collect();
         self.holders = holders;
         self.last_scan = Some(Instant::now());
+        self.last_cost = started.elapsed();
         self.scans += 1;
     }
 
@@ -170,5 +192,31 @@ mod tests {
         assert!(me.fds >= 3);
         assert!(me.fd_limit.is_some());
         assert_ne!(own_netns(), 0);
+    }
+
+    #[test]
+    fn holderless_inodes_do_not_force_rescans() {
+        let mut index = FdIndex::new(Duration::ZERO, Duration::from_secs(60));
+        index.budget = 0;
+        // No process holds this inode (a kernel socket, or a holder we cannot see).
+        let nobody = u64::MAX - 7;
+        index.ensure([nobody]);
+        assert_eq!(index.scans, 1);
+        index.ensure([nobody]);
+        assert_eq!(index.scans, 1, "rescanned for an inode known to be missing");
+        // A new inode still triggers a rescan.
+        index.ensure([nobody, nobody - 1]);
+        assert_eq!(index.scans, 2);
+    }
+
+    #[test]
+    fn scans_are_spaced_by_their_cost() {
+        let mut index = FdIndex::new(Duration::ZERO, Duration::from_secs(60));
+        index.ensure([u64::MAX - 7]);
+        assert_eq!(index.scans, 1);
+        // Pretend the scan was expensive: a new inode waits for the budget.
+        index.last_cost = Duration::from_secs(1);
+        index.ensure([u64::MAX - 8]);
+        assert_eq!(index.scans, 1);
     }
 }

@@ -242,7 +242,7 @@ struct Acc {
     /// TIME_WAITs per local port that the process listens on (server closed first).
     tw_on_listen_port: BTreeMap<u16, u64>,
     tw_created: u64,
-    peers: BTreeMap<String, (u64, u64)>,
+    peers: HashMap<PeerKey, (u64, u64)>,
     sources: BTreeSet<&'static str>,
     closed: Vec<u64>,
     comm: Option<String>,
@@ -265,23 +265,24 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
     let mut unattributed = Unattributed::default();
     for (key, cw) in table.close_wait() {
         let age_ns = inp.now_ns.saturating_sub(cw.since_ns);
-        let (pids, source): (Vec<u32>, &'static str) = if !cw.holders.is_empty() {
-            (cw.holders.clone(), crate::decode::OwnerSource::Fd.as_str())
+        let (pids, source): (&[u32], &'static str) = if !cw.holders.is_empty() {
+            (&cw.holders, crate::decode::OwnerSource::Fd.as_str())
         } else if let Some((pid, _, src)) = &cw.probe_owner {
-            (vec![*pid], src.as_str())
+            (std::slice::from_ref(pid), src.as_str())
         } else {
             unattributed.close_wait += 1;
             continue;
         };
         // A socket shared after fork counts for every holder.
-        for pid in pids {
+        let peer = peer_addr(key, inp.listening);
+        for &pid in pids {
             let a = accs.entry(pid).or_default();
             a.close_wait += 1;
             if a.oldest_ns.is_none_or(|(o, _)| age_ns > o) {
                 a.oldest_ns = Some((age_ns, cw.age_source));
             }
             a.recv_q += u64::from(cw.recv_q);
-            a.peers.entry(peer_addr(key, inp.listening)).or_default().0 += 1;
+            a.peers.entry(peer).or_default().0 += 1;
             a.sources.insert(source);
             if a.comm.is_none() {
                 a.comm = cw.probe_owner.as_ref().map(|(_, c, _)| c.clone());
@@ -463,7 +464,7 @@ fn row(pid: u32, mut a: Acc, inp: &Inputs, cfg: &ReportConfig, growth: &Growth) 
         .peers
         .into_iter()
         .map(|(addr, (cw, tw))| Peer {
-            addr,
+            addr: addr.to_string(),
             close_wait: cw,
             time_wait: tw,
         })
@@ -501,17 +502,26 @@ fn row(pid: u32, mut a: Acc, inp: &Inputs, cfg: &ReportConfig, growth: &Growth) 
     row
 }
 
+/// A peer: its address, and its port unless it is a client of ours (`None`, shown `*`).
+/// Formatted once per distinct peer, not once per socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PeerKey(std::net::IpAddr, Option<u16>);
+
+impl std::fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.0, self.1) {
+            (ip, Some(port)) => write!(f, "{}", std::net::SocketAddr::new(ip, port)),
+            (std::net::IpAddr::V4(ip), None) => write!(f, "{ip}:*"),
+            (std::net::IpAddr::V6(ip), None) => write!(f, "[{ip}]:*"),
+        }
+    }
+}
+
 /// A peer as `addr:port`; on the server side (a listener's port) the client's ephemeral
 /// port says nothing, so its sockets are grouped as `addr:*`.
-fn peer_addr(key: &SockKey, listening: &HashMap<(u32, u16), Vec<u32>>) -> String {
-    if listening.contains_key(&(key.netns, key.local.port())) {
-        match key.remote.ip() {
-            std::net::IpAddr::V4(ip) => format!("{ip}:*"),
-            std::net::IpAddr::V6(ip) => format!("[{ip}]:*"),
-        }
-    } else {
-        key.remote.to_string()
-    }
+fn peer_addr(key: &SockKey, listening: &HashMap<(u32, u16), Vec<u32>>) -> PeerKey {
+    let port = (!listening.contains_key(&(key.netns, key.local.port()))).then(|| key.remote.port());
+    PeerKey(key.remote.ip(), port)
 }
 
 fn closed_stats(lifetimes: &mut [u64]) -> ClosedStats {
@@ -997,7 +1007,7 @@ mod tests {
             local: "[::1]:8080".parse().unwrap(),
             remote: "[::1]:5000".parse().unwrap(),
         };
-        assert_eq!(peer_addr(&v6, &listening), "[::1]:*");
+        assert_eq!(peer_addr(&v6, &listening).to_string(), "[::1]:*");
     }
 
     /// A tracker holding `n` confirmed TIME_WAITs from `local` (port varying when

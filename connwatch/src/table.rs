@@ -15,7 +15,7 @@
 )]
 use std::{collections::VecDeque, net::SocketAddr};
 
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashMap as HashMap;
 
 use serde::Serialize;
 
@@ -71,6 +71,8 @@ pub struct CloseWait {
     from_reconcile: bool,
     /// Consecutive reconciliations that did not list the socket.
     missed: u8,
+    /// The reconciliation that last listed it (mark and sweep, no per-dump key set).
+    listed_in: u64,
 }
 
 /// A CLOSE_WAIT socket that its process finally closed (or that was reset).
@@ -93,6 +95,8 @@ pub struct Table {
     /// CLOSE_WAIT closes recorded so far (for consumers that take new ones).
     pub closed_total: u64,
     own_netns: u32,
+    /// Reconciliations so far (the mark of the current one).
+    reconciles: u64,
     /// Most sockets followed at once (`--max-sockets`); beyond it they are counted as
     /// untracked instead of growing memory without bound.
     limit: usize,
@@ -177,6 +181,7 @@ impl Table {
                     holders: Vec::new(),
                     from_reconcile: false,
                     missed: 0,
+                    listed_in: 0,
                 },
             );
         }
@@ -217,12 +222,13 @@ impl Table {
     /// accepted), adds sockets whose transition was missed and drops those that are gone.
     pub fn reconcile(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
         let netns = if netns == 0 { self.own_netns } else { netns };
-        let mut listed = HashSet::default();
+        self.reconciles += 1;
+        let pass = self.reconciles;
         for s in sockets.iter().filter(|s| s.state == TcpState::CLOSE_WAIT) {
             let key = self.key(netns, s.local, s.remote);
-            listed.insert(key);
             match self.close_wait.get_mut(&key) {
                 Some(e) => {
+                    e.listed_in = pass;
                     e.recv_q = unread(s);
                     if s.inode != 0 {
                         e.inode = s.inode;
@@ -237,14 +243,16 @@ impl Table {
                 None => {
                     // Its transition may still be in the ring buffer: decided next time.
                     if self.close_wait.len() < self.limit {
-                        self.close_wait.insert(key, estimated(s, now_ns, true));
+                        let mut e = estimated(s, now_ns, true);
+                        e.listed_in = pass;
+                        self.close_wait.insert(key, e);
                     }
                 }
             }
         }
         let mut gone = 0;
         self.close_wait.retain(|k, e| {
-            if k.netns != netns || listed.contains(k) {
+            if k.netns != netns || e.listed_in == pass {
                 return true;
             }
             e.missed += 1;
@@ -304,6 +312,7 @@ fn estimated(s: &DiagSocket, now_ns: u64, from_reconcile: bool) -> CloseWait {
         holders: Vec::new(),
         from_reconcile,
         missed: 0,
+        listed_in: 0,
     }
 }
 

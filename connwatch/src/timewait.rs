@@ -396,6 +396,19 @@ impl Tracker {
             .map(|e| e.lifetime_ns as f64 / 1e9)
     }
 
+    /// Whether a poll can tell anything events will not: a close waiting for its
+    /// timewait socket, an entry found without its transition, an orphan in FIN_WAIT2
+    /// (it turns TIME_WAIT on the peer's FIN, which no event shows), or a timer due.
+    /// Otherwise every timewait socket is accounted for until its timer, and a new
+    /// connection on its 4-tuple (the only other early end) is an event.
+    pub fn wants_poll(&self, now_ns: u64) -> bool {
+        !self.pending.is_empty()
+            || self
+                .tracked
+                .values()
+                .any(|t| t.provisional || t.substate == TcpState::FIN_WAIT2 || t.due_ns <= now_ns)
+    }
+
     /// Entries held in each of the tracker's tables.
     pub fn sizes(&self) -> [(&'static str, u64); 5] {
         [

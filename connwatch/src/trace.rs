@@ -65,6 +65,9 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<
                 }
                 _ = tw_poll.tick() => {
                     drain(ring.get_mut(), &mut monitor, &mut out, &clock, args.json, &mut stats)?;
+                    if let Ok(c) = probe.counters() {
+                        monitor.note_loss(c.dropped + c.socket_store_failed);
+                    }
                     let rows = monitor.poll_timewait().map_err(io::Error::other)?;
                     print_rows(rows.iter().map(Row::from), &mut out, &clock, args.json)?;
                 }
