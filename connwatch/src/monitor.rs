@@ -68,8 +68,6 @@ pub struct Monitor {
     loss_polled: u64,
     /// Timewait polls skipped because nothing was left to learn from them.
     pub polls_idle: u64,
-    /// The fd index scan the CLOSE_WAIT holders were last taken from.
-    holders_scan: u64,
 }
 
 /// Timewait polls may use at most 1/POLL_BUDGET of a CPU: with very many timewait
@@ -112,7 +110,6 @@ impl Monitor {
             loss_seen: 0,
             loss_polled: 0,
             polls_idle: 0,
-            holders_scan: 0,
         }
     }
 
@@ -188,6 +185,7 @@ impl Monitor {
         }
         log::debug!("seed: CLOSE_WAIT dumped at {:?}", started.elapsed());
         self.poll_timewait()?;
+        release_freed_memory();
         log::debug!("seed: timewait polled at {:?}", started.elapsed());
         Ok(())
     }
@@ -209,7 +207,9 @@ impl Monitor {
     }
 
     pub fn apply(&mut self, t: &Transition) {
-        self.table.apply(t);
+        let index = &self.index;
+        self.table
+            .apply_with(t, |inode| index.holders(inode).first().copied());
         let ns = if t.netns == 0 {
             self.own_netns
         } else {
@@ -217,8 +217,8 @@ impl Monitor {
         };
         let key = SockKey {
             netns: ns,
-            local: t.local,
-            remote: t.remote,
+            local: t.local.into(),
+            remote: t.remote.into(),
         };
         self.tw.on_transition(key, t);
     }
@@ -348,6 +348,7 @@ impl Monitor {
         let loss = self.loss_seen;
         let rows = self.observe(dumps, started);
         self.loss_polled = loss;
+        release_freed_memory();
         self.last_full_dump = Some((std::time::Instant::now(), started.elapsed()));
         rows
     }
@@ -373,17 +374,6 @@ impl Monitor {
                 .chain(self.listeners.values().copied()),
         );
         self.poll_ns += started.elapsed().as_nanos() as u64;
-        // Holders change only with a rescan; in between only new sockets need theirs.
-        let rescanned =
-            std::mem::replace(&mut self.holders_scan, self.index.scans) != self.index.scans;
-        for (_, cw) in self.table.close_wait_mut() {
-            if rescanned || cw.holders.is_empty() {
-                let holders = self.index.holders(cw.inode);
-                if cw.holders != holders {
-                    cw.holders = holders.to_vec();
-                }
-            }
-        }
         let window_start = now.saturating_sub(self.cfg.window.as_nanos() as u64);
         self.table.prune_closed(window_start);
         self.tw.prune(window_start);
@@ -395,8 +385,8 @@ impl Monitor {
 
         let mut pids: HashSet<u32> = HashSet::new();
         for (_, cw) in self.table.close_wait() {
-            pids.extend(&cw.holders);
-            pids.extend(cw.probe_owner.as_ref().map(|(p, _, _)| *p));
+            pids.extend(self.index.holders(cw.inode));
+            pids.extend(cw.probe_owner.as_ref().map(|o| o.0));
         }
         pids.extend(self.table.closed_since(window_start).filter_map(|c| c.pid));
         pids.extend(
@@ -416,6 +406,7 @@ impl Monitor {
             states: self.states.clone(),
             procs: &procs,
             listening: &listening,
+            holders: &self.index,
             timewait: &self.tw,
             kernel: &self.kernel,
             own_netns: self.own_netns,
@@ -450,5 +441,15 @@ impl Monitor {
             rss_bytes: owners::own_rss_bytes(),
             entries,
         }
+    }
+}
+
+/// Hands the memory a large dump used back to the kernel: glibc keeps freed heap pages,
+/// so RSS would otherwise show the largest dump ever made rather than what is held.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and trims glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

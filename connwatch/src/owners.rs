@@ -28,8 +28,11 @@ pub struct ProcInfo {
     pub cgroup: Option<String>,
 }
 
+/// The processes holding one socket: almost always one, two after a fork, inline.
+pub type Holders = smallvec::SmallVec<[u32; 2]>;
+
 pub struct FdIndex {
-    holders: HashMap<u64, Vec<u32>>,
+    holders: HashMap<u64, Holders>,
     /// Inodes the last scan looked for and found in no process (kernel sockets, holders
     /// in reach of no /proc we can read): not worth a rescan until the index is stale.
     missing: FxHashSet<u64>,
@@ -83,7 +86,7 @@ impl FdIndex {
     /// Rebuilds the index of `wanted` inodes from every process's fd table.
     pub fn scan(&mut self, wanted: &FxHashSet<u64>) {
         let started = Instant::now();
-        let mut holders: HashMap<u64, Vec<u32>> = HashMap::default();
+        let mut holders: HashMap<u64, Holders> = HashMap::default();
         if let Ok(procs) = all_processes() {
             for proc in procs.flatten() {
                 let pid = proc.pid() as u32;
@@ -113,6 +116,14 @@ impl FdIndex {
     }
 
     /// Processes holding the socket with this inode (several after fork or fd passing).
+    /// An index with these holders, never rescanned (for tests of what reads it).
+    pub fn with_holders(pairs: impl IntoIterator<Item = (u64, Vec<u32>)>) -> Self {
+        let mut index = Self::new(Duration::MAX, Duration::MAX);
+        index.holders = pairs.into_iter().map(|(i, p)| (i, p.into())).collect();
+        index.last_scan = Some(Instant::now());
+        index
+    }
+
     /// Inodes indexed.
     pub fn len(&self) -> usize {
         self.holders.len()
@@ -123,7 +134,7 @@ impl FdIndex {
     }
 
     pub fn holders(&self, inode: u64) -> &[u32] {
-        self.holders.get(&inode).map_or(&[], Vec::as_slice)
+        self.holders.get(&inode).map_or(&[], |h| h.as_slice())
     }
 }
 

@@ -166,6 +166,8 @@ pub struct Inputs<'a> {
     /// Listening ports, per network namespace, with the processes holding the listener.
     /// Sockets on them are the server side, whose peers differ only by ephemeral port.
     pub listening: &'a HashMap<(u32, u16), Vec<u32>>,
+    /// Processes holding each socket's fd.
+    pub holders: &'a crate::owners::FdIndex,
     pub timewait: &'a Tracker,
     pub kernel: &'a BTreeMap<u32, KernelInfo>,
     pub own_netns: u32,
@@ -265,10 +267,11 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
     let mut unattributed = Unattributed::default();
     for (key, cw) in table.close_wait() {
         let age_ns = inp.now_ns.saturating_sub(cw.since_ns);
-        let (pids, source): (&[u32], &'static str) = if !cw.holders.is_empty() {
-            (&cw.holders, crate::decode::OwnerSource::Fd.as_str())
-        } else if let Some((pid, _, src)) = &cw.probe_owner {
-            (std::slice::from_ref(pid), src.as_str())
+        let holders = inp.holders.holders(cw.inode);
+        let (pids, source): (&[u32], &'static str) = if !holders.is_empty() {
+            (holders, crate::decode::OwnerSource::Fd.as_str())
+        } else if let Some(owner) = &cw.probe_owner {
+            (std::slice::from_ref(&owner.0), owner.2.as_str())
         } else {
             unattributed.close_wait += 1;
             continue;
@@ -285,14 +288,14 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
             a.peers.entry(peer).or_default().0 += 1;
             a.sources.insert(source);
             if a.comm.is_none() {
-                a.comm = cw.probe_owner.as_ref().map(|(_, c, _)| c.clone());
+                a.comm = cw.probe_owner.as_ref().map(|o| o.1.clone());
             }
         }
     }
 
     let window_start = inp.now_ns.saturating_sub(cfg.window.as_nanos() as u64);
     // Destinations reached from ephemeral ports: (netns, remote) → TIME_WAIT count.
-    let mut per_dest: HashMap<(u32, std::net::SocketAddr), u64> = HashMap::new();
+    let mut per_dest: HashMap<(u32, crate::table::Endpoint), u64> = HashMap::new();
     for (key, tw) in inp.timewait.tracked() {
         if tw.substate != TcpState::TIME_WAIT {
             continue;
@@ -686,6 +689,7 @@ mod tests {
     use connwatch_common::tcp_state::*;
 
     use super::*;
+    use crate::owners::FdIndex;
     use crate::table::{
         SockKey,
         tests::{NS, close_cw, diag, enter_cw},
@@ -705,6 +709,8 @@ mod tests {
 
     static NO_LISTENERS: std::sync::LazyLock<HashMap<(u32, u16), Vec<u32>>> =
         std::sync::LazyLock::new(HashMap::new);
+    static NO_HOLDERS: std::sync::LazyLock<FdIndex> =
+        std::sync::LazyLock::new(|| FdIndex::with_holders([]));
     static NO_TIMEWAIT: std::sync::LazyLock<Tracker> = std::sync::LazyLock::new(Tracker::default);
     static NO_KERNEL: std::sync::LazyLock<BTreeMap<u32, KernelInfo>> =
         std::sync::LazyLock::new(BTreeMap::new);
@@ -718,6 +724,7 @@ mod tests {
             states: BTreeMap::from([("CLOSE_WAIT".into(), 3), ("TIME_WAIT".into(), 2)]),
             procs,
             listening: &NO_LISTENERS,
+            holders: &NO_HOLDERS,
             timewait: &NO_TIMEWAIT,
             kernel: &NO_KERNEL,
             own_netns: NS,
@@ -748,10 +755,12 @@ mod tests {
         ])
     }
 
-    fn hold(t: &mut Table, pid_for_inode: impl Fn(u64) -> Vec<u32>) {
-        for (_, cw) in t.close_wait_mut() {
-            cw.holders = pid_for_inode(cw.inode);
-        }
+    /// An fd index in which `pid_for_inode` holds each CLOSE_WAIT socket of `t`.
+    fn hold(t: &Table, pid_for_inode: impl Fn(u64) -> Vec<u32>) -> FdIndex {
+        FdIndex::with_holders(
+            t.close_wait()
+                .map(|(_, cw)| (cw.inode, pid_for_inode(cw.inode))),
+        )
     }
 
     #[test]
@@ -772,10 +781,18 @@ mod tests {
             t.apply(&enter_cw(300.0 + i as f64, "127.0.0.1:9090", &r, 900 + i));
             t.apply(&close_cw(300.05 + i as f64, "127.0.0.1:9090", &r, 7));
         }
-        hold(&mut t, |_| vec![4242]);
+        let idx = hold(&t, |_| vec![4242]);
         let procs = procs();
         let mut g = Growth::default();
-        let r = build(&t, &inputs(400, &procs), &cfg(), &mut g);
+        let r = build(
+            &t,
+            &Inputs {
+                holders: &idx,
+                ..inputs(400, &procs)
+            },
+            &cfg(),
+            &mut g,
+        );
         assert_eq!(r.processes.len(), 2);
         let leak = &r.processes[0];
         assert_eq!((leak.pid, leak.comm.as_str()), (4242, "python3"));
@@ -812,10 +829,19 @@ mod tests {
                 let r = format!("127.0.0.1:{}", 40000 + minute * 10 + i);
                 t.apply(&enter_cw((minute * 60) as f64, L, &r, minute * 10 + i + 1));
             }
-            hold(&mut t, |_| vec![4242]);
-            let _ = build(&t, &inputs(minute * 60 + 1, &procs), &cfg(), &mut g);
+            let idx = hold(&t, |_| vec![4242]);
+            let inp = Inputs {
+                holders: &idx,
+                ..inputs(minute * 60 + 1, &procs)
+            };
+            let _ = build(&t, &inp, &cfg(), &mut g);
         }
-        let r = build(&t, &inputs(121, &procs), &cfg(), &mut g);
+        let idx = hold(&t, |_| vec![4242]);
+        let inp = Inputs {
+            holders: &idx,
+            ..inputs(121, &procs)
+        };
+        let r = build(&t, &inp, &cfg(), &mut g);
         let p = &r.processes[0];
         assert_eq!(p.close_wait, 30);
         assert_eq!(p.close_wait_growth_per_min, Some(10.0));
@@ -862,9 +888,17 @@ mod tests {
     fn fork_shared_socket_lists_every_holder() {
         let mut t = Table::new(NS);
         t.apply(&enter_cw(1.0, L, "127.0.0.1:40000", 55));
-        hold(&mut t, |_| vec![4242, 7]);
+        let idx = hold(&t, |_| vec![4242, 7]);
         let procs = procs();
-        let r = build(&t, &inputs(100, &procs), &cfg(), &mut Growth::default());
+        let r = build(
+            &t,
+            &Inputs {
+                holders: &idx,
+                ..inputs(100, &procs)
+            },
+            &cfg(),
+            &mut Growth::default(),
+        );
         let pids: Vec<u32> = r.processes.iter().map(|p| p.pid).collect();
         assert_eq!(pids.len(), 2);
         assert!(pids.contains(&4242) && pids.contains(&7));
@@ -894,9 +928,17 @@ mod tests {
             &[diag(CLOSE_WAIT, L, "127.0.0.1:40000", 55, 90_000)],
             100 * SEC,
         );
-        hold(&mut t, |_| vec![4242]);
+        let idx = hold(&t, |_| vec![4242]);
         let procs = procs();
-        let r = build(&t, &inputs(100, &procs), &cfg(), &mut Growth::default());
+        let r = build(
+            &t,
+            &Inputs {
+                holders: &idx,
+                ..inputs(100, &procs)
+            },
+            &cfg(),
+            &mut Growth::default(),
+        );
         let p = &r.processes[0];
         assert_eq!(p.close_wait_age_source, Some("estimated"));
         assert_eq!(p.close_wait_oldest_s, Some(90.0));
@@ -912,9 +954,17 @@ mod tests {
     fn json_keys_are_the_documented_ones() {
         let mut t = Table::new(NS);
         t.apply(&enter_cw(1.0, L, "127.0.0.1:40000", 55));
-        hold(&mut t, |_| vec![4242]);
+        let idx = hold(&t, |_| vec![4242]);
         let procs = procs();
-        let r = build(&t, &inputs(100, &procs), &cfg(), &mut Growth::default());
+        let r = build(
+            &t,
+            &Inputs {
+                holders: &idx,
+                ..inputs(100, &procs)
+            },
+            &cfg(),
+            &mut Growth::default(),
+        );
         let v = serde_json::to_value(&r).unwrap();
         for key in [
             "time",
@@ -990,10 +1040,11 @@ mod tests {
             ));
         }
         t.apply(&enter_cw(1.0, "127.0.0.1:41000", "10.0.0.7:5432", 60));
-        hold(&mut t, |_| vec![4242]);
+        let idx = hold(&t, |_| vec![4242]);
         let procs = procs();
         let listening = HashMap::from([((NS, 8080), vec![4242])]);
         let mut inp = inputs(100, &procs);
+        inp.holders = &idx;
         inp.listening = &listening;
         let r = build(&t, &inp, &cfg(), &mut Growth::default());
         let peers: Vec<(&str, u64)> = r.processes[0]
@@ -1033,8 +1084,8 @@ mod tests {
             tw.on_transition(
                 SockKey {
                     netns: NS,
-                    local: l,
-                    remote: r,
+                    local: l.into(),
+                    remote: r.into(),
                 },
                 &t,
             );

@@ -30,8 +30,84 @@ const MAX_CLOSED: usize = 100_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SockKey {
     pub netns: u32,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    pub local: Endpoint,
+    pub remote: Endpoint,
+}
+
+/// A socket address in 20 bytes rather than `SocketAddr`'s 32: every followed socket's
+/// key holds two, and a busy host has 100,000 of them. Orders like `SocketAddr` (IPv4
+/// first, then address, then port).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    v6: bool,
+    addr: [u8; 16],
+    port: u16,
+}
+
+impl Endpoint {
+    pub fn ip(&self) -> std::net::IpAddr {
+        if self.v6 {
+            std::net::IpAddr::from(self.addr)
+        } else {
+            let [a, b, c, d, ..] = self.addr;
+            std::net::IpAddr::from([a, b, c, d])
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(a: SocketAddr) -> Self {
+        let (v6, addr) = match a.ip() {
+            std::net::IpAddr::V4(ip) => {
+                let mut addr = [0; 16];
+                let [a0, a1, a2, a3] = ip.octets();
+                addr[..4].copy_from_slice(&[a0, a1, a2, a3]);
+                (false, addr)
+            }
+            std::net::IpAddr::V6(ip) => (true, ip.octets()),
+        };
+        Self {
+            v6,
+            addr,
+            port: a.port(),
+        }
+    }
+}
+
+impl From<Endpoint> for SocketAddr {
+    fn from(e: Endpoint) -> Self {
+        SocketAddr::new(e.ip(), e.port)
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse::<SocketAddr>().map(Self::from)
+    }
+}
+
+impl PartialEq<SocketAddr> for Endpoint {
+    fn eq(&self, other: &SocketAddr) -> bool {
+        *self == Endpoint::from(*other)
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        SocketAddr::from(*self).fmt(f)
+    }
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        SocketAddr::from(*self).fmt(f)
+    }
 }
 
 /// Whether an age was measured from the transition or estimated afterwards.
@@ -63,16 +139,17 @@ pub struct CloseWait {
     /// Bytes received and never read.
     pub recv_q: u32,
     /// Owner named by the probe (connect/close context, carried), when it knew one.
-    pub probe_owner: Option<(u32, String, OwnerSource)>,
-    /// Processes holding the socket's fd (filled in from /proc by the caller).
-    pub holders: Vec<u32>,
+    /// Boxed: most CLOSE_WAIT sockets are accepted ones, which the probe cannot name,
+    /// and a table of 50,000 sockets should not pay 40 bytes each for nothing. (The
+    /// processes holding the fd live in the fd index, not here, for the same reason.)
+    pub probe_owner: Option<Box<(u32, String, OwnerSource)>>,
     /// Added by reconciliation, not by a transition: if no transition follows, the
     /// probe missed this socket's entry.
     from_reconcile: bool,
     /// Consecutive reconciliations that did not list the socket.
     missed: u8,
     /// The reconciliation that last listed it (mark and sweep, no per-dump key set).
-    listed_in: u64,
+    listed_in: u32,
 }
 
 /// A CLOSE_WAIT socket that its process finally closed (or that was reset).
@@ -95,8 +172,8 @@ pub struct Table {
     /// CLOSE_WAIT closes recorded so far (for consumers that take new ones).
     pub closed_total: u64,
     own_netns: u32,
-    /// Reconciliations so far (the mark of the current one).
-    reconciles: u64,
+    /// Reconciliations so far (the mark of the current one; wraps harmlessly).
+    reconciles: u32,
     /// Most sockets followed at once (`--max-sockets`); beyond it they are counted as
     /// untracked instead of growing memory without bound.
     limit: usize,
@@ -129,13 +206,19 @@ impl Table {
         let netns = if netns == 0 { self.own_netns } else { netns };
         SockKey {
             netns,
-            local,
-            remote,
+            local: local.into(),
+            remote: remote.into(),
         }
     }
 
     /// Applies one transition from the probe.
     pub fn apply(&mut self, t: &Transition) {
+        self.apply_with(t, |_| None);
+    }
+
+    /// As `apply`; `holder` names a process holding a socket's fd (by inode), for
+    /// closes the probe cannot attribute.
+    pub fn apply_with(&mut self, t: &Transition, holder: impl Fn(u64) -> Option<u32>) {
         let key = self.key(t.netns, t.local, t.remote);
         if t.old == TcpState::CLOSE_WAIT {
             let entry = self.close_wait.remove(&key);
@@ -151,7 +234,7 @@ impl Table {
             // The closer: the process whose close() ran now, else whoever held the fd.
             let (pid, comm) = match (&t.owner.source, &entry) {
                 (OwnerSource::Context, _) => (t.owner.pid, t.owner.comm.clone()),
-                (_, Some(e)) if !e.holders.is_empty() => (e.holders.first().copied(), None),
+                (_, Some(e)) if holder(e.inode).is_some() => (holder(e.inode), None),
                 _ => (t.owner.pid, t.owner.comm.clone()),
             };
             self.push_closed(ClosedCloseWait {
@@ -163,11 +246,11 @@ impl Table {
         }
         if t.new == TcpState::CLOSE_WAIT && self.room(&key) {
             let probe_owner = t.owner.pid.map(|pid| {
-                (
+                Box::new((
                     pid,
                     t.owner.comm.clone().unwrap_or_default(),
                     t.owner.source,
-                )
+                ))
             });
             // A reused 4-tuple replaces whatever was there.
             self.close_wait.insert(
@@ -178,7 +261,6 @@ impl Table {
                     inode: t.inode,
                     recv_q: 0,
                     probe_owner,
-                    holders: Vec::new(),
                     from_reconcile: false,
                     missed: 0,
                     listed_in: 0,
@@ -222,7 +304,7 @@ impl Table {
     /// accepted), adds sockets whose transition was missed and drops those that are gone.
     pub fn reconcile(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
         let netns = if netns == 0 { self.own_netns } else { netns };
-        self.reconciles += 1;
+        self.reconciles = self.reconciles.wrapping_add(1);
         let pass = self.reconciles;
         for s in sockets.iter().filter(|s| s.state == TcpState::CLOSE_WAIT) {
             let key = self.key(netns, s.local, s.remote);
@@ -309,7 +391,6 @@ fn estimated(s: &DiagSocket, now_ns: u64, from_reconcile: bool) -> CloseWait {
         inode: s.inode,
         recv_q: unread(s),
         probe_owner: None,
-        holders: Vec::new(),
         from_reconcile,
         missed: 0,
         listed_in: 0,
@@ -387,7 +468,7 @@ pub(crate) mod tests {
         let mut t = Table::new(NS);
         t.apply(&enter_cw(10.0, L, R1, 77));
         let (k, cw) = t.close_wait().next().unwrap();
-        assert_eq!(k.remote, R1.parse().unwrap());
+        assert_eq!(k.remote, R1.parse::<SocketAddr>().unwrap());
         assert_eq!(cw.since_ns, 10 * SEC);
         assert_eq!(cw.age_source, AgeSource::Observed);
         assert_eq!(cw.inode, 77);
@@ -468,7 +549,7 @@ pub(crate) mod tests {
         t.reconcile(NS, &[diag(CLOSE_WAIT, L, R1, 77, 0)], 12 * SEC);
         let r1 = t
             .close_wait()
-            .find(|(k, _)| k.remote == R1.parse().unwrap())
+            .find(|(k, _)| k.remote == R1.parse::<SocketAddr>().unwrap())
             .unwrap();
         assert_eq!(r1.1.inode, 77);
         assert_eq!(r1.1.age_source, AgeSource::Observed);
@@ -523,11 +604,11 @@ pub(crate) mod tests {
     fn closer_falls_back_to_fd_holder() {
         let mut t = Table::new(NS);
         t.apply(&enter_cw(10.0, L, R1, 77));
-        for (_, cw) in t.close_wait_mut() {
-            cw.holders = vec![31, 32];
-        }
-        // Reset by the peer: ->CLOSE in softirq, no context owner.
-        t.apply(&tr(13.0, CLOSE_WAIT, CLOSE, L, R1));
+        // Reset by the peer: ->CLOSE in softirq, no context owner; pids 31 and 32 hold
+        // inode 77.
+        t.apply_with(&tr(13.0, CLOSE_WAIT, CLOSE, L, R1), |inode| {
+            (inode == 77).then_some(31)
+        });
         let c = t.closed_since(0).next().unwrap();
         assert_eq!(c.pid, Some(31));
         assert_eq!(c.lifetime_ns, 3 * SEC);

@@ -217,8 +217,8 @@ impl Tracker {
         for s in sockets.iter().filter(|s| s.timewait) {
             let key = SockKey {
                 netns,
-                local: s.local,
-                remote: s.remote,
+                local: s.local.into(),
+                remote: s.remote.into(),
             };
             let due = now_ns + u64::from(s.expires_ms) * 1_000_000;
             if let Some(tw) = self.tracked.get_mut(&key) {

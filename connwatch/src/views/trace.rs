@@ -52,8 +52,8 @@ impl<'a> From<&'a Synthetic> for Row<'a> {
     fn from(s: &'a Synthetic) -> Self {
         Self {
             ts_ns: s.ts_ns,
-            local: s.key.local,
-            remote: s.key.remote,
+            local: s.key.local.into(),
+            remote: s.key.remote.into(),
             old: s.old,
             new: s.new,
             duration_ns: s.duration_ns,
