@@ -374,6 +374,16 @@ impl Table {
         while self.closed.front().is_some_and(|c| c.at_ns < before_ns) {
             self.closed.pop_front();
         }
+        self.closed.shrink_to(self.closed.len() * 2);
+        shrink_idle(&mut self.close_wait);
+    }
+}
+
+/// Gives back a map's memory once it holds less than a quarter of its capacity (after a
+/// burst), keeping room for twice what it holds.
+pub fn shrink_idle<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 1024 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -598,6 +608,21 @@ pub(crate) mod tests {
             18 * SEC,
         );
         assert_eq!(t.untracked, 1);
+    }
+
+    #[test]
+    fn idle_maps_give_memory_back() {
+        let mut m: HashMap<u64, u64> = (0..10_000).map(|i| (i, i)).collect();
+        let full = m.capacity();
+        m.retain(|&k, _| k < 10);
+        shrink_idle(&mut m);
+        assert!(m.capacity() < full / 100, "{} of {full}", m.capacity());
+        assert_eq!(m.len(), 10);
+        // A map in use is left alone.
+        let mut busy: HashMap<u64, u64> = (0..10_000).map(|i| (i, i)).collect();
+        let cap = busy.capacity();
+        shrink_idle(&mut busy);
+        assert_eq!(busy.capacity(), cap);
     }
 
     #[test]

@@ -442,6 +442,12 @@ impl Tracker {
         while self.created.front().is_some_and(|c| c.0 < before_ns) {
             self.created.pop_front();
         }
+        // A burst of 100,000 TIME_WAITs must not pin its memory for the rest of a
+        // weeks-long run.
+        crate::table::shrink_idle(&mut self.tracked);
+        crate::table::shrink_idle(&mut self.pending);
+        self.ended.shrink_to(self.ended.len() * 2);
+        self.created.shrink_to(self.created.len() * 2);
     }
 }
 
