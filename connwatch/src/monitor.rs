@@ -295,11 +295,25 @@ impl Monitor {
             ..
         } = self;
         for (ns, sockets) in &dumps {
+            // Once per listening port, not once per socket: a server can leave tens of
+            // thousands of TIME_WAITs on one port.
+            let known: std::cell::RefCell<HashMap<u16, Option<TwOwner>>> = Default::default();
             let listener = |port: u16| -> Option<TwOwner> {
-                let inode = listeners.get(&(*ns, port))?;
-                let pid = *index.holders(*inode).first()?;
-                let comm = owners::proc_info(pid).map(|p| p.comm).unwrap_or_default();
-                Some(TwOwner { pid, comm })
+                if let Some(owner) = known.borrow().get(&port) {
+                    return owner.clone();
+                }
+                let owner = listeners
+                    .get(&(*ns, port))
+                    .and_then(|inode| index.holders(*inode).first().copied())
+                    .map(|pid| TwOwner {
+                        pid,
+                        comm: owners::proc_info(pid)
+                            .map(|p| p.comm)
+                            .unwrap_or_default()
+                            .into(),
+                    });
+                known.borrow_mut().insert(port, owner.clone());
+                owner
             };
             rows.extend(tw.observe(*ns, sockets, now, seeding, &listener));
         }

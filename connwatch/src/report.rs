@@ -326,7 +326,7 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
             *a.tw_on_listen_port.entry(key.local.port()).or_insert(0) += 1;
         }
         if a.comm.is_none() {
-            a.comm = Some(owner.comm.clone());
+            a.comm = Some(owner.comm.to_string());
         }
     }
     for (_, pid) in inp.timewait.created_since(window_start) {

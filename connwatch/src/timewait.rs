@@ -61,7 +61,8 @@ impl End {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TwOwner {
     pub pid: u32,
-    pub comm: String,
+    /// Shared: thousands of TIME_WAITs of one server carry the same name.
+    pub comm: std::sync::Arc<str>,
 }
 
 /// A timewait socket being followed.
@@ -155,7 +156,7 @@ impl Tracker {
         }
         let owner = t.owner.pid.map(|pid| TwOwner {
             pid,
-            comm: t.owner.comm.clone().unwrap_or_default(),
+            comm: t.owner.comm.as_deref().unwrap_or_default().into(),
         });
         if let Some(tw) = self.tracked.get_mut(&key).filter(|tw| tw.provisional) {
             // A poll found this timewait socket just before its transition arrived.

@@ -490,18 +490,24 @@ pub fn bench(opts: &Options) -> Result<()> {
     // CLOSE_WAIT sockets alone.
     let hold_ns = Netns::new_named("hold")?;
     hold_ns.sysctl("net.ipv4.tcp_fin_timeout", "1")?;
+    // Memory is compared between two fresh `watch` processes, one on an empty host and
+    // one started over the held sockets (seeded from sock_diag): a process that watched
+    // the sockets being made would also count the ring buffer pages the event storm
+    // touched (up to --ring-size, once), which is not a cost per socket.
     say(&format!("memory: {n} CLOSE_WAIT sockets"));
     let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "1s"])?;
-    thread::sleep(Duration::from_secs(2));
+    thread::sleep(Duration::from_secs(3));
     let rss0 = t.rss_bytes();
-    let held = hold_sockets(&hold_ns, n, false)?;
-    thread::sleep(Duration::from_secs(4));
-    let rss_cw = t.rss_bytes();
     t.finish();
-    let per_cw = rss_cw.saturating_sub(rss0) as f64 / n as f64;
+    let held = hold_sockets(&hold_ns, n, false)?;
+    // The clients' orphans go (tcp_fin_timeout=1).
+    thread::sleep(Duration::from_secs(2));
     say(&format!("start-up with {n} existing sockets"));
-    let t = Tracer::connwatch(cw, &["watch", "--json"])?;
+    let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "2s"])?;
     let startup_ms = t.ready_after.as_secs_f64() * 1e3;
+    thread::sleep(Duration::from_secs(3));
+    let rss_cw = t.rss_bytes();
+    let per_cw = rss_cw.saturating_sub(rss0) as f64 / n as f64;
 
     // 7. Against an `ss -tanpio` loop, with the sockets held.
     let secs = if q { 10.0 } else { 30.0 };
@@ -520,9 +526,11 @@ pub fn bench(opts: &Options) -> Result<()> {
 
     say(&format!("memory: {n} TIME_WAIT sockets"));
     let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "1s"])?;
-    thread::sleep(Duration::from_secs(2));
+    thread::sleep(Duration::from_secs(3));
     let rss0_tw = t.rss_bytes();
+    t.finish();
     let _tw = hold_sockets(&ns, n, true)?;
+    let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "1s"])?;
     thread::sleep(Duration::from_secs(3));
     let rss_tw = t.rss_bytes();
     t.finish();

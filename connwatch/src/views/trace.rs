@@ -58,7 +58,7 @@ impl<'a> From<&'a Synthetic> for Row<'a> {
             new: s.new,
             duration_ns: s.duration_ns,
             pid: s.owner.as_ref().map(|o| o.pid),
-            comm: s.owner.as_ref().map(|o| o.comm.as_str()),
+            comm: s.owner.as_ref().map(|o| &*o.comm),
             owner_source: s.owner_source,
             synthetic: true,
             end: s.end.map(|e| e.as_str()),
