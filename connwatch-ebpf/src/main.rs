@@ -173,7 +173,13 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
     let now = unsafe { bpf_ktime_get_ns() };
     let key = sk as u64;
     let task_pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let task_comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // The comm is copied only where it is used: for an owner named by context, or for an
+    // event that passes the filter (most transitions are neither in `watch`).
+    let in_context = runs_in_owner_context(old, new);
+    let mut task_comm = [0u8; 16];
+    if in_context {
+        task_comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    }
 
     // A socket that starts a life (connect/listen from CLOSE, or a child created by a
     // listener) must not inherit a stale entry left by a freed socket at the same address.
@@ -182,18 +188,20 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
     // of a `None` (undefined, often a stack pointer), which the verifier rejects as
     // pointer arithmetic. `since_ns == 0` means "not seen".
     let mut prev = SockState::default();
-    if !fresh {
-        // SAFETY: the value is copied out at once.
-        if let Some(p) = unsafe { SOCKETS.get(&key) } {
-            prev = *p;
-        }
+    // The entry, to update in place: an LRU map update allocates a new element and
+    // frees the old one, costlier than writing 32 bytes.
+    let mut existing: *mut SockState = core::ptr::null_mut();
+    if !fresh && let Some(p) = SOCKETS.get_ptr_mut(&key) {
+        // SAFETY: a map value pointer, valid for this program run.
+        prev = unsafe { *p };
+        existing = p;
     }
 
     let mut state = SockState {
         since_ns: now,
         ..SockState::default()
     };
-    let source = if runs_in_owner_context(old, new) {
+    let source = if in_context {
         state.owner_pid = task_pid;
         state.owner_comm = task_comm;
         owner_source::CONTEXT
@@ -207,6 +215,9 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
 
     if new == tcp_state::CLOSE {
         let _ = SOCKETS.remove(&key);
+    } else if !existing.is_null() {
+        // SAFETY: the pointer came from the lookup above, in this same run.
+        unsafe { *existing = state };
     } else if SOCKETS.insert(&key, &state, 0).is_err() {
         bump(counter::SOCKET_STORE_FAILED);
         debug!(ctx, "connwatch: could not store socket state");
@@ -228,6 +239,9 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
         return;
     }
     bump(counter::SEEN);
+    if !in_context {
+        task_comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    }
 
     let inode = unsafe { inode_of(sk, &off) };
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
