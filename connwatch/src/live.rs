@@ -50,9 +50,10 @@ impl Live {
         every: Duration,
         tw_poll: Duration,
     ) -> Result<Self> {
+        // First: the monitor starts its /proc scan, which runs while the probe loads.
+        let mut monitor = Monitor::new(cfg, filter).with_limit(opts.max_sockets as usize);
         let mut probe = Probe::load(opts)?;
         let ring = probe.take_events()?;
-        let mut monitor = Monitor::new(cfg, filter).with_limit(opts.max_sockets as usize);
         monitor.seed()?;
         if opts.filter.npids > 0 {
             probe.seed_listeners(&monitor.listener_owners())?;

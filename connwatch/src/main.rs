@@ -14,6 +14,14 @@ use connwatch::{
 };
 
 fn main() -> ExitCode {
+    // One malloc arena: connwatch works on one thread, plus short-lived threads that
+    // dump other network namespaces; with an arena each, what a dump freed stays
+    // resident in a per-thread heap that nothing reuses (5 MB with 50,000 sockets).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let cli = Cli::parse();
     let verbose = cli.verbose;
     env_logger::Builder::new()

@@ -68,6 +68,8 @@ pub struct Monitor {
     loss_polled: u64,
     /// Timewait polls skipped because nothing was left to learn from them.
     pub polls_idle: u64,
+    /// The /proc scan started with the monitor, taken over at the first seeding.
+    prescan: Option<owners::Prescan>,
 }
 
 /// Timewait polls may use at most 1/POLL_BUDGET of a CPU: with very many timewait
@@ -110,6 +112,7 @@ impl Monitor {
             loss_seen: 0,
             loss_polled: 0,
             polls_idle: 0,
+            prescan: Some(owners::Prescan::start()),
         }
     }
 
@@ -286,6 +289,9 @@ impl Monitor {
                 .copied()
                 .chain(self.table.close_wait().map(|(_, cw)| cw.inode))
                 .collect();
+            if let Some(prescan) = self.prescan.take() {
+                self.index.adopt(prescan, inodes.iter().copied());
+            }
             self.index.ensure(inodes);
         }
         let Self {

@@ -13,7 +13,7 @@
 )]
 use std::time::{Duration, Instant};
 
-use procfs::process::{FDTarget, Process, all_processes};
+use procfs::process::{Process, all_processes};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet};
 
 /// What a report shows of a process.
@@ -86,24 +86,7 @@ impl FdIndex {
     /// Rebuilds the index of `wanted` inodes from every process's fd table.
     pub fn scan(&mut self, wanted: &FxHashSet<u64>) {
         let started = Instant::now();
-        let mut holders: HashMap<u64, Holders> = HashMap::default();
-        if let Ok(procs) = all_processes() {
-            for proc in procs.flatten() {
-                let pid = proc.pid() as u32;
-                // Processes that exit meanwhile or deny access are skipped.
-                let Ok(fds) = proc.fd() else { continue };
-                for fd in fds.flatten() {
-                    if let FDTarget::Socket(inode) = fd.target
-                        && wanted.contains(&inode)
-                    {
-                        let pids = holders.entry(inode).or_default();
-                        if !pids.contains(&pid) {
-                            pids.push(pid);
-                        }
-                    }
-                }
-            }
-        }
+        let holders = collect(|inode| wanted.contains(&inode));
         self.missing = wanted
             .iter()
             .filter(|i| !holders.contains_key(i))
@@ -116,6 +99,23 @@ impl FdIndex {
     }
 
     /// Processes holding the socket with this inode (several after fork or fd passing).
+    /// Takes over what a prescan found, for the `wanted` inodes. Nothing is marked
+    /// missing: a socket opened after the prescan began is unknown, not holder-less, and
+    /// gets a rescan of its own.
+    pub fn adopt(&mut self, prescan: Prescan, wanted: impl IntoIterator<Item = u64>) {
+        let Ok((mut all, cost)) = prescan.0.join() else {
+            return;
+        };
+        let wanted: FxHashSet<u64> = wanted.into_iter().collect();
+        all.retain(|inode, _| wanted.contains(inode));
+        all.shrink_to_fit();
+        self.holders = all;
+        self.missing.clear();
+        self.last_scan = Some(Instant::now());
+        self.last_cost = cost;
+        self.scans += 1;
+    }
+
     /// An index with these holders, never rescanned (for tests of what reads it).
     pub fn with_holders(pairs: impl IntoIterator<Item = (u64, Vec<u32>)>) -> Self {
         let mut index = Self::new(Duration::MAX, Duration::MAX);
@@ -136,6 +136,91 @@ impl FdIndex {
     pub fn holders(&self, inode: u64) -> &[u32] {
         self.holders.get(&inode).map_or(&[], |h| h.as_slice())
     }
+}
+
+/// A scan of every process's sockets, run on a thread of its own at start-up so that it
+/// overlaps the probe's loading and the first dumps (with tens of thousands of sockets
+/// it is the longest step).
+pub struct Prescan(std::thread::JoinHandle<(HashMap<u64, Holders>, Duration)>);
+
+impl Prescan {
+    pub fn start() -> Self {
+        Self(std::thread::spawn(|| {
+            let started = Instant::now();
+            let all = collect(|_| true);
+            (all, started.elapsed())
+        }))
+    }
+}
+
+/// The holders of every socket inode that `keep` accepts, from every process's fds.
+/// Processes that exit meanwhile or deny access are skipped.
+fn collect(keep: impl Fn(u64) -> bool) -> HashMap<u64, Holders> {
+    let mut holders: HashMap<u64, Holders> = HashMap::default();
+    if let Ok(procs) = all_processes() {
+        for proc in procs.flatten() {
+            let pid = proc.pid() as u32;
+            for_each_socket_inode(pid, |inode| {
+                if keep(inode) {
+                    let pids = holders.entry(inode).or_default();
+                    if !pids.contains(&pid) {
+                        pids.push(pid);
+                    }
+                }
+            });
+        }
+    }
+    holders
+}
+
+/// Calls `f` with the inode of every socket among `pid`'s open files. One readlinkat
+/// per fd, into a stack buffer: procfs's fd iterator also opens and stats each fd (four
+/// system calls instead of one, and allocations), on the path that dominates start-up
+/// with tens of thousands of sockets.
+fn for_each_socket_inode(pid: u32, mut f: impl FnMut(u64)) {
+    use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
+    let path = format!("/proc/{pid}/fd");
+    let (Ok(dir), Ok(entries)) = (std::fs::File::open(&path), std::fs::read_dir(&path)) else {
+        return;
+    };
+    let mut name = [0u8; 24];
+    let mut link = [0u8; 40];
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let bytes = file_name.as_bytes();
+        // An fd number, NUL-terminated.
+        let Some(dst) = name.get_mut(..bytes.len()) else {
+            continue;
+        };
+        dst.copy_from_slice(bytes);
+        if let Some(nul) = name.get_mut(bytes.len()) {
+            *nul = 0;
+        } else {
+            continue;
+        }
+        // SAFETY: `name` is NUL-terminated; readlinkat writes at most `link.len()` bytes.
+        let n = unsafe {
+            libc::readlinkat(
+                dir.as_raw_fd(),
+                name.as_ptr().cast(),
+                link.as_mut_ptr().cast(),
+                link.len(),
+            )
+        };
+        if let Some(inode) = usize::try_from(n)
+            .ok()
+            .and_then(|n| link.get(..n))
+            .and_then(parse_socket_link)
+        {
+            f(inode);
+        }
+    }
+}
+
+/// The inode of an fd link `socket:[12345]`.
+pub fn parse_socket_link(link: &[u8]) -> Option<u64> {
+    let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// This process's resident memory.
@@ -203,6 +288,15 @@ mod tests {
         assert!(me.fds >= 3);
         assert!(me.fd_limit.is_some());
         assert_ne!(own_netns(), 0);
+    }
+
+    #[test]
+    fn socket_links() {
+        assert_eq!(parse_socket_link(b"socket:[4026531993]"), Some(4026531993));
+        assert_eq!(parse_socket_link(b"pipe:[12]"), None);
+        assert_eq!(parse_socket_link(b"socket:[12"), None);
+        assert_eq!(parse_socket_link(b"socket:[x]"), None);
+        assert_eq!(parse_socket_link(b"/dev/null"), None);
     }
 
     #[test]

@@ -28,11 +28,12 @@ use crate::{
 pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
     // Handlers first: a signal right after "attached" must not kill the process.
     let mut shutdown = Shutdown::new(args.duration)?;
-    let mut probe = Probe::load(&opts)?;
-    let ring = probe.take_events()?;
-    // The monitor follows timewait sockets (TIME_WAIT is never a transition).
+    // The monitor follows timewait sockets (TIME_WAIT is never a transition). It starts
+    // its /proc scan first, to run while the probe loads.
     let mut monitor =
         Monitor::new(ReportConfig::default(), filter).with_limit(opts.max_sockets as usize);
+    let mut probe = Probe::load(&opts)?;
+    let ring = probe.take_events()?;
     monitor.seed()?;
     if opts.filter.npids > 0 {
         probe.seed_listeners(&monitor.listener_owners())?;

@@ -1,9 +1,10 @@
 //! Text read from /proc and tracefs: netstat counters, port ranges, cgroup lines,
-//! tracepoint formats, namespace links.
+//! tracepoint formats, namespace links, fd links.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    let _ = connwatch::owners::parse_socket_link(data);
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
