@@ -193,6 +193,11 @@ impl Monitor {
         Ok(())
     }
 
+    /// Sockets whose state was lost so far (missed transitions, over the limit).
+    pub fn untracked(&self) -> u64 {
+        self.table.untracked + self.tw.untracked
+    }
+
     /// Notes the probe's running loss count (dropped + unstorable + undecodable events).
     pub fn note_loss(&mut self, total: u64) {
         self.loss_seen = total;

@@ -86,7 +86,11 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<
         Ok(()) => {}
     }
     let counters = probe.counters()?;
-    eprintln!("{}", stats.summary(counters.seen, counters.dropped));
+    let untracked = monitor.untracked() + counters.socket_store_failed + stats.undecodable;
+    eprintln!(
+        "{}",
+        stats.summary(counters.seen, counters.dropped, untracked)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -98,9 +102,11 @@ struct Stats {
 
 impl Stats {
     /// `seen` counts the events the probe produced: each was either received or dropped.
-    fn summary(&self, seen: u64, dropped: u64) -> String {
+    /// `untracked` counts sockets whose state was lost (as `sockets_untracked` in
+    /// `watch` and the metrics).
+    fn summary(&self, seen: u64, dropped: u64, untracked: u64) -> String {
         let mut s = format!(
-            "connwatch: {seen} events, {} received, {dropped} dropped",
+            "connwatch: {seen} events, {} received, {dropped} dropped, {untracked} sockets untracked",
             self.received
         );
         if self.undecodable > 0 {

@@ -187,8 +187,9 @@ fn signals_detach_and_summarise() {
         assert!(status.success(), "exit status {status}");
         let err = cw.stderr.drain(Duration::from_millis(200));
         assert!(
-            err.iter()
-                .any(|l| l.contains(" received") && l.contains("dropped")),
+            err.iter().any(|l| l.contains(" received")
+                && l.contains("dropped")
+                && l.contains("sockets untracked")),
             "{err:?}"
         );
         wait_unloaded(&progs);
