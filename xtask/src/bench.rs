@@ -738,6 +738,17 @@ fn children_cpu() -> f64 {
     }
 }
 
+/// How each figure is taken, written under the results.
+const METHOD: &str = "## How each figure is taken
+
+- **probe_ns**: `run_time_ns / run_cnt` of each tracer's programs (`kernel.bpf_stats_enabled=1`, restored after), under the same fixed-rate churn (half of saturation).
+- **tax_pct**: saturating loopback churn (4 client threads, connect / 1-byte exchange / close) with no tracer, with `connwatch watch`, with `tcpstates`, interleaved A B C rounds; medians, as % of the no-tracer throughput.
+- **uncounted_loss**: events the probe produced minus received minus counted as dropped, at saturation and with the reader stopped (SIGSTOP) for 5 s.
+- **rss_per_socket_b**: RSS of a fresh `watch` started over N held sockets minus that of a fresh `watch` on an empty namespace, divided by N; the larger of CLOSE_WAIT and TIME_WAIT. Fresh processes, because one that watched the sockets being made also has the ring buffer pages the event storm touched resident (up to `--ring-size`, once: not a cost per socket). The CLOSE_WAIT sockets are held in a namespace with `tcp_fin_timeout=1`: their clients live on this host too, and their FIN_WAIT2 orphans (which connwatch also follows) would otherwise be counted per CLOSE_WAIT socket; a real server's peers are on other hosts.
+- **startup_ms**: from exec to the line `attached` (printed after seeding: sock_diag dumps, the /proc fd scan, capabilities dropped) with N CLOSE_WAIT sockets held.
+- **ss_poll_cpu_ratio**: CPU time (utime+stime, all threads) of `connwatch watch --interval 2s` over 30 s with N CLOSE_WAIT sockets, over that of `ss -tanpio` run every 2 s for as long.
+";
+
 fn write_doc(path: &Path, table: &str, last: &str, quick: bool) -> Result<()> {
     let uname = Command::new("uname").arg("-r").output()?;
     let date = Command::new("date")
@@ -758,6 +769,7 @@ fn write_doc(path: &Path, table: &str, last: &str, quick: bool) -> Result<()> {
         doc,
         "Targets: probe_ratio ≤ 1.0; tax_pct ≤ ⅓ of tcpstates_tax_pct and ≤ 5 %; uncounted_loss = 0; rss_per_socket_b ≤ 200; startup_ms ≤ 100; ss_poll_cpu_ratio ≤ 0.1."
     )?;
+    writeln!(doc, "\n{METHOD}")?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
