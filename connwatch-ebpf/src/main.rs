@@ -70,6 +70,24 @@ static FILTER: Filter = Filter {
 };
 
 /// The fields of a transition that the two hooks obtain differently.
+/// One field of OFFSETS. Volatile, so that the compiler cannot fold the placeholder
+/// values userspace overrides at load time; one field at a time, because copying the
+/// whole struct to the stack on every event costs a memcpy call in BPF.
+macro_rules! off {
+    ($field:ident) => {
+        // SAFETY: a read of our own global.
+        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) }
+    };
+}
+
+/// One field of FILTER, read like OFFSETS.
+macro_rules! filt {
+    ($($field:tt)+) => {
+        // SAFETY: a read of our own global.
+        unsafe { core::ptr::read_volatile(&raw const FILTER.$($field)+) }
+    };
+}
+
 struct Tuple {
     family: u16,
     sport: u16,
@@ -83,33 +101,32 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    let off = offsets();
     // SAFETY: `sk` is the tracepoint's `struct sock *`; every read goes through
     // bpf_probe_read_kernel, which fails cleanly on a bad address.
     unsafe {
-        if read_at::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
+        if read_at::<u16>(sk, off!(sk_protocol)) != Some(IPPROTO_TCP) {
             return 0;
         }
-        let Some(family) = read_at::<u16>(sk, off.skc_family) else {
+        let Some(family) = read_at::<u16>(sk, off!(skc_family)) else {
             return 0;
         };
         let mut t = Tuple {
             family,
-            sport: u16::from_be(read_at::<u16>(sk, off.inet_sport).unwrap_or(0)),
-            dport: u16::from_be(read_at::<u16>(sk, off.skc_dport).unwrap_or(0)),
+            sport: u16::from_be(read_at::<u16>(sk, off!(inet_sport)).unwrap_or(0)),
+            dport: u16::from_be(read_at::<u16>(sk, off!(skc_dport)).unwrap_or(0)),
             saddr: [0; 16],
             daddr: [0; 16],
         };
         match family {
             AF_INET => {
                 t.saddr[..4]
-                    .copy_from_slice(&read_at::<[u8; 4]>(sk, off.skc_rcv_saddr).unwrap_or([0; 4]));
+                    .copy_from_slice(&read_at::<[u8; 4]>(sk, off!(skc_rcv_saddr)).unwrap_or([0; 4]));
                 t.daddr[..4]
-                    .copy_from_slice(&read_at::<[u8; 4]>(sk, off.skc_daddr).unwrap_or([0; 4]));
+                    .copy_from_slice(&read_at::<[u8; 4]>(sk, off!(skc_daddr)).unwrap_or([0; 4]));
             }
             AF_INET6 => {
-                t.saddr = read_at::<[u8; 16]>(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
-                t.daddr = read_at::<[u8; 16]>(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
+                t.saddr = read_at::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]);
+                t.daddr = read_at::<[u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]);
             }
             _ => return 0,
         }
@@ -223,8 +240,7 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
         debug!(ctx, "connwatch: could not store socket state");
     }
 
-    let off = offsets();
-    let netns = unsafe { netns_of(sk, &off) };
+    let netns = unsafe { netns_of(sk) };
     let listen_key = ListenKey {
         netns,
         port: t.sport,
@@ -235,7 +251,7 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
     } else if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
         let _ = LISTENERS.remove(&listen_key);
     }
-    if !unsafe { passes(t, old, new, &listen_key, state.owner_pid, sk, &off) } {
+    if !unsafe { passes(t, old, new, &listen_key, state.owner_pid, sk) } {
         return;
     }
     bump(counter::SEEN);
@@ -243,31 +259,36 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
         task_comm = bpf_get_current_comm().unwrap_or([0; 16]);
     }
 
-    let inode = unsafe { inode_of(sk, &off) };
+    let inode = unsafe { inode_of(sk) };
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         bump(counter::DROPPED);
         return;
     };
-    entry.write(Event {
-        ts_ns: now,
-        skaddr: key,
-        old_since_ns: prev.since_ns,
-        inode,
-        netns,
-        owner_pid: state.owner_pid,
-        task_pid,
-        family: t.family,
-        sport: t.sport,
-        dport: t.dport,
-        oldstate: old,
-        newstate: new,
-        owner_source: source,
-        _pad: [0; 3],
-        saddr: t.saddr,
-        daddr: t.daddr,
-        owner_comm: state.owner_comm,
-        task_comm,
-    });
+    // Fields written straight into the reserved slot: building the 120-byte event on
+    // the stack and copying it costs a memmove call in BPF.
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to the reserved slot, exclusively ours until submitted; every
+    // field is plain data.
+    unsafe {
+        (*e).ts_ns = now;
+        (*e).skaddr = key;
+        (*e).old_since_ns = prev.since_ns;
+        (*e).inode = inode;
+        (*e).netns = netns;
+        (*e).owner_pid = state.owner_pid;
+        (*e).task_pid = task_pid;
+        (*e).family = t.family;
+        (*e).sport = t.sport;
+        (*e).dport = t.dport;
+        (*e).oldstate = old;
+        (*e).newstate = new;
+        (*e).owner_source = source;
+        (*e)._pad = [0; 3];
+        (*e).saddr = t.saddr;
+        (*e).daddr = t.daddr;
+        (*e).owner_comm = state.owner_comm;
+        (*e).task_comm = task_comm;
+    }
     // Waking the reader for every event costs an IPI each (a VM exit under
     // virtualisation: microseconds). Wake it only once an eighth of the ring is filled;
     // userspace also drains on a short timer, so rows still flow at low rates.
@@ -291,32 +312,35 @@ unsafe fn passes(
     listen_key: &ListenKey,
     owner: u32,
     sk: *const u8,
-    off: &Offsets,
 ) -> bool {
-    // SAFETY: a read of our own global, volatile for the same reason as OFFSETS.
-    let f = unsafe { core::ptr::read_volatile(&raw const FILTER) };
-    if f.lifecycle_only != 0
+    if filt!(lifecycle_only) != 0
         && new != tcp_state::CLOSE_WAIT
         && old != tcp_state::CLOSE_WAIT
         && !(new == tcp_state::CLOSE && (old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING))
     {
         return false;
     }
-    if f.family != 0 && f.family != t.family {
+    let family = filt!(family);
+    if family != 0 && family != t.family {
         return false;
     }
-    if f.nports != 0 {
+    let nports = filt!(nports) as usize;
+    if nports != 0 {
         let mut hit = false;
         for i in 0..FILTER_MAX {
-            if i < f.nports as usize && (f.ports[i] == t.sport || f.ports[i] == t.dport) {
-                hit = true;
+            if i < nports {
+                let port = filt!(ports[i]);
+                if port == t.sport || port == t.dport {
+                    hit = true;
+                }
             }
         }
         if !hit {
             return false;
         }
     }
-    if f.npids != 0 {
+    let npids = filt!(npids) as usize;
+    if npids != 0 {
         let pid = if owner != 0 {
             owner
         } else {
@@ -325,7 +349,7 @@ unsafe fn passes(
         };
         let mut hit = false;
         for i in 0..FILTER_MAX {
-            if i < f.npids as usize && pid != 0 && f.pids[i] == pid {
+            if i < npids && pid != 0 && filt!(pids[i]) == pid {
                 hit = true;
             }
         }
@@ -333,13 +357,14 @@ unsafe fn passes(
             return false;
         }
     }
-    if f.cgroup_id != 0 {
+    let cgroup_id = filt!(cgroup_id);
+    if cgroup_id != 0 {
         let id = unsafe {
-            let cgroup = read_at::<u64>(sk, off.sk_cgroup).unwrap_or(0) as *const u8;
-            let kn = read_at::<u64>(cgroup, off.cgroup_kn).unwrap_or(0) as *const u8;
-            read_at::<u64>(kn, off.kernfs_id).unwrap_or(0)
+            let cgroup = read_at::<u64>(sk, off!(sk_cgroup)).unwrap_or(0) as *const u8;
+            let kn = read_at::<u64>(cgroup, off!(cgroup_kn)).unwrap_or(0) as *const u8;
+            read_at::<u64>(kn, off!(kernfs_id)).unwrap_or(0)
         };
-        if id != f.cgroup_id {
+        if id != cgroup_id {
             return false;
         }
     }
@@ -347,11 +372,7 @@ unsafe fn passes(
 }
 
 #[inline(always)]
-fn offsets() -> Offsets {
-    // SAFETY: a read of our own global; volatile so the compiler cannot fold the
-    // placeholder values userspace overrides at load time.
-    unsafe { core::ptr::read_volatile(&raw const OFFSETS) }
-}
+
 
 #[inline(always)]
 fn bump(index: u32) {
@@ -372,20 +393,20 @@ unsafe fn read_at<T>(base: *const u8, off: u32) -> Option<T> {
 }
 
 #[inline(always)]
-unsafe fn netns_of(sk: *const u8, off: &Offsets) -> u32 {
+unsafe fn netns_of(sk: *const u8) -> u32 {
     unsafe {
-        let net = read_at::<u64>(sk, off.skc_net).unwrap_or(0) as *const u8;
-        read_at::<u32>(net, off.net_ns_inum).unwrap_or(0)
+        let net = read_at::<u64>(sk, off!(skc_net)).unwrap_or(0) as *const u8;
+        read_at::<u32>(net, off!(net_ns_inum)).unwrap_or(0)
     }
 }
 
 #[inline(always)]
-unsafe fn inode_of(sk: *const u8, off: &Offsets) -> u64 {
+unsafe fn inode_of(sk: *const u8) -> u64 {
     unsafe {
-        let sock = read_at::<u64>(sk, off.sk_socket).unwrap_or(0) as *const u8;
-        let file = read_at::<u64>(sock, off.socket_file).unwrap_or(0) as *const u8;
-        let inode = read_at::<u64>(file, off.file_inode).unwrap_or(0) as *const u8;
-        read_at::<u64>(inode, off.inode_ino).unwrap_or(0)
+        let sock = read_at::<u64>(sk, off!(sk_socket)).unwrap_or(0) as *const u8;
+        let file = read_at::<u64>(sock, off!(socket_file)).unwrap_or(0) as *const u8;
+        let inode = read_at::<u64>(file, off!(file_inode)).unwrap_or(0) as *const u8;
+        read_at::<u64>(inode, off!(inode_ino)).unwrap_or(0)
     }
 }
 
