@@ -119,8 +119,9 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
         };
         match family {
             AF_INET => {
-                t.saddr[..4]
-                    .copy_from_slice(&read_at::<[u8; 4]>(sk, off!(skc_rcv_saddr)).unwrap_or([0; 4]));
+                t.saddr[..4].copy_from_slice(
+                    &read_at::<[u8; 4]>(sk, off!(skc_rcv_saddr)).unwrap_or([0; 4]),
+                );
                 t.daddr[..4]
                     .copy_from_slice(&read_at::<[u8; 4]>(sk, off!(skc_daddr)).unwrap_or([0; 4]));
             }
@@ -372,8 +373,6 @@ unsafe fn passes(
 }
 
 #[inline(always)]
-
-
 #[inline(always)]
 fn bump(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {

@@ -225,6 +225,7 @@ fn stalled_consumer_counts_drops_and_recovers() {
         .filter_map(|w| w.parse().ok())
         .collect();
     let (seen, received, dropped) = (nums[0], nums[1], nums[2]);
+    eprintln!("stall: {summary}");
     assert!(dropped > 0, "{summary}");
     assert_eq!(seen, received + dropped, "uncounted loss: {summary}");
     assert!(summary.contains("raise --ring-size"), "{summary}");
