@@ -34,6 +34,28 @@ pub struct Live {
     report_tick: Interval,
 }
 
+/// The start-up shared by every command that loads the probe, in its order: the monitor
+/// first (its /proc scan runs while the probe loads), then the probe, the seeding, the
+/// listeners for `--pid`, and the capabilities dropped before "attached" is announced.
+pub fn attach(
+    opts: &ProbeOptions,
+    cfg: ReportConfig,
+    filter: Filter,
+) -> Result<(Probe, Monitor, AsyncFd<RingBuf<MapData>>)> {
+    let mut monitor = Monitor::new(cfg, filter).with_limit(opts.max_sockets as usize);
+    let mut probe = Probe::load(opts)?;
+    let ring = probe.take_events()?;
+    monitor.seed()?;
+    if opts.filter.npids > 0 {
+        probe.seed_listeners(&monitor.listener_owners())?;
+    }
+    // Before announcing: "attached" means the capabilities are already dropped.
+    crate::probe::drop_capabilities();
+    crate::probe::announce(&probe);
+    let ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
+    Ok((probe, monitor, ring))
+}
+
 fn interval(every: Duration) -> Interval {
     let mut t = tokio::time::interval(every);
     t.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -50,18 +72,7 @@ impl Live {
         every: Duration,
         tw_poll: Duration,
     ) -> Result<Self> {
-        // First: the monitor starts its /proc scan, which runs while the probe loads.
-        let mut monitor = Monitor::new(cfg, filter).with_limit(opts.max_sockets as usize);
-        let mut probe = Probe::load(opts)?;
-        let ring = probe.take_events()?;
-        monitor.seed()?;
-        if opts.filter.npids > 0 {
-            probe.seed_listeners(&monitor.listener_owners())?;
-        }
-        // Before announcing: "attached" means the capabilities are already dropped.
-        crate::probe::drop_capabilities();
-        crate::probe::announce(&probe);
-        let ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
+        let (probe, monitor, ring) = attach(opts, cfg, filter)?;
         let mut report_tick = interval(every);
         report_tick.tick().await; // the first tick is immediate: skip it
         Ok(Self {

@@ -19,7 +19,7 @@ use crate::{
     decode::decode,
     filter::Filter,
     monitor::Monitor,
-    probe::{Probe, ProbeOptions},
+    probe::ProbeOptions,
     report::ReportConfig,
     shutdown::Shutdown,
     views::trace::{self as view, Row},
@@ -28,21 +28,10 @@ use crate::{
 pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
     // Handlers first: a signal right after "attached" must not kill the process.
     let mut shutdown = Shutdown::new(args.duration)?;
-    // The monitor follows timewait sockets (TIME_WAIT is never a transition). It starts
-    // its /proc scan first, to run while the probe loads.
-    let mut monitor =
-        Monitor::new(ReportConfig::default(), filter).with_limit(opts.max_sockets as usize);
-    let mut probe = Probe::load(&opts)?;
-    let ring = probe.take_events()?;
-    monitor.seed()?;
-    if opts.filter.npids > 0 {
-        probe.seed_listeners(&monitor.listener_owners())?;
-    }
-    // Before announcing: "attached" means the capabilities are already dropped.
-    crate::probe::drop_capabilities();
-    crate::probe::announce(&probe);
+    // The monitor follows timewait sockets (TIME_WAIT is never a transition).
+    let (probe, mut monitor, mut ring) =
+        crate::live::attach(&opts, ReportConfig::default(), filter)?;
     let clock = WallClock::new();
-    let mut ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut stats = Stats::default();
     let mut drain_tick = crate::probe::drain_timer();
