@@ -7,14 +7,7 @@ use common::*;
 
 fn run(cmd: &mut Command) -> (Output, Vec<String>) {
     let out = cmd.output().expect("run connwatch");
-    let err: Vec<String> = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert!(
-        !err.iter().any(|l| l.contains("panicked")),
-        "connwatch panicked: {err:?}"
-    );
+    let err = stderr_lines(&out);
     (out, err)
 }
 

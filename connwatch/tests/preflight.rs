@@ -2,7 +2,7 @@
 //! costs one feature, with a warning, and the tool still runs.
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
 use serde_json::Value;
@@ -10,15 +10,6 @@ use serde_json::Value;
 peer_entry!();
 
 const N: usize = 3;
-
-fn stderr_lines(out: &Output) -> Vec<String> {
-    let err: Vec<String> = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert!(!err.iter().any(|l| l.contains("panicked")), "{err:?}");
-    err
-}
 
 /// `snapshot --json`, run as root minus the capabilities in `drop` (bounding set, so
 /// the exec'd connwatch never holds them).

@@ -31,6 +31,20 @@ macro_rules! peer_entry {
 pub(crate) use peer_entry;
 
 pub const CONNWATCH: &str = env!("CARGO_BIN_EXE_connwatch");
+
+/// A finished command's stderr lines, after checking that nothing panicked.
+#[allow(dead_code)] // not every test binary runs commands to completion
+pub fn stderr_lines(out: &std::process::Output) -> Vec<String> {
+    let err: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(
+        !err.iter().any(|l| l.contains("panicked")),
+        "connwatch panicked: {err:?}"
+    );
+    err
+}
 pub const DEADLINE: Duration = Duration::from_secs(15);
 
 pub fn require_root() {
