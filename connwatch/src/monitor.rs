@@ -60,14 +60,10 @@ pub struct Monitor {
     other_netns: bool,
     /// End and cost of the last full dump (`refresh`).
     last_full_dump: Option<(std::time::Instant, Duration)>,
-    /// Full dumps skipped to stay within the polling budget.
-    pub refreshes_skipped: u64,
     /// Events lost so far (dropped, unstorable, undecodable): a loss means a timewait
     /// socket may have begun unseen, so the next poll is not skipped.
     loss_seen: u64,
     loss_polled: u64,
-    /// Timewait polls skipped because nothing was left to learn from them.
-    pub polls_idle: u64,
     /// The /proc scan started with the monitor, taken over at the first seeding.
     prescan: Option<owners::Prescan>,
 }
@@ -108,10 +104,8 @@ impl Monitor {
             polls_skipped: 0,
             other_netns: crate::probe::Abilities::current().other_netns,
             last_full_dump: None,
-            refreshes_skipped: 0,
             loss_seen: 0,
             loss_polled: 0,
-            polls_idle: 0,
             prescan: Some(owners::Prescan::start()),
         }
     }
@@ -239,7 +233,6 @@ impl Monitor {
             && self.loss_seen == self.loss_polled
             && !self.tw.wants_poll(monotonic_ns())
         {
-            self.polls_idle += 1;
             return Ok(Vec::new());
         }
         if let Some((end, cost)) = self.last_tw_dump
@@ -345,7 +338,6 @@ impl Monitor {
         if let Some((end, cost)) = self.last_full_dump
             && end.elapsed() < cost * REFRESH_BUDGET
         {
-            self.refreshes_skipped += 1;
             return Ok(Vec::new());
         }
         self.discover_namespaces();

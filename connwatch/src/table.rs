@@ -360,10 +360,6 @@ impl Table {
         self.close_wait.iter()
     }
 
-    pub fn close_wait_mut(&mut self) -> impl Iterator<Item = (&SockKey, &mut CloseWait)> {
-        self.close_wait.iter_mut()
-    }
-
     /// CLOSE_WAIT sockets closed at or after `from_ns`.
     pub fn closed_since(&self, from_ns: u64) -> impl Iterator<Item = &ClosedCloseWait> {
         self.closed.iter().filter(move |c| c.at_ns >= from_ns)
