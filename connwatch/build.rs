@@ -32,5 +32,33 @@ fn main() -> anyhow::Result<()> {
     if !object.exists() {
         std::fs::write(&object, [])?;
     }
+    emit_commit();
     Ok(())
+}
+
+/// `connwatch --version` names the commit it was built from (`unknown` outside a git
+/// checkout, e.g. a source tarball).
+fn emit_commit() {
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=CONNWATCH_COMMIT={commit}");
+    // HEAD moves on commit and checkout; the ref it names moves on commit.
+    if let Ok(out) = std::process::Command::new("git")
+        .args(["rev-parse", "--git-dir"])
+        .output()
+    {
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !dir.is_empty() {
+            println!("cargo:rerun-if-changed={dir}/HEAD");
+            println!("cargo:rerun-if-changed={dir}/refs/heads");
+            println!("cargo:rerun-if-changed={dir}/packed-refs");
+        }
+    }
 }

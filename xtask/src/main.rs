@@ -2,8 +2,13 @@
 //! root, run every test tier.
 //!
 //! `cargo xtask run -- trace`   installs what is missing, builds in release, runs connwatch
-//! `cargo xtask test`           installs what is missing, runs unit and root integration tests
+//! `cargo xtask test`           installs what is missing, runs unit and root integration tests,
+//!                              then builds and checks the release artifacts
+//! `cargo xtask dist`           static binary, .deb and SHA256SUMS in target/dist
+//! `cargo xtask image`          the same, plus an OCI image built with buildah
 mod bench;
+mod dist;
+mod dist_check;
 mod setup;
 
 use std::{
@@ -32,7 +37,8 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then run every test tier: unit tests and root integration tests that load
-    /// the real probe. Extra arguments go to `cargo test`.
+    /// the real probe, then the packaging tier (builds `dist` and `image` and checks each
+    /// artifact). Extra arguments go to `cargo test` and skip the packaging tier.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -54,8 +60,16 @@ enum Task {
         /// Targets to run (all when none): decode_event, sock_diag, proc_text.
         targets: Vec<String>,
     },
-    /// Build in release and write shell completions and man pages to target/dist.
+    /// Build the release artifacts into target/dist: a static (musl) `connwatch`, a .deb
+    /// (binary, man pages, completions, systemd unit for `serve`) and SHA256SUMS.
     Dist,
+    /// `dist`, then an OCI image FROM scratch holding only the static binary (buildah,
+    /// no daemon or registry), also written to target/dist as an OCI archive.
+    Image,
+    /// The packaging tier of `test` alone: `image` (with `dist`), then check each artifact
+    /// (static, runs in an empty root, .deb installs and removes cleanly, unit verifies,
+    /// image entrypoint).
+    Package,
     /// Set up, build in release, and measure connwatch against tcpstates and against no
     /// tracer in one run (root). Prints a table and a last `bench:` line; writes
     /// docs/BENCHMARKS.md.
@@ -106,15 +120,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Task::Dist => {
             setup::ensure_all()?;
-            status(cargo().args(["build", "--release", "--package", "connwatch"]))?;
-            let bin = workspace_root().join("target/release/connwatch");
-            let dist = workspace_root().join("target/dist");
-            status(Command::new(&bin).arg("generate").arg("--out").arg(&dist))?;
-            std::fs::copy(&bin, dist.join("connwatch"))?;
-            eprintln!(
-                "xtask: {} holds connwatch, completions/ and man/",
-                dist.display()
-            );
+            dist::dist()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Image => {
+            setup::ensure_all()?;
+            let artifacts = dist::dist()?;
+            dist::image(&artifacts)?;
             Ok(ExitCode::SUCCESS)
         }
         Task::Bench { quick } => {
@@ -137,10 +149,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             setup::ensure_all()?;
+            let packaging = args.is_empty();
             // default-members leave out the eBPF crate (built by connwatch/build.rs).
-            exit_code(cargo().args(["test", "--no-fail-fast"]).args(args))
+            let code = exit_code(cargo().args(["test", "--no-fail-fast"]).args(args))?;
+            if !packaging {
+                return Ok(code);
+            }
+            Ok(if package()? { code } else { ExitCode::FAILURE })
+        }
+        Task::Package => {
+            setup::ensure_all()?;
+            Ok(if package()? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
+}
+
+/// Builds every artifact and checks it; false when a check failed.
+fn package() -> Result<bool> {
+    eprintln!("xtask: packaging tier: cargo xtask dist, cargo xtask image, checks");
+    let artifacts = dist::dist()?;
+    let image = dist::image(&artifacts)?;
+    Ok(dist_check::run(&artifacts, &image))
 }
 
 const FUZZ_TARGETS: [&str; 3] = ["decode_event", "sock_diag", "proc_text"];

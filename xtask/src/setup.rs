@@ -1,6 +1,6 @@
 //! Idempotent installation of the probe's build toolchain. Each step checks first and is
 //! skipped when already satisfied, so a second run takes seconds; each says on stderr what
-//! it does. Versions follow shared/KERNEL.md (verified on Debian 12 with kernel 6.18).
+//! it does. Versions are the ones verified on Debian 12 with kernel 6.18 (docs/KERNEL.md).
 use std::{
     env,
     ffi::OsString,
@@ -11,9 +11,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// Build toolchain (LLVM 22 for bpf-linker), and the peers that tests and benchmarks
-/// run against: promtool/prometheus, tcpstates (libbpf-tools), bpftool, and tmux for
-/// the terminal test of `connwatch top`.
+/// Build toolchain (LLVM 22 for bpf-linker), the peers that tests and benchmarks run
+/// against (promtool/prometheus, tcpstates from libbpf-tools, bpftool, tmux for the
+/// terminal test of `connwatch top`) and the packaging tools: buildah builds the OCI
+/// image without a daemon or registry; systemd-analyze verifies the unit.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libclang-22-dev",
@@ -21,14 +22,39 @@ const APT_PACKAGES: &[&str] = &[
     "libbpf-tools",
     "bpftool",
     "tmux",
+    "buildah",
+    "systemd",
 ];
+/// The target of the static release binary (`cargo xtask dist`).
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn ensure_all() -> Result<()> {
     ensure_apt_packages(APT_PACKAGES)?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_rust_target(MUSL_TARGET)?;
     Ok(())
+}
+
+/// The standard library of a target of the stable toolchain (musl: the static binary).
+fn ensure_rust_target(target: &str) -> Result<()> {
+    let listed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .stderr(Stdio::null())
+        .output()
+        .context("rustup is needed to add the musl target: install it from rustup.rs")?;
+    if String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .any(|l| l.trim() == target)
+    {
+        say(&format!("rust target {target} already installed"));
+        return Ok(());
+    }
+    say(&format!(
+        "adding the rust target {target} (for the static binary of `cargo xtask dist`)"
+    ));
+    run(Command::new("rustup").args(["target", "add", target]))
 }
 
 pub fn is_root() -> bool {
