@@ -16,9 +16,17 @@ Examples:
   sudo connwatch trace --json | jq .        the same as JSON lines
   sudo connwatch trace --duration 10s       stop after ten seconds";
 
+/// `connwatch --version`: the release and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CONNWATCH_COMMIT"),
+    ")"
+);
+
 /// Find the processes behind CLOSE_WAIT and TIME_WAIT sockets, with eBPF.
 #[derive(Debug, Parser)]
-#[command(name = "connwatch", version, after_help = EXAMPLES)]
+#[command(name = "connwatch", version = VERSION, after_help = EXAMPLES)]
 pub struct Cli {
     /// Show diagnostics: the hook chosen and why, the probe's own log, verifier output.
     #[arg(short, long, global = true)]
@@ -101,7 +109,7 @@ Examples:
 #[derive(Debug, Args)]
 pub struct TopArgs {
     /// Time between refreshes.
-    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    #[arg(long, default_value = "2s", value_parser = parse_interval, allow_hyphen_values = true)]
     pub interval: Duration,
 
     #[command(flatten)]
@@ -133,11 +141,11 @@ pub struct ReportArgs {
 #[derive(Debug, Args)]
 pub struct Thresholds {
     /// CLOSE_WAIT sockets older than this are a leak; a p99 lifetime above it is slow.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub close_wait_age: Duration,
 
     /// Growth rates and closed-socket lifetimes cover this much recent time.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
     pub window: Duration,
 
     /// A process that listens on a port and holds at least this many TIME_WAIT sockets on
@@ -153,16 +161,17 @@ pub struct Thresholds {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address of the HTTP server for /metrics and /healthz (loopback by default).
-    #[arg(long, default_value = "127.0.0.1:9977")]
-    pub listen: std::net::SocketAddr,
+    /// Address of the HTTP server for /metrics and /healthz, HOST:PORT (a name such as
+    /// localhost, or an IP address; loopback by default).
+    #[arg(long, default_value = "127.0.0.1:9977", value_parser = parse_listen)]
+    pub listen: String,
 
     /// How often the report behind /metrics is refreshed.
-    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    #[arg(long, default_value = "2s", value_parser = parse_interval, allow_hyphen_values = true)]
     pub interval: Duration,
 
     /// How often timewait sockets are polled.
-    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    #[arg(long, default_value = "1s", value_parser = parse_interval, allow_hyphen_values = true)]
     pub tw_poll: Duration,
 
     /// Processes that get series of their own (the rest are summed as comm="other").
@@ -186,15 +195,15 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct WatchArgs {
     /// Time between reports.
-    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    #[arg(long, default_value = "2s", value_parser = parse_interval, allow_hyphen_values = true)]
     pub interval: Duration,
 
     /// How often timewait sockets are polled (they fire no event when they end).
-    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    #[arg(long, default_value = "1s", value_parser = parse_interval, allow_hyphen_values = true)]
     pub tw_poll: Duration,
 
     /// Stop after this long and print the final report (e.g. 30s, 5m).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
     pub duration: Option<Duration>,
 
     #[command(flatten)]
@@ -252,12 +261,12 @@ pub struct TraceArgs {
     pub json: bool,
 
     /// Stop after this long (e.g. 10s, 2m, 1h).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
     pub duration: Option<Duration>,
 
     /// How often timewait sockets are polled for the TIME_WAIT rows (they fire no
     /// event: entries are confirmed and ends noticed at the next poll).
-    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    #[arg(long, default_value = "1s", value_parser = parse_interval, allow_hyphen_values = true)]
     pub tw_poll: Duration,
 
     #[command(flatten)]
@@ -282,12 +291,19 @@ pub struct ProbeArgs {
     /// Sockets followed at once, in the kernel (entry time, owner) and in userspace. The
     /// kernel map is preallocated: 104 bytes per socket, 109 MB at the default of 1 Mi
     /// sockets (lower it on small hosts: 65536 costs 6.8 MB). Beyond it the oldest are
-    /// forgotten and counted as untracked.
+    /// forgotten and counted as untracked. At least 1024, at most 16777216.
     #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Some(rest) = s.trim().strip_prefix('-')
+        && rest.starts_with(|c: char| c.is_ascii_digit())
+    {
+        return Err(format!(
+            "`{s}` is negative: a duration is a positive number with a unit, e.g. 500ms, 10s, 2m"
+        ));
+    }
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{e}: use a number with a unit, e.g. 500ms, 10s, 2m"))?;
     if d.is_zero() {
@@ -303,6 +319,18 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
         return Err("the interval must be between 100ms and 1h".into());
     }
     Ok(d)
+}
+
+/// `HOST:PORT`, checked for its form here; the name is resolved when binding.
+pub fn parse_listen(s: &str) -> Result<String, String> {
+    let port = s
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty())
+        .ok_or_else(|| format!("`{s}` is not HOST:PORT, e.g. 127.0.0.1:9977 or localhost:9977"))?
+        .1;
+    port.parse::<u16>()
+        .map_err(|_| format!("`{port}` is not a port number (0 to 65535)"))?;
+    Ok(s.to_string())
 }
 
 pub fn parse_percent(s: &str) -> Result<f64, String> {
@@ -354,6 +382,23 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("-1s").unwrap_err().contains("negative"));
+    }
+
+    #[test]
+    fn negative_interval_is_named() {
+        let err = Cli::try_parse_from(["connwatch", "watch", "--interval", "-1s"]).unwrap_err();
+        assert!(err.to_string().contains("is negative"), "{err}");
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert!(parse_listen("localhost:9977").is_ok());
+        assert!(parse_listen("[::1]:9977").is_ok());
+        assert!(parse_listen("0.0.0.0:0").is_ok());
+        assert!(parse_listen("9977").is_err());
+        assert!(parse_listen(":9977").is_err());
+        assert!(parse_listen("localhost:http").is_err());
     }
 
     #[test]

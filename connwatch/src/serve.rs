@@ -35,6 +35,32 @@ use crate::{
     watch::config,
 };
 
+/// Binds `--listen` (a name is resolved; the first address that binds wins), with an
+/// error that names what the OS said.
+async fn bind(listen: &str) -> Result<TcpListener> {
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(listen)
+        .await
+        .with_context(|| format!("cannot resolve --listen {listen}"))?
+        .collect();
+    let mut last = None;
+    for addr in addrs {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    Err(match last {
+        Some((addr, e)) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "cannot listen on {addr}: {e}: is another connwatch (or something else) using it? pick another with --listen"
+        ),
+        Some((addr, e)) if e.kind() == std::io::ErrorKind::AddrNotAvailable => anyhow::anyhow!(
+            "cannot listen on {addr}: {e}: that address is not on this host; use one of its addresses, 127.0.0.1 or 0.0.0.0"
+        ),
+        Some((addr, e)) => anyhow::anyhow!("cannot listen on {addr}: {e}"),
+        None => anyhow::anyhow!("--listen {listen} resolves to no address"),
+    })
+}
+
 /// What the HTTP side reads.
 struct Shared {
     metrics: Mutex<String>,
@@ -44,12 +70,7 @@ struct Shared {
 }
 
 pub async fn serve(args: ServeArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
-    let listener = TcpListener::bind(args.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {}: is another connwatch (or something else) using it? pick one with --listen",
-            args.listen
-        )
-    })?;
+    let listener = bind(&args.listen).await?;
     let cfg = config(&args.thresholds);
     // Handlers first: a signal right after "attached" must not kill the process.
     let mut shutdown = Shutdown::new(None)?;

@@ -6,7 +6,7 @@
     clippy::indexing_slicing,
     clippy::panic
 )]
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use anyhow::Result;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind};
@@ -17,6 +17,12 @@ use crate::{
 };
 
 pub async fn top(args: TopArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
+    // Before anything is loaded: cron, `ssh host connwatch top` without -t, a pipe.
+    if !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()) {
+        anyhow::bail!(
+            "top needs a terminal (stdin and stdout); without one use `connwatch watch` (or `ssh -t` for a remote terminal)"
+        );
+    }
     let cfg = config(&args.thresholds);
     // Handlers first: a signal right after "attached" must not kill the process.
     let mut shutdown = Shutdown::new(None)?;

@@ -102,3 +102,58 @@ fn generates_completions_and_man_pages() {
     assert!(man.contains("close\\-wait\\-age"), "{man}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `top` from cron or `ssh` without `-t`: one line naming `watch`, before the probe loads
+/// (nothing about "attached" on stderr), not a panic from the terminal library.
+#[test]
+fn top_without_a_terminal_says_use_watch() {
+    require_root();
+    let (out, err) = run(Command::new(CONNWATCH)
+        .arg("top")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped()));
+    assert_eq!(out.status.code(), Some(1), "{err:?}");
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].contains("needs a terminal") && err[0].contains("connwatch watch"),
+        "{err:?}"
+    );
+}
+
+/// A negative duration is named as such, not "unexpected argument '-1'".
+#[test]
+fn negative_durations_are_named() {
+    for args in [
+        &["watch", "--interval", "-1s"][..],
+        &["trace", "--duration", "-5s"],
+        &["watch", "--close-wait-age", "-1m"],
+    ] {
+        let (out, err) = run(Command::new(CONNWATCH).args(args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(err[0].contains("is negative"), "{args:?}: {err:?}");
+    }
+}
+
+/// `--listen` says what the OS said when it cannot bind (host names: `cli::parse_listen`).
+#[test]
+fn listen_errors_name_the_os_error() {
+    require_root();
+    // 192.0.2.1 (TEST-NET-1) is on no interface of this host: nothing is sent to it.
+    let (out, err) = run(Command::new(CONNWATCH).args(["serve", "--listen", "192.0.2.1:9977"]));
+    assert!(!out.status.success());
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].contains("not on this host") && err[0].contains("os error 99"),
+        "{err:?}"
+    );
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let (out, err) =
+        run(Command::new(CONNWATCH).args(["serve", "--listen", &format!("127.0.0.1:{port}")]));
+    assert!(!out.status.success());
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].contains("os error 98") && err[0].contains("in use"),
+        "{err:?}"
+    );
+}

@@ -98,6 +98,7 @@ impl Probe {
             .as_ref()
             .map_or_else(Offsets::unresolved, |r| r.offsets);
         lap("offsets resolved from BTF");
+        offsets::check_cgroup_filter(opts.filter.cgroup_id, resolved.as_ref())?;
         let degraded = resolved
             .as_ref()
             .map_or_else(|| vec!["kernel BTF"], |r| r.missing_optional.clone());

@@ -141,6 +141,32 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
     Ok(r)
 }
 
+/// Fields the probe reads to match `--cgroup` against a socket's cgroup.
+pub const CGROUP_FIELDS: [&str; 3] = ["sk_cgrp_data.cgroup", "cgroup.kn", "kernfs_node.id"];
+
+/// `--cgroup` (a non-zero id) is refused where the probe cannot read a socket's cgroup:
+/// its id would read 0 and every event would be filtered out, silently.
+pub fn check_cgroup_filter(cgroup_id: u64, resolved: Option<&Resolved>) -> Result<()> {
+    if cgroup_id == 0 {
+        return Ok(());
+    }
+    let missing: Vec<&str> = match resolved {
+        None => vec!["kernel BTF"],
+        Some(r) => CGROUP_FIELDS
+            .iter()
+            .copied()
+            .filter(|f| r.missing_optional.contains(f))
+            .collect(),
+    };
+    if !missing.is_empty() {
+        bail!(
+            "--cgroup cannot be used on this kernel: it lacks {} (cgroup v2 socket data, kernel 5.15 or later with BTF); filter with --pid instead",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Byte offset of `path` (a chain of member names, anonymous structs/unions searched
 /// through) inside `struct root`. Bitfields and non-byte-aligned members are refused.
 pub fn field_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<u32> {
@@ -225,6 +251,7 @@ mod tests {
             return;
         }
         let r = resolve(path).unwrap();
+        assert!(check_cgroup_filter(42, Some(&r)).is_ok());
         assert!(r.missing_required.is_empty(), "{:?}", r.missing_required);
         // `__sk_common` is the first member of `struct sock`, `skc_daddr` its first field.
         assert_eq!(r.offsets.skc_daddr, 0);
@@ -233,5 +260,29 @@ mod tests {
         let btf = Btf::from_file(path).unwrap();
         assert!(field_offset(&btf, "sock", &["no_such_field"]).is_err());
         assert!(field_offset(&btf, "no_such_struct", &["x"]).is_err());
+    }
+
+    #[test]
+    fn cgroup_filter_needs_its_offsets() {
+        let resolved = |missing: Vec<&'static str>| Resolved {
+            offsets: Offsets::unresolved(),
+            missing_required: Vec::new(),
+            missing_optional: missing,
+        };
+        // No --cgroup: nothing to check, whatever is missing.
+        assert!(check_cgroup_filter(0, None).is_ok());
+        assert!(check_cgroup_filter(7, Some(&resolved(vec![]))).is_ok());
+        // Unrelated fields missing (netns, inode): --cgroup still works.
+        assert!(check_cgroup_filter(7, Some(&resolved(vec!["inode.i_ino"]))).is_ok());
+        let err = check_cgroup_filter(7, Some(&resolved(vec!["kernfs_node.id"])))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--cgroup cannot be used") && err.contains("kernfs_node.id"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "one line: {err}");
+        let err = check_cgroup_filter(7, None).unwrap_err().to_string();
+        assert!(err.contains("kernel BTF"), "{err}");
     }
 }
