@@ -1,6 +1,8 @@
-//! A live session shared by `watch`, `serve` and `top`: the probe attached, the monitor
-//! seeded, and an event loop that keeps the socket table current (ring buffer, drain
-//! timer, timewait polls) until the next report is due.
+//! The one event loop, shared by every command that loads the probe (`trace`, `watch`,
+//! `serve`, `top`): the probe attached, the monitor seeded, and a loop that keeps the
+//! socket table current (ring buffer, drain timer, timewait polls, namespace discovery)
+//! and hands each transition, seen or inferred, to a `Sink` (trace prints them; the
+//! report commands need none). Loss accounting is the same for all of them.
 #![deny(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -17,17 +19,52 @@ use tokio::{
 };
 
 use crate::{
-    decode::decode,
+    decode::{Transition, decode},
     filter::Filter,
     monitor::Monitor,
     probe::{Probe, ProbeOptions},
     report::{Report, ReportConfig},
+    timewait::Synthetic,
 };
+
+/// Where transitions go as they are applied. A sink's error ends the loop.
+pub trait Sink {
+    /// A transition the probe reported.
+    fn transition(&mut self, _t: &Transition) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Transitions connwatch inferred (TIME_WAIT entries and ends).
+    fn inferred(&mut self, _rows: &[Synthetic]) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// The end of a batch: write out what is buffered.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The sink of the report commands: the table is all they need.
+pub struct NoSink;
+impl Sink for NoSink {}
+
+/// A sink failed (e.g. stdout closed): told apart from the monitor's own errors.
+#[derive(Debug)]
+pub struct SinkError(pub std::io::Error);
+
+impl std::fmt::Display for SinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot write the output: {}", self.0)
+    }
+}
+
+impl std::error::Error for SinkError {}
 
 pub struct Live {
     probe: Probe,
     pub monitor: Monitor,
     ring: AsyncFd<RingBuf<MapData>>,
+    /// Events read from the ring buffer, and those of them that could not be decoded.
+    received: u64,
     undecodable: u64,
     drain_tick: Interval,
     tw_poll: Interval,
@@ -79,6 +116,7 @@ impl Live {
             probe,
             monitor,
             ring,
+            received: 0,
             undecodable: 0,
             drain_tick: crate::probe::drain_timer(),
             tw_poll: interval(tw_poll),
@@ -86,40 +124,81 @@ impl Live {
         })
     }
 
-    /// Keeps the table current until a report is due. Cancel-safe (every branch
-    /// finishes its work synchronously), so it can sit in a `select!`.
+    /// Keeps the table current until a report is due (the report commands).
     pub async fn report_due(&mut self) -> Result<()> {
+        self.until_tick(&mut NoSink).await
+    }
+
+    /// Keeps the table current, handing transitions to `sink`, until the next tick of
+    /// `every` (a report is due; for `trace`, namespaces are listed again). Cancel-safe
+    /// (every branch finishes its work synchronously), so it can sit in a `select!`.
+    pub async fn until_tick(&mut self, sink: &mut impl Sink) -> Result<()> {
         loop {
             tokio::select! {
                 ready = self.ring.readable_mut() => {
                     let mut guard = ready?;
-                    drain(guard.get_inner_mut(), &mut self.monitor, &mut self.undecodable);
+                    let ring = guard.get_inner_mut();
+                    let drained = drain(ring, &mut self.monitor, sink, &mut self.received, &mut self.undecodable);
                     guard.clear_ready();
+                    drained?;
                 }
-                _ = self.drain_tick.tick() => self.drain(),
+                _ = self.drain_tick.tick() => self.drain(sink)?,
                 _ = self.tw_poll.tick() => {
-                    self.drain();
-                    let c = self.probe.counters()?;
-                    self.monitor
-                        .note_loss(c.dropped + c.socket_store_failed + self.undecodable);
-                    self.monitor.poll_timewait()?;
+                    self.drain(sink)?;
+                    let loss = self.loss()?;
+                    self.monitor.note_loss(loss);
+                    let rows = self.monitor.poll_timewait()?;
+                    if !rows.is_empty() {
+                        sink.inferred(&rows).and_then(|()| sink.flush()).map_err(SinkError)?;
+                    }
                 }
-                _ = self.report_tick.tick() => return Ok(()),
+                _ = self.report_tick.tick() => {
+                    // New namespaces (pods) within one interval, in every command.
+                    self.monitor.discover_namespaces();
+                    return Ok(());
+                }
             }
         }
     }
 
-    fn drain(&mut self) {
+    /// Events lost so far: dropped by the kernel, not storable, or undecodable.
+    fn loss(&self) -> Result<u64> {
+        let c = self.probe.counters()?;
+        Ok(c.dropped + c.socket_store_failed + self.undecodable)
+    }
+
+    /// Applies what is still queued in the ring buffer.
+    pub fn drain(&mut self, sink: &mut impl Sink) -> Result<()> {
         drain(
             self.ring.get_mut(),
             &mut self.monitor,
+            sink,
+            &mut self.received,
             &mut self.undecodable,
+        )
+    }
+
+    /// The line every command ends with: events produced, received, dropped, and the
+    /// sockets whose state was lost.
+    pub fn summary(&self) -> Result<String> {
+        let c = self.probe.counters()?;
+        let untracked = self.monitor.untracked() + c.socket_store_failed + self.undecodable;
+        let mut s = format!(
+            "connwatch: {} events, {} received, {} dropped, {untracked} sockets untracked",
+            c.seen, self.received, c.dropped
         );
+        if self.undecodable > 0 {
+            s += &format!(", {} undecodable", self.undecodable);
+        }
+        if c.dropped > 0 {
+            s += " (the ring buffer was full: raise --ring-size)";
+        }
+        Ok(s)
     }
 
     /// Applies what is queued, reconciles with sock_diag and builds a report.
     pub fn report(&mut self, is_final: bool) -> Result<Report> {
-        self.drain();
+        self.drain(&mut NoSink)?;
         self.monitor.refresh()?;
         let c = self.probe.counters()?;
         Ok(self.monitor.report(
@@ -135,14 +214,30 @@ impl Live {
     }
 }
 
-pub fn drain(ring: &mut RingBuf<MapData>, monitor: &mut Monitor, undecodable: &mut u64) {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    monitor: &mut Monitor,
+    sink: &mut impl Sink,
+    received: &mut u64,
+    undecodable: &mut u64,
+) -> Result<()> {
+    let mut written = false;
     while let Some(item) = ring.next() {
+        *received += 1;
         match decode(&item) {
-            Ok(t) => monitor.apply(&t),
+            Ok(t) => {
+                monitor.apply(&t);
+                sink.transition(&t).map_err(SinkError)?;
+                written = true;
+            }
             Err(e) => {
                 *undecodable += 1;
                 log::warn!("skipped an event: {e}");
             }
         }
     }
+    if written {
+        sink.flush().map_err(SinkError)?;
+    }
+    Ok(())
 }

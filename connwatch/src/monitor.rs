@@ -66,6 +66,8 @@ pub struct Monitor {
     loss_polled: u64,
     /// The /proc scan started with the monitor, taken over at the first seeding.
     prescan: Option<owners::Prescan>,
+    /// Namespaces forgotten because they no longer exist.
+    pub forgotten: u64,
 }
 
 /// Timewait polls may use at most 1/POLL_BUDGET of a CPU: with very many timewait
@@ -107,6 +109,7 @@ impl Monitor {
             loss_seen: 0,
             loss_polled: 0,
             prescan: Some(owners::Prescan::start()),
+            forgotten: 0,
         }
     }
 
@@ -154,16 +157,43 @@ impl Monitor {
         Ok(out)
     }
 
-    fn discover_namespaces(&mut self) {
-        self.namespaces = netns::all();
+    /// Lists the network namespaces that exist now (cheap: one readlink per process).
+    /// One that existed before and is gone now took its sockets with it: its TIME_WAITs
+    /// end (`early`), its CLOSE_WAIT rows, listeners, settings and pending closes go.
+    pub fn discover_namespaces(&mut self) {
+        let mut found = netns::all();
         if !self.other_netns {
-            // setns would fail in each of them (warned once at start).
+            // setns would fail in each of them (warned once at start), and without
+            // CAP_SYS_PTRACE other processes' namespaces may be unreadable: then nothing
+            // is forgotten either, since absence from the list proves nothing.
             let own = self.own_netns;
-            self.namespaces.retain(|&ns, _| ns == own);
+            found.retain(|&ns, _| ns == own);
         }
-        self.namespaces
+        found
             .entry(self.own_netns)
             .or_insert_with(|| PathBuf::from("/proc/self/ns/net"));
+        if self.other_netns {
+            let now = monotonic_ns();
+            let gone: Vec<u32> = self
+                .namespaces
+                .keys()
+                .filter(|ns| !found.contains_key(ns))
+                .copied()
+                .collect();
+            for ns in gone {
+                self.forget_namespace(ns, now);
+            }
+        }
+        self.namespaces = found;
+    }
+
+    fn forget_namespace(&mut self, ns: u32, now_ns: u64) {
+        log::debug!("netns {ns} is gone: forgetting its sockets");
+        self.tw.forget(ns, now_ns);
+        self.table.forget(ns);
+        self.listeners.retain(|&(n, _), _| n != ns);
+        self.kernel.remove(&ns);
+        self.forgotten += 1;
     }
 
     /// Sockets that existed before start: CLOSE_WAIT with `tcp_info` for age estimates,
@@ -189,7 +219,7 @@ impl Monitor {
 
     /// Sockets whose state was lost so far (missed transitions, over the limit).
     pub fn untracked(&self) -> u64 {
-        self.table.untracked + self.tw.untracked
+        self.table.untracked() + self.tw.untracked()
     }
 
     /// Notes the probe's running loss count (dropped + unstorable + undecodable events).
@@ -217,6 +247,11 @@ impl Monitor {
         } else {
             t.netns
         };
+        if !self.namespaces.contains_key(&ns) {
+            // A namespace created since the last discovery: list them before the next
+            // poll, so that its closes are confirmed and its sockets dumped.
+            self.rediscover = true;
+        }
         let key = SockKey {
             netns: ns,
             local: t.local.into(),
@@ -229,30 +264,25 @@ impl Monitor {
     /// confirms TIME_WAIT entries, notices their ends. Returns the inferred transitions
     /// that pass the filter.
     pub fn poll_timewait(&mut self) -> Result<Vec<Synthetic>> {
-        if self.tw_seeded
-            && self.loss_seen == self.loss_polled
-            && !self.tw.wants_poll(monotonic_ns())
-        {
-            return Ok(Vec::new());
-        }
-        if let Some((end, cost)) = self.last_tw_dump
-            && end.elapsed() < cost * POLL_BUDGET
-        {
-            self.polls_skipped += 1;
-            return Ok(Vec::new());
-        }
         if std::mem::take(&mut self.rediscover) {
             self.discover_namespaces();
         }
-        let query = Query::states(
-            &[TcpState::TIME_WAIT, TcpState::FIN_WAIT2, TcpState::LISTEN],
-            false,
-        );
-        let started = std::time::Instant::now();
-        let loss = self.loss_seen;
-        let dumps = self.dump_all(query)?;
-        let mut rows = self.observe(dumps, started)?;
-        self.loss_polled = loss;
+        let mut rows = if self.timewait_poll_due() {
+            let query = Query::states(
+                &[TcpState::TIME_WAIT, TcpState::FIN_WAIT2, TcpState::LISTEN],
+                false,
+            );
+            let started = std::time::Instant::now();
+            let loss = self.loss_seen;
+            let dumps = self.dump_all(query)?;
+            let rows = self.observe(dumps, started)?;
+            self.tw.expire_pending(monotonic_ns());
+            self.loss_polled = loss;
+            rows
+        } else {
+            // Ends noticed without a poll (a new SYN on the 4-tuple, a namespace gone).
+            self.tw.take_queued()
+        };
         if self.filter.selects_processes() {
             let filter = &self.filter;
             rows.retain(|r| {
@@ -262,6 +292,24 @@ impl Monitor {
             });
         }
         Ok(rows)
+    }
+
+    /// Whether a timewait poll can tell anything events did not (something pending, due
+    /// or lost), within its CPU budget.
+    fn timewait_poll_due(&mut self) -> bool {
+        if self.tw_seeded
+            && self.loss_seen == self.loss_polled
+            && !self.tw.wants_poll(monotonic_ns())
+        {
+            return false;
+        }
+        if let Some((end, cost)) = self.last_tw_dump
+            && end.elapsed() < cost * POLL_BUDGET
+        {
+            self.polls_skipped += 1;
+            return false;
+        }
+        true
     }
 
     fn observe(
@@ -340,7 +388,6 @@ impl Monitor {
         {
             return Ok(Vec::new());
         }
-        self.discover_namespaces();
         let now = monotonic_ns();
         let started = std::time::Instant::now();
         let dumps = self.dump_all(Query::all())?;
@@ -420,7 +467,7 @@ impl Monitor {
             now_ns: now,
             elapsed_s: now.saturating_sub(self.start_ns) as f64 / 1e9,
             is_final,
-            states: self.states.clone(),
+            states: self.states_now(),
             procs: &procs,
             listening: &listening,
             holders: &self.index,
@@ -429,7 +476,7 @@ impl Monitor {
             own_netns: self.own_netns,
             loss: Loss {
                 events_dropped,
-                sockets_untracked: self.table.untracked + self.tw.untracked + untracked_extra,
+                sockets_untracked: self.untracked() + untracked_extra,
             },
         };
         let mut report = report::build(&self.table, &inputs, &self.cfg, &mut self.growth);
@@ -441,6 +488,27 @@ impl Monitor {
         }
         report.footprint = self.footprint();
         report
+    }
+
+    /// The state histogram of the last full dump, with the states that connwatch follows
+    /// between dumps (CLOSE_WAIT from events, timewait sockets from polls) taken from
+    /// the tables themselves: every number of one report describes the same moment.
+    fn states_now(&self) -> BTreeMap<String, u64> {
+        let mut states = self.states.clone();
+        let mut set = |state: &str, n: u64| {
+            if n == 0 {
+                states.remove(state);
+            } else {
+                states.insert(state.to_string(), n);
+            }
+        };
+        set("CLOSE_WAIT", self.table.close_wait_count());
+        if self.tw_seeded {
+            let (time_wait, fin_wait2) = self.tw.counts();
+            set("TIME_WAIT", time_wait);
+            set("FIN_WAIT2_TW", fin_wait2);
+        }
+        states
     }
 
     fn footprint(&self) -> Footprint {

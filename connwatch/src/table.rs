@@ -162,6 +162,45 @@ pub struct ClosedCloseWait {
     pub comm: Option<String>,
 }
 
+/// Sockets left out because a table was full (`--max-sockets`), each counted once while
+/// it exists, not once per dump that lists it again. Only a key is kept per socket.
+#[derive(Default)]
+pub struct Overflow {
+    /// Socket → the pass (dump or poll) that last listed it.
+    seen: HashMap<SockKey, u64>,
+    /// Distinct sockets left out so far.
+    pub counted: u64,
+}
+
+impl Overflow {
+    /// Notes a socket left out in `pass`; counts it if it was not already left out.
+    pub fn note(&mut self, key: SockKey, pass: u64) {
+        if self.seen.insert(key, pass).is_none() {
+            self.counted += 1;
+        }
+    }
+
+    /// Forgets the sockets of `netns` that the dump of `pass` no longer lists (gone, or
+    /// followed now): a later socket on the same 4-tuple is another socket.
+    pub fn sweep(&mut self, netns: u32, pass: u64) {
+        self.seen.retain(|k, p| k.netns != netns || *p == pass);
+        shrink_idle(&mut self.seen);
+    }
+
+    /// Forgets a namespace that no longer exists.
+    pub fn forget(&mut self, netns: u32) {
+        self.seen.retain(|k, _| k.netns != netns);
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
 #[derive(Default)]
 pub struct Table {
     close_wait: HashMap<SockKey, CloseWait>,
@@ -175,8 +214,9 @@ pub struct Table {
     /// Reconciliations so far (the mark of the current one; wraps harmlessly).
     reconciles: u32,
     /// Most sockets followed at once (`--max-sockets`); beyond it they are counted as
-    /// untracked instead of growing memory without bound.
+    /// untracked (once each) instead of growing memory without bound.
     limit: usize,
+    over_limit: Overflow,
 }
 
 impl Table {
@@ -192,13 +232,31 @@ impl Table {
         self.limit = limit;
     }
 
-    /// Room for one more socket? Counts it as untracked when there is none.
+    /// Room for one more socket? Counts it as untracked (once) when there is none.
     fn room(&mut self, key: &SockKey) -> bool {
         if self.close_wait.len() < self.limit || self.close_wait.contains_key(key) {
             return true;
         }
-        self.untracked += 1;
+        self.over_limit.note(*key, u64::from(self.reconciles));
         false
+    }
+
+    /// Sockets whose state was lost: missed transitions, and sockets over the limit.
+    pub fn untracked(&self) -> u64 {
+        self.untracked + self.over_limit.counted
+    }
+
+    /// CLOSE_WAIT sockets that exist as far as connwatch knows: followed, or over the
+    /// limit and still listed by the last dump.
+    pub fn close_wait_count(&self) -> u64 {
+        (self.close_wait.len() + self.over_limit.len()) as u64
+    }
+
+    /// Drops what is known of a namespace that no longer exists (the kernel destroyed
+    /// its sockets with it).
+    pub fn forget(&mut self, netns: u32) {
+        self.close_wait.retain(|k, _| k.netns != netns);
+        self.over_limit.forget(netns);
     }
 
     fn key(&self, netns: u32, local: SocketAddr, remote: SocketAddr) -> SockKey {
@@ -328,6 +386,8 @@ impl Table {
                         let mut e = estimated(s, now_ns, true);
                         e.listed_in = pass;
                         self.close_wait.insert(key, e);
+                    } else {
+                        self.over_limit.note(key, u64::from(pass));
                     }
                 }
             }
@@ -346,13 +406,15 @@ impl Table {
             keep
         });
         self.untracked += gone;
+        self.over_limit.sweep(netns, u64::from(pass));
     }
 
     /// Entries held: CLOSE_WAIT sockets followed, and closes kept for the window.
-    pub fn sizes(&self) -> [(&'static str, u64); 2] {
+    pub fn sizes(&self) -> [(&'static str, u64); 3] {
         [
             ("close_wait", self.close_wait.len() as u64),
             ("close_wait_closed", self.closed.len() as u64),
+            ("close_wait_over_limit", self.over_limit.len() as u64),
         ]
     }
 
@@ -643,10 +705,32 @@ pub(crate) mod tests {
             t.apply(&enter_cw(1.0, L, &format!("127.0.0.1:{}", 41000 + i), i));
         }
         assert_eq!(t.close_wait().count(), 2);
-        assert_eq!(t.untracked, 3);
+        assert_eq!(t.untracked(), 3);
         // A socket already followed still updates.
         t.apply(&enter_cw(2.0, L, "127.0.0.1:41000", 9));
-        assert_eq!(t.untracked, 3);
+        assert_eq!(t.untracked(), 3);
+    }
+
+    /// The same sockets over the limit, listed by dump after dump, count once each; a
+    /// socket that is gone and comes back on the same 4-tuple counts again.
+    #[test]
+    fn sockets_over_the_limit_count_once() {
+        let mut t = Table::new(NS);
+        t.set_limit(2);
+        let dump: Vec<DiagSocket> = (0..5)
+            .map(|i| diag(8, L, &format!("127.0.0.1:{}", 41000 + i), i + 1, 10))
+            .collect();
+        for round in 0..10 {
+            t.reconcile(NS, &dump, (round + 1) * SEC);
+        }
+        assert_eq!(t.close_wait().count(), 2);
+        // Two were followed from reconcile without a transition (counted once each as
+        // missed), three never fitted (counted once each).
+        assert_eq!(t.untracked(), 5);
+        let fewer: Vec<DiagSocket> = dump.iter().take(4).cloned().collect();
+        t.reconcile(NS, &fewer, 20 * SEC);
+        t.reconcile(NS, &dump, 21 * SEC);
+        assert_eq!(t.untracked(), 6, "the socket that came back is a new one");
     }
 
     #[test]

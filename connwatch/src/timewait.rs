@@ -26,7 +26,7 @@ use rustc_hash::FxHashMap as HashMap;
 use crate::{
     decode::{OwnerSource, TcpState, Transition},
     sockdiag::DiagSocket,
-    table::{AgeSource, SockKey},
+    table::{AgeSource, Overflow, SockKey},
 };
 
 /// `TCP_TIMEWAIT_LEN`: fixed at compile time in every kernel.
@@ -35,8 +35,11 @@ pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
 /// A timewait socket that vanished this much before its timer was due ended early.
 const EARLY_MARGIN_NS: u64 = 100_000_000;
 
-/// Polls of other namespaces a pending close waits for its own namespace's poll.
-const MAX_PENDING_POLLS: u8 = 64;
+/// How long a close waits for a poll of its namespace to confirm its timewait socket.
+/// Namespaces are polled every round (and a new one is found as soon as a transition
+/// names it), so this is only reached when polls could not run: by then its TIME_WAIT
+/// would have ended anyway.
+const PENDING_TTL_NS: u64 = TIMEWAIT_LEN_NS;
 
 /// Lifetimes of ended TIME_WAIT sockets kept at most.
 const MAX_ENDED: usize = 100_000;
@@ -115,7 +118,6 @@ struct Pending {
     from: TcpState,
     from_duration_ns: Option<u64>,
     owner: Option<TwOwner>,
-    polls: u8,
 }
 
 #[derive(Default)]
@@ -129,7 +131,9 @@ pub struct Tracker {
     /// Entry times of TIME_WAITs that began while connwatch watched (for rates).
     created: VecDeque<(u64, Option<u32>)>,
     /// Timewait sockets found by a poll whose start connwatch did not see.
-    pub untracked: u64,
+    untracked: u64,
+    /// Timewait sockets left out because `limit` was reached, each counted once.
+    over_limit: Overflow,
     /// ->CLOSE transitions from FIN_WAIT2/CLOSING that left no timewait socket.
     pub closed_without_timewait: u64,
     /// Observed TIME_WAIT ends recorded so far (for consumers that take new ones).
@@ -196,7 +200,6 @@ impl Tracker {
                 from: t.old,
                 from_duration_ns: t.duration_ns(),
                 owner,
-                polls: 0,
             },
         );
     }
@@ -292,7 +295,7 @@ impl Tracker {
             // Not seen entering: from before start, a transition that was lost, or one
             // still on its way (then `on_transition` claims it).
             if self.limit != 0 && self.tracked.len() >= self.limit {
-                self.untracked += 1;
+                self.over_limit.note(key, poll);
                 continue;
             }
             let owner = listener(s.local.port());
@@ -340,20 +343,64 @@ impl Tracker {
         }
         rows.append(&mut self.queued);
 
+        self.over_limit.sweep(netns, poll);
         // Pending closes of this namespace that the poll did not confirm left no
         // timewait socket (reset, or the kernel's timewait table was full). Those of
-        // namespaces not polled wait for theirs, within bounds: a namespace that is never
-        // polled (gone meanwhile) cannot pile them up.
-        self.pending.retain(|k, p| {
-            if k.netns == netns {
-                self.closed_without_timewait += 1;
-                return false;
-            }
-            p.polls = p.polls.saturating_add(1);
-            p.polls <= MAX_PENDING_POLLS
-        });
+        // other namespaces wait for their own namespace's poll.
+        let before = self.pending.len();
+        self.pending.retain(|k, _| k.netns != netns);
+        self.closed_without_timewait += (before - self.pending.len()) as u64;
         rows.sort_by_key(|r| r.ts_ns);
         rows
+    }
+
+    /// Gives up on closes whose namespace was not polled within `PENDING_TTL_NS`: their
+    /// state is lost (counted as untracked), and memory stays bounded.
+    pub fn expire_pending(&mut self, now_ns: u64) {
+        let before = self.pending.len();
+        self.pending
+            .retain(|_, p| now_ns.saturating_sub(p.ts_ns) < PENDING_TTL_NS);
+        self.untracked += (before - self.pending.len()) as u64;
+    }
+
+    /// A namespace that no longer exists: the kernel purged its timewait sockets with
+    /// it, so each followed one ends `early` now, and its pending closes are dropped.
+    pub fn forget(&mut self, netns: u32, now_ns: u64) {
+        let mut gone: Vec<SockKey> = self
+            .tracked
+            .keys()
+            .filter(|k| k.netns == netns)
+            .copied()
+            .collect();
+        gone.sort();
+        for key in gone {
+            self.end(key, End::Early, now_ns);
+        }
+        self.pending.retain(|k, _| k.netns != netns);
+        self.over_limit.forget(netns);
+    }
+
+    /// Timewait sockets that exist as far as the last polls know: (TIME_WAIT, orphaned
+    /// FIN_WAIT2). Those over the limit have no substate kept: counted as TIME_WAIT.
+    pub fn counts(&self) -> (u64, u64) {
+        let fin_wait2 = self
+            .tracked
+            .values()
+            .filter(|t| t.substate == TcpState::FIN_WAIT2)
+            .count();
+        let time_wait = self.tracked.len() - fin_wait2 + self.over_limit.len();
+        (time_wait as u64, fin_wait2 as u64)
+    }
+
+    /// Sockets whose state was lost: found without their start, given up on, or left
+    /// out over the limit (each once).
+    pub fn untracked(&self) -> u64 {
+        self.untracked + self.over_limit.counted
+    }
+
+    /// Rows queued since the last poll (ends noticed from transitions or `forget`).
+    pub fn take_queued(&mut self) -> Vec<Synthetic> {
+        std::mem::take(&mut self.queued)
     }
 
     /// Ends a followed socket at `at_ns`, queueing its row.
@@ -411,13 +458,14 @@ impl Tracker {
     }
 
     /// Entries held in each of the tracker's tables.
-    pub fn sizes(&self) -> [(&'static str, u64); 5] {
+    pub fn sizes(&self) -> [(&'static str, u64); 6] {
         [
             ("time_wait", self.tracked.len() as u64),
             ("time_wait_pending", self.pending.len() as u64),
             ("time_wait_queued", self.queued.len() as u64),
             ("time_wait_ended", self.ended.len() as u64),
             ("time_wait_created", self.created.len() as u64),
+            ("time_wait_over_limit", self.over_limit.len() as u64),
         ]
     }
 
@@ -538,7 +586,7 @@ mod tests {
         assert_eq!(rows[0].duration_ns, Some(60 * SEC));
         let ended: Vec<_> = t.ended_since(0).collect();
         assert_eq!((ended[0].lifetime_ns, ended[0].pid), (60 * SEC, Some(42)));
-        assert_eq!(t.untracked, 0);
+        assert_eq!(t.untracked(), 0);
     }
 
     #[test]
@@ -589,7 +637,7 @@ mod tests {
         assert_eq!(tw0.owner.as_ref().map(|o| o.pid), Some(42));
         assert_eq!(tw0.owner_source, OwnerSource::Carried);
         assert_eq!(tw0.age_source, AgeSource::Observed);
-        assert_eq!(t.untracked, 0);
+        assert_eq!(t.untracked(), 0);
         assert_eq!(t.created_since(0).count(), 1);
     }
 
@@ -703,7 +751,7 @@ mod tests {
         assert_eq!(server.entered_ns, 85 * SEC);
         let client = &t.tracked[&key(C, S)];
         assert_eq!(client.owner_source, OwnerSource::Unknown);
-        assert_eq!(t.untracked, 0);
+        assert_eq!(t.untracked(), 0);
         // One that shows up later, and is still unclaimed by a transition at the next
         // poll, was missed.
         let later = [
@@ -712,9 +760,9 @@ mod tests {
             tw(TIME_WAIT, S, "127.0.0.1:1", 60_000),
         ];
         t.observe(NS, &later, 101 * SEC, false, &listener);
-        assert_eq!(t.untracked, 0, "its transition may still be on its way");
+        assert_eq!(t.untracked(), 0, "its transition may still be on its way");
         t.observe(NS, &later, 102 * SEC, false, &listener);
-        assert_eq!(t.untracked, 1);
+        assert_eq!(t.untracked(), 1);
     }
 
     #[test]
@@ -757,5 +805,87 @@ mod tests {
         assert_eq!(t.created_since(12 * SEC).count(), 3);
         t.prune(13 * SEC);
         assert_eq!(t.created_since(0).count(), 2);
+    }
+
+    /// On a node with hundreds of namespaces, a close waits for its own namespace's poll
+    /// however many others are polled first (it used to be dropped after 64).
+    #[test]
+    fn pending_close_outlives_polls_of_other_namespaces() {
+        let mut t = Tracker::default();
+        let mut k = key(C, S);
+        k.netns = NS + 1000;
+        t.on_transition(k, &close_from(FIN_WAIT2, 10.0, Some(42)));
+        for ns in 0..500 {
+            t.observe(NS + ns, &[], 11 * SEC, false, &no_listener);
+        }
+        t.expire_pending(12 * SEC);
+        let mut sock = tw(TIME_WAIT, C, S, 59_000);
+        sock.local = C.parse().unwrap();
+        let rows = t.observe(NS + 1000, &[sock], 12 * SEC, false, &no_listener);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].owner.as_ref().map(|o| o.pid), Some(42));
+        assert_eq!(rows[0].owner_source, OwnerSource::Carried);
+        assert_eq!(t.untracked(), 0);
+    }
+
+    #[test]
+    fn pending_close_expires_by_time() {
+        let mut t = Tracker::default();
+        let mut k = key(C, S);
+        k.netns = NS + 1;
+        t.on_transition(k, &close_from(FIN_WAIT2, 10.0, Some(42)));
+        t.expire_pending(69 * SEC);
+        assert_eq!(t.pending.len(), 1);
+        t.expire_pending(71 * SEC);
+        assert_eq!(t.pending.len(), 0);
+        assert_eq!(t.untracked(), 1);
+    }
+
+    /// A deleted namespace takes its timewait sockets with it: they end `early` at once,
+    /// its pending closes go, other namespaces keep theirs.
+    #[test]
+    fn forgetting_a_namespace_ends_its_time_waits_early() {
+        let mut t = Tracker::default();
+        t.on_transition(key(C, S), &close_from(FIN_WAIT2, 10.0, Some(42)));
+        t.observe(
+            NS,
+            &[tw(TIME_WAIT, C, S, 60_000)],
+            10 * SEC,
+            false,
+            &no_listener,
+        );
+        let mut other = key(C, S);
+        other.netns = NS + 1;
+        t.on_transition(other, &close_from(FIN_WAIT2, 11.0, Some(43)));
+        let mut pending_here = key("127.0.0.1:40001", S);
+        pending_here.netns = NS;
+        t.on_transition(pending_here, &close_from(FIN_WAIT2, 12.0, Some(42)));
+        t.forget(NS, 20 * SEC);
+        let rows = t.take_queued();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].end, Some(End::Early));
+        assert_eq!(rows[0].ts_ns, 20 * SEC);
+        assert_eq!(t.tracked().count(), 0);
+        assert_eq!(t.ended_since(0).count(), 1);
+        assert_eq!(t.pending.len(), 1, "the other namespace's close stays");
+        assert!(!t.pending.contains_key(&pending_here));
+    }
+
+    /// An unchanging set of timewait sockets over the limit, polled again and again,
+    /// counts once per socket.
+    #[test]
+    fn timewaits_over_the_limit_count_once() {
+        let mut t = Tracker {
+            limit: 2,
+            ..Tracker::default()
+        };
+        let polled: Vec<DiagSocket> = (0..5)
+            .map(|i| tw(TIME_WAIT, &format!("127.0.0.1:{}", 41000 + i), S, 59_000))
+            .collect();
+        for round in 0..30 {
+            t.observe(NS, &polled, (10 + round) * SEC, true, &no_listener);
+        }
+        assert_eq!(t.tracked().count(), 2);
+        assert_eq!(t.untracked(), 3);
     }
 }

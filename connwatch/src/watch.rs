@@ -46,6 +46,7 @@ pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Resul
     }
     let report = live.report(true)?;
     let _ = out.print(&report);
+    eprintln!("{}", live.summary()?);
     Ok(exit_code(&report, args.report.check))
 }
 

@@ -1,0 +1,184 @@
+//! Root integration tests of a busy Kubernetes-like node: a hundred network namespaces
+//! with a small server in each, namespaces created after connwatch started, and one
+//! deleted while it holds TIME_WAIT and CLOSE_WAIT sockets.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+common::peer_entry!();
+
+/// Namespaces present before connwatch starts: past the 64 polls after which pending
+/// closes used to be dropped.
+const CROWD: usize = 100;
+const N: usize = 3;
+
+/// `CROWD` namespaces, each with a listening server (a leaker that accepts nothing).
+struct Crowd {
+    _servers: Vec<Peer>,
+    _namespaces: Vec<NetNs>,
+}
+
+fn crowd(tag: &str) -> Crowd {
+    let namespaces: Vec<NetNs> = (0..CROWD)
+        .map(|i| NetNs::new(&format!("{tag}{i}")))
+        .collect();
+    let servers = namespaces
+        .iter()
+        .map(|ns| Peer::spawn_in(Some(ns), &["leaker", "127.0.0.1:0", "0"]))
+        .collect();
+    Crowd {
+        _servers: servers,
+        _namespaces: namespaces,
+    }
+}
+
+/// A namespace without port reuse (its TIME_WAITs end only by their timer).
+fn quiet_netns(tag: &str) -> NetNs {
+    let ns = NetNs::new(tag);
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    ns
+}
+
+/// With a hundred namespaces present, a server in a namespace created after connwatch
+/// started, which closes first, owns its TIME_WAITs: in `watch` and in `trace`.
+#[test]
+fn new_namespace_among_many_owns_its_time_waits() {
+    require_root();
+    let _crowd = crowd("cr");
+    let mut watch = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "500ms",
+        "--tw-poll",
+        "200ms",
+        "--time-wait-min",
+        "1",
+    ]);
+    let trace = Connwatch::start(&["trace", "--json", "--tw-poll", "200ms"]);
+    let ns = quiet_netns("late");
+    let mut server = Peer::spawn_in(Some(&ns), &["firstcloser", "127.0.0.1:0", &N.to_string()]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let mut client = Peer::spawn_in(
+        Some(&ns),
+        &["secondclosers", &addr("127.0.0.1", port), &N.to_string()],
+    );
+    client.expect("closed");
+    server.expect("closed");
+
+    // The client's next connect may end a server TIME_WAIT early (a SYN on its
+    // 4-tuple): at least N - 1 remain.
+    let min = N as u64 - 1;
+    let r = wait_report(&mut watch, "the late server owning its TIME_WAITs", |r| {
+        process(r, server.pid()).is_some_and(|p| p["time_wait"].as_u64() >= Some(min))
+    });
+    let p = process(&r, server.pid()).unwrap();
+    assert_eq!(p["owner_sources"], serde_json::json!(["carried"]), "{p}");
+
+    let mut trace = trace;
+    let births = |lines: &[String]| -> Vec<Row> {
+        parse_rows(lines)
+            .into_iter()
+            .filter(|r| r.new == "TIME_WAIT" && r.sport == port)
+            .collect()
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while births(&trace.stdout.seen).len() < min as usize && Instant::now() < deadline {
+        trace.stdout.next_within(Duration::from_millis(200));
+    }
+    let rows = births(&trace.stdout.seen);
+    assert!(rows.len() >= min as usize, "trace rows: {rows:?}");
+    for row in rows {
+        assert_eq!(row.pid, Some(server.pid()), "{row:?}");
+        assert_eq!(row.owner_source, "carried", "{row:?}");
+    }
+}
+
+/// With a hundred namespaces present, a new 10-socket leak in the root namespace is
+/// attributed, and counted in `states`, within two intervals.
+#[test]
+fn new_leak_among_many_namespaces_is_reported_within_two_intervals() {
+    require_root();
+    let _crowd = crowd("lk");
+    let interval = Duration::from_secs(1);
+    let mut cw = Connwatch::start(&["watch", "--json", "--interval", "1s"]);
+    // One report first: connwatch is up and has done its first full dump.
+    wait_report(&mut cw, "a first report", |_| true);
+    let mut leaker = Peer::spawn(&["leaker", "127.0.0.1:0", "10"]);
+    let port: u16 = leaker.expect("port").parse().unwrap();
+    let mut clients = Peer::spawn(&["clients", &addr("127.0.0.1", port), "10"]);
+    clients.expect("closed");
+    leaker.expect("accepted");
+    let leaked = Instant::now();
+    let r = wait_report(&mut cw, "the leak attributed and counted", |r| {
+        process(r, leaker.pid()).is_some_and(|p| p["close_wait"] == 10)
+            && r["states"]["CLOSE_WAIT"].as_u64() >= Some(10)
+    });
+    let took = leaked.elapsed();
+    assert!(
+        took <= interval * 2 + Duration::from_millis(500),
+        "took {took:?}: {}",
+        r["states"]
+    );
+}
+
+/// A namespace deleted while it holds TIME_WAIT and CLOSE_WAIT sockets (the kernel
+/// purges them): it leaves the report within two intervals, and its TIME_WAITs count as
+/// ended early rather than ageing on until their timer.
+#[test]
+fn deleted_namespace_leaves_the_report() {
+    require_root();
+    let mut cw = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "500ms",
+        "--tw-poll",
+        "200ms",
+        "--time-wait-min",
+        "1",
+    ]);
+    let ns = quiet_netns("del");
+    let mut server = Peer::spawn_in(Some(&ns), &["firstcloser", "127.0.0.1:0", &N.to_string()]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let mut client = Peer::spawn_in(
+        Some(&ns),
+        &["secondclosers", &addr("127.0.0.1", port), &N.to_string()],
+    );
+    client.expect("closed");
+    server.expect("closed");
+    let mut leaker = Peer::spawn_in(Some(&ns), &["leaker", "127.0.0.1:0", "2"]);
+    let lport: u16 = leaker.expect("port").parse().unwrap();
+    let mut clients = Peer::spawn_in(Some(&ns), &["clients", &addr("127.0.0.1", lport), "2"]);
+    clients.expect("closed");
+    leaker.expect("accepted");
+    let min = N as u64 - 1;
+    let before = wait_report(&mut cw, "both sockets kinds in the namespace", |r| {
+        process(r, server.pid()).is_some_and(|p| p["time_wait"].as_u64() >= Some(min))
+            && process(r, leaker.pid()).is_some_and(|p| p["close_wait"] == 2)
+    });
+    let time_waits = process(&before, server.pid()).unwrap()["time_wait"]
+        .as_u64()
+        .unwrap();
+    let early_before = before["time_wait_ends"]["early"].as_u64().unwrap();
+
+    let (server_pid, leaker_pid) = (server.pid(), leaker.pid());
+    drop((server, client, leaker, clients));
+    drop(ns);
+    let deleted = Instant::now();
+    let r = wait_report(
+        &mut cw,
+        "the namespace's sockets gone from the report",
+        |r| {
+            process(r, server_pid).is_none_or(|p| p["time_wait"] == 0)
+                && process(r, leaker_pid).is_none_or(|p| p["close_wait"] == 0)
+        },
+    );
+    let took = deleted.elapsed();
+    assert!(took <= Duration::from_millis(1500), "took {took:?}");
+    let early = r["time_wait_ends"]["early"].as_u64().unwrap() - early_before;
+    assert!(early >= time_waits, "{} early of {time_waits}", early);
+    assert_eq!(r["time_wait_ends"]["expired"], 0, "{}", r["time_wait_ends"]);
+}
