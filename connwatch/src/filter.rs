@@ -1,11 +1,5 @@
 //! `--pid`, `--port`, `--family`, `--cgroup`: applied in the kernel (load-time globals,
 //! so unwanted events never reach userspace) and to what sock_diag adds in userspace.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use std::{
     net::SocketAddr,
     os::unix::fs::MetadataExt,

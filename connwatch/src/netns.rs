@@ -2,12 +2,6 @@
 //! `net.ipv4.*` sysctls answer for the namespace of the thread that asks: to cover
 //! containers, each distinct namespace found under /proc/*/ns/net is entered by a
 //! short-lived thread (setns affects only the calling thread).
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use std::{
     collections::BTreeMap,
     fs::File,

@@ -5,12 +5,6 @@
 //! does each time; here the index is kept and rebuilt only when a socket's inode is
 //! unknown to it (at most once per `min_rescan`), and in full every `max_age` so that
 //! fds closed or passed on are noticed.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use std::time::{Duration, Instant};
 
 use procfs::process::{Process, all_processes};

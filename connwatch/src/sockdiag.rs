@@ -1,12 +1,6 @@
 //! TCP socket dumps through netlink `sock_diag` (what `ss` uses), for the sockets that
 //! existed before connwatch started and for periodic reconciliation. Sees the network
 //! namespace it runs in.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},

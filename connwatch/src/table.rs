@@ -7,12 +7,6 @@
 //! `struct sock` addresses within seconds, and containers reuse the same addresses in
 //! different namespaces. Only the states a report needs are kept, so memory follows the
 //! number of CLOSE_WAIT sockets, not of every connection on the box.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use std::{collections::VecDeque, net::SocketAddr};
 
 use rustc_hash::FxHashMap as HashMap;

@@ -13,12 +13,6 @@
 //! process listening on its local port, if any.
 //!
 //! Pure logic: polls and transitions come in with their timestamps.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap as HashMap;

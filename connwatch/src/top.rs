@@ -1,11 +1,5 @@
 //! `connwatch top`: the live full-screen view. The same flow as `watch`; keys are read
 //! by a thread (crossterm's blocking reader) and handed to the event loop.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use anyhow::Result;

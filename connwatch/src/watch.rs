@@ -1,11 +1,5 @@
 //! `connwatch watch` and `connwatch snapshot`: the per-process report, live from the
 //! probe (watch) or once from sock_diag and /proc alone (snapshot, no BPF).
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use std::{
     io::{self, IsTerminal, Write},
     process::ExitCode,

@@ -1,6 +1,7 @@
 //! Root integration tests of a busy Kubernetes-like node: a hundred network namespaces
 //! with a small server in each, namespaces created after connwatch started, and one
 //! deleted while it holds TIME_WAIT and CLOSE_WAIT sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 mod common;
 
 use std::time::{Duration, Instant};

@@ -1,4 +1,5 @@
 //! `connwatch top` in a real terminal (tmux): it shows a leak, and `q` quits.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 mod common;
 
 use std::{

@@ -4,12 +4,6 @@
 //! processes of the latest report (the rest are summed under `comm="other"`), and the
 //! per-process families are rebuilt at every refresh, so a process that went away loses
 //! its series. Counters and lifetime histograms persist across refreshes.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},

@@ -1,12 +1,6 @@
 //! The `watch`/`snapshot` report for people: a summary line, the process table (flagged
 //! processes first) and one sentence per flagged process. `--json` serializes the
 //! `Report` itself.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use comfy_table::{CellAlignment, Table, presets::NOTHING};
 
 use crate::report::{Report, fmt_age};

@@ -1,11 +1,5 @@
 //! `connwatch top`: the `watch` report as a live full-screen table (ratatui). Rendering
 //! and key handling are pure, so they are tested with ratatui's test backend.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use ratatui::{
     Frame,
     layout::{Constraint, Layout},
