@@ -1,5 +1,10 @@
 //! Bad input gets one clear line on stderr and a non-zero exit, never a panic.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 mod common;
 
 use std::process::{Command, Output};

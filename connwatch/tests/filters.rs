@@ -1,6 +1,11 @@
 //! Root integration tests of the kernel-side filters (`--pid`, `--port`, `--family`,
 //! `--cgroup`), of loss under a stalled consumer, and of filter validation.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 mod common;
 
 use std::{

@@ -1,7 +1,12 @@
 //! Root integration tests of a busy Kubernetes-like node: a hundred network namespaces
 //! with a small server in each, namespaces created after connwatch started, and one
 //! deleted while it holds TIME_WAIT and CLOSE_WAIT sockets.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -42,13 +47,9 @@ fn quiet_netns(tag: &str) -> NetNs {
     ns
 }
 
-/// With a hundred namespaces present, a server in a namespace created after connwatch
-/// started, which closes first, owns its TIME_WAITs: in `watch` and in `trace`.
-#[test]
-fn new_namespace_among_many_owns_its_time_waits() {
-    require_root();
-    let _crowd = crowd("cr");
-    let mut watch = Connwatch::start(&[
+/// `watch` with short intervals, and every server with a TIME_WAIT an `active_closer`.
+fn watch_fast() -> Connwatch {
+    Connwatch::start(&[
         "watch",
         "--json",
         "--interval",
@@ -57,17 +58,33 @@ fn new_namespace_among_many_owns_its_time_waits() {
         "200ms",
         "--time-wait-min",
         "1",
-    ]);
-    let trace = Connwatch::start(&["trace", "--json", "--tw-poll", "200ms"]);
-    let ns = quiet_netns("late");
-    let mut server = Peer::spawn_in(Some(&ns), &["firstcloser", "127.0.0.1:0", &N.to_string()]);
+    ])
+}
+
+/// A server in `ns` that closes each of N connections first, and its client, both done:
+/// (server, client, the server's port).
+fn server_closes_first(ns: &NetNs) -> (Peer, Peer, u16) {
+    let mut server = Peer::spawn_in(Some(ns), &["firstcloser", "127.0.0.1:0", &N.to_string()]);
     let port: u16 = server.expect("port").parse().unwrap();
     let mut client = Peer::spawn_in(
-        Some(&ns),
+        Some(ns),
         &["secondclosers", &addr("127.0.0.1", port), &N.to_string()],
     );
     client.expect("closed");
     server.expect("closed");
+    (server, client, port)
+}
+
+/// With a hundred namespaces present, a server in a namespace created after connwatch
+/// started, which closes first, owns its TIME_WAITs: in `watch` and in `trace`.
+#[test]
+fn new_namespace_among_many_owns_its_time_waits() {
+    require_root();
+    let _crowd = crowd("cr");
+    let mut watch = watch_fast();
+    let trace = Connwatch::start(&["trace", "--json", "--tw-poll", "200ms"]);
+    let ns = quiet_netns("late");
+    let (server, _client, port) = server_closes_first(&ns);
 
     // The client's next connect may end a server TIME_WAIT early (a SYN on its
     // 4-tuple): at least N - 1 remain.
@@ -131,25 +148,9 @@ fn new_leak_among_many_namespaces_is_reported_within_two_intervals() {
 #[test]
 fn deleted_namespace_leaves_the_report() {
     require_root();
-    let mut cw = Connwatch::start(&[
-        "watch",
-        "--json",
-        "--interval",
-        "500ms",
-        "--tw-poll",
-        "200ms",
-        "--time-wait-min",
-        "1",
-    ]);
+    let mut cw = watch_fast();
     let ns = quiet_netns("del");
-    let mut server = Peer::spawn_in(Some(&ns), &["firstcloser", "127.0.0.1:0", &N.to_string()]);
-    let port: u16 = server.expect("port").parse().unwrap();
-    let mut client = Peer::spawn_in(
-        Some(&ns),
-        &["secondclosers", &addr("127.0.0.1", port), &N.to_string()],
-    );
-    client.expect("closed");
-    server.expect("closed");
+    let (server, client, _) = server_closes_first(&ns);
     let mut leaker = Peer::spawn_in(Some(&ns), &["leaker", "127.0.0.1:0", "2"]);
     let lport: u16 = leaker.expect("port").parse().unwrap();
     let mut clients = Peer::spawn_in(Some(&ns), &["clients", &addr("127.0.0.1", lport), "2"]);

@@ -1,6 +1,11 @@
 //! Preflight, for real: a kernel too old is one sentence; a missing optional capability
 //! costs one feature, with a warning, and the tool still runs.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 mod common;
 
 use std::process::Command;

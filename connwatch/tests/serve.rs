@@ -1,7 +1,12 @@
 //! Root integration tests of `connwatch serve`: the live /metrics passes promtool, a real
 //! Prometheus server scrapes it and sees a CLOSE_WAIT leak's series with the right comm,
 //! and the example alert rules are valid.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 mod common;
 
 use std::{

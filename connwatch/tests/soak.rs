@@ -1,7 +1,12 @@
 //! Churn soak (bounded, under a minute): processes that leak a few CLOSE_WAIT sockets from
 //! peers never seen before and then die, over and over. Everything keyed by pid, peer or
 //! socket must be pruned, so connwatch's RSS after the churn is what it was once warm.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 mod common;
 
 use std::{

@@ -1,7 +1,12 @@
 //! Root integration tests of the TIME_WAIT lifecycle with real processes on loopback:
 //! who closed first owns the TIME_WAIT, orphan FIN_WAIT2 turning into TIME_WAIT, early and
 //! natural ends, port pressure inside a network namespace made by the test.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 mod common;
 
 use std::{

@@ -1,5 +1,10 @@
 //! `connwatch top` in a real terminal (tmux): it shows a leak, and `q` quits.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 mod common;
 
 use std::{

@@ -1,6 +1,11 @@
 //! Root integration tests of `connwatch trace`: the real probe, real processes, real
 //! sockets on loopback (ports chosen by the kernel).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 mod common;
 
 use std::time::Duration;

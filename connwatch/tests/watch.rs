@@ -1,6 +1,11 @@
 //! Root integration tests of `connwatch watch` and `connwatch snapshot` with real
 //! processes on loopback: leakers, prompt and late closers, fork-shared sockets.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 mod common;
 
 use std::{

@@ -2,7 +2,12 @@
 //! processes (this test binary re-executed in a peer role) that open sockets on loopback.
 //!
 //! Every wait is on a condition with a deadline; no test sleeps to synchronise.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 #![allow(dead_code)]
 
 use std::{
