@@ -421,10 +421,38 @@ impl Monitor {
         (cw, tw)
     }
 
+    /// CLOSE_WAIT sockets whose peer closed before the process accepted them carry no
+    /// inode in their transition (no file yet): ask the namespaces that hold such
+    /// sockets for their CLOSE_WAIT sockets only, so that the holder can be found now
+    /// rather than at the next (budgeted) full dump.
+    fn fill_inodes(&mut self) {
+        let wanting: std::collections::BTreeSet<u32> = self
+            .table
+            .close_wait()
+            .filter(|(_, cw)| cw.inode == 0)
+            .map(|(k, _)| k.netns)
+            .collect();
+        let query = Query::states(&[TcpState::CLOSE_WAIT], false);
+        for ns in wanting {
+            let Some(path) = self.namespaces.get(&ns) else {
+                continue;
+            };
+            let dumped = if ns == self.own_netns {
+                sockdiag::dump(query)
+            } else {
+                netns::run_in(path, move || sockdiag::dump(query))
+            };
+            if let Ok(sockets) = dumped {
+                self.table.fill_inodes(ns, &sockets);
+            }
+        }
+    }
+
     /// Resolves holders and process facts, then builds the report.
     pub fn report(&mut self, is_final: bool, events_dropped: u64, untracked_extra: u64) -> Report {
         let now = monotonic_ns();
         let started = std::time::Instant::now();
+        self.fill_inodes();
         self.index.ensure(
             self.table
                 .close_wait()

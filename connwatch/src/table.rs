@@ -240,6 +240,17 @@ impl Table {
         self.untracked + self.over_limit.counted
     }
 
+    /// Fills in the inodes that transitions could not carry, from a dump of one
+    /// namespace's CLOSE_WAIT sockets.
+    pub fn fill_inodes(&mut self, netns: u32, sockets: &[DiagSocket]) {
+        for s in sockets.iter().filter(|s| s.inode != 0) {
+            let key = self.key(netns, s.local, s.remote);
+            if let Some(e) = self.close_wait.get_mut(&key).filter(|e| e.inode == 0) {
+                e.inode = s.inode;
+            }
+        }
+    }
+
     /// CLOSE_WAIT sockets that exist as far as connwatch knows: followed, or over the
     /// limit and still listed by the last dump.
     pub fn close_wait_count(&self) -> u64 {
