@@ -126,12 +126,7 @@ impl Monitor {
     fn dump_all_inner(&mut self, query: Query) -> Result<Vec<(u32, Vec<DiagSocket>)>> {
         let mut out = Vec::new();
         for (&ns, path) in &self.namespaces {
-            let dumped = if ns == self.own_netns {
-                sockdiag::dump(query)
-            } else {
-                netns::run_in(path, move || sockdiag::dump(query))
-            };
-            match dumped {
+            match dump_in(ns == self.own_netns, path, query) {
                 Ok(mut sockets) => {
                     // Listeners stay: they name the owners of server-side sockets.
                     sockets.retain(|s| {
@@ -437,12 +432,7 @@ impl Monitor {
             let Some(path) = self.namespaces.get(&ns) else {
                 continue;
             };
-            let dumped = if ns == self.own_netns {
-                sockdiag::dump(query)
-            } else {
-                netns::run_in(path, move || sockdiag::dump(query))
-            };
-            if let Ok(sockets) = dumped {
+            if let Ok(sockets) = dump_in(ns == self.own_netns, path, query) {
                 self.table.fill_inodes(ns, &sockets);
             }
         }
@@ -548,6 +538,15 @@ impl Monitor {
             rss_bytes: owners::own_rss_bytes(),
             entries,
         }
+    }
+}
+
+/// One sock_diag dump, in our own namespace or inside the one at `path`.
+fn dump_in(own: bool, path: &std::path::Path, query: Query) -> std::io::Result<Vec<DiagSocket>> {
+    if own {
+        sockdiag::dump(query)
+    } else {
+        netns::run_in(path, move || sockdiag::dump(query))
     }
 }
 
