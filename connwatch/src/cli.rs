@@ -59,19 +59,7 @@ Examples:
 
     /// Name the processes that hold CLOSE_WAIT sockets, live: count, age, growth, peers,
     /// fds against the fd limit. Refreshed every --interval; a final report on exit.
-    #[command(after_help = "\
-Flags:
-  close_wait_leak   holds CLOSE_WAIT sockets older than --close-wait-age
-  close_wait_slow   closes its CLOSE_WAIT sockets, but p99 later than --close-wait-age
-  active_closer     listens on a port and holds >= --time-wait-min TIME_WAIT sockets on it
-  port_pressure     TIME_WAITs towards one destination use > --port-pressure % of the
-                    ephemeral port range
-
-Exit status with --check: 3 when the final report flags a process, 0 otherwise.
-
-Examples:
-  sudo connwatch watch --close-wait-age 30s
-  sudo connwatch watch --json --duration 5m --check > report.jsonl")]
+    #[command(after_help = watch_after_help())]
     Watch(WatchArgs),
 
     /// One report from sock_diag and /proc alone, without loading BPF (works where BPF is
@@ -411,4 +399,17 @@ mod tests {
         assert!(parse_ring_size("2048M").is_err());
         assert!(parse_ring_size("lots").is_err());
     }
+}
+
+/// `watch --help`'s epilogue: the flags (from their definitions), exit status, examples.
+fn watch_after_help() -> String {
+    format!(
+        "{}
+Exit status with --check: 3 when the final report flags a process, 0 otherwise.
+
+Examples:
+  sudo connwatch watch --close-wait-age 30s
+  sudo connwatch watch --json --duration 5m --check > report.jsonl",
+        crate::report::flag::help()
+    )
 }

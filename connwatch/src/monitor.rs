@@ -16,7 +16,7 @@ use crate::{
     kernelinfo::KernelInfo,
     netns,
     owners::{self, FdIndex, ProcInfo},
-    report::{self, Footprint, Growth, Inputs, Loss, Report, ReportConfig},
+    report::{self, Footprint, Growth, Loss, Report, ReportConfig, Snapshot},
     sockdiag::{self, DiagSocket, Query},
     table::{SockKey, Table},
     timewait::{Synthetic, Tracker, TwOwner},
@@ -474,7 +474,8 @@ impl Monitor {
             .into_iter()
             .filter_map(|pid| Some((pid, owners::proc_info(pid)?)))
             .collect();
-        let inputs = Inputs {
+        let snapshot = Snapshot {
+            table: &self.table,
             time: humantime::format_rfc3339_micros(self.clock.wall(now)).to_string(),
             now_ns: now,
             elapsed_s: now.saturating_sub(self.start_ns) as f64 / 1e9,
@@ -491,7 +492,7 @@ impl Monitor {
                 sockets_untracked: self.untracked() + untracked_extra,
             },
         };
-        let mut report = report::build(&self.table, &inputs, &self.cfg, &mut self.growth);
+        let mut report = report::build(&snapshot, &self.cfg, &mut self.growth);
         if self.filter.selects_processes() {
             let filter = &self.filter;
             report

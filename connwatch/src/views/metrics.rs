@@ -165,7 +165,10 @@ pub fn render(report: &Report, persistent: &Persistent, top: usize, cgroup_label
     );
     registry.register(
         "connwatch_flagged",
-        "1 while the process carries the flag (close_wait_leak, close_wait_slow, active_closer, port_pressure)",
+        format!(
+            "1 while the process carries the flag ({})",
+            crate::report::flag::names()
+        ),
         flagged,
     );
     registry.register(

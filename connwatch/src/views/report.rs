@@ -3,7 +3,8 @@
 //! `Report` itself.
 use comfy_table::{CellAlignment, Table, presets::NOTHING};
 
-use crate::report::{Report, fmt_age};
+use super::format::fmt_age;
+use crate::report::Report;
 
 pub fn json(report: &Report) -> String {
     // Strings, numbers and maps only: serialization cannot fail.

@@ -8,7 +8,8 @@ use ratatui::{
     widgets::{Block, Borders, Cell, Paragraph, Row, Table, TableState, Wrap},
 };
 
-use crate::report::{ProcessRow, Report, fmt_age};
+use super::format::fmt_age;
+use crate::report::{ProcessRow, Report};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SortKey {

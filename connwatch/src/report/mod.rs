@@ -1,8 +1,10 @@
 //! The per-process report: counts, ages, growth, fd headroom, TIME_WAIT costs, flags and
-//! the sentence that explains each flag. Pure: built from the socket table, the timewait
-//! tracker, process facts and a clock reading, so that tests drive it with synthetic input.
+//! the sentence that explains each flag. A pure function of a [`Snapshot`] (the socket
+//! table, the timewait tracker, process facts and a clock reading), so that tests drive
+//! it with synthetic input. Built in passes (`passes`), one row per process (`row`),
+//! flags raised by their own rules (`flag`); the words are the views' (`views::reason`).
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap},
     time::Duration,
 };
 
@@ -13,17 +15,17 @@ use crate::{
     kernelinfo::KernelInfo,
     owners::ProcInfo,
     sockdiag::DiagSocket,
-    table::{AgeSource, SockKey, Table},
+    table::Table,
     timewait::{End, Tracker},
 };
 
-pub const FLAG_CLOSE_WAIT_LEAK: &str = "close_wait_leak";
-pub const FLAG_CLOSE_WAIT_SLOW: &str = "close_wait_slow";
-pub const FLAG_ACTIVE_CLOSER: &str = "active_closer";
-pub const FLAG_PORT_PRESSURE: &str = "port_pressure";
+pub mod flag;
+mod growth;
+mod passes;
+mod row;
 
-/// Peers listed per process.
-const TOP_PEERS: usize = 5;
+pub use growth::Growth;
+pub use passes::Pressure;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ReportConfig {
@@ -148,8 +150,10 @@ impl Report {
     }
 }
 
-/// What a report is made of, besides the CLOSE_WAIT table.
-pub struct Inputs<'a> {
+/// Everything a report is made of, at one moment.
+pub struct Snapshot<'a> {
+    /// CLOSE_WAIT sockets, and those closed within the window.
+    pub table: &'a Table,
     /// Wall-clock time of the report, already formatted (RFC 3339).
     pub time: String,
     pub now_ns: u64,
@@ -184,196 +188,34 @@ pub fn state_counts(sockets: &[DiagSocket]) -> BTreeMap<String, u64> {
     counts
 }
 
-/// Per-process history of CLOSE_WAIT counts, for growth rates.
-#[derive(Default)]
-pub struct Growth {
-    samples: HashMap<u32, VecDeque<(u64, u64)>>,
+/// Evidence behind a row's flags that the row itself does not carry.
+#[derive(Debug, Default)]
+pub struct Evidence {
+    /// Peers that account for CLOSE_WAIT sockets (the row lists only the top ones).
+    pub close_wait_peers: usize,
+    /// The listening port with the most TIME_WAITs the process caused, and their count.
+    pub closer_port: Option<(u16, u64)>,
+    /// Destinations whose ephemeral ports its TIME_WAITs use up.
+    pub pressure: Vec<Pressure>,
 }
 
-impl Growth {
-    /// Processes with samples kept.
-    pub fn len(&self) -> usize {
-        self.samples.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
-    }
-
-    /// Records `counts` at `now_ns` (processes absent count 0) and forgets samples older
-    /// than the window, keeping the newest of those as the window's starting point.
-    pub fn record(&mut self, now_ns: u64, counts: &HashMap<u32, u64>, window: Duration) {
-        let start = now_ns.saturating_sub(window.as_nanos() as u64);
-        for (pid, &n) in counts {
-            self.samples.entry(*pid).or_default().push_back((now_ns, n));
-        }
-        self.samples.retain(|pid, s| {
-            if !counts.contains_key(pid) {
-                s.push_back((now_ns, 0));
-            }
-            while s.len() > 1 && s.get(1).is_some_and(|&(t, _)| t <= start) {
-                s.pop_front();
-            }
-            // A process with no sockets over a whole window is forgotten.
-            s.iter().any(|&(_, n)| n > 0)
-        });
-    }
-
-    /// Net change per minute between the window's first sample and the last.
-    pub fn per_min(&self, pid: u32) -> Option<f64> {
-        let s = self.samples.get(&pid)?;
-        let (&(t0, n0), &(t1, n1)) = (s.front()?, s.back()?);
-        let span_min = (t1.checked_sub(t0)? as f64) / 60e9;
-        (span_min > 0.0).then(|| (n1 as f64 - n0 as f64) / span_min)
-    }
-}
-
-#[derive(Default)]
-struct Acc {
-    close_wait: u64,
-    oldest_ns: Option<(u64, AgeSource)>,
-    recv_q: u64,
-    time_wait: u64,
-    tw_oldest_ns: Option<u64>,
-    /// TIME_WAITs per local port that the process listens on (server closed first).
-    tw_on_listen_port: BTreeMap<u16, u64>,
-    tw_created: u64,
-    peers: HashMap<PeerKey, (u64, u64)>,
-    sources: BTreeSet<&'static str>,
-    closed: Vec<u64>,
-    comm: Option<String>,
-    pressure: Vec<Pressure>,
-}
-
-/// One destination whose ephemeral ports are running short.
-#[derive(Clone, Debug)]
-struct Pressure {
-    dest: String,
-    count: u64,
-    range: [u16; 2],
-    tw_reuse: Option<u32>,
-    pct: f64,
-}
-
-/// Builds the report. `growth` gets this report's counts recorded.
-pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growth) -> Report {
-    let mut accs: BTreeMap<u32, Acc> = BTreeMap::new();
+/// Builds the report from one snapshot, in passes: CLOSE_WAIT sockets, TIME_WAIT
+/// sockets, port pressure, closed sockets; then one row per process. `growth` gets this
+/// report's counts recorded.
+pub fn build(s: &Snapshot, cfg: &ReportConfig, growth: &mut Growth) -> Report {
+    let window_start = s.now_ns.saturating_sub(cfg.window.as_nanos() as u64);
+    let mut accs = passes::Accs::new();
     let mut unattributed = Unattributed::default();
-    for (key, cw) in table.close_wait() {
-        let age_ns = inp.now_ns.saturating_sub(cw.since_ns);
-        let holders = inp.holders.holders(cw.inode);
-        let (pids, source): (&[u32], &'static str) = if !holders.is_empty() {
-            (holders, crate::decode::OwnerSource::Fd.as_str())
-        } else if let Some(owner) = &cw.probe_owner {
-            (std::slice::from_ref(&owner.0), owner.2.as_str())
-        } else {
-            unattributed.close_wait += 1;
-            continue;
-        };
-        // A socket shared after fork counts for every holder.
-        let peer = peer_addr(key, inp.listening);
-        for &pid in pids {
-            let a = accs.entry(pid).or_default();
-            a.close_wait += 1;
-            if a.oldest_ns.is_none_or(|(o, _)| age_ns > o) {
-                a.oldest_ns = Some((age_ns, cw.age_source));
-            }
-            a.recv_q += u64::from(cw.recv_q);
-            a.peers.entry(peer).or_default().0 += 1;
-            a.sources.insert(source);
-            if a.comm.is_none() {
-                a.comm = cw.probe_owner.as_ref().map(|o| o.1.clone());
-            }
-        }
-    }
-
-    let window_start = inp.now_ns.saturating_sub(cfg.window.as_nanos() as u64);
-    // Destinations reached from ephemeral ports: (netns, remote) → TIME_WAIT count.
-    let mut per_dest: HashMap<(u32, crate::table::Endpoint), u64> = HashMap::new();
-    for (key, tw) in inp.timewait.tracked() {
-        if tw.substate != TcpState::TIME_WAIT {
-            continue;
-        }
-        let listening = inp.listening.contains_key(&(key.netns, key.local.port()));
-        let ephemeral = inp
-            .kernel
-            .get(&key.netns)
-            .is_some_and(|k| k.ephemeral().contains(&key.local.port()));
-        if ephemeral && !listening {
-            *per_dest.entry((key.netns, key.remote)).or_insert(0) += 1;
-        }
-        let Some(owner) = &tw.owner else {
-            unattributed.time_wait += 1;
-            continue;
-        };
-        let a = accs.entry(owner.pid).or_default();
-        a.time_wait += 1;
-        let age = inp.now_ns.saturating_sub(tw.entered_ns);
-        a.tw_oldest_ns = Some(a.tw_oldest_ns.map_or(age, |o| o.max(age)));
-        a.peers.entry(peer_addr(key, inp.listening)).or_default().1 += 1;
-        a.sources.insert(tw.owner_source.as_str());
-        if inp
-            .listening
-            .get(&(key.netns, key.local.port()))
-            .is_some_and(|pids| pids.contains(&owner.pid))
-        {
-            *a.tw_on_listen_port.entry(key.local.port()).or_insert(0) += 1;
-        }
-        if a.comm.is_none() {
-            a.comm = Some(owner.comm.to_string());
-        }
-    }
-    for (_, pid) in inp.timewait.created_since(window_start) {
-        if let Some(pid) = pid {
-            accs.entry(*pid).or_default().tw_created += 1;
-        }
-    }
-    // Port pressure: every process with TIME_WAITs to a destination over the threshold.
-    for ((ns, dest), count) in &per_dest {
-        let Some(k) = inp.kernel.get(ns) else {
-            continue;
-        };
-        let pct = *count as f64 * 100.0 / k.ephemeral_count() as f64;
-        if pct <= cfg.port_pressure_pct {
-            continue;
-        }
-        let p = Pressure {
-            dest: dest.to_string(),
-            count: *count,
-            range: k.ip_local_port_range,
-            tw_reuse: k.tcp_tw_reuse,
-            pct,
-        };
-        for (key, tw) in inp.timewait.tracked() {
-            if key.netns == *ns
-                && key.remote == *dest
-                && tw.substate == TcpState::TIME_WAIT
-                && let Some(o) = &tw.owner
-            {
-                let a = accs.entry(o.pid).or_default();
-                if !a.pressure.iter().any(|x| x.dest == p.dest) {
-                    a.pressure.push(p.clone());
-                }
-            }
-        }
-    }
-
-    for c in table.closed_since(window_start) {
-        if let Some(pid) = c.pid {
-            let a = accs.entry(pid).or_default();
-            a.closed.push(c.lifetime_ns);
-            if a.comm.is_none() {
-                a.comm.clone_from(&c.comm);
-            }
-        }
-    }
+    passes::close_wait(s, &mut accs, &mut unattributed);
+    let per_dest = passes::time_wait(s, window_start, &mut accs, &mut unattributed);
+    passes::port_pressure(s, &per_dest, cfg.port_pressure_pct, &mut accs);
+    passes::closed(s, window_start, &mut accs);
 
     let counts: HashMap<u32, u64> = accs.iter().map(|(p, a)| (*p, a.close_wait)).collect();
-    growth.record(inp.now_ns, &counts, cfg.window);
-
+    growth.record(s.now_ns, &counts, cfg.window);
     let mut processes: Vec<ProcessRow> = accs
         .into_iter()
-        .map(|(pid, a)| row(pid, a, inp, cfg, growth))
+        .map(|(pid, a)| row::row(pid, a, s, cfg, growth))
         .collect();
     processes.sort_by(|a, b| {
         // Flagged first, then the most CLOSE_WAIT sockets, then the oldest, then TIME_WAIT.
@@ -390,9 +232,25 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
             .then(a.pid.cmp(&b.pid))
     });
 
+    Report {
+        time: s.time.clone(),
+        elapsed_s: round3(s.elapsed_s),
+        is_final: s.is_final,
+        states: s.states.clone(),
+        processes,
+        unattributed,
+        loss: s.loss,
+        time_wait_ends: time_wait_ends(s.timewait, window_start),
+        kernel: s.kernel.get(&s.own_netns).cloned(),
+        footprint: Footprint::default(),
+    }
+}
+
+/// How the TIME_WAITs that ended since `window_start` ended.
+fn time_wait_ends(timewait: &Tracker, window_start: u64) -> TimeWaitEnds {
     let mut expired: Vec<u64> = Vec::new();
     let mut ends = TimeWaitEnds::default();
-    for e in inp.timewait.ended_since(window_start) {
+    for e in timewait.ended_since(window_start) {
         match e.end {
             End::Expired => {
                 ends.expired += 1;
@@ -401,281 +259,12 @@ pub fn build(table: &Table, inp: &Inputs, cfg: &ReportConfig, growth: &mut Growt
             End::Early => ends.early += 1,
         }
     }
-    ends.expired_p50_s = closed_stats(&mut expired).p50_s;
-
-    Report {
-        time: inp.time.clone(),
-        elapsed_s: round3(inp.elapsed_s),
-        is_final: inp.is_final,
-        states: inp.states.clone(),
-        processes,
-        unattributed,
-        loss: inp.loss,
-        time_wait_ends: ends,
-        kernel: inp.kernel.get(&inp.own_netns).cloned(),
-        footprint: Footprint::default(),
-    }
-}
-
-fn row(pid: u32, mut a: Acc, inp: &Inputs, cfg: &ReportConfig, growth: &Growth) -> ProcessRow {
-    let info = inp.procs.get(&pid);
-    let comm = info
-        .map(|i| i.comm.clone())
-        .or(a.comm.take())
-        .unwrap_or_else(|| "?".into());
-    let oldest_s = a.oldest_ns.map(|(ns, _)| ns as f64 / 1e9);
-    let closed = closed_stats(&mut a.closed);
-    let growth_per_min = growth.per_min(pid).filter(|_| a.close_wait > 0);
-    let fds = info.map(|i| i.fds);
-    let fd_limit = info.and_then(|i| i.fd_limit);
-    let fds_exhausted_in_s = match (growth_per_min, fds, fd_limit) {
-        (Some(g), Some(used), Some(limit)) if g > 0.0 => {
-            Some(round3(limit.saturating_sub(used) as f64 / g * 60.0))
-        }
-        _ => None,
-    };
-    let span_s = cfg.window.as_secs_f64().min(inp.elapsed_s);
-    let tw_rate = (span_s > 0.0 && a.tw_created > 0).then(|| round3(a.tw_created as f64 / span_s));
-
-    let age_limit = cfg.close_wait_age.as_secs_f64();
-    let mut flags = Vec::new();
-    if oldest_s.is_some_and(|o| o > age_limit) {
-        flags.push(FLAG_CLOSE_WAIT_LEAK);
-    }
-    if closed.p99_s.is_some_and(|p| p > age_limit) {
-        flags.push(FLAG_CLOSE_WAIT_SLOW);
-    }
-    let closer_port = a
-        .tw_on_listen_port
-        .iter()
-        .filter(|(_, n)| **n >= cfg.time_wait_min)
-        .max_by_key(|(_, n)| **n)
-        .map(|(p, n)| (*p, *n));
-    if closer_port.is_some() {
-        flags.push(FLAG_ACTIVE_CLOSER);
-    }
-    if !a.pressure.is_empty() {
-        flags.push(FLAG_PORT_PRESSURE);
-    }
-    let mut peers: Vec<Peer> = a
-        .peers
-        .into_iter()
-        .map(|(addr, (cw, tw))| Peer {
-            addr: addr.to_string(),
-            close_wait: cw,
-            time_wait: tw,
-        })
-        .collect();
-    peers.sort_by(|x, y| {
-        (y.close_wait + y.time_wait)
-            .cmp(&(x.close_wait + x.time_wait))
-            .then(x.addr.cmp(&y.addr))
-    });
-    let cw_peers = peers.iter().filter(|p| p.close_wait > 0).count();
-    peers.truncate(TOP_PEERS);
-
-    let mut row = ProcessRow {
-        pid,
-        comm,
-        cgroup: info.and_then(|i| i.cgroup.clone()),
-        close_wait: a.close_wait,
-        close_wait_oldest_s: oldest_s.map(round3),
-        close_wait_age_source: a.oldest_ns.map(|(_, s)| s.as_str()),
-        time_wait: a.time_wait,
-        time_wait_oldest_s: a.tw_oldest_ns.map(|ns| round3(ns as f64 / 1e9)),
-        fds,
-        fd_limit,
-        flags,
-        reason: None,
-        peers,
-        owner_sources: a.sources.into_iter().collect(),
-        close_wait_growth_per_min: growth_per_min.map(round3),
-        close_wait_recv_q_bytes: a.recv_q,
-        fds_exhausted_in_s,
-        close_wait_closed: closed,
-        time_wait_created_per_s: tw_rate,
-    };
-    row.reason = reason(&row, cw_peers.saturating_sub(1), closer_port, &a.pressure);
-    row
-}
-
-/// A peer: its address, and its port unless it is a client of ours (`None`, shown `*`).
-/// Formatted once per distinct peer, not once per socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct PeerKey(std::net::IpAddr, Option<u16>);
-
-impl std::fmt::Display for PeerKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (self.0, self.1) {
-            (ip, Some(port)) => write!(f, "{}", std::net::SocketAddr::new(ip, port)),
-            (std::net::IpAddr::V4(ip), None) => write!(f, "{ip}:*"),
-            (std::net::IpAddr::V6(ip), None) => write!(f, "[{ip}]:*"),
-        }
-    }
-}
-
-/// A peer as `addr:port`; on the server side (a listener's port) the client's ephemeral
-/// port says nothing, so its sockets are grouped as `addr:*`.
-fn peer_addr(key: &SockKey, listening: &HashMap<(u32, u16), Vec<u32>>) -> PeerKey {
-    let port = (!listening.contains_key(&(key.netns, key.local.port()))).then(|| key.remote.port());
-    PeerKey(key.remote.ip(), port)
-}
-
-fn closed_stats(lifetimes: &mut [u64]) -> ClosedStats {
-    if lifetimes.is_empty() {
-        return ClosedStats::default();
-    }
-    lifetimes.sort_unstable();
-    let pct = |p: f64| {
-        // Nearest rank.
-        let rank = ((p / 100.0) * lifetimes.len() as f64).ceil() as usize;
-        let at = rank.clamp(1, lifetimes.len()) - 1;
-        lifetimes.get(at).map_or(0.0, |&ns| round3(ns as f64 / 1e9))
-    };
-    ClosedStats {
-        count: lifetimes.len() as u64,
-        p50_s: Some(pct(50.0)),
-        p99_s: Some(pct(99.0)),
-        max_s: lifetimes.last().map(|&m| round3(m as f64 / 1e9)),
-    }
-}
-
-/// One plain sentence per flag, e.g. `python3[4242] holds 50 CLOSE_WAIT sockets from
-/// 127.0.0.1:8080, oldest 5m12s, +10/min; 60 of 1024 fds used: fds run out in ~96 min.
-/// It never calls close() after the peer hangs up.`
-fn reason(
-    r: &ProcessRow,
-    other_peers: usize,
-    closer_port: Option<(u16, u64)>,
-    pressure: &[Pressure],
-) -> Option<String> {
-    let mut parts = Vec::new();
-    let who = format!("{}[{}]", r.comm, r.pid);
-    if r.flags.contains(&FLAG_CLOSE_WAIT_LEAK) {
-        let mut s = format!(
-            "{who} holds {} CLOSE_WAIT socket{}",
-            r.close_wait,
-            plural(r.close_wait)
-        );
-        if let Some(p) = r.peers.iter().find(|p| p.close_wait > 0) {
-            s += &format!(" from {}", p.addr);
-            if other_peers > 0 {
-                s += &format!(
-                    " and {other_peers} other peer{}",
-                    plural(other_peers as u64)
-                );
-            }
-        }
-        if let Some(o) = r.close_wait_oldest_s {
-            s += &format!(", oldest {}", fmt_age(o));
-            if r.close_wait_age_source == Some("estimated") {
-                s += " (estimated)";
-            }
-        }
-        if let Some(g) = r.close_wait_growth_per_min.filter(|g| *g >= 0.05) {
-            s += &format!(", +{}/min", fmt_rate(g));
-        }
-        match (r.fds, r.fd_limit) {
-            (Some(used), Some(limit)) => {
-                s += &format!("; {used} of {limit} fds used");
-                if let Some(eta) = r.fds_exhausted_in_s {
-                    s += &format!(": fds run out in ~{}", fmt_eta(eta));
-                }
-            }
-            (Some(used), None) => s += &format!("; {used} fds used"),
-            _ => {}
-        }
-        s += if r.close_wait_closed.count > 0 {
-            ". It closes sockets late or never after the peer hangs up."
-        } else {
-            ". It never calls close() after the peer hangs up."
-        };
-        parts.push(s);
-    }
-    if r.flags.contains(&FLAG_CLOSE_WAIT_SLOW) {
-        let c = &r.close_wait_closed;
-        parts.push(format!(
-            "{who} closed {} CLOSE_WAIT socket{} only {} after the peer hung up (p50), {} at p99, up to {}: it is slow to call close().",
-            c.count,
-            plural(c.count),
-            fmt_age(c.p50_s.unwrap_or(0.0)),
-            fmt_age(c.p99_s.unwrap_or(0.0)),
-            fmt_age(c.max_s.unwrap_or(0.0)),
-        ));
-    }
-    if let Some((port, n)) = closer_port {
-        let mut s = format!(
-            "{who} listens on port {port} and closed first on {n} of its connections: {n} TIME_WAIT socket{} on that port",
-            plural(n)
-        );
-        if let Some(o) = r.time_wait_oldest_s {
-            s += &format!(", oldest {}", fmt_age(o));
-        }
-        if let Some(rate) = r.time_wait_created_per_s {
-            s += &format!(", {}/s", fmt_rate(rate));
-        }
-        s += ". A server should let its clients close first (they then pay the TIME_WAIT); \
-              usual fixes: keep-alive or pooling so connections are reused, and a protocol \
-              where the client closes.";
-        parts.push(s);
-    }
-    for p in pressure {
-        parts.push(format!(
-            "{who} has TIME_WAIT sockets to {} from local ephemeral ports: {} in all, {:.0}% of the range {}-{} (tcp_tw_reuse={}); new connections to it may fail with EADDRNOTAVAIL. Reuse connections (pooling, keep-alive) or widen net.ipv4.ip_local_port_range.",
-            p.dest,
-            p.count,
-            p.pct,
-            p.range[0],
-            p.range[1],
-            p.tw_reuse.map_or("unknown".into(), |v| v.to_string()),
-        ));
-    }
-    (!parts.is_empty()).then(|| parts.join(" "))
-}
-
-fn plural(n: u64) -> &'static str {
-    if n == 1 { "" } else { "s" }
+    ends.expired_p50_s = passes::closed_stats(&mut expired).p50_s;
+    ends
 }
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
-}
-
-fn fmt_rate(g: f64) -> String {
-    if g >= 10.0 {
-        format!("{g:.0}")
-    } else {
-        format!("{g:.1}")
-    }
-}
-
-fn fmt_eta(secs: f64) -> String {
-    let min = secs / 60.0;
-    if min < 1.0 {
-        format!("{secs:.0} s")
-    } else if min < 120.0 {
-        format!("{min:.0} min")
-    } else {
-        format!("{:.1} h", min / 60.0)
-    }
-}
-
-/// Compact age: `850ms`, `42s`, `5m12s`, `3h04m`, `2d05h`.
-pub fn fmt_age(secs: f64) -> String {
-    let s = secs.max(0.0);
-    if s < 1.0 {
-        return format!("{:.0}ms", s * 1000.0);
-    }
-    if s < 10.0 {
-        return format!("{s:.1}s");
-    }
-    let t = s as u64;
-    match t {
-        0..60 => format!("{t}s"),
-        60..3600 => format!("{}m{:02}s", t / 60, t % 60),
-        3600..86400 => format!("{}h{:02}m", t / 3600, (t % 3600) / 60),
-        _ => format!("{}d{:02}h", t / 86400, (t % 86400) / 3600),
-    }
 }
 
 #[cfg(test)]
@@ -709,8 +298,9 @@ mod tests {
     static NO_KERNEL: std::sync::LazyLock<BTreeMap<u32, KernelInfo>> =
         std::sync::LazyLock::new(BTreeMap::new);
 
-    fn inputs(now_s: u64, procs: &HashMap<u32, ProcInfo>) -> Inputs<'_> {
-        Inputs {
+    fn inputs<'a>(t: &'a Table, now_s: u64, procs: &'a HashMap<u32, ProcInfo>) -> Snapshot<'a> {
+        Snapshot {
+            table: t,
             time: "2026-11-25T16:40:00.000000Z".into(),
             now_ns: now_s * SEC,
             elapsed_s: now_s as f64,
@@ -779,10 +369,9 @@ mod tests {
         let procs = procs();
         let mut g = Growth::default();
         let r = build(
-            &t,
-            &Inputs {
+            &Snapshot {
                 holders: &idx,
-                ..inputs(400, &procs)
+                ..inputs(&t, 400, &procs)
             },
             &cfg(),
             &mut g,
@@ -793,7 +382,7 @@ mod tests {
         assert_eq!(leak.close_wait, 3);
         assert_eq!(leak.close_wait_oldest_s, Some(312.0));
         assert_eq!(leak.close_wait_age_source, Some("observed"));
-        assert_eq!(leak.flags, [FLAG_CLOSE_WAIT_LEAK]);
+        assert_eq!(leak.flags, [flag::CLOSE_WAIT_LEAK.name]);
         assert_eq!(leak.owner_sources, ["fd"]);
         assert_eq!(leak.close_wait_recv_q_bytes, 0);
         assert_eq!(
@@ -824,18 +413,18 @@ mod tests {
                 t.apply(&enter_cw((minute * 60) as f64, L, &r, minute * 10 + i + 1));
             }
             let idx = hold(&t, |_| vec![4242]);
-            let inp = Inputs {
+            let inp = Snapshot {
                 holders: &idx,
-                ..inputs(minute * 60 + 1, &procs)
+                ..inputs(&t, minute * 60 + 1, &procs)
             };
-            let _ = build(&t, &inp, &cfg(), &mut g);
+            let _ = build(&inp, &cfg(), &mut g);
         }
         let idx = hold(&t, |_| vec![4242]);
-        let inp = Inputs {
+        let inp = Snapshot {
             holders: &idx,
-            ..inputs(121, &procs)
+            ..inputs(&t, 121, &procs)
         };
-        let r = build(&t, &inp, &cfg(), &mut g);
+        let r = build(&inp, &cfg(), &mut g);
         let p = &r.processes[0];
         assert_eq!(p.close_wait, 30);
         assert_eq!(p.close_wait_growth_per_min, Some(10.0));
@@ -863,9 +452,9 @@ mod tests {
             t.apply(&close_cw(at + life, L, &r, 7));
         }
         let procs = procs();
-        let r = build(&t, &inputs(200, &procs), &cfg(), &mut Growth::default());
+        let r = build(&inputs(&t, 200, &procs), &cfg(), &mut Growth::default());
         let p = &r.processes[0];
-        assert_eq!(p.flags, [FLAG_CLOSE_WAIT_SLOW]);
+        assert_eq!(p.flags, [flag::CLOSE_WAIT_SLOW.name]);
         assert_eq!(p.close_wait_closed.count, 10);
         assert_eq!(p.close_wait_closed.p50_s, Some(70.0));
         assert_eq!(p.close_wait_closed.p99_s, Some(90.0));
@@ -885,10 +474,9 @@ mod tests {
         let idx = hold(&t, |_| vec![4242, 7]);
         let procs = procs();
         let r = build(
-            &t,
-            &Inputs {
+            &Snapshot {
                 holders: &idx,
-                ..inputs(100, &procs)
+                ..inputs(&t, 100, &procs)
             },
             &cfg(),
             &mut Growth::default(),
@@ -899,7 +487,7 @@ mod tests {
         assert!(
             r.processes
                 .iter()
-                .all(|p| p.close_wait == 1 && p.flags == [FLAG_CLOSE_WAIT_LEAK])
+                .all(|p| p.close_wait == 1 && p.flags == [flag::CLOSE_WAIT_LEAK.name])
         );
     }
 
@@ -908,7 +496,7 @@ mod tests {
         let mut t = Table::new(NS);
         t.apply(&enter_cw(1.0, L, "127.0.0.1:40000", 55));
         let procs = procs();
-        let r = build(&t, &inputs(100, &procs), &cfg(), &mut Growth::default());
+        let r = build(&inputs(&t, 100, &procs), &cfg(), &mut Growth::default());
         assert!(r.processes.is_empty());
         assert_eq!(r.unattributed.close_wait, 1);
         assert!(!r.flagged());
@@ -925,10 +513,9 @@ mod tests {
         let idx = hold(&t, |_| vec![4242]);
         let procs = procs();
         let r = build(
-            &t,
-            &Inputs {
+            &Snapshot {
                 holders: &idx,
-                ..inputs(100, &procs)
+                ..inputs(&t, 100, &procs)
             },
             &cfg(),
             &mut Growth::default(),
@@ -951,10 +538,9 @@ mod tests {
         let idx = hold(&t, |_| vec![4242]);
         let procs = procs();
         let r = build(
-            &t,
-            &Inputs {
+            &Snapshot {
                 holders: &idx,
-                ..inputs(100, &procs)
+                ..inputs(&t, 100, &procs)
             },
             &cfg(),
             &mut Growth::default(),
@@ -1037,10 +623,10 @@ mod tests {
         let idx = hold(&t, |_| vec![4242]);
         let procs = procs();
         let listening = HashMap::from([((NS, 8080), vec![4242])]);
-        let mut inp = inputs(100, &procs);
+        let mut inp = inputs(&t, 100, &procs);
         inp.holders = &idx;
         inp.listening = &listening;
-        let r = build(&t, &inp, &cfg(), &mut Growth::default());
+        let r = build(&inp, &cfg(), &mut Growth::default());
         let peers: Vec<(&str, u64)> = r.processes[0]
             .peers
             .iter()
@@ -1052,7 +638,7 @@ mod tests {
             local: "[::1]:8080".parse().unwrap(),
             remote: "[::1]:5000".parse().unwrap(),
         };
-        assert_eq!(peer_addr(&v6, &listening).to_string(), "[::1]:*");
+        assert_eq!(passes::peer_addr(&v6, &listening).to_string(), "[::1]:*");
     }
 
     /// A tracker holding `n` confirmed TIME_WAITs from `local` (port varying when
@@ -1099,13 +685,13 @@ mod tests {
         let tw = timewaits(3, L, "127.0.0.2:50000", false, 7);
         let procs = procs();
         let listening = HashMap::from([((NS, 8080), vec![7])]);
-        let mut inp = inputs(20, &procs);
+        let mut inp = inputs(&t, 20, &procs);
         inp.listening = &listening;
         inp.timewait = &tw;
-        let r = build(&t, &inp, &cfg(), &mut Growth::default());
+        let r = build(&inp, &cfg(), &mut Growth::default());
         let p = &r.processes[0];
         assert_eq!((p.pid, p.time_wait), (7, 3));
-        assert_eq!(p.flags, [FLAG_ACTIVE_CLOSER]);
+        assert_eq!(p.flags, [flag::ACTIVE_CLOSER.name]);
         assert_eq!(p.time_wait_oldest_s, Some(10.0));
         assert_eq!(p.owner_sources, ["carried"]);
         assert_eq!(p.peers[0].addr, "127.0.0.2:*");
@@ -1119,7 +705,7 @@ mod tests {
         // Below --time-wait-min: not flagged.
         let mut strict = cfg();
         strict.time_wait_min = 4;
-        let r = build(&t, &inp, &strict, &mut Growth::default());
+        let r = build(&inp, &strict, &mut Growth::default());
         assert!(r.processes[0].flags.is_empty());
     }
 
@@ -1138,13 +724,13 @@ mod tests {
                 time_wait_overflow: Some(0),
             },
         )]);
-        let mut inp = inputs(20, &procs);
+        let mut inp = inputs(&t, 20, &procs);
         inp.timewait = &tw;
         inp.kernel = &kernel;
-        let r = build(&t, &inp, &cfg(), &mut Growth::default());
+        let r = build(&inp, &cfg(), &mut Growth::default());
         let p = &r.processes[0];
         assert_eq!((p.pid, p.time_wait), (42, 6));
-        assert_eq!(p.flags, [FLAG_PORT_PRESSURE]);
+        assert_eq!(p.flags, [flag::PORT_PRESSURE.name]);
         let reason = p.reason.as_deref().unwrap();
         assert!(
             reason.contains("to 127.0.0.1:8080")
@@ -1159,17 +745,7 @@ mod tests {
         let mut wide = kernel.clone();
         wide.get_mut(&NS).unwrap().ip_local_port_range = [40000, 40019];
         inp.kernel = &wide;
-        let r = build(&t, &inp, &cfg(), &mut Growth::default());
+        let r = build(&inp, &cfg(), &mut Growth::default());
         assert!(r.processes[0].flags.is_empty());
-    }
-
-    #[test]
-    fn ages_are_compact() {
-        assert_eq!(fmt_age(0.25), "250ms");
-        assert_eq!(fmt_age(4.5), "4.5s");
-        assert_eq!(fmt_age(42.0), "42s");
-        assert_eq!(fmt_age(312.0), "5m12s");
-        assert_eq!(fmt_age(11_040.0), "3h04m");
-        assert_eq!(fmt_age(190_800.0), "2d05h");
     }
 }

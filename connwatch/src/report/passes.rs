@@ -1,0 +1,210 @@
+//! The passes that fold a snapshot into per-process accumulators, one per kind of
+//! evidence: CLOSE_WAIT sockets, TIME_WAIT sockets, ephemeral-port pressure, and
+//! CLOSE_WAIT sockets closed within the window.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::{Snapshot, Unattributed, round3};
+use crate::{
+    decode::{OwnerSource, TcpState},
+    table::{AgeSource, Endpoint, SockKey},
+};
+
+/// What one process accumulates over the passes.
+#[derive(Default)]
+pub(super) struct Acc {
+    pub close_wait: u64,
+    pub oldest_ns: Option<(u64, AgeSource)>,
+    pub recv_q: u64,
+    pub time_wait: u64,
+    pub tw_oldest_ns: Option<u64>,
+    /// TIME_WAITs per local port that the process listens on (server closed first).
+    pub tw_on_listen_port: BTreeMap<u16, u64>,
+    pub tw_created: u64,
+    /// Per peer: (CLOSE_WAIT, TIME_WAIT) sockets.
+    pub peers: HashMap<PeerKey, (u64, u64)>,
+    pub sources: BTreeSet<&'static str>,
+    /// Lifetimes of its CLOSE_WAIT sockets closed within the window.
+    pub closed: Vec<u64>,
+    pub comm: Option<String>,
+    pub pressure: Vec<Pressure>,
+}
+
+pub(super) type Accs = BTreeMap<u32, Acc>;
+
+/// One destination whose ephemeral ports are running short.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pressure {
+    pub dest: String,
+    pub count: u64,
+    pub range: [u16; 2],
+    pub tw_reuse: Option<u32>,
+    pub pct: f64,
+}
+
+/// CLOSE_WAIT sockets, counted for every process holding them (a socket shared after
+/// fork counts for each holder), or for the owner the probe saw.
+pub(super) fn close_wait(s: &Snapshot, accs: &mut Accs, unattributed: &mut Unattributed) {
+    for (key, cw) in s.table.close_wait() {
+        let age_ns = s.now_ns.saturating_sub(cw.since_ns);
+        let holders = s.holders.holders(cw.inode);
+        let (pids, source): (&[u32], &'static str) = if !holders.is_empty() {
+            (holders, OwnerSource::Fd.as_str())
+        } else if let Some(owner) = &cw.probe_owner {
+            (std::slice::from_ref(&owner.0), owner.2.as_str())
+        } else {
+            unattributed.close_wait += 1;
+            continue;
+        };
+        let peer = peer_addr(key, s.listening);
+        for &pid in pids {
+            let a = accs.entry(pid).or_default();
+            a.close_wait += 1;
+            if a.oldest_ns.is_none_or(|(o, _)| age_ns > o) {
+                a.oldest_ns = Some((age_ns, cw.age_source));
+            }
+            a.recv_q += u64::from(cw.recv_q);
+            a.peers.entry(peer).or_default().0 += 1;
+            a.sources.insert(source);
+            if a.comm.is_none() {
+                a.comm = cw.probe_owner.as_ref().map(|o| o.1.clone());
+            }
+        }
+    }
+}
+
+/// Destinations reached from ephemeral ports: (netns, remote) → TIME_WAIT count.
+pub(super) type PerDest = HashMap<(u32, Endpoint), u64>;
+
+/// TIME_WAIT sockets, counted for the process that closed first, and the TIME_WAITs it
+/// created within the window. Returns the TIME_WAITs per destination, for port pressure.
+pub(super) fn time_wait(
+    s: &Snapshot,
+    window_start: u64,
+    accs: &mut Accs,
+    unattributed: &mut Unattributed,
+) -> PerDest {
+    let mut per_dest = PerDest::new();
+    for (key, tw) in s.timewait.tracked() {
+        if tw.substate != TcpState::TIME_WAIT {
+            continue;
+        }
+        let port = key.local.port();
+        let listeners = s.listening.get(&(key.netns, port));
+        let ephemeral = s
+            .kernel
+            .get(&key.netns)
+            .is_some_and(|k| k.ephemeral().contains(&port));
+        if ephemeral && listeners.is_none() {
+            *per_dest.entry((key.netns, key.remote)).or_insert(0) += 1;
+        }
+        let Some(owner) = &tw.owner else {
+            unattributed.time_wait += 1;
+            continue;
+        };
+        let a = accs.entry(owner.pid).or_default();
+        a.time_wait += 1;
+        let age = s.now_ns.saturating_sub(tw.entered_ns);
+        a.tw_oldest_ns = Some(a.tw_oldest_ns.map_or(age, |o| o.max(age)));
+        a.peers.entry(peer_addr(key, s.listening)).or_default().1 += 1;
+        a.sources.insert(tw.owner_source.as_str());
+        if listeners.is_some_and(|pids| pids.contains(&owner.pid)) {
+            *a.tw_on_listen_port.entry(port).or_insert(0) += 1;
+        }
+        if a.comm.is_none() {
+            a.comm = Some(owner.comm.to_string());
+        }
+    }
+    for (_, pid) in s.timewait.created_since(window_start) {
+        if let Some(pid) = pid {
+            accs.entry(*pid).or_default().tw_created += 1;
+        }
+    }
+    per_dest
+}
+
+/// Port pressure: every process with TIME_WAITs to a destination whose count is over
+/// `threshold_pct` of its namespace's ephemeral port range.
+pub(super) fn port_pressure(s: &Snapshot, per_dest: &PerDest, threshold_pct: f64, accs: &mut Accs) {
+    for ((ns, dest), count) in per_dest {
+        let Some(k) = s.kernel.get(ns) else {
+            continue;
+        };
+        let pct = *count as f64 * 100.0 / k.ephemeral_count() as f64;
+        if pct <= threshold_pct {
+            continue;
+        }
+        let p = Pressure {
+            dest: dest.to_string(),
+            count: *count,
+            range: k.ip_local_port_range,
+            tw_reuse: k.tcp_tw_reuse,
+            pct,
+        };
+        for (key, tw) in s.timewait.tracked() {
+            if key.netns == *ns
+                && key.remote == *dest
+                && tw.substate == TcpState::TIME_WAIT
+                && let Some(o) = &tw.owner
+            {
+                let a = accs.entry(o.pid).or_default();
+                if !a.pressure.iter().any(|x| x.dest == p.dest) {
+                    a.pressure.push(p.clone());
+                }
+            }
+        }
+    }
+}
+
+/// CLOSE_WAIT sockets closed within the window: their lifetimes, per process.
+pub(super) fn closed(s: &Snapshot, window_start: u64, accs: &mut Accs) {
+    for c in s.table.closed_since(window_start) {
+        if let Some(pid) = c.pid {
+            let a = accs.entry(pid).or_default();
+            a.closed.push(c.lifetime_ns);
+            if a.comm.is_none() {
+                a.comm.clone_from(&c.comm);
+            }
+        }
+    }
+}
+
+/// A peer: its address, and its port unless it is a client of ours (`None`, shown `*`).
+/// Formatted once per distinct peer, not once per socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct PeerKey(std::net::IpAddr, Option<u16>);
+
+impl std::fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.0, self.1) {
+            (ip, Some(port)) => write!(f, "{}", std::net::SocketAddr::new(ip, port)),
+            (std::net::IpAddr::V4(ip), None) => write!(f, "{ip}:*"),
+            (std::net::IpAddr::V6(ip), None) => write!(f, "[{ip}]:*"),
+        }
+    }
+}
+
+/// A peer as `addr:port`; on the server side (a listener's port) the client's ephemeral
+/// port says nothing, so its sockets are grouped as `addr:*`.
+pub(super) fn peer_addr(key: &SockKey, listening: &HashMap<(u32, u16), Vec<u32>>) -> PeerKey {
+    let port = (!listening.contains_key(&(key.netns, key.local.port()))).then(|| key.remote.port());
+    PeerKey(key.remote.ip(), port)
+}
+
+/// Count, nearest-rank p50 and p99, and maximum of lifetimes (ns), in seconds.
+pub(super) fn closed_stats(lifetimes: &mut [u64]) -> super::ClosedStats {
+    if lifetimes.is_empty() {
+        return super::ClosedStats::default();
+    }
+    lifetimes.sort_unstable();
+    let pct = |p: f64| {
+        let rank = ((p / 100.0) * lifetimes.len() as f64).ceil() as usize;
+        let at = rank.clamp(1, lifetimes.len()) - 1;
+        lifetimes.get(at).map_or(0.0, |&ns| round3(ns as f64 / 1e9))
+    };
+    super::ClosedStats {
+        count: lifetimes.len() as u64,
+        p50_s: Some(pct(50.0)),
+        p99_s: Some(pct(99.0)),
+        max_s: lifetimes.last().map(|&m| round3(m as f64 / 1e9)),
+    }
+}
