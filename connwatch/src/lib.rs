@@ -5,6 +5,7 @@
 //! `table` and `timewait` follow sockets, `report` aggregates per process, `views`
 //! format; `trace`, `watch`, `serve`, `top` are the commands over that flow. The crate
 //! is a library too, so that the parsers can be fuzzed (connwatch/fuzz).
+pub mod budget;
 pub mod cli;
 pub mod clock;
 pub mod decode;

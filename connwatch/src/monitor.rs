@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
+    budget::Budget,
     clock::{WallClock, monotonic_ns},
     decode::{TcpState, Transition},
     filter::Filter,
@@ -47,13 +48,11 @@ pub struct Monitor {
     /// How many closes/ends `take_lifetimes` already handed out.
     taken: (u64, u64),
     /// End and cost of the last dump that observed timewait sockets.
-    last_tw_dump: Option<(std::time::Instant, Duration)>,
-    /// Polls skipped to stay within the polling budget.
-    pub polls_skipped: u64,
+    tw_budget: Budget,
     /// Whether other network namespaces can be entered (CAP_SYS_ADMIN).
     other_netns: bool,
-    /// End and cost of the last full dump (`refresh`).
-    last_full_dump: Option<(std::time::Instant, Duration)>,
+    /// Full dumps (`refresh`).
+    full_budget: Budget,
     /// Events lost so far (dropped, unstorable, undecodable): a loss means a timewait
     /// socket may have begun unseen, so the next poll is not skipped.
     loss_seen: u64,
@@ -96,10 +95,9 @@ impl Monitor {
             rediscover: false,
             poll_ns: 0,
             taken: (0, 0),
-            last_tw_dump: None,
-            polls_skipped: 0,
+            tw_budget: Budget::new(POLL_BUDGET),
             other_netns: crate::probe::Abilities::current().other_netns,
-            last_full_dump: None,
+            full_budget: Budget::new(REFRESH_BUDGET),
             loss_seen: 0,
             loss_polled: 0,
             prescan: Some(owners::Prescan::start()),
@@ -292,13 +290,7 @@ impl Monitor {
         {
             return false;
         }
-        if let Some((end, cost)) = self.last_tw_dump
-            && end.elapsed() < cost * POLL_BUDGET
-        {
-            self.polls_skipped += 1;
-            return false;
-        }
-        true
+        self.tw_budget.allows()
     }
 
     fn observe(
@@ -360,7 +352,7 @@ impl Monitor {
         }
         self.tw_seeded = true;
         rows.sort_by_key(|r| r.ts_ns);
-        self.last_tw_dump = Some((std::time::Instant::now(), started.elapsed()));
+        self.tw_budget.spent(started.elapsed());
         Ok(rows)
     }
 
@@ -372,9 +364,7 @@ impl Monitor {
     /// most 1/REFRESH_BUDGET of a CPU (a few ms on most hosts: every report; ~100 ms
     /// with 100,000 sockets: every few seconds).
     pub fn refresh(&mut self) -> Result<Vec<Synthetic>> {
-        if let Some((end, cost)) = self.last_full_dump
-            && end.elapsed() < cost * REFRESH_BUDGET
-        {
+        if !self.full_budget.allows() {
             return Ok(Vec::new());
         }
         let now = monotonic_ns();
@@ -402,7 +392,7 @@ impl Monitor {
         let rows = self.observe(dumps, started);
         self.loss_polled = loss;
         release_freed_memory();
-        self.last_full_dump = Some((std::time::Instant::now(), started.elapsed()));
+        self.full_budget.spent(started.elapsed());
         rows
     }
 

@@ -5,10 +5,12 @@
 //! does each time; here the index is kept and rebuilt only when a socket's inode is
 //! unknown to it (at most once per `min_rescan`), and in full every `max_age` so that
 //! fds closed or passed on are noticed.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use procfs::process::{Process, all_processes};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet};
+
+use crate::budget::{Budget, thread_cpu_time};
 
 /// What a report shows of a process.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -30,29 +32,13 @@ pub struct FdIndex {
     /// Inodes the last scan looked for and found in no process (kernel sockets, holders
     /// in reach of no /proc we can read): not worth a rescan until the index is stale.
     missing: FxHashSet<u64>,
-    last_scan: Option<Instant>,
-    /// How long the last scan took: scans are spaced so that they use at most
-    /// 1/SCAN_BUDGET of a CPU (a scan of 50,000 fds takes a few hundred ms).
-    last_cost: Duration,
+    /// Scans use at most 1/SCAN_BUDGET of a CPU (a scan of 50,000 fds takes a few
+    /// hundred ms), beyond which they are spaced further than asked.
+    pub budget: Budget,
     min_rescan: Duration,
     max_age: Duration,
-    /// Scans may use at most 1/budget of a CPU (0: no limit).
-    pub budget: u32,
     /// Full /proc scans done so far (shown in diagnostics; a cost counter).
     pub scans: u64,
-}
-
-/// CPU time used so far by the calling thread.
-fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which `ts` is.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// /proc scans may use at most 1/SCAN_BUDGET of a CPU.
@@ -63,11 +49,9 @@ impl FdIndex {
         Self {
             holders: HashMap::default(),
             missing: FxHashSet::default(),
-            last_scan: None,
-            last_cost: Duration::ZERO,
+            budget: Budget::new(SCAN_BUDGET),
             min_rescan,
             max_age,
-            budget: SCAN_BUDGET,
             scans: 0,
         }
     }
@@ -78,8 +62,8 @@ impl FdIndex {
     /// memory follows the sockets of interest, not every socket on the machine.
     pub fn ensure(&mut self, inodes: impl IntoIterator<Item = u64>) {
         let wanted: Vec<u64> = inodes.into_iter().filter(|&i| i != 0).collect();
-        let spacing = self.last_cost * self.budget;
-        let age = self.last_scan.map(|t| t.elapsed());
+        let spacing = self.budget.spacing();
+        let age = self.budget.since_last();
         let stale = age.is_none_or(|a| a >= self.max_age.max(spacing));
         let may_rescan = age.is_none_or(|a| a >= self.min_rescan.max(spacing));
         let new = wanted
@@ -92,8 +76,6 @@ impl FdIndex {
 
     /// Rebuilds the index of `wanted` inodes from every process's fd table.
     pub fn scan(&mut self, wanted: &FxHashSet<u64>) {
-        // The budget is CPU: on a loaded host the wall time of a scan includes time spent
-        // waiting for a core, which would space scans out exactly when attribution matters.
         let started = thread_cpu_time();
         let holders = collect(|inode| wanted.contains(&inode));
         self.missing = wanted
@@ -102,8 +84,7 @@ impl FdIndex {
             .copied()
             .collect();
         self.holders = holders;
-        self.last_scan = Some(Instant::now());
-        self.last_cost = thread_cpu_time().saturating_sub(started);
+        self.budget.spent(thread_cpu_time().saturating_sub(started));
         self.scans += 1;
     }
 
@@ -120,8 +101,7 @@ impl FdIndex {
         all.shrink_to_fit();
         self.holders = all;
         self.missing.clear();
-        self.last_scan = Some(Instant::now());
-        self.last_cost = cost;
+        self.budget.spent(cost);
         self.scans += 1;
     }
 
@@ -129,7 +109,7 @@ impl FdIndex {
     pub fn with_holders(pairs: impl IntoIterator<Item = (u64, Vec<u32>)>) -> Self {
         let mut index = Self::new(Duration::MAX, Duration::MAX);
         index.holders = pairs.into_iter().map(|(i, p)| (i, p.into())).collect();
-        index.last_scan = Some(Instant::now());
+        index.budget.spent(Duration::ZERO);
         index
     }
 
@@ -155,9 +135,9 @@ pub struct Prescan(std::thread::JoinHandle<(HashMap<u64, Holders>, Duration)>);
 impl Prescan {
     pub fn start() -> Self {
         Self(std::thread::spawn(|| {
-            let started = Instant::now();
+            let started = thread_cpu_time();
             let all = collect(|_| true);
-            (all, started.elapsed())
+            (all, thread_cpu_time().saturating_sub(started))
         }))
     }
 }
@@ -311,7 +291,7 @@ mod tests {
     #[test]
     fn holderless_inodes_do_not_force_rescans() {
         let mut index = FdIndex::new(Duration::ZERO, Duration::from_secs(60));
-        index.budget = 0;
+        index.budget = Budget::new(0);
         // No process holds this inode (a kernel socket, or a holder we cannot see).
         let nobody = u64::MAX - 7;
         index.ensure([nobody]);
@@ -329,7 +309,7 @@ mod tests {
         index.ensure([u64::MAX - 7]);
         assert_eq!(index.scans, 1);
         // Pretend the scan was expensive: a new inode waits for the budget.
-        index.last_cost = Duration::from_secs(1);
+        index.budget.spent(Duration::from_secs(1));
         index.ensure([u64::MAX - 8]);
         assert_eq!(index.scans, 1);
     }

@@ -1,0 +1,100 @@
+//! CPU budgets for the recurring jobs that cost in proportion to what the host holds
+//! (timewait polls, full sock_diag dumps, /proc fd scans): a job that took `cost` may run
+//! again once `cost × share` has passed since it ended, so it uses at most 1/`share` of a
+//! CPU however large the host, and runs as often as asked where it is cheap.
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct Budget {
+    /// The job may use 1/share of a CPU (0: no limit).
+    share: u32,
+    /// End and cost of the last run.
+    last: Option<(Instant, Duration)>,
+    /// Runs refused so far to stay within the budget.
+    pub refused: u64,
+}
+
+impl Budget {
+    pub const fn new(share: u32) -> Self {
+        Self {
+            share,
+            last: None,
+            refused: 0,
+        }
+    }
+
+    /// The pause after the last run that keeps within the budget.
+    pub fn spacing(&self) -> Duration {
+        self.last
+            .map_or(Duration::ZERO, |(_, cost)| cost.saturating_mul(self.share))
+    }
+
+    /// Time since the last run ended (`None` before the first).
+    pub fn since_last(&self) -> Option<Duration> {
+        self.last.map(|(end, _)| end.elapsed())
+    }
+
+    /// Whether a run now keeps within the budget; a refusal is counted.
+    pub fn allows(&mut self) -> bool {
+        let ok = self.since_last().is_none_or(|t| t >= self.spacing());
+        if !ok {
+            self.refused += 1;
+        }
+        ok
+    }
+
+    /// Records a run that just ended and cost `cost` (CPU time where the job runs on
+    /// this thread; wall time where it waits on other threads or the kernel).
+    pub fn spent(&mut self, cost: Duration) {
+        self.last = Some((Instant::now(), cost));
+    }
+}
+
+/// CPU time used so far by the calling thread: on a loaded host a job's wall time
+/// includes time spent waiting for a core, which would space it out exactly when it
+/// matters.
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spacing_follows_the_last_cost() {
+        let mut b = Budget::new(20);
+        assert!(b.allows(), "the first run is always allowed");
+        b.spent(Duration::from_secs(1));
+        assert_eq!(b.spacing(), Duration::from_secs(20));
+        assert!(!b.allows());
+        assert_eq!(b.refused, 1);
+        b.spent(Duration::ZERO);
+        assert!(b.allows(), "a free run may repeat at once");
+    }
+
+    #[test]
+    fn no_limit_with_share_zero() {
+        let mut b = Budget::new(0);
+        b.spent(Duration::from_secs(5));
+        assert!(b.allows());
+    }
+
+    #[test]
+    fn thread_cpu_time_advances_with_work() {
+        let t0 = thread_cpu_time();
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = std::hint::black_box(x.wrapping_add(i));
+        }
+        assert!(thread_cpu_time() > t0, "{x}");
+    }
+}
