@@ -3,11 +3,12 @@
 //! One pipeline, many views: `probe` loads and attaches the kernel side, `decode` turns
 //! its records into transitions, `sockdiag`/`owners`/`netns` observe what exists,
 //! `table` and `timewait` follow sockets, `report` aggregates per process, `views`
-//! format; `trace`, `watch`, `serve`, `top` are the commands over that flow. The crate
+//! format; `cmd` holds the commands over that flow (`trace`, `watch`, `serve`, `top`). The crate
 //! is a library too, so that the parsers can be fuzzed (connwatch/fuzz).
 pub mod budget;
 pub mod cli;
 pub mod clock;
+pub mod cmd;
 pub mod decode;
 pub mod filter;
 pub mod kernelinfo;
@@ -17,12 +18,8 @@ pub mod netns;
 pub mod owners;
 pub mod probe;
 pub mod report;
-pub mod serve;
 pub mod shutdown;
 pub mod sockdiag;
 pub mod table;
 pub mod timewait;
-pub mod top;
-pub mod trace;
 pub mod views;
-pub mod watch;

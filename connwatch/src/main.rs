@@ -8,9 +8,9 @@ use clap::Parser as _;
 
 use connwatch::{
     cli::{Cli, Command, ProbeArgs},
+    cmd::{serve, top, trace, watch},
     filter::Filter,
     probe::{self, ProbeOptions},
-    serve, top, trace, watch,
 };
 
 fn main() -> ExitCode {

@@ -1,8 +1,10 @@
 //! Output formats: one module per view over the same flow, and the words and numbers
-//! they share (`format`, `reason`).
+//! they share. `transitions` formats `trace` rows, `text` the `watch`/`snapshot` report
+//! (human and JSON), `screen` the `top` screen, `metrics` the Prometheus exposition;
+//! `reason` writes the sentence behind each flag, `format` the compact numbers.
 pub mod format;
 pub mod metrics;
 pub mod reason;
-pub mod report;
-pub mod top;
-pub mod trace;
+pub mod screen;
+pub mod text;
+pub mod transitions;

@@ -21,12 +21,12 @@ use tokio::net::TcpListener;
 use crate::{
     cli::ServeArgs,
     clock::monotonic_ns,
+    cmd::watch::config,
     filter::Filter,
     live::Live,
     probe::ProbeOptions,
     shutdown::Shutdown,
     views::metrics::{self, Persistent, Totals},
-    watch::config,
 };
 
 /// Binds `--listen` (a name is resolved; the first address that binds wins), with an

@@ -15,7 +15,7 @@ use crate::{
     probe::ProbeOptions,
     report::{Report, ReportConfig},
     shutdown::Shutdown,
-    views::report as view,
+    views::text as view,
 };
 
 /// `--check`: exit status 3 when the final report flags a process.

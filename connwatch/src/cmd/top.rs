@@ -6,8 +6,8 @@ use anyhow::Result;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind};
 
 use crate::{
-    cli::TopArgs, filter::Filter, live::Live, probe::ProbeOptions, shutdown::Shutdown,
-    views::top::App, watch::config,
+    cli::TopArgs, cmd::watch::config, filter::Filter, live::Live, probe::ProbeOptions,
+    shutdown::Shutdown, views::screen::App,
 };
 
 pub async fn top(args: TopArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {

@@ -18,7 +18,7 @@ use crate::{
     report::ReportConfig,
     shutdown::Shutdown,
     timewait::Synthetic,
-    views::trace::{self as view, Row},
+    views::transitions::{self as view, Row},
 };
 
 /// How often `trace` lists namespaces again (new containers), when no transition of

@@ -1,0 +1,7 @@
+//! The commands: each wires the one flow (probe → `Live` → `Monitor` → report) to a view
+//! and an exit. `trace` streams transitions, `watch` and `snapshot` print reports,
+//! `top` draws them full-screen, `serve` exposes them as metrics.
+pub mod serve;
+pub mod top;
+pub mod trace;
+pub mod watch;
