@@ -96,6 +96,29 @@ pub const fn runs_in_owner_context(old: u8, new: u8) -> bool {
     )
 }
 
+/// Transitions that begin a socket's life: connect() or listen() from CLOSE, or a child
+/// socket created by a listener. Whatever was remembered for the same address (a freed
+/// socket) or 4-tuple (a timewait socket now reused) belongs to an earlier life.
+#[inline(always)]
+pub const fn starts_a_life(old: u8, new: u8) -> bool {
+    old == tcp_state::CLOSE || (old == tcp_state::LISTEN && new == tcp_state::SYN_RECV)
+}
+
+/// FIN_WAIT2/CLOSING -> CLOSE: the socket closed first and, unless it was reset or
+/// timed out, a timewait socket now stands in for it (the kernel reports no
+/// ->TIME_WAIT for the full socket).
+#[inline(always)]
+pub const fn may_leave_timewait(old: u8, new: u8) -> bool {
+    new == tcp_state::CLOSE && (old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING)
+}
+
+/// The transitions the CLOSE_WAIT/TIME_WAIT report needs (`Filter::lifecycle_only`):
+/// into and out of CLOSE_WAIT, and those that may leave a timewait socket.
+#[inline(always)]
+pub const fn is_lifecycle(old: u8, new: u8) -> bool {
+    new == tcp_state::CLOSE_WAIT || old == tcp_state::CLOSE_WAIT || may_leave_timewait(old, new)
+}
+
 /// Indexes into the per-CPU `COUNTERS` array.
 pub mod counter {
     /// TCP transitions the probe ran for (after filtering).
@@ -247,11 +270,17 @@ impl Offsets {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain-old-data, `#[repr(C)]`, no implicit padding, every bit pattern valid.
+    // SAFETY (each): plain-old-data, `#[repr(C)]`, integers and integer arrays only with
+    // explicit padding (sizes asserted below), so every bit pattern is a valid value.
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::SockState {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Offsets {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Filter {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::ListenKey {}
 }
 

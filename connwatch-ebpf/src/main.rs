@@ -31,7 +31,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use connwatch_common::{
     AF_INET, AF_INET6, Event, FILTER_MAX, Filter, IPPROTO_TCP, ListenKey, Offsets, SockState,
-    counter, owner_source, runs_in_owner_context, tcp_state, tp_record,
+    counter, is_lifecycle, owner_source, runs_in_owner_context, starts_a_life, tcp_state,
+    tp_record,
 };
 
 /// Event stream to userspace. Size is set by userspace at load time (`--ring-size`).
@@ -69,25 +70,31 @@ static FILTER: Filter = Filter {
     cgroup_id: 0,
 };
 
-/// The fields of a transition that the two hooks obtain differently.
 /// One field of OFFSETS. Volatile, so that the compiler cannot fold the placeholder
 /// values userspace overrides at load time; one field at a time, because copying the
 /// whole struct to the stack on every event costs a memcpy call in BPF.
 macro_rules! off {
     ($field:ident) => {
-        // SAFETY: a read of our own global.
-        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) }
+        global(&raw const OFFSETS.$field)
     };
 }
 
 /// One field of FILTER, read like OFFSETS.
 macro_rules! filt {
     ($($field:tt)+) => {
-        // SAFETY: a read of our own global.
-        unsafe { core::ptr::read_volatile(&raw const FILTER.$($field)+) }
+        global(&raw const FILTER.$($field)+)
     };
 }
 
+/// A volatile read of one field of our own globals.
+#[inline(always)]
+fn global<T: Copy>(field: *const T) -> T {
+    // SAFETY: `field` points into OFFSETS or FILTER (the macros above), statics that
+    // live as long as the program and are never written after load.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// The fields of a transition that the two hooks obtain differently.
 struct Tuple {
     family: u16,
     sport: u16,
@@ -183,13 +190,24 @@ pub fn connwatch_tracepoint(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// What the probe knows of a socket's owner after this transition.
+struct Owned {
+    /// When the socket entered `old` (0: not seen).
+    prev_since: u64,
+    /// What is remembered for the socket from now on.
+    state: SockState,
+    /// How `state`'s owner was found (`owner_source`).
+    source: u8,
+}
+
+/// One transition: remember, track listeners, filter, emit.
 // Not inlined: one copy shared by both hooks, and LLVM's cross-inlining of the
 // tracepoint's record loads produced code the verifier rejects (pointer shifted as a
 // scalar).
 #[inline(never)]
-unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new: u8, t: &Tuple) {
+fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new: u8, t: &Tuple) {
+    // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = sk as u64;
     let task_pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // The comm is copied only where it is used: for an owner named by context, or for an
     // event that passes the filter (most transitions are neither in `watch`).
@@ -198,10 +216,42 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
     if in_context {
         task_comm = bpf_get_current_comm().unwrap_or([0; 16]);
     }
+    let owned = update_state(
+        ctx, sk as u64, old, new, now, in_context, task_pid, &task_comm,
+    );
 
-    // A socket that starts a life (connect/listen from CLOSE, or a child created by a
-    // listener) must not inherit a stale entry left by a freed socket at the same address.
-    let fresh = old == tcp_state::CLOSE || (old == tcp_state::LISTEN && new == tcp_state::SYN_RECV);
+    // SAFETY: `sk` is the tracepoint's socket; reads go through bpf_probe_read_kernel.
+    let netns = unsafe { netns_of(sk) };
+    let listen_key = ListenKey {
+        netns,
+        port: t.sport,
+        _pad: 0,
+    };
+    update_listeners(old, new, &listen_key, owned.state.owner_pid);
+    if !passes(t, old, new, &listen_key, owned.state.owner_pid, sk) {
+        return;
+    }
+    bump(counter::SEEN);
+    if !in_context {
+        task_comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    }
+    emit(sk, now, netns, &owned, task_pid, &task_comm, old, new, t);
+}
+
+/// Remembers when the socket entered `new` and who owns it (named by this context, or
+/// carried from an earlier one); forgets it at CLOSE.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn update_state<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    key: u64,
+    old: u8,
+    new: u8,
+    now: u64,
+    in_context: bool,
+    task_pid: u32,
+    task_comm: &[u8; 16],
+) -> Owned {
     // A zeroed value rather than an `Option`: LLVM may otherwise compute on the payload
     // of a `None` (undefined, often a stack pointer), which the verifier rejects as
     // pointer arithmetic. `since_ns == 0` means "not seen".
@@ -209,19 +259,22 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
     // The entry, to update in place: an LRU map update allocates a new element and
     // frees the old one, costlier than writing 32 bytes.
     let mut existing: *mut SockState = core::ptr::null_mut();
-    if !fresh && let Some(p) = SOCKETS.get_ptr_mut(&key) {
+    // A socket that starts a life must not inherit a stale entry left by a freed socket
+    // at the same address.
+    if !starts_a_life(old, new)
+        && let Some(p) = SOCKETS.get_ptr_mut(&key)
+    {
         // SAFETY: a map value pointer, valid for this program run.
         prev = unsafe { *p };
         existing = p;
     }
-
     let mut state = SockState {
         since_ns: now,
         ..SockState::default()
     };
     let source = if in_context {
         state.owner_pid = task_pid;
-        state.owner_comm = task_comm;
+        state.owner_comm = *task_comm;
         owner_source::CONTEXT
     } else if prev.owner_pid != 0 {
         state.owner_pid = prev.owner_pid;
@@ -230,7 +283,6 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
     } else {
         owner_source::UNKNOWN
     };
-
     if new == tcp_state::CLOSE {
         let _ = SOCKETS.remove(&key);
     } else if !existing.is_null() {
@@ -240,26 +292,38 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
         bump(counter::SOCKET_STORE_FAILED);
         debug!(ctx, "connwatch: could not store socket state");
     }
+    Owned {
+        prev_since: prev.since_ns,
+        state,
+        source,
+    }
+}
 
-    let netns = unsafe { netns_of(sk) };
-    let listen_key = ListenKey {
-        netns,
-        port: t.sport,
-        _pad: 0,
-    };
+/// Keeps the owner of every listening port, for `--pid` on accepted sockets.
+#[inline(always)]
+fn update_listeners(old: u8, new: u8, key: &ListenKey, owner: u32) {
     if new == tcp_state::LISTEN {
-        let _ = LISTENERS.insert(&listen_key, &state.owner_pid, 0);
+        let _ = LISTENERS.insert(key, &owner, 0);
     } else if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
-        let _ = LISTENERS.remove(&listen_key);
+        let _ = LISTENERS.remove(key);
     }
-    if !unsafe { passes(t, old, new, &listen_key, state.owner_pid, sk) } {
-        return;
-    }
-    bump(counter::SEEN);
-    if !in_context {
-        task_comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    }
+}
 
+/// Writes the event into the ring and wakes the reader when an eighth of it is filled.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    sk: *const u8,
+    now: u64,
+    netns: u32,
+    owned: &Owned,
+    task_pid: u32,
+    task_comm: &[u8; 16],
+    old: u8,
+    new: u8,
+    t: &Tuple,
+) {
+    // SAFETY: `sk` is the tracepoint's socket; reads go through bpf_probe_read_kernel.
     let inode = unsafe { inode_of(sk) };
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         bump(counter::DROPPED);
@@ -272,23 +336,23 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
     // field is plain data.
     unsafe {
         (*e).ts_ns = now;
-        (*e).skaddr = key;
-        (*e).old_since_ns = prev.since_ns;
+        (*e).skaddr = sk as u64;
+        (*e).old_since_ns = owned.prev_since;
         (*e).inode = inode;
         (*e).netns = netns;
-        (*e).owner_pid = state.owner_pid;
+        (*e).owner_pid = owned.state.owner_pid;
         (*e).task_pid = task_pid;
         (*e).family = t.family;
         (*e).sport = t.sport;
         (*e).dport = t.dport;
         (*e).oldstate = old;
         (*e).newstate = new;
-        (*e).owner_source = source;
+        (*e).owner_source = owned.source;
         (*e)._pad = [0; 3];
         (*e).saddr = t.saddr;
         (*e).daddr = t.daddr;
-        (*e).owner_comm = state.owner_comm;
-        (*e).task_comm = task_comm;
+        (*e).owner_comm = owned.state.owner_comm;
+        (*e).task_comm = *task_comm;
     }
     // Waking the reader for every event costs an IPI each (a VM exit under
     // virtualisation: microseconds). Wake it only once an eighth of the ring is filled;
@@ -306,19 +370,8 @@ unsafe fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new:
 /// The load-time filter. A socket whose owner is not known yet (accepted, before its
 /// close) matches `--pid` through the owner of the port it was accepted on.
 #[inline(always)]
-unsafe fn passes(
-    t: &Tuple,
-    old: u8,
-    new: u8,
-    listen_key: &ListenKey,
-    owner: u32,
-    sk: *const u8,
-) -> bool {
-    if filt!(lifecycle_only) != 0
-        && new != tcp_state::CLOSE_WAIT
-        && old != tcp_state::CLOSE_WAIT
-        && !(new == tcp_state::CLOSE && (old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING))
-    {
+fn passes(t: &Tuple, old: u8, new: u8, listen_key: &ListenKey, owner: u32, sk: *const u8) -> bool {
+    if filt!(lifecycle_only) != 0 && !is_lifecycle(old, new) {
         return false;
     }
     let family = filt!(family);
@@ -345,7 +398,7 @@ unsafe fn passes(
         let pid = if owner != 0 {
             owner
         } else {
-            // SAFETY: copied out at once.
+            // SAFETY: a map value, copied out at once.
             unsafe { LISTENERS.get(listen_key).copied().unwrap_or(0) }
         };
         let mut hit = false;
@@ -360,6 +413,7 @@ unsafe fn passes(
     }
     let cgroup_id = filt!(cgroup_id);
     if cgroup_id != 0 {
+        // SAFETY: `sk` is the tracepoint's socket; reads go through bpf_probe_read_kernel.
         let id = unsafe {
             let cgroup = read_at::<u64>(sk, off!(sk_cgroup)).unwrap_or(0) as *const u8;
             let kn = read_at::<u64>(cgroup, off!(cgroup_kn)).unwrap_or(0) as *const u8;
@@ -373,7 +427,6 @@ unsafe fn passes(
 }
 
 #[inline(always)]
-#[inline(always)]
 fn bump(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, and the program is not re-entered on this CPU for the
@@ -383,24 +436,39 @@ fn bump(index: u32) {
 }
 
 /// Reads a `T` at `base + off`; `None` when the offset is unresolved or the read fails.
+///
+/// # Safety
+/// `base` must be a kernel address (or null); the read itself cannot fault.
 #[inline(always)]
 unsafe fn read_at<T>(base: *const u8, off: u32) -> Option<T> {
     if off == Offsets::UNRESOLVED || base.is_null() {
         return None;
     }
+    // SAFETY: bpf_probe_read_kernel copies out or fails cleanly; `add` only computes an
+    // address (never dereferenced here).
     unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T).ok() }
 }
 
+/// The inode number of the socket's network namespace (0 when unreadable).
+///
+/// # Safety
+/// `sk` must be a `struct sock *` (or null).
 #[inline(always)]
 unsafe fn netns_of(sk: *const u8) -> u32 {
+    // SAFETY: reads through bpf_probe_read_kernel at offsets resolved from BTF.
     unsafe {
         let net = read_at::<u64>(sk, off!(skc_net)).unwrap_or(0) as *const u8;
         read_at::<u32>(net, off!(net_ns_inum)).unwrap_or(0)
     }
 }
 
+/// The inode of the socket's file, as in /proc/PID/fd (0 without a file: not accepted).
+///
+/// # Safety
+/// `sk` must be a `struct sock *` (or null).
 #[inline(always)]
 unsafe fn inode_of(sk: *const u8) -> u64 {
+    // SAFETY: reads through bpf_probe_read_kernel at offsets resolved from BTF.
     unsafe {
         let sock = read_at::<u64>(sk, off!(sk_socket)).unwrap_or(0) as *const u8;
         let file = read_at::<u64>(sock, off!(socket_file)).unwrap_or(0) as *const u8;

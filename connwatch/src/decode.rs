@@ -108,6 +108,17 @@ pub struct Transition {
 }
 
 impl Transition {
+    /// connect()/listen() from CLOSE, or a listener's child: see
+    /// [`connwatch_common::starts_a_life`].
+    pub fn starts_a_life(&self) -> bool {
+        connwatch_common::starts_a_life(self.old.0, self.new.0)
+    }
+
+    /// FIN_WAIT2/CLOSING -> CLOSE: see [`connwatch_common::may_leave_timewait`].
+    pub fn may_leave_timewait(&self) -> bool {
+        connwatch_common::may_leave_timewait(self.old.0, self.new.0)
+    }
+
     /// Time spent in `old`, when its start was seen.
     pub fn duration_ns(&self) -> Option<u64> {
         self.old_since_ns
@@ -362,6 +373,44 @@ pub(crate) mod tests {
                 !ctx(old, new),
                 "{old}->{new} must not be attributed to the current task"
             );
+        }
+    }
+
+    #[test]
+    fn life_and_lifecycle_rules() {
+        use connwatch_common::{is_lifecycle, may_leave_timewait, starts_a_life};
+        use tcp_state::*;
+        assert!(starts_a_life(CLOSE, SYN_SENT));
+        assert!(starts_a_life(CLOSE, LISTEN));
+        assert!(starts_a_life(LISTEN, SYN_RECV));
+        assert!(!starts_a_life(LISTEN, CLOSE));
+        assert!(!starts_a_life(SYN_SENT, ESTABLISHED));
+
+        assert!(may_leave_timewait(FIN_WAIT2, CLOSE));
+        assert!(may_leave_timewait(CLOSING, CLOSE));
+        assert!(!may_leave_timewait(LAST_ACK, CLOSE));
+        assert!(!may_leave_timewait(FIN_WAIT1, FIN_WAIT2));
+
+        // `watch` needs 3 of a connection's transitions; the other 7 are not emitted.
+        let needed: [(u8, u8); 4] = [
+            (ESTABLISHED, CLOSE_WAIT),
+            (CLOSE_WAIT, LAST_ACK),
+            (FIN_WAIT2, CLOSE),
+            (CLOSING, CLOSE),
+        ];
+        for (old, new) in needed {
+            assert!(is_lifecycle(old, new), "{old}->{new}");
+        }
+        for (old, new) in [
+            (CLOSE, SYN_SENT),
+            (SYN_SENT, ESTABLISHED),
+            (ESTABLISHED, FIN_WAIT1),
+            (FIN_WAIT1, FIN_WAIT2),
+            (LAST_ACK, CLOSE),
+            (CLOSE, LISTEN),
+            (LISTEN, SYN_RECV),
+        ] {
+            assert!(!is_lifecycle(old, new), "{old}->{new}");
         }
     }
 }

@@ -143,13 +143,10 @@ impl Tracker {
     /// and a new connection on the 4-tuple of a followed one means it ended early (a SYN
     /// to a server's TIME_WAIT, or the port reused): that end is reported at once.
     pub fn on_transition(&mut self, key: SockKey, t: &Transition) {
-        let starts_anew =
-            t.old == TcpState::CLOSE || (t.old == TcpState::LISTEN && t.new == TcpState::SYN_RECV);
-        if starts_anew && self.tracked.contains_key(&key) {
+        if t.starts_a_life() && self.tracked.contains_key(&key) {
             self.end(key, End::Early, t.ts_ns);
         }
-        if t.new != TcpState::CLOSE || !(t.old == TcpState::FIN_WAIT2 || t.old == TcpState::CLOSING)
-        {
+        if !t.may_leave_timewait() {
             return;
         }
         let owner = t.owner.pid.map(|pid| TwOwner {
