@@ -208,7 +208,6 @@ impl Tracker {
     ) -> Vec<Synthetic> {
         let mut rows = Vec::new();
         self.poll += 1;
-        let poll = self.poll;
         for s in sockets.iter().filter(|s| s.timewait) {
             let key = SockKey {
                 netns,
@@ -216,106 +215,163 @@ impl Tracker {
                 remote: s.remote.into(),
             };
             let due = now_ns + u64::from(s.expires_ms) * 1_000_000;
-            if let Some(tw) = self.tracked.get_mut(&key) {
-                tw.seen = poll;
-                if std::mem::take(&mut tw.provisional) {
-                    // A full poll later, still no transition: it was missed.
-                    self.untracked += 1;
-                }
-                if tw.substate == TcpState::FIN_WAIT2 && s.state == TcpState::TIME_WAIT {
-                    // The orphan got the peer's FIN: TIME_WAIT with a fresh 60 s timer.
-                    let entered = due.saturating_sub(TIMEWAIT_LEN_NS).min(now_ns);
-                    rows.push(Synthetic {
-                        key,
-                        ts_ns: entered,
-                        old: TcpState::FIN_WAIT2,
-                        new: TcpState::TIME_WAIT,
-                        duration_ns: Some(entered.saturating_sub(tw.entered_ns)),
-                        owner: tw.owner.clone(),
-                        owner_source: tw.owner_source,
-                        end: None,
-                    });
-                    tw.substate = TcpState::TIME_WAIT;
-                    tw.entered_ns = entered;
-                    self.created
-                        .push_back((entered, tw.owner.as_ref().map(|o| o.pid)));
-                }
-                // Past its due time the kernel reports 0 ms left until the timer wheel gets
-                // to it: keep the due time. A later one means the timer was re-armed
-                // (a retransmitted FIN restarts TIME_WAIT).
-                if s.expires_ms > 0 {
-                    tw.due_ns = due;
-                }
-                continue;
-            }
-            if let Some(p) = self.pending.remove(&key) {
-                let owner_source = if p.owner.is_some() {
-                    OwnerSource::Carried
-                } else {
-                    OwnerSource::Unknown
-                };
-                if s.state == TcpState::TIME_WAIT {
-                    rows.push(Synthetic {
-                        key,
-                        ts_ns: p.ts_ns,
-                        old: p.from,
-                        new: TcpState::TIME_WAIT,
-                        duration_ns: p.from_duration_ns,
-                        owner: p.owner.clone(),
-                        owner_source,
-                        end: None,
-                    });
-                    self.created
-                        .push_back((p.ts_ns, p.owner.as_ref().map(|o| o.pid)));
-                }
-                self.tracked.insert(
-                    key,
-                    TimeWait {
-                        substate: s.state,
-                        entered_ns: p.ts_ns,
-                        age_source: AgeSource::Observed,
-                        owner: p.owner,
-                        owner_source,
-                        due_ns: due,
-                        seen: poll,
-                        provisional: false,
-                    },
-                );
-                continue;
-            }
-            // Not seen entering: from before start, a transition that was lost, or one
-            // still on its way (then `on_transition` claims it).
-            if self.limit != 0 && self.tracked.len() >= self.limit {
-                self.over_limit.note(key, poll);
-                continue;
-            }
-            let owner = listener(s.local.port());
-            let owner_source = if owner.is_some() {
-                OwnerSource::Listener
+            if self.tracked.contains_key(&key) {
+                self.seen_again(key, s, due, now_ns, &mut rows);
+            } else if let Some(p) = self.pending.remove(&key) {
+                self.confirm(key, p, s.state, due, &mut rows);
             } else {
-                OwnerSource::Unknown
-            };
-            let entered = if s.state == TcpState::TIME_WAIT {
-                due.saturating_sub(TIMEWAIT_LEN_NS).min(now_ns)
-            } else {
-                now_ns
-            };
-            self.tracked.insert(
-                key,
-                TimeWait {
-                    substate: s.state,
-                    entered_ns: entered,
-                    age_source: AgeSource::Estimated,
-                    owner,
-                    owner_source,
-                    due_ns: due,
-                    seen: poll,
-                    provisional: !seeding,
-                },
-            );
+                self.adopt(key, s, due, now_ns, !seeding, listener);
+            }
         }
+        self.end_missing(netns, now_ns);
+        rows.append(&mut self.queued);
 
-        // Ends: followed sockets of this namespace that the poll no longer lists.
+        self.over_limit.sweep(netns, self.poll);
+        // Pending closes of this namespace that the poll did not confirm left no
+        // timewait socket (reset, or the kernel's timewait table was full). Those of
+        // other namespaces wait for their own namespace's poll.
+        let before = self.pending.len();
+        self.pending.retain(|k, _| k.netns != netns);
+        self.closed_without_timewait += (before - self.pending.len()) as u64;
+        rows.sort_by_key(|r| r.ts_ns);
+        rows
+    }
+
+    /// A followed timewait socket listed again: still there; an orphan's FIN_WAIT2 may
+    /// have become TIME_WAIT, and a retransmitted FIN may have re-armed its timer.
+    fn seen_again(
+        &mut self,
+        key: SockKey,
+        s: &DiagSocket,
+        due: u64,
+        now_ns: u64,
+        rows: &mut Vec<Synthetic>,
+    ) {
+        let poll = self.poll;
+        let Some(tw) = self.tracked.get_mut(&key) else {
+            return;
+        };
+        tw.seen = poll;
+        if std::mem::take(&mut tw.provisional) {
+            // A full poll later, still no transition: it was missed.
+            self.untracked += 1;
+        }
+        if tw.substate == TcpState::FIN_WAIT2 && s.state == TcpState::TIME_WAIT {
+            // The orphan got the peer's FIN: TIME_WAIT with a fresh 60 s timer.
+            let entered = due.saturating_sub(TIMEWAIT_LEN_NS).min(now_ns);
+            rows.push(Synthetic {
+                key,
+                ts_ns: entered,
+                old: TcpState::FIN_WAIT2,
+                new: TcpState::TIME_WAIT,
+                duration_ns: Some(entered.saturating_sub(tw.entered_ns)),
+                owner: tw.owner.clone(),
+                owner_source: tw.owner_source,
+                end: None,
+            });
+            tw.substate = TcpState::TIME_WAIT;
+            tw.entered_ns = entered;
+            self.created
+                .push_back((entered, tw.owner.as_ref().map(|o| o.pid)));
+        }
+        // Past its due time the kernel reports 0 ms left until the timer wheel gets to
+        // it: keep the due time. A later one means the timer was re-armed (a
+        // retransmitted FIN restarts TIME_WAIT).
+        if s.expires_ms > 0 {
+            tw.due_ns = due;
+        }
+    }
+
+    /// A close seen by the probe, confirmed by the poll: a TIME_WAIT birth (or an
+    /// orphan's FIN_WAIT2), owned by whoever closed.
+    fn confirm(
+        &mut self,
+        key: SockKey,
+        p: Pending,
+        state: TcpState,
+        due: u64,
+        rows: &mut Vec<Synthetic>,
+    ) {
+        let owner_source = if p.owner.is_some() {
+            OwnerSource::Carried
+        } else {
+            OwnerSource::Unknown
+        };
+        if state == TcpState::TIME_WAIT {
+            rows.push(Synthetic {
+                key,
+                ts_ns: p.ts_ns,
+                old: p.from,
+                new: TcpState::TIME_WAIT,
+                duration_ns: p.from_duration_ns,
+                owner: p.owner.clone(),
+                owner_source,
+                end: None,
+            });
+            self.created
+                .push_back((p.ts_ns, p.owner.as_ref().map(|o| o.pid)));
+        }
+        self.tracked.insert(
+            key,
+            TimeWait {
+                substate: state,
+                entered_ns: p.ts_ns,
+                age_source: AgeSource::Observed,
+                owner: p.owner,
+                owner_source,
+                due_ns: due,
+                seen: self.poll,
+                provisional: false,
+            },
+        );
+    }
+
+    /// A timewait socket not seen entering: from before start, a transition that was
+    /// lost, or one still on its way (then `on_transition` claims it: `provisional`).
+    /// Its owner is the listener of its local port, if any.
+    fn adopt(
+        &mut self,
+        key: SockKey,
+        s: &DiagSocket,
+        due: u64,
+        now_ns: u64,
+        provisional: bool,
+        listener: &dyn Fn(u16) -> Option<TwOwner>,
+    ) {
+        if self.limit != 0 && self.tracked.len() >= self.limit {
+            self.over_limit.note(key, self.poll);
+            return;
+        }
+        let owner = listener(s.local.port());
+        let owner_source = if owner.is_some() {
+            OwnerSource::Listener
+        } else {
+            OwnerSource::Unknown
+        };
+        let entered_ns = if s.state == TcpState::TIME_WAIT {
+            due.saturating_sub(TIMEWAIT_LEN_NS).min(now_ns)
+        } else {
+            now_ns
+        };
+        self.tracked.insert(
+            key,
+            TimeWait {
+                substate: s.state,
+                entered_ns,
+                age_source: AgeSource::Estimated,
+                owner,
+                owner_source,
+                due_ns: due,
+                seen: self.poll,
+                provisional,
+            },
+        );
+    }
+
+    /// Ends the followed sockets of `netns` that this poll no longer lists: `expired`
+    /// at their timer when it is due, `early` otherwise.
+    fn end_missing(&mut self, netns: u32, now_ns: u64) {
+        let poll = self.poll;
         let mut gone: Vec<SockKey> = self
             .tracked
             .iter()
@@ -332,17 +388,6 @@ impl Tracker {
                 self.end(key, End::Early, now_ns);
             }
         }
-        rows.append(&mut self.queued);
-
-        self.over_limit.sweep(netns, poll);
-        // Pending closes of this namespace that the poll did not confirm left no
-        // timewait socket (reset, or the kernel's timewait table was full). Those of
-        // other namespaces wait for their own namespace's poll.
-        let before = self.pending.len();
-        self.pending.retain(|k, _| k.netns != netns);
-        self.closed_without_timewait += (before - self.pending.len()) as u64;
-        rows.sort_by_key(|r| r.ts_ns);
-        rows
     }
 
     /// Gives up on closes whose namespace was not polled within `PENDING_TTL_NS`: their
