@@ -8,7 +8,10 @@ use ratatui::{
     widgets::{Block, Borders, Cell, Paragraph, Row, Table, TableState, Wrap},
 };
 
-use super::format::fmt_age;
+use super::{
+    format::fmt_age,
+    text::{flags, states_line},
+};
 use crate::report::{ProcessRow, Report};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,25 +96,7 @@ impl App {
             Constraint::Length(1),
         ])
         .areas(frame.area());
-
-        let summary = match &self.report {
-            None => "connwatch top: waiting for the first report…".to_string(),
-            Some(r) => {
-                let states: Vec<String> =
-                    r.states.iter().map(|(s, n)| format!("{s} {n}")).collect();
-                format!(
-                    "connwatch top  {}  elapsed {}  |  {}\nloss: {} events dropped, {} sockets untracked   unattributed: {} CLOSE_WAIT, {} TIME_WAIT",
-                    r.time.get(11..19).unwrap_or(""),
-                    fmt_age(r.elapsed_s),
-                    states.join("  "),
-                    r.loss.events_dropped,
-                    r.loss.sockets_untracked,
-                    r.unattributed.close_wait,
-                    r.unattributed.time_wait
-                )
-            }
-        };
-        frame.render_widget(Paragraph::new(summary), head);
+        frame.render_widget(Paragraph::new(summary(self.report.as_ref())), head);
 
         let len = self.rows().len();
         // Drawing an empty table clears the selection: select the first row again.
@@ -120,80 +105,15 @@ impl App {
             self.table.select(Some(keep));
         }
         let rows = self.rows();
-        let table_rows: Vec<Row> = rows
-            .iter()
-            .map(|p| {
-                let style = if p.flags.is_empty() {
-                    Style::new()
-                } else {
-                    Style::new().red().add_modifier(Modifier::BOLD)
-                };
-                Row::new(vec![
-                    Cell::from(p.pid.to_string()),
-                    Cell::from(p.comm.clone()),
-                    Cell::from(p.close_wait.to_string()),
-                    Cell::from(p.close_wait_oldest_s.map_or("-".into(), fmt_age)),
-                    Cell::from(p.time_wait.to_string()),
-                    Cell::from(match (p.fds, p.fd_limit) {
-                        (Some(u), Some(l)) => format!("{u}/{l}"),
-                        _ => "-".into(),
-                    }),
-                    Cell::from(if p.flags.is_empty() {
-                        "-".to_string()
-                    } else {
-                        p.flags.join(",")
-                    }),
-                ])
-                .style(style)
-            })
-            .collect();
-        let details = self
+        let selected = self
             .table
             .selected()
-            .and_then(|i| rows.get(i.min(len.saturating_sub(1))).copied())
-            .map(|p| {
-                let mut lines =
-                    vec![Line::from(p.reason.clone().unwrap_or_else(|| {
-                        format!("{}[{}]: not flagged", p.comm, p.pid)
-                    }))];
-                let peers: Vec<String> = p
-                    .peers
-                    .iter()
-                    .map(|x| format!("{} ({} CW, {} TW)", x.addr, x.close_wait, x.time_wait))
-                    .collect();
-                lines.push(Line::from(format!("peers: {}", peers.join(", "))));
-                lines
-            })
-            .unwrap_or_default();
-        let table = Table::new(
-            table_rows,
-            [
-                Constraint::Length(8),
-                Constraint::Length(16),
-                Constraint::Length(11),
-                Constraint::Length(8),
-                Constraint::Length(10),
-                Constraint::Length(12),
-                Constraint::Min(15),
-            ],
-        )
-        .header(
-            Row::new([
-                "PID",
-                "COMM",
-                "CLOSE_WAIT",
-                "OLDEST",
-                "TIME_WAIT",
-                "FDS/LIMIT",
-                "FLAGS",
-            ])
-            .style(Style::new().add_modifier(Modifier::BOLD)),
-        )
-        .block(Block::new().borders(Borders::TOP).title(format!(
+            .and_then(|i| rows.get(i.min(len.saturating_sub(1))).copied());
+        let details = selected.map(details).unwrap_or_default();
+        let table = table(&rows).block(Block::new().borders(Borders::TOP).title(format!(
             " processes ({len}), sorted by {} ",
             self.sort.label()
-        )))
-        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
+        )));
         frame.render_stateful_widget(table, body, &mut self.table);
         frame.render_widget(
             Paragraph::new(details)
@@ -206,6 +126,92 @@ impl App {
             help,
         );
     }
+}
+
+/// The two header lines: time, states, losses.
+fn summary(report: Option<&Report>) -> String {
+    let Some(r) = report else {
+        return "connwatch top: waiting for the first report…".to_string();
+    };
+    format!(
+        "connwatch top  {}  elapsed {}  |  {}\nloss: {} events dropped, {} sockets untracked   unattributed: {} CLOSE_WAIT, {} TIME_WAIT",
+        r.time.get(11..19).unwrap_or(""),
+        fmt_age(r.elapsed_s),
+        states_line(r).unwrap_or_default(),
+        r.loss.events_dropped,
+        r.loss.sockets_untracked,
+        r.unattributed.close_wait,
+        r.unattributed.time_wait
+    )
+}
+
+/// The process table, flagged rows in bold red.
+fn table<'a>(rows: &[&ProcessRow]) -> Table<'a> {
+    let rows: Vec<Row> = rows
+        .iter()
+        .map(|p| {
+            let style = if p.flags.is_empty() {
+                Style::new()
+            } else {
+                Style::new().red().add_modifier(Modifier::BOLD)
+            };
+            Row::new(vec![
+                Cell::from(p.pid.to_string()),
+                Cell::from(p.comm.clone()),
+                Cell::from(p.close_wait.to_string()),
+                Cell::from(p.close_wait_oldest_s.map_or("-".into(), fmt_age)),
+                Cell::from(p.time_wait.to_string()),
+                Cell::from(match (p.fds, p.fd_limit) {
+                    (Some(u), Some(l)) => format!("{u}/{l}"),
+                    _ => "-".into(),
+                }),
+                Cell::from(flags(p)),
+            ])
+            .style(style)
+        })
+        .collect();
+    Table::new(
+        rows,
+        [
+            Constraint::Length(8),
+            Constraint::Length(16),
+            Constraint::Length(11),
+            Constraint::Length(8),
+            Constraint::Length(10),
+            Constraint::Length(12),
+            Constraint::Min(15),
+        ],
+    )
+    .header(
+        Row::new([
+            "PID",
+            "COMM",
+            "CLOSE_WAIT",
+            "OLDEST",
+            "TIME_WAIT",
+            "FDS/LIMIT",
+            "FLAGS",
+        ])
+        .style(Style::new().add_modifier(Modifier::BOLD)),
+    )
+    .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
+}
+
+/// The selected process's reason (or "not flagged") and its peers.
+fn details<'a>(p: &ProcessRow) -> Vec<Line<'a>> {
+    let reason = p
+        .reason
+        .clone()
+        .unwrap_or_else(|| format!("{}[{}]: not flagged", p.comm, p.pid));
+    let peers: Vec<String> = p
+        .peers
+        .iter()
+        .map(|x| format!("{} ({} CW, {} TW)", x.addr, x.close_wait, x.time_wait))
+        .collect();
+    vec![
+        Line::from(reason),
+        Line::from(format!("peers: {}", peers.join(", "))),
+    ]
 }
 
 #[cfg(test)]

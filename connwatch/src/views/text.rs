@@ -4,7 +4,7 @@
 use comfy_table::{CellAlignment, Table, presets::NOTHING};
 
 use super::format::fmt_age;
-use crate::report::Report;
+use crate::report::{ProcessRow, Report};
 
 pub fn json(report: &Report) -> String {
     // Strings, numbers and maps only: serialization cannot fail.
@@ -19,90 +19,17 @@ pub fn human(r: &Report) -> String {
             r.loss.events_dropped
         );
     }
-    let states: Vec<String> = r.states.iter().map(|(s, n)| format!("{s} {n}")).collect();
     out += &format!(
         "connwatch {} {}  elapsed {}  |  {}\n",
         if r.is_final { "final report" } else { "at" },
         r.time.get(..19).unwrap_or(&r.time).replace('T', " "),
         fmt_age(r.elapsed_s),
-        if states.is_empty() {
-            "no TCP sockets".to_string()
-        } else {
-            states.join("  ")
-        }
+        states_line(r).unwrap_or_else(|| "no TCP sockets".into())
     );
     if r.processes.is_empty() {
         out += "no process holds CLOSE_WAIT or TIME_WAIT sockets\n";
     } else {
-        let mut t = Table::new();
-        t.load_style(NOTHING);
-        t.set_header([
-            "PID",
-            "COMM",
-            "CLOSE_WAIT",
-            "OLDEST",
-            "GROWTH/MIN",
-            "RECV-Q",
-            "FDS/LIMIT",
-            "CLOSED p50/p99",
-            "TIME_WAIT",
-            "TOP PEER",
-            "FLAGS",
-        ]);
-        for p in &r.processes {
-            let oldest = p.close_wait_oldest_s.map_or("-".into(), |o| {
-                let est = if p.close_wait_age_source == Some("estimated") {
-                    "~"
-                } else {
-                    ""
-                };
-                format!("{est}{}", fmt_age(o))
-            });
-            let growth = p
-                .close_wait_growth_per_min
-                .map_or("-".into(), |g| format!("{g:+.1}"));
-            let fds = match (p.fds, p.fd_limit) {
-                (Some(u), Some(l)) => format!("{u}/{l}"),
-                (Some(u), None) => format!("{u}/-"),
-                _ => "-".into(),
-            };
-            let c = &p.close_wait_closed;
-            let closed = match (c.p50_s, c.p99_s) {
-                (Some(a), Some(b)) => format!("{} {}/{}", c.count, fmt_age(a), fmt_age(b)),
-                _ => "-".into(),
-            };
-            let peer = p.peers.first().map_or("-".into(), |x| {
-                format!("{} ({})", x.addr, x.close_wait + x.time_wait)
-            });
-            let tw = match (p.time_wait, p.time_wait_created_per_s) {
-                (0, None) => "-".to_string(),
-                (n, Some(rate)) => format!("{n} {rate:.1}/s"),
-                (n, None) => n.to_string(),
-            };
-            t.add_row([
-                p.pid.to_string(),
-                p.comm.clone(),
-                p.close_wait.to_string(),
-                oldest,
-                growth,
-                p.close_wait_recv_q_bytes.to_string(),
-                fds,
-                closed,
-                tw,
-                peer,
-                if p.flags.is_empty() {
-                    "-".into()
-                } else {
-                    p.flags.join(",")
-                },
-            ]);
-        }
-        for i in [0, 2, 3, 4, 5] {
-            if let Some(col) = t.column_mut(i) {
-                col.set_cell_alignment(CellAlignment::Right);
-            }
-        }
-        for line in t.to_string().lines() {
+        for line in process_table(r).to_string().lines() {
             out += line.trim_end();
             out.push('\n');
         }
@@ -110,7 +37,104 @@ pub fn human(r: &Report) -> String {
             out += &format!("  * {reason}\n");
         }
     }
-    out += &format!(
+    out += &footer(r);
+    out
+}
+
+/// `STATE count` pairs, or `None` without any TCP socket.
+pub fn states_line(r: &Report) -> Option<String> {
+    let states: Vec<String> = r.states.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    (!states.is_empty()).then(|| states.join("  "))
+}
+
+fn process_table(r: &Report) -> Table {
+    let mut t = Table::new();
+    t.load_style(NOTHING);
+    t.set_header([
+        "PID",
+        "COMM",
+        "CLOSE_WAIT",
+        "OLDEST",
+        "GROWTH/MIN",
+        "RECV-Q",
+        "FDS/LIMIT",
+        "CLOSED p50/p99",
+        "TIME_WAIT",
+        "TOP PEER",
+        "FLAGS",
+    ]);
+    for p in &r.processes {
+        t.add_row(row_cells(p));
+    }
+    for i in [0, 2, 3, 4, 5] {
+        if let Some(col) = t.column_mut(i) {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t
+}
+
+fn row_cells(p: &ProcessRow) -> [String; 11] {
+    let growth = p
+        .close_wait_growth_per_min
+        .map_or("-".into(), |g| format!("{g:+.1}"));
+    let fds = match (p.fds, p.fd_limit) {
+        (Some(u), Some(l)) => format!("{u}/{l}"),
+        (Some(u), None) => format!("{u}/-"),
+        _ => "-".into(),
+    };
+    let c = &p.close_wait_closed;
+    let closed = match (c.p50_s, c.p99_s) {
+        (Some(a), Some(b)) => format!("{} {}/{}", c.count, fmt_age(a), fmt_age(b)),
+        _ => "-".into(),
+    };
+    let peer = p.peers.first().map_or("-".into(), |x| {
+        format!("{} ({})", x.addr, x.close_wait + x.time_wait)
+    });
+    let tw = match (p.time_wait, p.time_wait_created_per_s) {
+        (0, None) => "-".to_string(),
+        (n, Some(rate)) => format!("{n} {rate:.1}/s"),
+        (n, None) => n.to_string(),
+    };
+    [
+        p.pid.to_string(),
+        p.comm.clone(),
+        p.close_wait.to_string(),
+        oldest(p),
+        growth,
+        p.close_wait_recv_q_bytes.to_string(),
+        fds,
+        closed,
+        tw,
+        peer,
+        flags(p),
+    ]
+}
+
+/// The oldest CLOSE_WAIT's age, `~` when estimated.
+fn oldest(p: &ProcessRow) -> String {
+    p.close_wait_oldest_s.map_or("-".into(), |o| {
+        let est = if p.close_wait_age_source == Some("estimated") {
+            "~"
+        } else {
+            ""
+        };
+        format!("{est}{}", fmt_age(o))
+    })
+}
+
+/// Flags comma-separated, `-` for none.
+pub fn flags(p: &ProcessRow) -> String {
+    if p.flags.is_empty() {
+        "-".into()
+    } else {
+        p.flags.join(",")
+    }
+}
+
+/// Unattributed sockets, losses, and how TIME_WAITs ended under which settings.
+fn footer(r: &Report) -> String {
+    let mut out = format!(
         "unattributed: {} CLOSE_WAIT, {} TIME_WAIT   loss: {} events dropped, {} sockets untracked\n",
         r.unattributed.close_wait,
         r.unattributed.time_wait,
