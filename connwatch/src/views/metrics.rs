@@ -79,6 +79,17 @@ impl Persistent {
 /// persistent counters and histograms.
 pub fn render(report: &Report, persistent: &Persistent, top: usize, cgroup_label: bool) -> String {
     let mut registry = Registry::default();
+    register_states(&mut registry, report);
+    register_processes(&mut registry, report, top, cgroup_label);
+    register_persistent(&mut registry, persistent);
+    register_footprint(&mut registry, report);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &registry);
+    to_text_format(&out)
+}
+
+fn register_states(registry: &mut Registry, report: &Report) {
     let states = Family::<Labels, Gauge>::default();
     for (state, n) in &report.states {
         states
@@ -90,7 +101,11 @@ pub fn render(report: &Report, persistent: &Persistent, top: usize, cgroup_label
         "TCP sockets on the machine by state (every network namespace)",
         states,
     );
+}
 
+/// Per-process gauges for the top `top` processes (flagged first, then by sockets), the
+/// rest summed as `comm="other"`; unattributed sockets.
+fn register_processes(registry: &mut Registry, report: &Report, top: usize, cgroup_label: bool) {
     let close_wait = Family::<Labels, Gauge>::default();
     let oldest = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     let time_wait = Family::<Labels, Gauge>::default();
@@ -176,6 +191,9 @@ pub fn render(report: &Report, persistent: &Persistent, top: usize, cgroup_label
         "CLOSE_WAIT/TIME_WAIT sockets whose owner is unknown",
         unattributed,
     );
+}
+
+fn register_persistent(registry: &mut Registry, persistent: &Persistent) {
     registry.register(
         "connwatch_close_wait_lifetime_seconds",
         "Lifetimes of CLOSE_WAIT sockets that were closed",
@@ -206,6 +224,10 @@ pub fn render(report: &Report, persistent: &Persistent, top: usize, cgroup_label
         "Time spent polling sock_diag and /proc",
         persistent.poll_seconds.clone(),
     );
+}
+
+/// connwatch's own tables and memory.
+fn register_footprint(registry: &mut Registry, report: &Report) {
     let entries = Family::<Labels, Gauge>::default();
     for (table, n) in &report.footprint.entries {
         entries
@@ -226,10 +248,6 @@ pub fn render(report: &Report, persistent: &Persistent, top: usize, cgroup_label
             gauge,
         );
     }
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = encode(&mut out, &registry);
-    to_text_format(&out)
 }
 
 /// prometheus-client writes OpenMetrics, where a counter family `x` has samples
