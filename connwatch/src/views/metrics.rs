@@ -81,6 +81,7 @@ pub fn render(report: &Report, persistent: &Persistent, top: usize, cgroup_label
     let mut registry = Registry::default();
     register_states(&mut registry, report);
     register_processes(&mut registry, report, top, cgroup_label);
+    register_unattributed(&mut registry, report);
     register_persistent(&mut registry, persistent);
     register_footprint(&mut registry, report);
     let mut out = String::new();
@@ -126,13 +127,12 @@ fn register_processes(registry: &mut Registry, report: &Report, top: usize, cgro
             other_tw += p.time_wait as i64;
             continue;
         }
-        let mut labels: Labels = vec![
-            ("comm".into(), p.comm.clone()),
-            ("pid".into(), p.pid.to_string()),
-        ];
-        if cgroup_label {
-            labels.push(("cgroup".into(), p.cgroup.clone().unwrap_or_default()));
-        }
+        let labels = process_labels(
+            &p.comm,
+            &p.pid.to_string(),
+            p.cgroup.as_deref(),
+            cgroup_label,
+        );
         close_wait.get_or_create(&labels).set(p.close_wait as i64);
         time_wait.get_or_create(&labels).set(p.time_wait as i64);
         if let Some(o) = p.close_wait_oldest_s {
@@ -145,24 +145,10 @@ fn register_processes(registry: &mut Registry, report: &Report, top: usize, cgro
         }
     }
     if ranked.len() > top {
-        let mut labels: Labels = vec![
-            ("comm".into(), "other".into()),
-            ("pid".into(), String::new()),
-        ];
-        if cgroup_label {
-            labels.push(("cgroup".into(), String::new()));
-        }
+        let labels = process_labels("other", "", None, cgroup_label);
         close_wait.get_or_create(&labels).set(other_cw);
         time_wait.get_or_create(&labels).set(other_tw);
     }
-    let unattributed = Family::<Labels, Gauge>::default();
-    unattributed
-        .get_or_create(&vec![("state".into(), "CLOSE_WAIT".into())])
-        .set(report.unattributed.close_wait as i64);
-    unattributed
-        .get_or_create(&vec![("state".into(), "TIME_WAIT".into())])
-        .set(report.unattributed.time_wait as i64);
-
     registry.register(
         "connwatch_close_wait_sockets",
         "CLOSE_WAIT sockets held per process (top-K by --top; the rest as comm=\"other\")",
@@ -186,6 +172,26 @@ fn register_processes(registry: &mut Registry, report: &Report, top: usize, cgro
         ),
         flagged,
     );
+}
+
+/// Labels of a per-process series (`cgroup` only with --cgroup-label).
+fn process_labels(comm: &str, pid: &str, cgroup: Option<&str>, cgroup_label: bool) -> Labels {
+    let mut labels: Labels = vec![("comm".into(), comm.into()), ("pid".into(), pid.into())];
+    if cgroup_label {
+        labels.push(("cgroup".into(), cgroup.unwrap_or_default().into()));
+    }
+    labels
+}
+
+fn register_unattributed(registry: &mut Registry, report: &Report) {
+    let unattributed = Family::<Labels, Gauge>::default();
+    unattributed
+        .get_or_create(&vec![("state".into(), "CLOSE_WAIT".into())])
+        .set(report.unattributed.close_wait as i64);
+    unattributed
+        .get_or_create(&vec![("state".into(), "TIME_WAIT".into())])
+        .set(report.unattributed.time_wait as i64);
+
     registry.register(
         "connwatch_unattributed_sockets",
         "CLOSE_WAIT/TIME_WAIT sockets whose owner is unknown",
