@@ -75,6 +75,54 @@ pub struct Counters {
 
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connwatch"));
 
+/// Why tp_btf cannot be used on this kernel, if it cannot.
+fn tp_btf_blocker(
+    btf_path: &std::path::Path,
+    resolved: Option<&offsets::Resolved>,
+) -> Option<String> {
+    match resolved {
+        None => Some(format!(
+            "{} does not exist (kernel built without CONFIG_DEBUG_INFO_BTF)",
+            btf_path.display()
+        )),
+        Some(r) if !r.missing_required.is_empty() => Some(format!(
+            "kernel BTF lacks {}",
+            r.missing_required.join(", ")
+        )),
+        Some(_) => None,
+    }
+}
+
+/// Attaches the hook asked for; `auto` tries tp_btf first and falls back to the
+/// classic tracepoint. Returns the name of the hook attached.
+fn attach(
+    ebpf: &mut Ebpf,
+    opts: &ProbeOptions,
+    btf: Option<&Btf>,
+    tp_btf_blocker: Option<&str>,
+) -> Result<&'static str> {
+    match opts.hook {
+        HookChoice::TpBtf => {
+            if let Some(why) = tp_btf_blocker {
+                bail!("cannot use tp_btf: {why}; try --hook tracepoint");
+            }
+            attach_tp_btf(ebpf, btf, opts.verbose)
+        }
+        HookChoice::Tracepoint => attach_tracepoint(ebpf, opts.verbose),
+        HookChoice::Auto => {
+            let first = match tp_btf_blocker {
+                Some(why) => Err(anyhow!("{why}")),
+                None => attach_tp_btf(ebpf, btf, opts.verbose),
+            };
+            first.or_else(|e| {
+                log::info!("tp_btf unavailable ({e:#}); falling back to the tracepoint");
+                attach_tracepoint(ebpf, opts.verbose)
+                    .map_err(|e2| anyhow!("{e2:#} (tp_btf was not usable either: {e:#})"))
+            })
+        }
+    }
+}
+
 impl Probe {
     pub fn load(opts: &ProbeOptions) -> Result<Self> {
         let started = std::time::Instant::now();
@@ -97,17 +145,7 @@ impl Probe {
             .as_ref()
             .map_or_else(|| vec!["kernel BTF"], |r| r.missing_optional.clone());
 
-        let tp_btf_blocker = match &resolved {
-            None => Some(format!(
-                "{} does not exist (kernel built without CONFIG_DEBUG_INFO_BTF)",
-                opts.btf_path.display()
-            )),
-            Some(r) if !r.missing_required.is_empty() => Some(format!(
-                "kernel BTF lacks {}",
-                r.missing_required.join(", ")
-            )),
-            Some(_) => None,
-        };
+        let tp_btf_blocker = tp_btf_blocker(&opts.btf_path, resolved.as_ref());
 
         let btf = if has_btf {
             Some(
@@ -137,29 +175,7 @@ impl Probe {
             }
         }
 
-        let attached = match opts.hook {
-            HookChoice::TpBtf => {
-                if let Some(why) = &tp_btf_blocker {
-                    bail!("cannot use tp_btf: {why}; try --hook tracepoint");
-                }
-                attach_tp_btf(&mut ebpf, btf.as_ref(), opts.verbose)?
-            }
-            HookChoice::Tracepoint => attach_tracepoint(&mut ebpf, opts.verbose)?,
-            HookChoice::Auto => {
-                let first = match &tp_btf_blocker {
-                    Some(why) => Err(anyhow!("{why}")),
-                    None => attach_tp_btf(&mut ebpf, btf.as_ref(), opts.verbose),
-                };
-                match first {
-                    Ok(name) => name,
-                    Err(e) => {
-                        log::info!("tp_btf unavailable ({e:#}); falling back to the tracepoint");
-                        attach_tracepoint(&mut ebpf, opts.verbose)
-                            .map_err(|e2| anyhow!("{e2:#} (tp_btf was not usable either: {e:#})"))?
-                    }
-                }
-            }
-        };
+        let attached = attach(&mut ebpf, opts, btf.as_ref(), tp_btf_blocker.as_deref())?;
         lap("attached");
         Ok(Self {
             ebpf,

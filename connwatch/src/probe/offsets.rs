@@ -19,6 +19,127 @@ pub struct Resolved {
     pub missing_optional: Vec<&'static str>,
 }
 
+/// A field the probe reads: its name in messages, the struct it is found from, the
+/// member path from that struct, and where its offset goes.
+struct Field {
+    name: &'static str,
+    root: &'static str,
+    path: &'static [&'static str],
+    slot: fn(&mut Offsets) -> &mut u32,
+}
+
+// `struct sock` starts with `struct sock_common __sk_common`; `struct inet_sock` starts
+// with `struct sock sk`: these paths give offsets from the `struct sock *`.
+/// Fields without which the `tp_btf` hook cannot be used.
+const REQUIRED: [Field; 8] = [
+    Field {
+        name: "skc_family",
+        root: "sock",
+        path: &["__sk_common", "skc_family"],
+        slot: |o| &mut o.skc_family,
+    },
+    Field {
+        name: "skc_daddr",
+        root: "sock",
+        path: &["__sk_common", "skc_daddr"],
+        slot: |o| &mut o.skc_daddr,
+    },
+    Field {
+        name: "skc_rcv_saddr",
+        root: "sock",
+        path: &["__sk_common", "skc_rcv_saddr"],
+        slot: |o| &mut o.skc_rcv_saddr,
+    },
+    Field {
+        name: "skc_v6_daddr",
+        root: "sock",
+        path: &["__sk_common", "skc_v6_daddr"],
+        slot: |o| &mut o.skc_v6_daddr,
+    },
+    Field {
+        name: "skc_v6_rcv_saddr",
+        root: "sock",
+        path: &["__sk_common", "skc_v6_rcv_saddr"],
+        slot: |o| &mut o.skc_v6_rcv_saddr,
+    },
+    Field {
+        name: "skc_dport",
+        root: "sock",
+        path: &["__sk_common", "skc_dport"],
+        slot: |o| &mut o.skc_dport,
+    },
+    Field {
+        name: "inet_sport",
+        root: "inet_sock",
+        path: &["inet_sport"],
+        slot: |o| &mut o.inet_sport,
+    },
+    Field {
+        name: "sk_protocol",
+        root: "sock",
+        path: &["sk_protocol"],
+        slot: |o| &mut o.sk_protocol,
+    },
+];
+
+/// Fields whose absence blanks netns/inode in events, or rules out `--cgroup`.
+const OPTIONAL: [Field; 9] = [
+    Field {
+        name: "skc_net",
+        root: "sock",
+        path: &["__sk_common", "skc_net", "net"],
+        slot: |o| &mut o.skc_net,
+    },
+    Field {
+        name: "net.ns.inum",
+        root: "net",
+        path: &["ns", "inum"],
+        slot: |o| &mut o.net_ns_inum,
+    },
+    Field {
+        name: "sk_socket",
+        root: "sock",
+        path: &["sk_socket"],
+        slot: |o| &mut o.sk_socket,
+    },
+    Field {
+        name: "socket.file",
+        root: "socket",
+        path: &["file"],
+        slot: |o| &mut o.socket_file,
+    },
+    Field {
+        name: "file.f_inode",
+        root: "file",
+        path: &["f_inode"],
+        slot: |o| &mut o.file_inode,
+    },
+    Field {
+        name: "inode.i_ino",
+        root: "inode",
+        path: &["i_ino"],
+        slot: |o| &mut o.inode_ino,
+    },
+    Field {
+        name: "sk_cgrp_data.cgroup",
+        root: "sock",
+        path: &["sk_cgrp_data", "cgroup"],
+        slot: |o| &mut o.sk_cgroup,
+    },
+    Field {
+        name: "cgroup.kn",
+        root: "cgroup",
+        path: &["kn"],
+        slot: |o| &mut o.cgroup_kn,
+    },
+    Field {
+        name: "kernfs_node.id",
+        root: "kernfs_node",
+        path: &["id"],
+        slot: |o| &mut o.kernfs_id,
+    },
+];
+
 pub fn resolve(path: &Path) -> Result<Resolved> {
     let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
         .or_else(|_| Btf::from_file(path))
@@ -28,114 +149,15 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
         missing_required: Vec::new(),
         missing_optional: Vec::new(),
     };
-    // `struct sock` starts with `struct sock_common __sk_common`; `struct inet_sock`
-    // starts with `struct sock sk`: these paths give offsets from the `struct sock *`.
-    let required: [(&'static str, &str, &[&str], &mut u32); 8] = [
-        (
-            "skc_family",
-            "sock",
-            &["__sk_common", "skc_family"],
-            &mut r.offsets.skc_family,
-        ),
-        (
-            "skc_daddr",
-            "sock",
-            &["__sk_common", "skc_daddr"],
-            &mut r.offsets.skc_daddr,
-        ),
-        (
-            "skc_rcv_saddr",
-            "sock",
-            &["__sk_common", "skc_rcv_saddr"],
-            &mut r.offsets.skc_rcv_saddr,
-        ),
-        (
-            "skc_v6_daddr",
-            "sock",
-            &["__sk_common", "skc_v6_daddr"],
-            &mut r.offsets.skc_v6_daddr,
-        ),
-        (
-            "skc_v6_rcv_saddr",
-            "sock",
-            &["__sk_common", "skc_v6_rcv_saddr"],
-            &mut r.offsets.skc_v6_rcv_saddr,
-        ),
-        (
-            "skc_dport",
-            "sock",
-            &["__sk_common", "skc_dport"],
-            &mut r.offsets.skc_dport,
-        ),
-        (
-            "inet_sport",
-            "inet_sock",
-            &["inet_sport"],
-            &mut r.offsets.inet_sport,
-        ),
-        (
-            "sk_protocol",
-            "sock",
-            &["sk_protocol"],
-            &mut r.offsets.sk_protocol,
-        ),
-    ];
-    for (name, root, path, slot) in required {
-        match field_offset(&btf, root, path) {
-            Ok(off) => *slot = off,
-            Err(_) => r.missing_required.push(name),
-        }
-    }
-    let optional: [(&'static str, &str, &[&str], &mut u32); 9] = [
-        (
-            "skc_net",
-            "sock",
-            &["__sk_common", "skc_net", "net"],
-            &mut r.offsets.skc_net,
-        ),
-        (
-            "net.ns.inum",
-            "net",
-            &["ns", "inum"],
-            &mut r.offsets.net_ns_inum,
-        ),
-        (
-            "sk_socket",
-            "sock",
-            &["sk_socket"],
-            &mut r.offsets.sk_socket,
-        ),
-        (
-            "socket.file",
-            "socket",
-            &["file"],
-            &mut r.offsets.socket_file,
-        ),
-        (
-            "file.f_inode",
-            "file",
-            &["f_inode"],
-            &mut r.offsets.file_inode,
-        ),
-        ("inode.i_ino", "inode", &["i_ino"], &mut r.offsets.inode_ino),
-        (
-            "sk_cgrp_data.cgroup",
-            "sock",
-            &["sk_cgrp_data", "cgroup"],
-            &mut r.offsets.sk_cgroup,
-        ),
-        ("cgroup.kn", "cgroup", &["kn"], &mut r.offsets.cgroup_kn),
-        (
-            "kernfs_node.id",
-            "kernfs_node",
-            &["id"],
-            &mut r.offsets.kernfs_id,
-        ),
-    ];
-    for (name, root, path, slot) in optional {
-        match field_offset(&btf, root, path) {
-            Ok(off) => *slot = off,
-            Err(_) => r.missing_optional.push(name),
+    for (fields, missing) in [
+        (&REQUIRED[..], &mut r.missing_required),
+        (&OPTIONAL[..], &mut r.missing_optional),
+    ] {
+        for f in fields {
+            match field_offset(&btf, f.root, f.path) {
+                Ok(off) => *(f.slot)(&mut r.offsets) = off,
+                Err(_) => missing.push(f.name),
+            }
         }
     }
     Ok(r)
