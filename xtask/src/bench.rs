@@ -479,11 +479,67 @@ pub fn bench(opts: &Options) -> Result<()> {
     let tracefs = Tracefs::mount()?;
     let mut out = String::new();
     let started = Instant::now();
-    let say = |s: &str| eprintln!("bench: {s}");
 
     // Sockets held first, in a namespace no load has touched (no leftover TIME_WAIT).
-    // 5 & 6. Memory per tracked socket, and start-up with existing sockets.
     let n = if q { 10_000 } else { 50_000 };
+    let held = held_figures(cw, &ns, n, q, &mut out)?;
+    timewait_poll_cost(cw, q, &mut out)?;
+    let fixed = saturation(&ns, q, &mut out)?;
+    let (cw_ns, ts_ns) = probe_costs(cw, &ns, fixed, q, &mut out)?;
+    let (tax, ts_tax) = workload_tax(cw, &ns, q, &mut out)?;
+    let uncounted = loss_accounting(cw, &ns, q, &mut out)?;
+
+    let HeldFigures {
+        rss0,
+        rss_cw,
+        per_cw,
+        rss0_tw,
+        rss_tw,
+        per_tw,
+        startup_ms,
+        poll_ratio,
+    } = held;
+    writeln!(
+        out,
+        "memory: RSS {rss0} B idle, {rss_cw} B with {n} CLOSE_WAIT ({per_cw:.0} B/socket); {rss0_tw} B idle, {rss_tw} B with {n} TIME_WAIT ({per_tw:.0} B/socket)"
+    )?;
+    writeln!(
+        out,
+        "start-up: {startup_ms:.0} ms from exec to attached and seeded with {n} CLOSE_WAIT sockets"
+    )?;
+    writeln!(out, "bench took {:.0} s", started.elapsed().as_secs_f64())?;
+
+    let probe_ratio = if ts_ns > 0.0 { cw_ns / ts_ns } else { 0.0 };
+    let rss_per_socket = per_cw.max(per_tw);
+    let last = format!(
+        "bench: probe_ns={cw_ns:.1} tcpstates_ns={ts_ns:.1} probe_ratio={probe_ratio:.3} tax_pct={tax:.2} tcpstates_tax_pct={ts_tax:.2} uncounted_loss={uncounted} rss_per_socket_b={rss_per_socket:.0} startup_ms={startup_ms:.0} ss_poll_cpu_ratio={poll_ratio:.3}"
+    );
+    print!("{out}");
+    println!("{last}");
+    write_doc(&opts.out, &out, &last, q)?;
+    drop(tracefs);
+    Ok(())
+}
+
+fn say(s: &str) {
+    eprintln!("bench: {s}");
+}
+
+/// Figures taken with `n` sockets held.
+struct HeldFigures {
+    rss0: u64,
+    rss_cw: u64,
+    per_cw: f64,
+    rss0_tw: u64,
+    rss_tw: u64,
+    per_tw: f64,
+    startup_ms: f64,
+    poll_ratio: f64,
+}
+
+/// Memory per tracked socket (CLOSE_WAIT and TIME_WAIT), start-up with `n` existing
+/// sockets, and CPU against an `ss -tanpio` loop with them held.
+fn held_figures(cw: &Path, ns: &Netns, n: usize, q: bool, out: &mut String) -> Result<HeldFigures> {
     // The held sockets' clients live on this host too: once closed they are orphans in
     // FIN_WAIT2, which connwatch follows as well. A real server's peers are elsewhere,
     // so their namespace lets orphans go after 1 s and what is measured is the
@@ -495,10 +551,7 @@ pub fn bench(opts: &Options) -> Result<()> {
     // the sockets being made would also count the ring buffer pages the event storm
     // touched (up to --ring-size, once), which is not a cost per socket.
     say(&format!("memory: {n} CLOSE_WAIT sockets"));
-    let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "1s"])?;
-    thread::sleep(Duration::from_secs(3));
-    let rss0 = t.rss_bytes();
-    t.finish();
+    let rss0 = idle_rss(cw)?;
     let held = hold_sockets(&hold_ns, n, false)?;
     // The clients' orphans go (tcp_fin_timeout=1).
     thread::sleep(Duration::from_secs(2));
@@ -509,7 +562,6 @@ pub fn bench(opts: &Options) -> Result<()> {
     let rss_cw = t.rss_bytes();
     let per_cw = rss_cw.saturating_sub(rss0) as f64 / n as f64;
 
-    // 7. Against an `ss -tanpio` loop, with the sockets held.
     let secs = if q { 10.0 } else { 30.0 };
     say("polling comparison: connwatch watch vs ss -tanpio every 2 s");
     let c0 = t.cpu_seconds();
@@ -525,18 +577,37 @@ pub fn bench(opts: &Options) -> Result<()> {
     )?;
 
     say(&format!("memory: {n} TIME_WAIT sockets"));
-    let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "1s"])?;
-    thread::sleep(Duration::from_secs(3));
-    let rss0_tw = t.rss_bytes();
-    t.finish();
-    let _tw = hold_sockets(&ns, n, true)?;
+    let rss0_tw = idle_rss(cw)?;
+    let _tw = hold_sockets(ns, n, true)?;
     let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "1s"])?;
     thread::sleep(Duration::from_secs(3));
     let rss_tw = t.rss_bytes();
     t.finish();
     let per_tw = rss_tw.saturating_sub(rss0_tw) as f64 / n as f64;
-    // TIME_WAIT polling cost: a dump of many timewait sockets, timed through
-    // `connwatch snapshot` (one full sock_diag dump and its parse, no BPF).
+    Ok(HeldFigures {
+        rss0,
+        rss_cw,
+        per_cw,
+        rss0_tw,
+        rss_tw,
+        per_tw,
+        startup_ms,
+        poll_ratio,
+    })
+}
+
+/// RSS of a `watch` that has run 3 s.
+fn idle_rss(cw: &Path) -> Result<u64> {
+    let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "1s"])?;
+    thread::sleep(Duration::from_secs(3));
+    let rss = t.rss_bytes();
+    t.finish();
+    Ok(rss)
+}
+
+/// TIME_WAIT polling cost: a dump of many timewait sockets, timed through `connwatch
+/// snapshot` (one full sock_diag dump and its parse, no BPF).
+fn timewait_poll_cost(cw: &Path, q: bool, out: &mut String) -> Result<()> {
     let n_tw = if q { 20_000 } else { 100_000 };
     say(&format!("polling cost with {n_tw} TIME_WAIT sockets"));
     let tw_ns = Arc::new(Netns::new_named("tw")?);
@@ -560,12 +631,13 @@ pub fn bench(opts: &Options) -> Result<()> {
         "tw poll: one full dump with {tw_seen} TIME_WAIT sockets took {snapshot_ms:.0} ms (connwatch snapshot); at the default 1 s poll that is {:.1}% of a CPU, capped at 5%",
         (snapshot_ms / 10.0).min(100.0)
     )?;
-    drop(tw_held);
-    drop(tw_ns);
+    Ok(())
+}
 
-    // 1. Saturation and a fixed rate below it.
+/// Saturation without a tracer; returns the fixed rate (half of it) later phases use.
+fn saturation(ns: &Arc<Netns>, q: bool, out: &mut String) -> Result<f64> {
     say("load generator: saturation without a tracer");
-    let load = Load::start(&ns, 4, None)?;
+    let load = Load::start(ns, 4, None)?;
     thread::sleep(Duration::from_millis(500));
     let sat = measure(&load, if q { 2.0 } else { 5.0 });
     load.stop();
@@ -575,26 +647,40 @@ pub fn bench(opts: &Options) -> Result<()> {
         "load: saturation {sat:.0} conn/s (~{:.0} transitions/s); fixed rate {fixed:.0} conn/s",
         sat * 10.0
     )?;
+    Ok(fixed)
+}
 
-    // 2. Probe cost under the same fixed-rate load.
+/// Probe cost (ns per run, from bpf_stats) of connwatch and tcpstates under the same
+/// fixed-rate load.
+fn probe_costs(
+    cw: &Path,
+    ns: &Arc<Netns>,
+    fixed: f64,
+    q: bool,
+    out: &mut String,
+) -> Result<(f64, f64)> {
     let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")?;
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")?;
     let secs = if q { 4.0 } else { 10.0 };
     say("probe cost: connwatch");
     let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "2s"])?;
-    let (cw_ns, cw_runs) = probe_cost(&t, &ns, fixed, secs)?;
+    let (cw_ns, cw_runs) = probe_cost(&t, ns, fixed, secs)?;
     t.finish();
     say("probe cost: tcpstates");
     let t = Tracer::tcpstates()?;
-    let (ts_ns, ts_runs) = probe_cost(&t, &ns, fixed, secs)?;
+    let (ts_ns, ts_runs) = probe_cost(&t, ns, fixed, secs)?;
     t.finish();
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim())?;
     writeln!(
         out,
         "probe: connwatch {cw_ns:.0} ns/event ({cw_runs} runs), tcpstates {ts_ns:.0} ns/event ({ts_runs} runs)"
     )?;
+    Ok((cw_ns, ts_ns))
+}
 
-    // 3. Workload tax: interleaved runs at saturation.
+/// Workload tax (% of connections/s lost) of connwatch and tcpstates: interleaved runs
+/// at saturation, medians.
+fn workload_tax(cw: &Path, ns: &Arc<Netns>, q: bool, out: &mut String) -> Result<(f64, f64)> {
     let rounds = if q { 3 } else { 5 };
     let per = if q { 2.0 } else { 4.0 };
     let (mut none, mut with_cw, mut with_ts) = (vec![], vec![], vec![]);
@@ -609,7 +695,7 @@ pub fn bench(opts: &Options) -> Result<()> {
                 2 => Some(Tracer::tcpstates()?),
                 _ => None,
             };
-            let load = Load::start(&ns, 4, None)?;
+            let load = Load::start(ns, 4, None)?;
             thread::sleep(Duration::from_millis(300));
             let r = measure(&load, per);
             load.stop();
@@ -626,11 +712,15 @@ pub fn bench(opts: &Options) -> Result<()> {
         out,
         "tax: no tracer {m0:.0} conn/s, connwatch {m1:.0} ({tax:.1}%), tcpstates {m2:.0} ({ts_tax:.1}%)"
     )?;
+    Ok((tax, ts_tax))
+}
 
-    // 4. Loss accounting at saturation, then with the consumer stopped for 5 s.
+/// Loss accounting at saturation, then with the consumer stopped for 5 s: events the
+/// probe saw that were neither received nor counted as dropped.
+fn loss_accounting(cw: &Path, ns: &Arc<Netns>, q: bool, out: &mut String) -> Result<i64> {
     say("loss accounting at saturation");
     let t = Tracer::connwatch(cw, &["trace", "--json"])?;
-    let load = Load::start(&ns, 4, None)?;
+    let load = Load::start(ns, 4, None)?;
     thread::sleep(Duration::from_secs_f64(if q { 3.0 } else { 8.0 }));
     load.stop();
     let (seen, recv, drop1) = loss_summary(&t.finish()).context("no summary from trace")?;
@@ -641,7 +731,7 @@ pub fn bench(opts: &Options) -> Result<()> {
     )?;
     say("loss accounting with the consumer stopped for 5 s");
     let t = Tracer::connwatch(cw, &["trace", "--json", "--ring-size", "256K"])?;
-    let load = Load::start(&ns, 4, None)?;
+    let load = Load::start(ns, 4, None)?;
     thread::sleep(Duration::from_secs(1));
     t.signal(libc::SIGSTOP);
     thread::sleep(Duration::from_secs(5));
@@ -656,28 +746,7 @@ pub fn bench(opts: &Options) -> Result<()> {
         out,
         "loss (stalled 5 s): {seen2} events, {recv2} received, {drop2} dropped, {uncounted2} uncounted (pid {alive} recovered and exited cleanly)"
     )?;
-
-    writeln!(
-        out,
-        "memory: RSS {rss0} B idle, {rss_cw} B with {n} CLOSE_WAIT ({per_cw:.0} B/socket); {rss0_tw} B idle, {rss_tw} B with {n} TIME_WAIT ({per_tw:.0} B/socket)"
-    )?;
-    writeln!(
-        out,
-        "start-up: {startup_ms:.0} ms from exec to attached and seeded with {n} CLOSE_WAIT sockets"
-    )?;
-    writeln!(out, "bench took {:.0} s", started.elapsed().as_secs_f64())?;
-
-    let probe_ratio = if ts_ns > 0.0 { cw_ns / ts_ns } else { 0.0 };
-    let rss_per_socket = per_cw.max(per_tw);
-    let last = format!(
-        "bench: probe_ns={cw_ns:.1} tcpstates_ns={ts_ns:.1} probe_ratio={probe_ratio:.3} tax_pct={tax:.2} tcpstates_tax_pct={ts_tax:.2} uncounted_loss={} rss_per_socket_b={rss_per_socket:.0} startup_ms={startup_ms:.0} ss_poll_cpu_ratio={poll_ratio:.3}",
-        uncounted1.abs() + uncounted2.abs()
-    );
-    print!("{out}");
-    println!("{last}");
-    write_doc(&opts.out, &out, &last, q)?;
-    drop(tracefs);
-    Ok(())
+    Ok(uncounted1.abs() + uncounted2.abs())
 }
 
 /// tracefs mounted for the run when a fresh machine has it unmounted.
