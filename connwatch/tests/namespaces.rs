@@ -184,3 +184,66 @@ fn deleted_namespace_leaves_the_report() {
     assert!(early >= time_waits, "{} early of {time_waits}", early);
     assert_eq!(r["time_wait_ends"]["expired"], 0, "{}", r["time_wait_ends"]);
 }
+
+/// Every number of one report describes the same moment: while namespaces holding
+/// CLOSE_WAIT and TIME_WAIT sockets come and go, `states` equals what the tables hold
+/// (the processes' sockets plus the unattributed ones) in every report.
+#[test]
+fn states_and_tables_agree_during_namespace_churn() {
+    require_root();
+    let mut cw = watch_fast();
+    let agree = |r: &serde_json::Value| -> Result<(), String> {
+        for (state, key) in [("CLOSE_WAIT", "close_wait"), ("TIME_WAIT", "time_wait")] {
+            let held: u64 = r["processes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[key].as_u64().unwrap())
+                .sum::<u64>()
+                + r["unattributed"][key].as_u64().unwrap();
+            let counted = r["states"][state].as_u64().unwrap_or(0);
+            if held != counted {
+                return Err(format!(
+                    "states.{state} {counted}, tables {held}: {}",
+                    r["states"]
+                ));
+            }
+        }
+        Ok(())
+    };
+    let (mut reports, mut checked) = (0, 0);
+    let mut check_reports = |cw: &mut Connwatch| {
+        let lines = cw.stdout.drain(Duration::from_millis(100));
+        for line in lines.get(checked..).unwrap_or_default() {
+            checked += 1;
+            if let Ok(r) = serde_json::from_str::<serde_json::Value>(line) {
+                reports += 1;
+                if let Err(e) = agree(&r) {
+                    panic!("report {reports}: {e}");
+                }
+            }
+        }
+    };
+    // Each round: a namespace with a leak and a server that closes first; the one made
+    // two rounds earlier is deleted with its sockets.
+    let mut live: std::collections::VecDeque<(NetNs, Vec<Peer>)> = Default::default();
+    for round in 0..6 {
+        let ns = quiet_netns(&format!("churn{round}"));
+        let (server, client, _) = server_closes_first(&ns);
+        let mut leaker = Peer::spawn_in(Some(&ns), &["leaker", "127.0.0.1:0", "2"]);
+        let port: u16 = leaker.expect("port").parse().unwrap();
+        let mut clients = Peer::spawn_in(Some(&ns), &["clients", &addr("127.0.0.1", port), "2"]);
+        clients.expect("closed");
+        leaker.expect("accepted");
+        live.push_back((ns, vec![server, client, leaker, clients]));
+        if live.len() > 2 {
+            drop(live.pop_front());
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        check_reports(&mut cw);
+    }
+    drop(live);
+    std::thread::sleep(Duration::from_millis(1500));
+    check_reports(&mut cw);
+    assert!(reports >= 8, "{reports} reports");
+}
