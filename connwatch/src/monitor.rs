@@ -2,7 +2,7 @@
 //! timewait sockets, reconcile and resolve owners, build the report. Covers every network
 //! namespace on the host (the probe sees them all; dumps are made inside each).
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     path::PathBuf,
     time::Duration,
 };
@@ -112,27 +112,55 @@ impl Monitor {
         self
     }
 
-    /// Dumps `query` in every namespace; a namespace that fails (its last process exited
-    /// meanwhile) is counted and skipped.
-    fn dump_all(&mut self, query: Query) -> Result<Vec<(u32, Vec<DiagSocket>)>> {
+    /// One visit to every namespace (or `only` those): the `queries` dumped (their results together) and,
+    /// with `kernel`, its TIME_WAIT settings read, all in one setns per namespace and one
+    /// worker thread for all of them. A namespace that fails (its last process exited
+    /// meanwhile) is counted and skipped; our own failing is an error.
+    fn visit(
+        &mut self,
+        queries: &[Query],
+        kernel: bool,
+        only: Option<&BTreeSet<u32>>,
+    ) -> Result<Vec<Visit>> {
         let started = std::time::Instant::now();
-        let out = self.dump_all_inner(query);
-        self.poll_ns += started.elapsed().as_nanos() as u64;
-        out
-    }
-
-    fn dump_all_inner(&mut self, query: Query) -> Result<Vec<(u32, Vec<DiagSocket>)>> {
-        let mut out = Vec::new();
-        for (&ns, path) in &self.namespaces {
-            match dump_in(ns == self.own_netns, path, query) {
-                Ok(mut sockets) => {
+        let queries = queries.to_vec();
+        let visit = move || -> std::io::Result<(Vec<DiagSocket>, Option<KernelInfo>)> {
+            let mut sockets = Vec::new();
+            for q in &queries {
+                sockets.extend(sockdiag::dump(*q)?);
+            }
+            Ok((sockets, kernel.then(KernelInfo::read)))
+        };
+        let own = self.own_netns;
+        let wanted = |ns: &u32| only.is_none_or(|o| o.contains(ns));
+        let others: Vec<(u32, PathBuf)> = self
+            .namespaces
+            .iter()
+            .filter(|(ns, _)| **ns != own && wanted(ns))
+            .map(|(ns, path)| (*ns, path.clone()))
+            .collect();
+        let mut results = Vec::new();
+        if wanted(&own) {
+            results.push((own, visit()));
+        }
+        if !others.is_empty() {
+            results.extend(netns::run_in_each(others, visit));
+        }
+        let mut out = Vec::with_capacity(results.len());
+        for (ns, result) in results {
+            match result {
+                Ok((mut sockets, kernel)) => {
                     // Listeners stay: they name the owners of server-side sockets.
                     sockets.retain(|s| {
                         s.state == TcpState::LISTEN || self.filter.socket(&s.local, &s.remote)
                     });
-                    out.push((ns, sockets));
+                    out.push(Visit {
+                        ns,
+                        sockets,
+                        kernel,
+                    });
                 }
-                Err(e) if ns == self.own_netns => {
+                Err(e) if ns == own => {
                     return Err(e).context("cannot list TCP sockets through netlink sock_diag");
                 }
                 Err(e) => {
@@ -141,6 +169,7 @@ impl Monitor {
                 }
             }
         }
+        self.poll_ns += started.elapsed().as_nanos() as u64;
         Ok(out)
     }
 
@@ -184,7 +213,8 @@ impl Monitor {
     }
 
     /// Sockets that existed before start: CLOSE_WAIT with `tcp_info` for age estimates,
-    /// and the timewait sockets with their timers.
+    /// the timewait sockets with their timers, listeners, settings and the state
+    /// histogram, from one visit to each namespace (the first full dump).
     pub fn seed(&mut self) -> Result<()> {
         let started = std::time::Instant::now();
         self.discover_namespaces();
@@ -194,13 +224,22 @@ impl Monitor {
             started.elapsed()
         );
         let now = monotonic_ns();
-        for (ns, sockets) in self.dump_all(Query::states(&[TcpState::CLOSE_WAIT], true))? {
-            self.table.seed(ns, &sockets, now);
+        // tcp_info for the CLOSE_WAIT sockets' ages; asked of every socket, because a
+        // second dump per namespace costs more (each walks the host-wide hash table).
+        let everything = Query {
+            tcp_info: true,
+            ..Query::all()
+        };
+        let visits = self.visit(&[everything], true, None)?;
+        for v in &visits {
+            self.table.seed(v.ns, &v.sockets, now);
         }
-        log::debug!("seed: CLOSE_WAIT dumped at {:?}", started.elapsed());
-        self.poll_timewait()?;
-        release_freed_memory();
-        log::debug!("seed: timewait polled at {:?}", started.elapsed());
+        log::debug!("seed: dumped at {:?}", started.elapsed());
+        self.absorb_full_dump(visits, now, started)?;
+        log::debug!(
+            "seed: timewait and listeners known at {:?}",
+            started.elapsed()
+        );
         Ok(())
     }
 
@@ -254,14 +293,18 @@ impl Monitor {
         if std::mem::take(&mut self.rediscover) {
             self.discover_namespaces();
         }
-        let mut rows = if self.timewait_poll_due() {
+        let mut rows = if let Some(only) = self.timewait_poll_scope() {
             let query = Query::states(
                 &[TcpState::TIME_WAIT, TcpState::FIN_WAIT2, TcpState::LISTEN],
                 false,
             );
             let started = std::time::Instant::now();
             let loss = self.loss_seen;
-            let dumps = self.dump_all(query)?;
+            let dumps = self
+                .visit(&[query], false, only.as_ref())?
+                .into_iter()
+                .map(|v| (v.ns, v.sockets))
+                .collect();
             let rows = self.observe(dumps, started)?;
             self.tw.expire_pending(monotonic_ns());
             self.loss_polled = loss;
@@ -281,16 +324,20 @@ impl Monitor {
         Ok(rows)
     }
 
-    /// Whether a timewait poll can tell anything events did not (something pending, due
-    /// or lost), within its CPU budget.
-    fn timewait_poll_due(&mut self) -> bool {
-        if self.tw_seeded
-            && self.loss_seen == self.loss_polled
-            && !self.tw.wants_poll(monotonic_ns())
-        {
-            return false;
+    /// Whether a timewait poll can tell anything events did not, within its CPU budget,
+    /// and where: every namespace before seeding or after a loss (a timewait socket may
+    /// have begun unseen anywhere), else only those with a close pending or a timer due
+    /// (`Some(None)` is every namespace, `None` no poll).
+    fn timewait_poll_scope(&mut self) -> Option<Option<BTreeSet<u32>>> {
+        let everywhere = !self.tw_seeded || self.loss_seen != self.loss_polled;
+        let wanting = self.tw.wanting_poll(monotonic_ns());
+        if !everywhere && wanting.is_empty() {
+            return None;
         }
-        self.tw_budget.allows()
+        if !self.tw_budget.allows() {
+            return None;
+        }
+        Some((!everywhere).then_some(wanting))
     }
 
     fn observe(
@@ -369,24 +416,30 @@ impl Monitor {
         }
         let now = monotonic_ns();
         let started = std::time::Instant::now();
-        let dumps = self.dump_all(Query::all())?;
+        let visits = self.visit(&[Query::all()], true, None)?;
+        self.absorb_full_dump(visits, now, started)
+    }
+
+    /// A full dump of every namespace: the state histogram, the CLOSE_WAIT table
+    /// reconciled, settings, listeners and timewait sockets observed.
+    fn absorb_full_dump(
+        &mut self,
+        visits: Vec<Visit>,
+        now: u64,
+        started: std::time::Instant,
+    ) -> Result<Vec<Synthetic>> {
         self.states.clear();
-        for (ns, sockets) in &dumps {
-            for (state, n) in report::state_counts(sockets) {
+        self.kernel.retain(|ns, _| self.namespaces.contains_key(ns));
+        let mut dumps = Vec::with_capacity(visits.len());
+        for v in visits {
+            for (state, n) in report::state_counts(&v.sockets) {
                 *self.states.entry(state).or_insert(0) += n;
             }
-            self.table.reconcile(*ns, sockets, now);
-        }
-        self.kernel.retain(|ns, _| self.namespaces.contains_key(ns));
-        for (&ns, path) in &self.namespaces {
-            let info = if ns == self.own_netns {
-                Ok(KernelInfo::read())
-            } else {
-                netns::run_in(path, || Ok(KernelInfo::read()))
-            };
-            if let Ok(info) = info {
-                self.kernel.insert(ns, info);
+            self.table.reconcile(v.ns, &v.sockets, now);
+            if let Some(info) = v.kernel {
+                self.kernel.insert(v.ns, info);
             }
+            dumps.push((v.ns, v.sockets));
         }
         let loss = self.loss_seen;
         let rows = self.observe(dumps, started);
@@ -418,12 +471,21 @@ impl Monitor {
             .map(|(k, _)| k.netns)
             .collect();
         let query = Query::states(&[TcpState::CLOSE_WAIT], false);
+        let mut others = Vec::new();
         for ns in wanting {
-            let Some(path) = self.namespaces.get(&ns) else {
-                continue;
-            };
-            if let Ok(sockets) = dump_in(ns == self.own_netns, path, query) {
-                self.table.fill_inodes(ns, &sockets);
+            if ns == self.own_netns {
+                if let Ok(sockets) = sockdiag::dump(query) {
+                    self.table.fill_inodes(ns, &sockets);
+                }
+            } else if let Some(path) = self.namespaces.get(&ns) {
+                others.push((ns, path.clone()));
+            }
+        }
+        if !others.is_empty() {
+            for (ns, result) in netns::run_in_each(others, move || sockdiag::dump(query)) {
+                if let Ok(sockets) = result {
+                    self.table.fill_inodes(ns, &sockets);
+                }
             }
         }
     }
@@ -532,13 +594,11 @@ impl Monitor {
     }
 }
 
-/// One sock_diag dump, in our own namespace or inside the one at `path`.
-fn dump_in(own: bool, path: &std::path::Path, query: Query) -> std::io::Result<Vec<DiagSocket>> {
-    if own {
-        sockdiag::dump(query)
-    } else {
-        netns::run_in(path, move || sockdiag::dump(query))
-    }
+/// What one visit to a namespace brought back.
+struct Visit {
+    ns: u32,
+    sockets: Vec<DiagSocket>,
+    kernel: Option<KernelInfo>,
 }
 
 /// Hands the memory a large dump used back to the kernel: glibc keeps freed heap pages,

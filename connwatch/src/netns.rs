@@ -65,6 +65,30 @@ pub fn run_in<T: Send + 'static>(
     .map_err(|_| io::Error::other("namespace worker panicked"))?
 }
 
+/// Runs `f` in each namespace in turn, all on one thread of its own (setns moves only
+/// that thread): one thread per round rather than one per namespace.
+pub fn run_in_each<T: Send + 'static>(
+    namespaces: Vec<(u32, PathBuf)>,
+    f: impl Fn() -> io::Result<T> + Send + 'static,
+) -> Vec<(u32, io::Result<T>)> {
+    let worker = std::thread::spawn(move || {
+        namespaces
+            .into_iter()
+            .map(|(ns, path)| {
+                let entered = File::open(&path).and_then(|file| {
+                    // SAFETY: setns on an open namespace fd; it changes only this thread.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+                (ns, entered.and_then(|()| f()))
+            })
+            .collect()
+    });
+    worker.join().unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -486,11 +486,22 @@ impl Tracker {
     /// Otherwise every timewait socket is accounted for until its timer, and a new
     /// connection on its 4-tuple (the only other early end) is an event.
     pub fn wants_poll(&self, now_ns: u64) -> bool {
-        !self.pending.is_empty()
-            || self
-                .tracked
-                .values()
-                .any(|t| t.provisional || t.substate == TcpState::FIN_WAIT2 || t.due_ns <= now_ns)
+        !self.wanting_poll(now_ns).is_empty()
+    }
+
+    /// The namespaces that `wants_poll` for: only they need a dump.
+    pub fn wanting_poll(&self, now_ns: u64) -> std::collections::BTreeSet<u32> {
+        let mut wanting: std::collections::BTreeSet<u32> =
+            self.pending.keys().map(|k| k.netns).collect();
+        wanting.extend(
+            self.tracked
+                .iter()
+                .filter(|(_, t)| {
+                    t.provisional || t.substate == TcpState::FIN_WAIT2 || t.due_ns <= now_ns
+                })
+                .map(|(k, _)| k.netns),
+        );
+        wanting
     }
 
     /// Entries held in each of the tracker's tables.
