@@ -247,3 +247,35 @@ fn states_and_tables_agree_during_namespace_churn() {
     check_reports(&mut cw);
     assert!(reports >= 8, "{reports} reports");
 }
+
+/// The same with five hundred (empty) namespaces: each costs a sock_diag visit, so this
+/// is where a poll that visits every namespace for one pending close would fall behind.
+#[test]
+fn new_leak_among_five_hundred_namespaces_is_reported_within_two_intervals() {
+    require_root();
+    let _namespaces: Vec<NetNs> = (0..500).map(|i| NetNs::new(&format!("q{i}"))).collect();
+    let interval = Duration::from_secs(1);
+    let mut cw = Connwatch::start(&["watch", "--json", "--interval", "1s"]);
+    wait_report(&mut cw, "a first report", |_| true);
+    let mut leaker = Peer::spawn(&["leaker", "127.0.0.1:0", "10"]);
+    let port: u16 = leaker.expect("port").parse().unwrap();
+    let mut clients = Peer::spawn(&["clients", &addr("127.0.0.1", port), "10"]);
+    clients.expect("closed");
+    leaker.expect("accepted");
+    let leaked = Instant::now();
+    let r = wait_report(&mut cw, "the leak attributed and counted", |r| {
+        process(r, leaker.pid()).is_some_and(|p| p["close_wait"] == 10)
+            && r["states"]["CLOSE_WAIT"].as_u64() >= Some(10)
+    });
+    let took = leaked.elapsed();
+    assert!(
+        took <= interval * 2 + Duration::from_millis(500),
+        "took {took:?}: {}",
+        r["states"]
+    );
+    assert!(
+        r["footprint"]["entries"]["namespaces"].as_u64() >= Some(501),
+        "{}",
+        r["footprint"]
+    );
+}
