@@ -10,17 +10,11 @@ pub struct Budget {
     share: u32,
     /// End and cost of the last run.
     last: Option<(Instant, Duration)>,
-    /// Runs refused so far to stay within the budget.
-    pub refused: u64,
 }
 
 impl Budget {
     pub const fn new(share: u32) -> Self {
-        Self {
-            share,
-            last: None,
-            refused: 0,
-        }
+        Self { share, last: None }
     }
 
     /// The pause after the last run that keeps within the budget.
@@ -34,13 +28,9 @@ impl Budget {
         self.last.map(|(end, _)| end.elapsed())
     }
 
-    /// Whether a run now keeps within the budget; a refusal is counted.
-    pub fn allows(&mut self) -> bool {
-        let ok = self.since_last().is_none_or(|t| t >= self.spacing());
-        if !ok {
-            self.refused += 1;
-        }
-        ok
+    /// Whether a run now keeps within the budget.
+    pub fn allows(&self) -> bool {
+        self.since_last().is_none_or(|t| t >= self.spacing())
     }
 
     /// Records a run that just ended and cost `cost` (CPU time where the job runs on
@@ -76,7 +66,6 @@ mod tests {
         b.spent(Duration::from_secs(1));
         assert_eq!(b.spacing(), Duration::from_secs(20));
         assert!(!b.allows());
-        assert_eq!(b.refused, 1);
         b.spent(Duration::ZERO);
         assert!(b.allows(), "a free run may repeat at once");
     }

@@ -353,6 +353,19 @@ pub fn parse_ring_size(s: &str) -> Result<u32, String> {
     u32::try_from(bytes).map_err(|_| "too large".to_string())
 }
 
+/// `watch --help`'s epilogue: the flags (from their definitions), exit status, examples.
+fn watch_after_help() -> String {
+    format!(
+        "{}
+Exit status with --check: 3 when the final report flags a process, 0 otherwise.
+
+Examples:
+  sudo connwatch watch --close-wait-age 30s
+  sudo connwatch watch --json --duration 5m --check > report.jsonl",
+        crate::report::flag::help()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -399,17 +412,4 @@ mod tests {
         assert!(parse_ring_size("2048M").is_err());
         assert!(parse_ring_size("lots").is_err());
     }
-}
-
-/// `watch --help`'s epilogue: the flags (from their definitions), exit status, examples.
-fn watch_after_help() -> String {
-    format!(
-        "{}
-Exit status with --check: 3 when the final report flags a process, 0 otherwise.
-
-Examples:
-  sudo connwatch watch --close-wait-age 30s
-  sudo connwatch watch --json --duration 5m --check > report.jsonl",
-        crate::report::flag::help()
-    )
 }

@@ -14,6 +14,7 @@ pub mod filter;
 pub mod kernelinfo;
 pub mod live;
 pub mod monitor;
+pub mod namespaces;
 pub mod netns;
 pub mod owners;
 pub mod probe;

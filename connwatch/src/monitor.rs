@@ -3,22 +3,20 @@
 //! namespace on the host (the probe sees them all; dumps are made inside each).
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    path::PathBuf,
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use crate::{
     budget::Budget,
     clock::{WallClock, monotonic_ns},
     decode::{TcpState, Transition},
     filter::Filter,
-    kernelinfo::KernelInfo,
-    netns,
+    namespaces::{Namespaces, Visit},
     owners::{self, FdIndex, ProcInfo},
     report::{self, Footprint, Growth, Loss, Report, ReportConfig, Snapshot},
-    sockdiag::{self, DiagSocket, Query},
+    sockdiag::Query,
     table::{SockKey, Table},
     timewait::{Synthetic, Tracker, TwOwner},
 };
@@ -29,28 +27,18 @@ pub struct Monitor {
     index: FdIndex,
     growth: Growth,
     cfg: ReportConfig,
-    own_netns: u32,
-    namespaces: BTreeMap<u32, PathBuf>,
+    namespaces: Namespaces,
     start_ns: u64,
     clock: WallClock,
     states: BTreeMap<String, u64>,
-    /// Listening sockets: (netns, port) → socket inode.
-    listeners: HashMap<(u32, u16), u64>,
-    kernel: BTreeMap<u32, KernelInfo>,
     tw_seeded: bool,
-    /// Namespaces whose dump failed (gone meanwhile, or no permission).
-    pub dump_errors: u64,
     filter: Filter,
-    /// A transition came from a namespace not listed yet: list them again.
-    rediscover: bool,
     /// Time spent in sock_diag dumps and /proc scans (the polling cost).
     pub poll_ns: u64,
     /// How many closes/ends `take_lifetimes` already handed out.
     taken: (u64, u64),
     /// End and cost of the last dump that observed timewait sockets.
     tw_budget: Budget,
-    /// Whether other network namespaces can be entered (CAP_SYS_ADMIN).
-    other_netns: bool,
     /// Full dumps (`refresh`).
     full_budget: Budget,
     /// Events lost so far (dropped, unstorable, undecodable): a loss means a timewait
@@ -59,8 +47,6 @@ pub struct Monitor {
     loss_polled: u64,
     /// The /proc scan started with the monitor, taken over at the first seeding.
     prescan: Option<owners::Prescan>,
-    /// Namespaces forgotten because they no longer exist.
-    pub forgotten: u64,
 }
 
 /// Timewait polls may use at most 1/POLL_BUDGET of a CPU: with very many timewait
@@ -82,26 +68,19 @@ impl Monitor {
             index: FdIndex::new(Duration::from_secs(1), Duration::from_secs(60)),
             growth: Growth::default(),
             cfg,
-            own_netns,
-            namespaces: BTreeMap::new(),
+            namespaces: Namespaces::new(own_netns, crate::probe::Abilities::current().other_netns),
             start_ns: monotonic_ns(),
             clock: WallClock::new(),
             states: BTreeMap::new(),
-            listeners: HashMap::new(),
-            kernel: BTreeMap::new(),
             tw_seeded: false,
-            dump_errors: 0,
             filter,
-            rediscover: false,
             poll_ns: 0,
             taken: (0, 0),
             tw_budget: Budget::new(POLL_BUDGET),
-            other_netns: crate::probe::Abilities::current().other_netns,
             full_budget: Budget::new(REFRESH_BUDGET),
             loss_seen: 0,
             loss_polled: 0,
             prescan: Some(owners::Prescan::start()),
-            forgotten: 0,
         }
     }
 
@@ -112,10 +91,7 @@ impl Monitor {
         self
     }
 
-    /// One visit to every namespace (or `only` those): the `queries` dumped (their results together) and,
-    /// with `kernel`, its TIME_WAIT settings read, all in one setns per namespace and one
-    /// worker thread for all of them. A namespace that fails (its last process exited
-    /// meanwhile) is counted and skipped; our own failing is an error.
+    /// One visit to every namespace (or `only` those), its cost counted as polling.
     fn visit(
         &mut self,
         queries: &[Query],
@@ -123,93 +99,20 @@ impl Monitor {
         only: Option<&BTreeSet<u32>>,
     ) -> Result<Vec<Visit>> {
         let started = std::time::Instant::now();
-        let queries = queries.to_vec();
-        let visit = move || -> std::io::Result<(Vec<DiagSocket>, Option<KernelInfo>)> {
-            let mut sockets = Vec::new();
-            for q in &queries {
-                sockets.extend(sockdiag::dump(*q)?);
-            }
-            Ok((sockets, kernel.then(KernelInfo::read)))
-        };
-        let own = self.own_netns;
-        let wanted = |ns: &u32| only.is_none_or(|o| o.contains(ns));
-        let others: Vec<(u32, PathBuf)> = self
-            .namespaces
-            .iter()
-            .filter(|(ns, _)| **ns != own && wanted(ns))
-            .map(|(ns, path)| (*ns, path.clone()))
-            .collect();
-        let mut results = Vec::new();
-        if wanted(&own) {
-            results.push((own, visit()));
-        }
-        if !others.is_empty() {
-            results.extend(netns::run_in_each(others, visit));
-        }
-        let mut out = Vec::with_capacity(results.len());
-        for (ns, result) in results {
-            match result {
-                Ok((mut sockets, kernel)) => {
-                    // Listeners stay: they name the owners of server-side sockets.
-                    sockets.retain(|s| {
-                        s.state == TcpState::LISTEN || self.filter.socket(&s.local, &s.remote)
-                    });
-                    out.push(Visit {
-                        ns,
-                        sockets,
-                        kernel,
-                    });
-                }
-                Err(e) if ns == own => {
-                    return Err(e).context("cannot list TCP sockets through netlink sock_diag");
-                }
-                Err(e) => {
-                    self.dump_errors += 1;
-                    log::debug!("netns {ns}: sock_diag dump failed: {e}");
-                }
-            }
-        }
+        let visits = self.namespaces.visit(queries, kernel, only, &self.filter);
         self.poll_ns += started.elapsed().as_nanos() as u64;
-        Ok(out)
+        visits
     }
 
-    /// Lists the network namespaces that exist now (cheap: one readlink per process).
-    /// One that existed before and is gone now took its sockets with it: its TIME_WAITs
-    /// end (`early`), its CLOSE_WAIT rows, listeners, settings and pending closes go.
+    /// Lists the network namespaces that exist now. One that existed before and is gone
+    /// took its sockets with it: its TIME_WAITs end (`early`), its CLOSE_WAIT rows,
+    /// listeners, settings and pending closes go.
     pub fn discover_namespaces(&mut self) {
-        let mut found = netns::all();
-        if !self.other_netns {
-            // setns would fail in each of them (warned once at start), and without
-            // CAP_SYS_PTRACE other processes' namespaces may be unreadable: then nothing
-            // is forgotten either, since absence from the list proves nothing.
-            let own = self.own_netns;
-            found.retain(|&ns, _| ns == own);
+        let now = monotonic_ns();
+        for ns in self.namespaces.discover() {
+            self.tw.forget(ns, now);
+            self.table.forget(ns);
         }
-        found
-            .entry(self.own_netns)
-            .or_insert_with(|| PathBuf::from("/proc/self/ns/net"));
-        if self.other_netns {
-            let now = monotonic_ns();
-            let gone: Vec<u32> = self
-                .namespaces
-                .keys()
-                .filter(|ns| !found.contains_key(ns))
-                .copied()
-                .collect();
-            for ns in gone {
-                self.forget_namespace(ns, now);
-            }
-        }
-        self.namespaces = found;
-    }
-
-    fn forget_namespace(&mut self, ns: u32, now_ns: u64) {
-        log::debug!("netns {ns} is gone: forgetting its sockets");
-        self.tw.forget(ns, now_ns);
-        self.table.forget(ns);
-        self.listeners.retain(|&(n, _), _| n != ns);
-        self.kernel.remove(&ns);
-        self.forgotten += 1;
     }
 
     /// Sockets that existed before start: CLOSE_WAIT with `tcp_info` for age estimates,
@@ -255,8 +158,9 @@ impl Monitor {
 
     /// Owners of the listening ports found so far: (netns, port, pid).
     pub fn listener_owners(&mut self) -> Vec<(u32, u16, u32)> {
-        self.index.ensure(self.listeners.values().copied());
-        self.listeners
+        let listeners = self.namespaces.listeners();
+        self.index.ensure(listeners.values().copied());
+        listeners
             .iter()
             .filter_map(|(&(ns, port), &inode)| {
                 Some((ns, port, *self.index.holders(inode).first()?))
@@ -269,15 +173,11 @@ impl Monitor {
         self.table
             .apply_with(t, |inode| index.holders(inode).first().copied());
         let ns = if t.netns == 0 {
-            self.own_netns
+            self.namespaces.own()
         } else {
             t.netns
         };
-        if !self.namespaces.contains_key(&ns) {
-            // A namespace created since the last discovery: list them before the next
-            // poll, so that its closes are confirmed and its sockets dumped.
-            self.rediscover = true;
-        }
+        self.namespaces.note(ns);
         let key = SockKey {
             netns: ns,
             local: t.local.into(),
@@ -290,7 +190,7 @@ impl Monitor {
     /// confirms TIME_WAIT entries, notices their ends. Returns the inferred transitions
     /// that pass the filter.
     pub fn poll_timewait(&mut self) -> Result<Vec<Synthetic>> {
-        if std::mem::take(&mut self.rediscover) {
+        if self.namespaces.take_rediscover() {
             self.discover_namespaces();
         }
         let mut rows = if let Some(only) = self.timewait_poll_scope() {
@@ -300,12 +200,8 @@ impl Monitor {
             );
             let started = std::time::Instant::now();
             let loss = self.loss_seen;
-            let dumps = self
-                .visit(&[query], false, only.as_ref())?
-                .into_iter()
-                .map(|v| (v.ns, v.sockets))
-                .collect();
-            let rows = self.observe(dumps, started)?;
+            let visits = self.visit(&[query], false, only.as_ref())?;
+            let rows = self.observe(visits, started)?;
             self.tw.expire_pending(monotonic_ns());
             self.loss_polled = loss;
             rows
@@ -340,25 +236,25 @@ impl Monitor {
         Some((!everywhere).then_some(wanting))
     }
 
+    /// Takes a visit's listeners and timewait sockets: confirms closes as TIME_WAIT
+    /// births, notices ends, adopts sockets not seen entering.
     fn observe(
         &mut self,
-        dumps: Vec<(u32, Vec<DiagSocket>)>,
+        visits: Vec<Visit>,
         started: std::time::Instant,
     ) -> Result<Vec<Synthetic>> {
         let now = monotonic_ns();
         let mut rows = Vec::new();
-        for (ns, sockets) in &dumps {
-            self.listeners.retain(|(n, _), _| n != ns);
-            for s in sockets.iter().filter(|s| s.state == TcpState::LISTEN) {
-                self.listeners.insert((*ns, s.local.port()), s.inode);
-            }
+        for v in &visits {
+            self.namespaces.note_listeners(v);
         }
         let seeding = !self.tw_seeded;
         if seeding {
             // Pre-existing TIME_WAITs are attributed to listeners: know their holders,
             // and those of the CLOSE_WAIT sockets just seeded, in one /proc scan.
             let inodes: Vec<u64> = self
-                .listeners
+                .namespaces
+                .listeners()
                 .values()
                 .copied()
                 .chain(self.table.close_wait().map(|(_, cw)| cw.inode))
@@ -371,10 +267,11 @@ impl Monitor {
         let Self {
             tw,
             index,
-            listeners,
+            namespaces,
             ..
         } = self;
-        for (ns, sockets) in &dumps {
+        let listeners = namespaces.listeners();
+        for Visit { ns, sockets } in &visits {
             // Once per listening port, not once per socket: a server can leave tens of
             // thousands of TIME_WAITs on one port.
             let known: std::cell::RefCell<HashMap<u16, Option<TwOwner>>> = Default::default();
@@ -429,20 +326,14 @@ impl Monitor {
         started: std::time::Instant,
     ) -> Result<Vec<Synthetic>> {
         self.states.clear();
-        self.kernel.retain(|ns, _| self.namespaces.contains_key(ns));
-        let mut dumps = Vec::with_capacity(visits.len());
-        for v in visits {
+        for v in &visits {
             for (state, n) in report::state_counts(&v.sockets) {
                 *self.states.entry(state).or_insert(0) += n;
             }
             self.table.reconcile(v.ns, &v.sockets, now);
-            if let Some(info) = v.kernel {
-                self.kernel.insert(v.ns, info);
-            }
-            dumps.push((v.ns, v.sockets));
         }
         let loss = self.loss_seen;
-        let rows = self.observe(dumps, started);
+        let rows = self.observe(visits, started);
         self.loss_polled = loss;
         release_freed_memory();
         self.full_budget.spent(started.elapsed());
@@ -464,28 +355,19 @@ impl Monitor {
     /// sockets for their CLOSE_WAIT sockets only, so that the holder can be found now
     /// rather than at the next (budgeted) full dump.
     fn fill_inodes(&mut self) {
-        let wanting: std::collections::BTreeSet<u32> = self
+        let wanting: BTreeSet<u32> = self
             .table
             .close_wait()
             .filter(|(_, cw)| cw.inode == 0)
             .map(|(k, _)| k.netns)
             .collect();
-        let query = Query::states(&[TcpState::CLOSE_WAIT], false);
-        let mut others = Vec::new();
-        for ns in wanting {
-            if ns == self.own_netns {
-                if let Ok(sockets) = sockdiag::dump(query) {
-                    self.table.fill_inodes(ns, &sockets);
-                }
-            } else if let Some(path) = self.namespaces.get(&ns) {
-                others.push((ns, path.clone()));
-            }
+        if wanting.is_empty() {
+            return;
         }
-        if !others.is_empty() {
-            for (ns, result) in netns::run_in_each(others, move || sockdiag::dump(query)) {
-                if let Ok(sockets) = result {
-                    self.table.fill_inodes(ns, &sockets);
-                }
+        let query = Query::states(&[TcpState::CLOSE_WAIT], false);
+        if let Ok(visits) = self.visit(&[query], false, Some(&wanting)) {
+            for v in visits {
+                self.table.fill_inodes(v.ns, &v.sockets);
             }
         }
     }
@@ -499,14 +381,15 @@ impl Monitor {
             self.table
                 .close_wait()
                 .map(|(_, cw)| cw.inode)
-                .chain(self.listeners.values().copied()),
+                .chain(self.namespaces.listeners().values().copied()),
         );
         self.poll_ns += started.elapsed().as_nanos() as u64;
         let window_start = now.saturating_sub(self.cfg.window.as_nanos() as u64);
         self.table.prune_closed(window_start);
         self.tw.prune(window_start);
         let listening: HashMap<(u32, u16), Vec<u32>> = self
-            .listeners
+            .namespaces
+            .listeners()
             .iter()
             .map(|(k, inode)| (*k, self.index.holders(*inode).to_vec()))
             .collect();
@@ -537,8 +420,8 @@ impl Monitor {
             listening: &listening,
             holders: &self.index,
             timewait: &self.tw,
-            kernel: &self.kernel,
-            own_netns: self.own_netns,
+            kernel: self.namespaces.kernel(),
+            own_netns: self.namespaces.own(),
             loss: Loss {
                 events_dropped,
                 sockets_untracked: self.untracked() + untracked_extra,
@@ -585,20 +468,13 @@ impl Monitor {
             .collect();
         entries.insert("fd_index", self.index.len() as u64);
         entries.insert("growth_processes", self.growth.len() as u64);
-        entries.insert("listeners", self.listeners.len() as u64);
+        entries.insert("listeners", self.namespaces.listeners().len() as u64);
         entries.insert("namespaces", self.namespaces.len() as u64);
         Footprint {
             rss_bytes: owners::own_rss_bytes(),
             entries,
         }
     }
-}
-
-/// What one visit to a namespace brought back.
-struct Visit {
-    ns: u32,
-    sockets: Vec<DiagSocket>,
-    kernel: Option<KernelInfo>,
 }
 
 /// Hands the memory a large dump used back to the kernel: glibc keeps freed heap pages,

@@ -59,7 +59,7 @@ pub const ACTIVE_CLOSER: Flag = Flag {
 pub const PORT_PRESSURE: Flag = Flag {
     name: "port_pressure",
     threshold: "--port-pressure",
-    meaning: "TIME_WAITs towards one destination use > --port-pressure % of the ephemeral port range",
+    meaning: "TIME_WAITs to one destination use > --port-pressure % of the ephemeral ports",
     raised: |_, ev, _| !ev.pressure.is_empty(),
     sentences: reason::port_pressure,
 };

@@ -1,0 +1,188 @@
+//! The network namespaces connwatch covers, as a service of their own: which exist
+//! (found within one interval, forgotten when gone), one visit per namespace per round
+//! for the dumps a round needs, and what each namespace says about itself (listening
+//! ports, TIME_WAIT settings).
+//!
+//! The probe sees every namespace, but sock_diag and `net.ipv4.*` answer for the
+//! namespace of the thread that asks, so a round enters each namespace once, from one
+//! worker thread (`netns::run_in_each`). Each dump walks the host-wide TCP hash table
+//! (~1 ms with a few thousand sockets), so rounds visit only the namespaces they need.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    decode::TcpState,
+    filter::Filter,
+    kernelinfo::KernelInfo,
+    netns,
+    sockdiag::{self, DiagSocket, Query},
+};
+
+pub struct Namespaces {
+    own: u32,
+    /// Whether other namespaces can be entered (CAP_SYS_ADMIN).
+    others: bool,
+    paths: BTreeMap<u32, PathBuf>,
+    /// TIME_WAIT settings of each namespace, from the last full visit.
+    kernel: BTreeMap<u32, KernelInfo>,
+    /// Listening sockets: (netns, port) → socket inode.
+    listeners: HashMap<(u32, u16), u64>,
+    /// A transition came from a namespace not listed yet: list them again.
+    rediscover: bool,
+}
+
+/// What one visit to a namespace brought back.
+pub struct Visit {
+    pub ns: u32,
+    pub sockets: Vec<DiagSocket>,
+}
+
+impl Namespaces {
+    pub fn new(own: u32, others: bool) -> Self {
+        Self {
+            own,
+            others,
+            paths: BTreeMap::new(),
+            kernel: BTreeMap::new(),
+            listeners: HashMap::new(),
+            rediscover: false,
+        }
+    }
+
+    /// connwatch's own network namespace.
+    pub fn own(&self) -> u32 {
+        self.own
+    }
+
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    /// Notes a namespace named by a transition; one not listed yet is looked for before
+    /// the next poll, so that its closes are confirmed and its sockets dumped.
+    pub fn note(&mut self, ns: u32) {
+        if !self.paths.contains_key(&ns) {
+            self.rediscover = true;
+        }
+    }
+
+    /// Whether a transition named a namespace not listed yet (cleared).
+    pub fn take_rediscover(&mut self) -> bool {
+        std::mem::take(&mut self.rediscover)
+    }
+
+    /// Lists the namespaces that exist now (cheap: one readlink per process) and
+    /// returns those that existed before and are gone: they took their sockets with
+    /// them, and their listeners and settings are dropped here.
+    pub fn discover(&mut self) -> Vec<u32> {
+        let mut found = netns::all();
+        if !self.others {
+            // setns would fail in each of them (warned once at start), and without
+            // CAP_SYS_PTRACE other processes' namespaces may be unreadable: then nothing
+            // is forgotten either, since absence from the list proves nothing.
+            let own = self.own;
+            found.retain(|&ns, _| ns == own);
+        }
+        found
+            .entry(self.own)
+            .or_insert_with(|| PathBuf::from("/proc/self/ns/net"));
+        let gone: Vec<u32> = if self.others {
+            self.paths
+                .keys()
+                .filter(|ns| !found.contains_key(ns))
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for ns in &gone {
+            log::debug!("netns {ns} is gone: forgetting its sockets");
+            self.listeners.retain(|&(n, _), _| n != *ns);
+            self.kernel.remove(ns);
+        }
+        self.paths = found;
+        gone
+    }
+
+    /// One visit to every namespace (or `only` those): the `queries` dumped, their
+    /// results together, and with `kernel` its TIME_WAIT settings read and kept, all in
+    /// one setns per namespace. Sockets outside `filter` are left out (listeners stay:
+    /// they name the owners of server-side sockets). A namespace that fails (its last
+    /// process exited meanwhile) is skipped; our own failing is an error.
+    pub fn visit(
+        &mut self,
+        queries: &[Query],
+        kernel: bool,
+        only: Option<&BTreeSet<u32>>,
+        filter: &Filter,
+    ) -> Result<Vec<Visit>> {
+        let queries = queries.to_vec();
+        let visit = move || -> std::io::Result<(Vec<DiagSocket>, Option<KernelInfo>)> {
+            let mut sockets = Vec::new();
+            for q in &queries {
+                sockets.extend(sockdiag::dump(*q)?);
+            }
+            Ok((sockets, kernel.then(KernelInfo::read)))
+        };
+        let own = self.own;
+        let wanted = |ns: &u32| only.is_none_or(|o| o.contains(ns));
+        let others: Vec<(u32, PathBuf)> = self
+            .paths
+            .iter()
+            .filter(|(ns, _)| **ns != own && wanted(ns))
+            .map(|(ns, path)| (*ns, path.clone()))
+            .collect();
+        let mut results = Vec::new();
+        if wanted(&own) {
+            results.push((own, visit()));
+        }
+        if !others.is_empty() {
+            results.extend(netns::run_in_each(others, visit));
+        }
+        let mut out = Vec::with_capacity(results.len());
+        for (ns, result) in results {
+            match result {
+                Ok((mut sockets, info)) => {
+                    sockets.retain(|s| {
+                        s.state == TcpState::LISTEN || filter.socket(&s.local, &s.remote)
+                    });
+                    if let Some(info) = info {
+                        self.kernel.insert(ns, info);
+                    }
+                    out.push(Visit { ns, sockets });
+                }
+                Err(e) if ns == own => {
+                    return Err(e).context("cannot list TCP sockets through netlink sock_diag");
+                }
+                Err(e) => log::debug!("netns {ns}: sock_diag dump failed: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes the listening sockets of a visit that asked for them.
+    pub fn note_listeners(&mut self, visit: &Visit) {
+        self.listeners.retain(|(n, _), _| *n != visit.ns);
+        for s in visit.sockets.iter().filter(|s| s.state == TcpState::LISTEN) {
+            self.listeners.insert((visit.ns, s.local.port()), s.inode);
+        }
+    }
+
+    /// Listening sockets: (netns, port) → socket inode.
+    pub fn listeners(&self) -> &HashMap<(u32, u16), u64> {
+        &self.listeners
+    }
+
+    /// TIME_WAIT settings per namespace.
+    pub fn kernel(&self) -> &BTreeMap<u32, KernelInfo> {
+        &self.kernel
+    }
+}
