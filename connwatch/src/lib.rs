@@ -1,10 +1,13 @@
 //! connwatch: find the processes behind CLOSE_WAIT and TIME_WAIT sockets.
 //!
-//! One pipeline, many views: `probe` loads and attaches the kernel side, `decode` turns
-//! its records into transitions, `sockdiag`/`owners`/`netns` observe what exists,
-//! `table` and `timewait` follow sockets, `report` aggregates per process, `views`
-//! format; `cmd` holds the commands over that flow (`trace`, `watch`, `serve`, `top`). The crate
-//! is a library too, so that the parsers can be fuzzed (connwatch/fuzz).
+//! One pipeline, many views (docs/ARCHITECTURE.md draws it): `probe` loads and attaches
+//! the kernel side; `live` is the one event loop, whose records `decode` turns into
+//! transitions; `monitor` applies them to `table` (CLOSE_WAIT) and `timewait`, and
+//! corrects both with the dumps that `namespaces` makes, one visit per namespace per
+//! round; `owners` names the holders; `report` builds the per-process report from one
+//! snapshot; `views` format it; `cmd` holds the commands (`trace`, `watch`, `snapshot`,
+//! `top`, `serve`). The crate is a library too, so that the parsers can be fuzzed
+//! (connwatch/fuzz).
 pub mod budget;
 pub mod cli;
 pub mod clock;
