@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
+pub use crate::report::GroupBy;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::probe::HookChoice;
@@ -100,6 +101,10 @@ pub struct TopArgs {
     #[arg(long, default_value = "2s", value_parser = parse_interval, allow_hyphen_values = true)]
     pub interval: Duration,
 
+    /// One row per process, per command or per systemd unit / container.
+    #[arg(long, value_enum, default_value_t = GroupBy::Process)]
+    pub by: GroupBy,
+
     #[command(flatten)]
     pub thresholds: Thresholds,
 
@@ -120,6 +125,11 @@ pub struct ReportArgs {
     /// Exit with status 3 when the final report flags a process (for cron and CI).
     #[arg(long)]
     pub check: bool,
+
+    /// One row per process, per command (all its processes together) or per systemd
+    /// unit / container; flags are raised on the row.
+    #[arg(long, value_enum, default_value_t = GroupBy::Process)]
+    pub by: GroupBy,
 
     #[command(flatten)]
     pub thresholds: Thresholds,
@@ -145,6 +155,18 @@ pub struct Thresholds {
     /// destination exceed this percentage of net.ipv4.ip_local_port_range.
     #[arg(long = "port-pressure", default_value_t = 50.0, value_parser = parse_percent)]
     pub port_pressure_pct: f64,
+
+    /// Flag `peer_not_closing` when at least this many of a process's connections to one
+    /// peer address wait in FIN_WAIT2 longer than --fin-wait2-age (we closed, the peer
+    /// never did: a CLOSE_WAIT leak on that host).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fin_wait2_min: u64,
+
+    /// How long a connection may wait in FIN_WAIT2 for its peer to close before it
+    /// counts towards `peer_not_closing` (keep it below net.ipv4.tcp_fin_timeout, 60s by
+    /// default, after which the kernel drops the socket).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub fin_wait2_age: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +191,11 @@ pub struct ServeArgs {
     /// Add a `cgroup` label (the process's cgroup v2 path) to per-process series.
     #[arg(long)]
     pub cgroup_label: bool,
+
+    /// Series per command (label `comm`), per systemd unit / container (labels `comm`,
+    /// `unit`) or per process (labels `comm`, `pid`: every restart mints new series).
+    #[arg(long, value_enum, default_value_t = GroupBy::Command)]
+    pub by: GroupBy,
 
     #[command(flatten)]
     pub thresholds: Thresholds,

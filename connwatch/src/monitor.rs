@@ -350,24 +350,21 @@ impl Monitor {
         (cw, tw)
     }
 
-    /// CLOSE_WAIT sockets whose peer closed before the process accepted them carry no
-    /// inode in their transition (no file yet): ask the namespaces that hold such
-    /// sockets for their CLOSE_WAIT sockets only, so that the holder can be found now
-    /// rather than at the next (budgeted) full dump.
-    fn fill_inodes(&mut self) {
-        let wanting: BTreeSet<u32> = self
-            .table
-            .close_wait()
-            .filter(|(_, cw)| cw.inode == 0)
-            .map(|(k, _)| k.netns)
-            .collect();
+    /// Evidence that transitions do not carry, asked of the namespaces holding new
+    /// CLOSE_WAIT sockets, CLOSE_WAIT sockets only: the inode of one whose peer closed
+    /// before the process accepted it (no file yet), so that its holder is found now
+    /// rather than at the next budgeted full dump; unread bytes and the quiet spell
+    /// before the peer's FIN (`tcp_info`), the evidence behind a leak's likely cause.
+    fn fill_evidence(&mut self) {
+        let wanting = self.table.wanting_evidence();
         if wanting.is_empty() {
             return;
         }
-        let query = Query::states(&[TcpState::CLOSE_WAIT], false);
+        let query = Query::states(&[TcpState::CLOSE_WAIT], true);
         if let Ok(visits) = self.visit(&[query], false, Some(&wanting)) {
+            let now = monotonic_ns();
             for v in visits {
-                self.table.fill_inodes(v.ns, &v.sockets);
+                self.table.fill_evidence(v.ns, &v.sockets, now);
             }
         }
     }
@@ -376,7 +373,7 @@ impl Monitor {
     pub fn report(&mut self, is_final: bool, events_dropped: u64, untracked_extra: u64) -> Report {
         let now = monotonic_ns();
         let started = std::time::Instant::now();
-        self.fill_inodes();
+        self.fill_evidence();
         self.index.ensure(
             self.table
                 .close_wait()

@@ -35,6 +35,8 @@ pub struct DiagSocket {
     pub expires_ms: u32,
     /// `tcpi_last_ack_recv`: ms since the last ACK from the peer (with `Info` requested).
     pub last_ack_recv_ms: Option<u32>,
+    /// `tcpi_last_data_recv`: ms since the last data from the peer (with `Info`).
+    pub last_data_recv_ms: Option<u32>,
 }
 
 /// What to dump.
@@ -159,7 +161,8 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const INET_DIAG_MSG_LEN: usize = 72;
 const INET_DIAG_INFO: u16 = 2;
 const TIMER_TIMEWAIT: u8 = 3;
-/// Offset of `tcpi_last_ack_recv` in `struct tcp_info`.
+/// Offsets of `tcpi_last_data_recv` and `tcpi_last_ack_recv` in `struct tcp_info`.
+const TCPI_LAST_DATA_RECV: usize = 52;
 const TCPI_LAST_ACK_RECV: usize = 56;
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
@@ -185,7 +188,7 @@ fn parse_inet_diag(p: &[u8]) -> Option<DiagSocket> {
         })
     };
     let (src, dst) = (addr(8)?, addr(24)?);
-    let mut last_ack_recv_ms = None;
+    let (mut last_ack_recv_ms, mut last_data_recv_ms) = (None, None);
     let mut attrs = p.get(INET_DIAG_MSG_LEN..).unwrap_or_default();
     while attrs.len() >= 4 {
         let alen = usize::from(u16_at(attrs, 0)?);
@@ -194,9 +197,9 @@ fn parse_inet_diag(p: &[u8]) -> Option<DiagSocket> {
             break;
         }
         if atype == INET_DIAG_INFO {
-            last_ack_recv_ms = attrs
-                .get(4..alen)
-                .and_then(|info| u32_at(info, TCPI_LAST_ACK_RECV));
+            let info = attrs.get(4..alen).unwrap_or_default();
+            last_ack_recv_ms = u32_at(info, TCPI_LAST_ACK_RECV);
+            last_data_recv_ms = u32_at(info, TCPI_LAST_DATA_RECV);
         }
         attrs = attrs.get((alen + 3) & !3..).unwrap_or(&[]);
     }
@@ -211,6 +214,7 @@ fn parse_inet_diag(p: &[u8]) -> Option<DiagSocket> {
         timewait: timer == TIMER_TIMEWAIT,
         expires_ms: if timer != 0 { u32_at(p, 52)? } else { 0 },
         last_ack_recv_ms,
+        last_data_recv_ms,
     })
 }
 

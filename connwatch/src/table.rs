@@ -132,6 +132,10 @@ pub struct CloseWait {
     pub inode: u64,
     /// Bytes received and never read.
     pub recv_q: u32,
+    /// How long the connection had been quiet (no data from the peer) when the peer's
+    /// FIN arrived, in ms, from `tcp_info`: `IDLE_UNKNOWN` until asked,
+    /// `IDLE_UNKNOWABLE` when a dump could not tell. See `idle_before_fin_ms`.
+    idle_ms: u32,
     /// Owner named by the probe (connect/close context, carried), when it knew one.
     /// Boxed: most CLOSE_WAIT sockets are accepted ones, which the probe cannot name,
     /// and a table of 50,000 sockets should not pay 40 bytes each for nothing. (The
@@ -144,6 +148,30 @@ pub struct CloseWait {
     missed: u8,
     /// The reconciliation that last listed it (mark and sweep, no per-dump key set).
     listed_in: u32,
+}
+
+const IDLE_UNKNOWN: u32 = u32::MAX;
+const IDLE_UNKNOWABLE: u32 = u32::MAX - 1;
+
+impl CloseWait {
+    /// How long the peer had sent nothing when it closed, if `tcp_info` told.
+    pub fn idle_before_fin_ms(&self) -> Option<u32> {
+        (self.idle_ms < IDLE_UNKNOWABLE).then_some(self.idle_ms)
+    }
+
+    /// Evidence `fill_evidence` has yet to ask a dump for.
+    fn wants_evidence(&self) -> bool {
+        self.inode == 0 || self.idle_ms == IDLE_UNKNOWN
+    }
+}
+
+/// The quiet spell before the FIN: the time since the peer's last data, less the time
+/// since the FIN (the socket's age in CLOSE_WAIT).
+fn idle_before_fin(s: &DiagSocket, age_ns: u64) -> u32 {
+    s.last_data_recv_ms.map_or(IDLE_UNKNOWABLE, |ms| {
+        let age_ms = u32::try_from(age_ns / 1_000_000).unwrap_or(u32::MAX);
+        ms.saturating_sub(age_ms).min(IDLE_UNKNOWABLE - 1)
+    })
 }
 
 /// A CLOSE_WAIT socket that its process finally closed (or that was reset).
@@ -240,15 +268,40 @@ impl Table {
         self.untracked + self.over_limit.counted
     }
 
-    /// Fills in the inodes that transitions could not carry, from a dump of one
-    /// namespace's CLOSE_WAIT sockets.
-    pub fn fill_inodes(&mut self, netns: u32, sockets: &[DiagSocket]) {
-        for s in sockets.iter().filter(|s| s.inode != 0) {
+    /// Fills in what transitions could not carry, from a dump (with `tcp_info`) of one
+    /// namespace's CLOSE_WAIT sockets: the inode of a socket the process had not yet
+    /// accepted, its unread bytes, and how long the peer had been quiet when it closed.
+    pub fn fill_evidence(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
+        let netns = if netns == 0 { self.own_netns } else { netns };
+        for s in sockets.iter().filter(|s| s.state == TcpState::CLOSE_WAIT) {
             let key = self.key(netns, s.local, s.remote);
-            if let Some(e) = self.close_wait.get_mut(&key).filter(|e| e.inode == 0) {
+            let Some(e) = self.close_wait.get_mut(&key) else {
+                continue;
+            };
+            if e.inode == 0 {
                 e.inode = s.inode;
             }
+            if e.idle_ms == IDLE_UNKNOWN {
+                e.idle_ms = idle_before_fin(s, now_ns.saturating_sub(e.since_ns));
+            }
+            e.recv_q = unread(s);
         }
+        // Asked once: what the dump did not tell, no later one will.
+        for (_, e) in self.close_wait.iter_mut().filter(|(k, _)| k.netns == netns) {
+            if e.idle_ms == IDLE_UNKNOWN {
+                e.idle_ms = IDLE_UNKNOWABLE;
+            }
+        }
+    }
+
+    /// Namespaces holding CLOSE_WAIT sockets whose inode or `tcp_info` evidence is
+    /// still to be asked for (`fill_evidence`).
+    pub fn wanting_evidence(&self) -> std::collections::BTreeSet<u32> {
+        self.close_wait
+            .iter()
+            .filter(|(_, e)| e.wants_evidence())
+            .map(|(k, _)| k.netns)
+            .collect()
     }
 
     /// CLOSE_WAIT sockets that exist as far as connwatch knows: followed, or over the
@@ -323,6 +376,7 @@ impl Table {
                     age_source: AgeSource::Observed,
                     inode: t.inode,
                     recv_q: 0,
+                    idle_ms: IDLE_UNKNOWN,
                     probe_owner,
                     from_reconcile: false,
                     missed: 0,
@@ -463,6 +517,11 @@ fn estimated(s: &DiagSocket, now_ns: u64, from_reconcile: bool) -> CloseWait {
         age_source: AgeSource::Estimated,
         inode: s.inode,
         recv_q: unread(s),
+        idle_ms: if s.last_ack_recv_ms.is_some() {
+            idle_before_fin(s, age_ns)
+        } else {
+            IDLE_UNKNOWN
+        },
         probe_owner: None,
         from_reconcile,
         missed: 0,
@@ -529,6 +588,7 @@ pub(crate) mod tests {
             timewait: false,
             expires_ms: 0,
             last_ack_recv_ms: Some(lastack_ms),
+            last_data_recv_ms: None,
         }
     }
 

@@ -71,16 +71,19 @@ fn leaker(n: usize) -> (Peer, String) {
     (leaker, comm)
 }
 
-fn serve(port: u16) -> Connwatch {
-    Connwatch::start(&[
+fn serve(port: u16, extra: &[&str]) -> Connwatch {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
         "serve",
         "--listen",
-        &format!("127.0.0.1:{port}"),
+        &listen,
         "--interval",
         "300ms",
         "--close-wait-age",
         "1s",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Connwatch::start(&args)
 }
 
 #[test]
@@ -89,17 +92,13 @@ fn metrics_pass_promtool_and_show_the_leak() {
     let promtool = tool("promtool");
     let (leaker, comm) = leaker(3);
     let port = free_port();
-    let _cw = serve(port);
+    // Only this leaker: other tests' peers run under the same comm.
+    let _cw = serve(port, &["--pid", &leaker.pid().to_string()]);
     assert_eq!(get(port, "/healthz"), (200, "ok\n".into()));
     assert_eq!(get(port, "/nope").0, 404);
-    let series = format!(
-        r#"connwatch_close_wait_sockets{{comm="{comm}",pid="{}"}} 3"#,
-        leaker.pid()
-    );
-    let flagged = format!(
-        r#"connwatch_flagged{{comm="{comm}",pid="{}",flag="close_wait_leak"}} 1"#,
-        leaker.pid()
-    );
+    // Series per command by default: no `pid` label, so restarts mint no new series.
+    let series = format!(r#"connwatch_close_wait_sockets{{comm="{comm}"}} 3"#);
+    let flagged = format!(r#"connwatch_flagged{{comm="{comm}",flag="close_wait_leak"}} 1"#);
     let end = Instant::now() + DEADLINE;
     let body = loop {
         let (status, body) = get(port, "/metrics");
@@ -124,6 +123,10 @@ fn metrics_pass_promtool_and_show_the_leak() {
     ] {
         assert!(body.contains(family), "{family} missing");
     }
+    assert!(
+        !body.contains("pid=\""),
+        "a pid label without --by process:\n{body}"
+    );
     let mut check = Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -169,7 +172,7 @@ fn prometheus_scrapes_the_leak() {
     let prometheus = tool("prometheus");
     let (leaker, comm) = leaker(2);
     let port = free_port();
-    let _cw = serve(port);
+    let _cw = serve(port, &["--by", "process"]);
     let dir = std::env::temp_dir().join(format!("cw-prom-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("prometheus.yml");

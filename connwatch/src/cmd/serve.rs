@@ -65,7 +65,7 @@ struct Shared {
 
 pub async fn serve(args: ServeArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
     let listener = bind(&args.listen).await?;
-    let cfg = config(&args.thresholds);
+    let cfg = config(&args.thresholds, args.by);
     // Handlers first: a signal right after "attached" must not kill the process.
     let mut shutdown = Shutdown::new(None)?;
     let mut live = Live::start(&opts, cfg, filter, args.interval, args.tw_poll).await?;

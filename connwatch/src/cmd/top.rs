@@ -17,7 +17,7 @@ pub async fn top(args: TopArgs, opts: ProbeOptions, filter: Filter) -> Result<Ex
             "top needs a terminal (stdin and stdout); without one use `connwatch watch` (or `ssh -t` for a remote terminal)"
         );
     }
-    let cfg = config(&args.thresholds);
+    let cfg = config(&args.thresholds, args.by);
     // Handlers first: a signal right after "attached" must not kill the process.
     let mut shutdown = Shutdown::new(None)?;
     let mut live = Live::start(&opts, cfg, filter, args.interval, args.interval).await?;

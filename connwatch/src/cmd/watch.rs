@@ -8,7 +8,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    cli::{SnapshotArgs, Thresholds, WatchArgs},
+    cli::{GroupBy, SnapshotArgs, Thresholds, WatchArgs},
     filter::Filter,
     live::Live,
     monitor::Monitor,
@@ -22,7 +22,7 @@ use crate::{
 const EXIT_FLAGGED: u8 = 3;
 
 pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
-    let cfg = config(&args.report.thresholds);
+    let cfg = config(&args.report.thresholds, args.report.by);
     // Handlers first: a signal right after "attached" must not kill the process.
     let mut shutdown = Shutdown::new(args.duration)?;
     let mut live = Live::start(&opts, cfg, filter, args.interval, args.tw_poll).await?;
@@ -48,7 +48,7 @@ pub fn snapshot(args: SnapshotArgs, filter: Filter) -> Result<ExitCode> {
     // No BPF here: sock_diag and /proc answer anyone, so a missing privilege only
     // narrows what is listed.
     crate::probe::warn_missing_optional();
-    let mut monitor = Monitor::new(config(&args.report.thresholds), filter);
+    let mut monitor = Monitor::new(config(&args.report.thresholds, args.report.by), filter);
     monitor.seed()?;
     monitor.refresh()?;
     let report = monitor.report(true, 0, 0);
@@ -56,12 +56,15 @@ pub fn snapshot(args: SnapshotArgs, filter: Filter) -> Result<ExitCode> {
     Ok(exit_code(&report, args.report.check))
 }
 
-pub fn config(t: &Thresholds) -> ReportConfig {
+pub fn config(t: &Thresholds, by: GroupBy) -> ReportConfig {
     ReportConfig {
         close_wait_age: t.close_wait_age,
         window: t.window,
         time_wait_min: t.time_wait_min,
         port_pressure_pct: t.port_pressure_pct,
+        fin_wait2_min: t.fin_wait2_min,
+        fin_wait2_age: t.fin_wait2_age,
+        by,
     }
 }
 

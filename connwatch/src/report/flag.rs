@@ -64,12 +64,25 @@ pub const PORT_PRESSURE: Flag = Flag {
     sentences: reason::port_pressure,
 };
 
+pub const PEER_NOT_CLOSING: Flag = Flag {
+    name: "peer_not_closing",
+    threshold: "--fin-wait2-min",
+    meaning: ">= --fin-wait2-min connections it closed wait > --fin-wait2-age for one peer",
+    raised: |_, ev, cfg| {
+        ev.not_closing
+            .as_ref()
+            .is_some_and(|n| n.count >= cfg.fin_wait2_min)
+    },
+    sentences: reason::peer_not_closing,
+};
+
 /// Every flag, in the order rows list them.
-pub const ALL: [&Flag; 4] = [
+pub const ALL: [&Flag; 5] = [
     &CLOSE_WAIT_LEAK,
     &CLOSE_WAIT_SLOW,
     &ACTIVE_CLOSER,
     &PORT_PRESSURE,
+    &PEER_NOT_CLOSING,
 ];
 
 /// `Flags:` and one line per flag, for `--help`.
@@ -103,7 +116,7 @@ mod tests {
         }
         assert_eq!(
             names(),
-            "close_wait_leak, close_wait_slow, active_closer, port_pressure"
+            "close_wait_leak, close_wait_slow, active_closer, port_pressure, peer_not_closing"
         );
     }
 }

@@ -1,13 +1,15 @@
-//! Growth of each process's CLOSE_WAIT count over the window.
+//! Growth of each row's CLOSE_WAIT count over the window.
 use std::{
     collections::{HashMap, VecDeque},
     time::Duration,
 };
 
-/// Per-process history of CLOSE_WAIT counts, for growth rates.
+use super::GroupKey;
+
+/// Per-row (process, command or unit) history of CLOSE_WAIT counts, for growth rates.
 #[derive(Default)]
 pub struct Growth {
-    samples: HashMap<u32, VecDeque<(u64, u64)>>,
+    samples: HashMap<GroupKey, VecDeque<(u64, u64)>>,
 }
 
 impl Growth {
@@ -22,10 +24,16 @@ impl Growth {
 
     /// Records `counts` at `now_ns` (processes absent count 0) and forgets samples older
     /// than the window, keeping the newest of those as the window's starting point.
-    pub fn record(&mut self, now_ns: u64, counts: &HashMap<u32, u64>, window: Duration) {
+    pub fn record(&mut self, now_ns: u64, counts: &HashMap<GroupKey, u64>, window: Duration) {
         let start = now_ns.saturating_sub(window.as_nanos() as u64);
-        for (pid, &n) in counts {
-            self.samples.entry(*pid).or_default().push_back((now_ns, n));
+        for (key, &n) in counts {
+            match self.samples.get_mut(key) {
+                Some(s) => s.push_back((now_ns, n)),
+                None => {
+                    self.samples
+                        .insert(key.clone(), VecDeque::from([(now_ns, n)]));
+                }
+            }
         }
         self.samples.retain(|pid, s| {
             if !counts.contains_key(pid) {
@@ -40,8 +48,8 @@ impl Growth {
     }
 
     /// Net change per minute between the window's first sample and the last.
-    pub fn per_min(&self, pid: u32) -> Option<f64> {
-        let s = self.samples.get(&pid)?;
+    pub fn per_min(&self, key: &GroupKey) -> Option<f64> {
+        let s = self.samples.get(key)?;
         let (&(t0, n0), &(t1, n1)) = (s.front()?, s.back()?);
         let span_min = (t1.checked_sub(t0)? as f64) / 60e9;
         (span_min > 0.0).then(|| (n1 as f64 - n0 as f64) / span_min)

@@ -20,10 +20,12 @@ use crate::{
 };
 
 pub mod flag;
+mod group;
 mod growth;
 mod passes;
 mod row;
 
+pub use group::{GroupBy, GroupKey, unit_of};
 pub use growth::Growth;
 pub use passes::Pressure;
 
@@ -38,6 +40,12 @@ pub struct ReportConfig {
     /// TIME_WAITs towards one destination above this percentage of the ephemeral port
     /// range put new connections to it at risk.
     pub port_pressure_pct: f64,
+    /// At least this many connections to one peer address waiting in FIN_WAIT2 longer
+    /// than `fin_wait2_age` mean the peer's program does not close its sockets.
+    pub fin_wait2_min: u64,
+    pub fin_wait2_age: Duration,
+    /// What a row stands for.
+    pub by: GroupBy,
 }
 
 impl Default for ReportConfig {
@@ -47,6 +55,9 @@ impl Default for ReportConfig {
             window: Duration::from_secs(300),
             time_wait_min: 100,
             port_pressure_pct: 50.0,
+            fin_wait2_min: 10,
+            fin_wait2_age: Duration::from_secs(10),
+            by: GroupBy::Process,
         }
     }
 }
@@ -69,6 +80,8 @@ pub struct Peer {
     pub addr: String,
     pub close_wait: u64,
     pub time_wait: u64,
+    /// Connections to it that we closed and it has not (FIN_WAIT2).
+    pub fin_wait2: u64,
 }
 
 /// Lifetimes of CLOSE_WAIT sockets that ended within the window.
@@ -82,8 +95,13 @@ pub struct ClosedStats {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ProcessRow {
+    /// The process, or the lowest pid of a grouped row (`--by command|unit`).
     pub pid: u32,
+    /// Every process of the row.
+    pub pids: Vec<u32>,
     pub comm: String,
+    /// The systemd unit or container that the cgroup v2 path names.
+    pub unit: Option<String>,
     /// cgroup v2 path: the container or service the process runs in.
     pub cgroup: Option<String>,
     pub close_wait: u64,
@@ -106,6 +124,18 @@ pub struct ProcessRow {
     pub close_wait_closed: ClosedStats,
     /// TIME_WAIT sockets it caused per second over the window (seen entering).
     pub time_wait_created_per_s: Option<f64>,
+    /// Connections it closed whose peer has not closed yet (FIN_WAIT2 orphans).
+    pub fin_wait2: u64,
+    pub fin_wait2_oldest_s: Option<f64>,
+}
+
+/// Processes whose only data are CLOSE_WAIT sockets they closed promptly, folded into
+/// one line per command (short-lived clients, health checks, cron jobs).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct QuietRow {
+    pub comm: String,
+    pub processes: u64,
+    pub close_wait_closed: ClosedStats,
 }
 
 /// How TIME_WAIT sockets ended within the window.
@@ -124,7 +154,11 @@ pub struct Report {
     #[serde(rename = "final")]
     pub is_final: bool,
     pub states: BTreeMap<String, u64>,
+    /// What a row of `processes` stands for: `process`, `command` or `unit`.
+    pub by: &'static str,
     pub processes: Vec<ProcessRow>,
+    /// Processes with nothing held and nothing flagged, one entry per command.
+    pub quiet: Vec<QuietRow>,
     pub unattributed: Unattributed,
     pub loss: Loss,
     pub time_wait_ends: TimeWaitEnds,
@@ -197,6 +231,24 @@ pub struct Evidence {
     pub closer_port: Option<(u16, u64)>,
     /// Destinations whose ephemeral ports its TIME_WAITs use up.
     pub pressure: Vec<Pressure>,
+    /// The peer address with the most connections waiting in FIN_WAIT2 longer than
+    /// --fin-wait2-age.
+    pub not_closing: Option<NotClosing>,
+    /// CLOSE_WAIT sockets with unread bytes, and those closed by the peer after a quiet
+    /// spell with nothing unread.
+    pub cw_unread: u64,
+    pub cw_idle: u64,
+}
+
+/// A peer that has not closed connections we closed, long after we did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotClosing {
+    pub peer: std::net::IpAddr,
+    /// Connections to it waiting in FIN_WAIT2 longer than `waited_s`.
+    pub count: u64,
+    pub oldest_s: f64,
+    /// --fin-wait2-age.
+    pub waited_s: f64,
 }
 
 /// Builds the report from one snapshot, in passes: CLOSE_WAIT sockets, TIME_WAIT
@@ -210,13 +262,30 @@ pub fn build(s: &Snapshot, cfg: &ReportConfig, growth: &mut Growth) -> Report {
     let per_dest = passes::time_wait(s, window_start, &mut accs, &mut unattributed);
     passes::port_pressure(s, &per_dest, cfg.port_pressure_pct, &mut accs);
     passes::closed(s, window_start, &mut accs);
+    passes::fin_wait2(s, cfg.fin_wait2_age.as_nanos() as u64, &mut accs);
 
-    let counts: HashMap<u32, u64> = accs.iter().map(|(p, a)| (*p, a.close_wait)).collect();
-    growth.record(s.now_ns, &counts, cfg.window);
-    let mut processes: Vec<ProcessRow> = accs
-        .into_iter()
-        .map(|(pid, a)| row::row(pid, a, s, cfg, growth))
+    let groups = group::group(accs, cfg.by, s.procs);
+    let counts: HashMap<GroupKey, u64> = groups
+        .iter()
+        .map(|(k, g)| (k.clone(), g.acc.close_wait))
         .collect();
+    growth.record(s.now_ns, &counts, cfg.window);
+    let mut processes = Vec::new();
+    let mut quiet: BTreeMap<String, (u64, Vec<u64>)> = BTreeMap::new();
+    for (key, g) in groups {
+        let held = g.acc.close_wait + g.acc.time_wait + g.acc.fin_wait2;
+        let lifetimes = (held == 0).then(|| g.acc.closed.clone());
+        let n = g.pids.len() as u64;
+        let r = row::row(&key, g, s, cfg, growth);
+        match lifetimes {
+            Some(lifetimes) if r.flags.is_empty() => {
+                let q = quiet.entry(r.comm).or_default();
+                q.0 += n;
+                q.1.extend(lifetimes);
+            }
+            _ => processes.push(r),
+        }
+    }
     processes.sort_by(|a, b| {
         // Flagged first, then the most CLOSE_WAIT sockets, then the oldest, then TIME_WAIT.
         a.flags
@@ -237,13 +306,29 @@ pub fn build(s: &Snapshot, cfg: &ReportConfig, growth: &mut Growth) -> Report {
         elapsed_s: round3(s.elapsed_s),
         is_final: s.is_final,
         states: s.states.clone(),
+        by: cfg.by.as_str(),
         processes,
+        quiet: quiet_rows(quiet),
         unattributed,
         loss: s.loss,
         time_wait_ends: time_wait_ends(s.timewait, window_start),
         kernel: s.kernel.get(&s.own_netns).cloned(),
         footprint: Footprint::default(),
     }
+}
+
+/// One entry per command, most processes first.
+fn quiet_rows(quiet: BTreeMap<String, (u64, Vec<u64>)>) -> Vec<QuietRow> {
+    let mut rows: Vec<QuietRow> = quiet
+        .into_iter()
+        .map(|(comm, (processes, mut lifetimes))| QuietRow {
+            comm,
+            processes,
+            close_wait_closed: passes::closed_stats(&mut lifetimes),
+        })
+        .collect();
+    rows.sort_by(|a, b| b.processes.cmp(&a.processes).then(a.comm.cmp(&b.comm)));
+    rows
 }
 
 /// How the TIME_WAITs that ended since `window_start` ended.
@@ -287,6 +372,7 @@ mod tests {
             window: Duration::from_secs(300),
             time_wait_min: 3,
             port_pressure_pct: 50.0,
+            ..ReportConfig::default()
         }
     }
 
@@ -376,7 +462,8 @@ mod tests {
             &cfg(),
             &mut g,
         );
-        assert_eq!(r.processes.len(), 2);
+        // The prompt closer holds nothing and is not flagged: folded into `quiet`.
+        assert_eq!(r.processes.len(), 1);
         let leak = &r.processes[0];
         assert_eq!((leak.pid, leak.comm.as_str()), (4242, "python3"));
         assert_eq!(leak.close_wait, 3);
@@ -392,10 +479,9 @@ mod tests {
                  oldest 5m12s; 60 of 1024 fds used. It never calls close() after the peer hangs up."
             )
         );
-        let good = &r.processes[1];
-        assert_eq!((good.pid, good.close_wait), (7, 0));
-        assert!(good.flags.is_empty(), "{good:?}");
-        assert_eq!(good.reason, None);
+        assert_eq!(r.quiet.len(), 1, "{:?}", r.quiet);
+        let good = &r.quiet[0];
+        assert_eq!((good.comm.as_str(), good.processes), ("nginx", 1));
         assert_eq!(good.close_wait_closed.count, 20);
         assert_eq!(good.close_wait_closed.p50_s, Some(0.05));
         assert!(r.flagged());
@@ -644,6 +730,12 @@ mod tests {
     /// A tracker holding `n` confirmed TIME_WAITs from `local` (port varying when
     /// `vary_local`) to `remote`, owned by `pid`.
     fn timewaits(n: u16, local: &str, remote: &str, vary_local: bool, pid: u32) -> Tracker {
+        polled(TIME_WAIT, n, local, remote, vary_local, pid)
+    }
+
+    /// `n` closes by `pid` (at 10 s) confirmed by a poll (at 11 s) as timewait sockets in
+    /// `state`: TIME_WAIT, or FIN_WAIT2 for orphans whose peer has not closed.
+    fn polled(state: u8, n: u16, local: &str, remote: &str, vary_local: bool, pid: u32) -> Tracker {
         use crate::{decode::Owner, table::tests::tr, timewait::TwOwner};
         let mut tw = Tracker::default();
         let mut polled = Vec::new();
@@ -669,7 +761,7 @@ mod tests {
                 },
                 &t,
             );
-            let mut d = diag(TIME_WAIT, &l.to_string(), &r.to_string(), 0, 0);
+            let mut d = diag(state, &l.to_string(), &r.to_string(), 0, 0);
             d.timewait = true;
             d.expires_ms = 59_000;
             polled.push(d);
@@ -747,5 +839,167 @@ mod tests {
         inp.kernel = &wide;
         let r = build(&inp, &cfg(), &mut Growth::default());
         assert!(r.processes[0].flags.is_empty());
+    }
+
+    #[test]
+    fn a_peer_that_never_closes_is_named() {
+        let t = Table::new(NS);
+        let procs = procs();
+        let fin_wait2 = |n| polled(FIN_WAIT2, n, L, "10.1.2.3:40000", true, 7);
+        let cfg = ReportConfig {
+            fin_wait2_age: Duration::from_secs(10),
+            ..cfg()
+        };
+        // 12 connections closed at 10 s, the peer silent since: at 30 s they waited 20 s.
+        let tw = fin_wait2(12);
+        let inp = Snapshot {
+            timewait: &tw,
+            ..inputs(&t, 30, &procs)
+        };
+        let r = build(&inp, &cfg, &mut Growth::default());
+        let p = &r.processes[0];
+        assert_eq!((p.pid, p.fin_wait2), (7, 12));
+        assert_eq!(p.fin_wait2_oldest_s, Some(20.0));
+        assert_eq!(p.flags, [flag::PEER_NOT_CLOSING.name]);
+        assert_eq!(p.peers[0].fin_wait2, 12);
+        let reason = p.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.contains("12 connections to 10.1.2.3")
+                && reason.contains("the program on 10.1.2.3 is not closing its sockets"),
+            "{reason}"
+        );
+        // Below --fin-wait2-min, or not yet older than --fin-wait2-age: no flag.
+        let few = fin_wait2(9);
+        let r = build(
+            &Snapshot {
+                timewait: &few,
+                ..inputs(&t, 30, &procs)
+            },
+            &cfg,
+            &mut Growth::default(),
+        );
+        assert!(r.processes[0].flags.is_empty(), "{:?}", r.processes[0]);
+        let r = build(
+            &Snapshot {
+                timewait: &tw,
+                ..inputs(&t, 15, &procs)
+            },
+            &cfg,
+            &mut Growth::default(),
+        );
+        assert!(r.processes[0].flags.is_empty(), "{:?}", r.processes[0]);
+        assert_eq!(r.processes[0].fin_wait2, 12);
+    }
+
+    /// Three workers of one program, 4 leaked sockets each.
+    fn workers() -> (Table, FdIndex, HashMap<u32, ProcInfo>) {
+        let mut t = Table::new(NS);
+        let mut procs = procs();
+        for (w, pid) in [101u32, 102, 103].into_iter().enumerate() {
+            procs.insert(
+                pid,
+                ProcInfo {
+                    comm: "gunicorn".into(),
+                    fds: 20 + pid as u64,
+                    fd_limit: Some(1024),
+                    cgroup: Some("/system.slice/app.service".into()),
+                },
+            );
+            for i in 0..4 {
+                let inode = 1000 + (w * 10 + i) as u64;
+                let r = format!("127.0.0.9:{}", 41000 + inode);
+                t.apply(&enter_cw(10.0, L, &r, inode));
+            }
+        }
+        let idx = hold(&t, |inode| vec![101 + ((inode - 1000) / 10) as u32]);
+        (t, idx, procs)
+    }
+
+    #[test]
+    fn workers_of_one_command_are_one_row() {
+        let (t, idx, procs) = workers();
+        let snapshot = Snapshot {
+            holders: &idx,
+            ..inputs(&t, 100, &procs)
+        };
+        let by_process = build(&snapshot, &cfg(), &mut Growth::default());
+        assert_eq!(by_process.processes.len(), 3);
+        assert!(by_process.processes.iter().all(|p| p.close_wait == 4));
+
+        for by in [GroupBy::Command, GroupBy::Unit] {
+            let cfg = ReportConfig { by, ..cfg() };
+            let r = build(&snapshot, &cfg, &mut Growth::default());
+            assert_eq!(r.by, by.as_str());
+            assert_eq!(r.processes.len(), 1, "{:?}", r.processes);
+            let g = &r.processes[0];
+            assert_eq!((g.pid, g.close_wait), (101, 12));
+            assert_eq!(g.pids, [101, 102, 103]);
+            assert_eq!(g.comm, "gunicorn");
+            assert_eq!(g.unit.as_deref(), Some("app.service"));
+            // Flags are raised on the group, and it runs out of fds where its fullest
+            // worker does.
+            assert_eq!(g.flags, [flag::CLOSE_WAIT_LEAK.name]);
+            assert_eq!(g.fds, Some(123));
+            assert!(
+                g.reason
+                    .as_deref()
+                    .unwrap_or_default()
+                    .starts_with("gunicorn[101] holds 12")
+            );
+        }
+    }
+
+    #[test]
+    fn the_likely_cause_follows_the_evidence() {
+        let leak = |recv_q: u32, idle_ms: Option<u32>| {
+            let mut t = Table::new(NS);
+            let mut sockets = Vec::new();
+            for i in 0..3 {
+                let r = format!("127.0.0.1:{}", 40000 + i);
+                t.apply(&enter_cw(10.0, L, &r, 100 + i as u64));
+                let mut d = diag(CLOSE_WAIT, L, &r, 100 + i as u64, 90_000);
+                d.recv_q = recv_q;
+                // 90 s in CLOSE_WAIT at 100 s; the peer's last data came before that.
+                d.last_data_recv_ms = idle_ms.map(|ms| 90_000 + ms);
+                sockets.push(d);
+            }
+            t.fill_evidence(NS, &sockets, 100 * SEC);
+            let idx = hold(&t, |_| vec![4242]);
+            let procs = procs();
+            let r = build(
+                &Snapshot {
+                    holders: &idx,
+                    ..inputs(&t, 100, &procs)
+                },
+                &cfg(),
+                &mut Growth::default(),
+            );
+            r.processes[0].reason.clone().unwrap_or_default()
+        };
+        // Unread bytes (Recv-Q counts the FIN as one).
+        let unread = leak(101, Some(0));
+        assert!(
+            unread.contains(
+                "3 of them hold data it never read (300 bytes): the program stopped reading them."
+            ),
+            "{unread}"
+        );
+        // Nothing unread, quiet for 30 s before the FIN: a pool outliving keep-alive.
+        let pooled = leak(1, Some(30_000));
+        assert!(
+            pooled.contains("make the pool's idle timeout shorter than the server's"),
+            "{pooled}"
+        );
+        // Data and FIN together (a server that closes after answering): no cause given.
+        let plain = leak(1, Some(0));
+        assert!(
+            plain.ends_with("It never calls close() after the peer hangs up."),
+            "{plain}"
+        );
+        let unknown = leak(1, None);
+        assert!(
+            unknown.ends_with("It never calls close() after the peer hangs up."),
+            "{unknown}"
+        );
     }
 }

@@ -20,16 +20,71 @@ pub(super) struct Acc {
     /// TIME_WAITs per local port that the process listens on (server closed first).
     pub tw_on_listen_port: BTreeMap<u16, u64>,
     pub tw_created: u64,
-    /// Per peer: (CLOSE_WAIT, TIME_WAIT) sockets.
-    pub peers: HashMap<PeerKey, (u64, u64)>,
+    /// FIN_WAIT2 sockets it closed whose peer has not closed yet (orphans).
+    pub fin_wait2: u64,
+    pub fw2_oldest_ns: Option<u64>,
+    /// Per peer address: FIN_WAIT2 sockets waiting longer than --fin-wait2-age, and the
+    /// oldest wait.
+    pub fw2_waiting: HashMap<std::net::IpAddr, (u64, u64)>,
+    /// Per peer: CLOSE_WAIT, TIME_WAIT and FIN_WAIT2 sockets.
+    pub peers: HashMap<PeerKey, [u64; 3]>,
     pub sources: BTreeSet<&'static str>,
     /// Lifetimes of its CLOSE_WAIT sockets closed within the window.
     pub closed: Vec<u64>,
     pub comm: Option<String>,
     pub pressure: Vec<Pressure>,
+    /// CLOSE_WAIT sockets the peer closed after a quiet spell with nothing unread
+    /// (pooled connections timed out by the server's keep-alive).
+    pub cw_idle: u64,
+    /// CLOSE_WAIT sockets with unread bytes.
+    pub cw_unread: u64,
 }
 
 pub(super) type Accs = BTreeMap<u32, Acc>;
+
+impl Acc {
+    /// Adds another process's evidence (rows grouped by command or unit).
+    pub fn merge(&mut self, o: Acc) {
+        self.close_wait += o.close_wait;
+        if let Some((age, src)) = o.oldest_ns
+            && self.oldest_ns.is_none_or(|(mine, _)| age > mine)
+        {
+            self.oldest_ns = Some((age, src));
+        }
+        self.recv_q += o.recv_q;
+        self.time_wait += o.time_wait;
+        self.tw_oldest_ns = self.tw_oldest_ns.max(o.tw_oldest_ns);
+        for (port, n) in o.tw_on_listen_port {
+            *self.tw_on_listen_port.entry(port).or_insert(0) += n;
+        }
+        self.tw_created += o.tw_created;
+        self.fin_wait2 += o.fin_wait2;
+        self.fw2_oldest_ns = self.fw2_oldest_ns.max(o.fw2_oldest_ns);
+        for (ip, (n, oldest)) in o.fw2_waiting {
+            let e = self.fw2_waiting.entry(ip).or_insert((0, 0));
+            e.0 += n;
+            e.1 = e.1.max(oldest);
+        }
+        for (peer, counts) in o.peers {
+            let e = self.peers.entry(peer).or_default();
+            for (mine, theirs) in e.iter_mut().zip(counts) {
+                *mine += theirs;
+            }
+        }
+        self.sources.extend(o.sources);
+        self.closed.extend(o.closed);
+        self.cw_idle += o.cw_idle;
+        self.cw_unread += o.cw_unread;
+        if self.comm.is_none() {
+            self.comm = o.comm;
+        }
+        for p in o.pressure {
+            if !self.pressure.iter().any(|x| x.dest == p.dest) {
+                self.pressure.push(p);
+            }
+        }
+    }
+}
 
 /// One destination whose ephemeral ports are running short.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,6 +95,11 @@ pub struct Pressure {
     pub tw_reuse: Option<u32>,
     pub pct: f64,
 }
+
+/// A quiet spell before the peer's FIN at least this long, with nothing unread, is the
+/// mark of a pooled connection closed by the server's keep-alive timeout (a server that
+/// closes after its response sends data and FIN together).
+const IDLE_SPELL_MS: u32 = 1000;
 
 /// CLOSE_WAIT sockets, counted for every process holding them (a socket shared after
 /// fork counts for each holder), or for the owner the probe saw.
@@ -63,7 +123,19 @@ pub(super) fn close_wait(s: &Snapshot, accs: &mut Accs, unattributed: &mut Unatt
                 a.oldest_ns = Some((age_ns, cw.age_source));
             }
             a.recv_q += u64::from(cw.recv_q);
-            a.peers.entry(peer).or_default().0 += 1;
+            if cw.recv_q > 0 {
+                a.cw_unread += 1;
+            } else if cw
+                .idle_before_fin_ms()
+                .is_some_and(|ms| ms >= IDLE_SPELL_MS)
+            {
+                a.cw_idle += 1;
+            }
+            if let Some(p) = a.peers.get_mut(&peer) {
+                p[0] += 1;
+            } else {
+                a.peers.insert(peer, [1, 0, 0]);
+            }
             a.sources.insert(source);
             if a.comm.is_none() {
                 a.comm = cw.probe_owner.as_ref().map(|o| o.1.clone());
@@ -105,7 +177,7 @@ pub(super) fn time_wait(
         a.time_wait += 1;
         let age = s.now_ns.saturating_sub(tw.entered_ns);
         a.tw_oldest_ns = Some(a.tw_oldest_ns.map_or(age, |o| o.max(age)));
-        a.peers.entry(peer_addr(key, s.listening)).or_default().1 += 1;
+        a.peers.entry(peer_addr(key, s.listening)).or_default()[1] += 1;
         a.sources.insert(tw.owner_source.as_str());
         if listeners.is_some_and(|pids| pids.contains(&owner.pid)) {
             *a.tw_on_listen_port.entry(port).or_insert(0) += 1;
@@ -120,6 +192,33 @@ pub(super) fn time_wait(
         }
     }
     per_dest
+}
+
+/// Orphans in FIN_WAIT2: sockets a process closed first whose peer has not closed yet,
+/// counted for the process that closed them, and per peer address those that waited
+/// longer than `fin_wait2_age_ns` (the peer's program is not closing its sockets).
+pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, accs: &mut Accs) {
+    for (key, tw) in s.timewait.tracked() {
+        if tw.substate != TcpState::FIN_WAIT2 {
+            continue;
+        }
+        let Some(owner) = &tw.owner else {
+            continue;
+        };
+        let a = accs.entry(owner.pid).or_default();
+        a.fin_wait2 += 1;
+        let age = s.now_ns.saturating_sub(tw.entered_ns);
+        a.fw2_oldest_ns = Some(a.fw2_oldest_ns.map_or(age, |o| o.max(age)));
+        a.peers.entry(peer_addr(key, s.listening)).or_default()[2] += 1;
+        if age > fin_wait2_age_ns {
+            let w = a.fw2_waiting.entry(key.remote.ip()).or_insert((0, 0));
+            w.0 += 1;
+            w.1 = w.1.max(age);
+        }
+        if a.comm.is_none() {
+            a.comm = Some(owner.comm.to_string());
+        }
+    }
 }
 
 /// Port pressure: every process with TIME_WAITs to a destination whose count is over

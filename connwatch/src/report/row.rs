@@ -1,22 +1,39 @@
-//! One process's accumulated evidence turned into its row: figures, flags and reason.
+//! One row's accumulated evidence (a process, or a group of them) turned into its row:
+//! figures, flags and reason.
 use super::{
-    Evidence, Growth, Peer, ProcessRow, ReportConfig, Snapshot, flag,
+    Evidence, GroupKey, Growth, NotClosing, Peer, ProcessRow, ReportConfig, Snapshot, flag,
+    group::{Group, comm_of},
     passes::{Acc, closed_stats},
-    round3,
+    round3, unit_of,
 };
+use crate::owners::ProcInfo;
 
-/// Peers listed per process.
+/// Peers listed per row.
 const TOP_PEERS: usize = 5;
 
 pub(super) fn row(
-    pid: u32,
-    mut a: Acc,
+    key: &GroupKey,
+    g: Group,
     s: &Snapshot,
     cfg: &ReportConfig,
     growth: &Growth,
 ) -> ProcessRow {
-    let info = s.procs.get(&pid);
-    let growth_per_min = growth.per_min(pid).filter(|_| a.close_wait > 0);
+    let Group {
+        mut pids,
+        acc: mut a,
+    } = g;
+    pids.sort_unstable();
+    let pid = pids.first().copied().unwrap_or(0);
+    let comm = match key {
+        GroupKey::Comm(c) => c.clone(),
+        _ => comm_of(pid, &a, s.procs),
+    };
+    let cgroup = pids
+        .iter()
+        .find_map(|p| s.procs.get(p).and_then(|i| i.cgroup.clone()));
+    // A group runs out of fds where its tightest process does.
+    let info = tightest(&pids, s);
+    let growth_per_min = growth.per_min(key).filter(|_| a.close_wait > 0);
     let fds = info.map(|i| i.fds);
     let fd_limit = info.and_then(|i| i.fd_limit);
     let fds_exhausted_in_s = match (growth_per_min, fds, fd_limit) {
@@ -27,24 +44,15 @@ pub(super) fn row(
     };
     let span_s = cfg.window.as_secs_f64().min(s.elapsed_s);
     let tw_rate = (span_s > 0.0 && a.tw_created > 0).then(|| round3(a.tw_created as f64 / span_s));
-    let (peers, close_wait_peers) = top_peers(&mut a);
-    let ev = Evidence {
-        close_wait_peers,
-        closer_port: a
-            .tw_on_listen_port
-            .iter()
-            .max_by_key(|(_, n)| **n)
-            .map(|(p, n)| (*p, *n)),
-        pressure: std::mem::take(&mut a.pressure),
-    };
+    let ev = evidence(&mut a, cfg);
+    let peers = top_peers(&mut a);
 
     let mut row = ProcessRow {
         pid,
-        comm: info
-            .map(|i| i.comm.clone())
-            .or(a.comm.take())
-            .unwrap_or_else(|| "?".into()),
-        cgroup: info.and_then(|i| i.cgroup.clone()),
+        pids,
+        comm,
+        unit: cgroup.as_deref().map(unit_of),
+        cgroup,
         close_wait: a.close_wait,
         close_wait_oldest_s: a.oldest_ns.map(|(ns, _)| round3(ns as f64 / 1e9)),
         close_wait_age_source: a.oldest_ns.map(|(_, s)| s.as_str()),
@@ -61,6 +69,8 @@ pub(super) fn row(
         fds_exhausted_in_s,
         close_wait_closed: closed_stats(&mut a.closed),
         time_wait_created_per_s: tw_rate,
+        fin_wait2: a.fin_wait2,
+        fin_wait2_oldest_s: a.fw2_oldest_ns.map(|ns| round3(ns as f64 / 1e9)),
     };
     let raised: Vec<&flag::Flag> = flag::ALL
         .into_iter()
@@ -72,24 +82,61 @@ pub(super) fn row(
     row
 }
 
-/// The peers with the most sockets (at most `TOP_PEERS`), and how many peers in all
-/// account for CLOSE_WAIT sockets.
-fn top_peers(a: &mut Acc) -> (Vec<Peer>, usize) {
+/// The member process nearest its fd limit (the only one for a process row).
+fn tightest<'a>(pids: &[u32], s: &'a Snapshot) -> Option<&'a ProcInfo> {
+    pids.iter()
+        .filter_map(|p| s.procs.get(p))
+        .max_by(|a, b| fill(a).total_cmp(&fill(b)))
+}
+
+fn fill(i: &ProcInfo) -> f64 {
+    i.fd_limit
+        .filter(|l| *l > 0)
+        .map_or(0.0, |l| i.fds as f64 / l as f64)
+}
+
+/// What the flags need beyond the row's own figures.
+fn evidence(a: &mut Acc, cfg: &ReportConfig) -> Evidence {
+    Evidence {
+        close_wait_peers: a.peers.values().filter(|c| c[0] > 0).count(),
+        closer_port: a
+            .tw_on_listen_port
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(p, n)| (*p, *n)),
+        pressure: std::mem::take(&mut a.pressure),
+        not_closing: a
+            .fw2_waiting
+            .iter()
+            .max_by(|x, y| x.1.0.cmp(&y.1.0).then(y.0.cmp(x.0)))
+            .map(|(ip, (n, oldest))| NotClosing {
+                peer: *ip,
+                count: *n,
+                oldest_s: round3(*oldest as f64 / 1e9),
+                waited_s: cfg.fin_wait2_age.as_secs_f64(),
+            }),
+        cw_unread: a.cw_unread,
+        cw_idle: a.cw_idle,
+    }
+}
+
+/// The peers with the most sockets (at most `TOP_PEERS`).
+fn top_peers(a: &mut Acc) -> Vec<Peer> {
     let mut peers: Vec<Peer> = a
         .peers
         .drain()
-        .map(|(addr, (cw, tw))| Peer {
+        .map(|(addr, [cw, tw, fw2])| Peer {
             addr: addr.to_string(),
             close_wait: cw,
             time_wait: tw,
+            fin_wait2: fw2,
         })
         .collect();
     peers.sort_by(|x, y| {
-        (y.close_wait + y.time_wait)
-            .cmp(&(x.close_wait + x.time_wait))
+        (y.close_wait + y.time_wait + y.fin_wait2)
+            .cmp(&(x.close_wait + x.time_wait + x.fin_wait2))
             .then(x.addr.cmp(&y.addr))
     });
-    let close_wait_peers = peers.iter().filter(|p| p.close_wait > 0).count();
     peers.truncate(TOP_PEERS);
-    (peers, close_wait_peers)
+    peers
 }

@@ -10,7 +10,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::report::Report;
+use crate::report::{ProcessRow, Report};
 
 type Labels = Vec<(String, String)>;
 
@@ -110,6 +110,7 @@ fn register_processes(registry: &mut Registry, report: &Report, top: usize, cgro
     let close_wait = Family::<Labels, Gauge>::default();
     let oldest = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     let time_wait = Family::<Labels, Gauge>::default();
+    let fin_wait2 = Family::<Labels, Gauge>::default();
     let flagged = Family::<Labels, Gauge>::default();
     // The report lists flagged processes first, then by CLOSE_WAIT count.
     let mut ranked: Vec<_> = report.processes.iter().collect();
@@ -120,21 +121,18 @@ fn register_processes(registry: &mut Registry, report: &Report, top: usize, cgro
             p.pid,
         )
     });
-    let (mut other_cw, mut other_tw) = (0i64, 0i64);
+    let (mut other_cw, mut other_tw, mut other_fw2) = (0i64, 0i64, 0i64);
     for (i, p) in ranked.iter().enumerate() {
         if i >= top {
             other_cw += p.close_wait as i64;
             other_tw += p.time_wait as i64;
+            other_fw2 += p.fin_wait2 as i64;
             continue;
         }
-        let labels = process_labels(
-            &p.comm,
-            &p.pid.to_string(),
-            p.cgroup.as_deref(),
-            cgroup_label,
-        );
+        let labels = row_labels(report.by, p, cgroup_label);
         close_wait.get_or_create(&labels).set(p.close_wait as i64);
         time_wait.get_or_create(&labels).set(p.time_wait as i64);
+        fin_wait2.get_or_create(&labels).set(p.fin_wait2 as i64);
         if let Some(o) = p.close_wait_oldest_s {
             oldest.get_or_create(&labels).set(o);
         }
@@ -145,13 +143,14 @@ fn register_processes(registry: &mut Registry, report: &Report, top: usize, cgro
         }
     }
     if ranked.len() > top {
-        let labels = process_labels("other", "", None, cgroup_label);
+        let labels = other_labels(report.by, cgroup_label);
         close_wait.get_or_create(&labels).set(other_cw);
         time_wait.get_or_create(&labels).set(other_tw);
+        fin_wait2.get_or_create(&labels).set(other_fw2);
     }
     registry.register(
         "connwatch_close_wait_sockets",
-        "CLOSE_WAIT sockets held per process (top-K by --top; the rest as comm=\"other\")",
+        "CLOSE_WAIT sockets held per row of --by (top-K by --top; the rest as comm=\"other\")",
         close_wait,
     );
     registry.register(
@@ -165,6 +164,11 @@ fn register_processes(registry: &mut Registry, report: &Report, top: usize, cgro
         time_wait,
     );
     registry.register(
+        "connwatch_fin_wait2_sockets",
+        "Connections closed first whose peer has not closed yet (FIN_WAIT2), per row of --by",
+        fin_wait2,
+    );
+    registry.register(
         "connwatch_flagged",
         format!(
             "1 while the process carries the flag ({})",
@@ -174,11 +178,32 @@ fn register_processes(registry: &mut Registry, report: &Report, top: usize, cgro
     );
 }
 
-/// Labels of a per-process series (`cgroup` only with --cgroup-label).
-fn process_labels(comm: &str, pid: &str, cgroup: Option<&str>, cgroup_label: bool) -> Labels {
-    let mut labels: Labels = vec![("comm".into(), comm.into()), ("pid".into(), pid.into())];
+/// Labels of a row's series: `comm`, and `pid` with --by process or `unit` with --by
+/// unit (`cgroup` too with --cgroup-label). Without `pid`, a restarted process keeps
+/// its series.
+fn row_labels(by: &str, p: &ProcessRow, cgroup_label: bool) -> Labels {
+    let mut labels: Labels = vec![("comm".into(), p.comm.clone())];
+    match by {
+        "process" => labels.push(("pid".into(), p.pid.to_string())),
+        "unit" => labels.push(("unit".into(), p.unit.clone().unwrap_or_default())),
+        _ => {}
+    }
     if cgroup_label {
-        labels.push(("cgroup".into(), cgroup.unwrap_or_default().into()));
+        labels.push(("cgroup".into(), p.cgroup.clone().unwrap_or_default()));
+    }
+    labels
+}
+
+/// Labels of the series that sums the rows beyond --top.
+fn other_labels(by: &str, cgroup_label: bool) -> Labels {
+    let mut labels: Labels = vec![("comm".into(), "other".into())];
+    match by {
+        "process" => labels.push(("pid".into(), String::new())),
+        "unit" => labels.push(("unit".into(), String::new())),
+        _ => {}
+    }
+    if cgroup_label {
+        labels.push(("cgroup".into(), String::new()));
     }
     labels
 }
@@ -301,6 +326,10 @@ mod tests {
 
     fn row(pid: u32, cw: u64, flags: Vec<&'static str>) -> ProcessRow {
         ProcessRow {
+            pids: vec![],
+            unit: None,
+            fin_wait2: 0,
+            fin_wait2_oldest_s: None,
             pid,
             comm: format!("p{pid}"),
             cgroup: Some("/svc".into()),
@@ -330,6 +359,8 @@ mod tests {
             is_final: false,
             states: BTreeMap::from([("CLOSE_WAIT".into(), 7), ("ESTABLISHED".into(), 3)]),
             processes: (1..=n).map(|p| row(p, u64::from(p), vec![])).collect(),
+            by: "process",
+            quiet: vec![],
             unattributed: Unattributed::default(),
             loss: Loss::default(),
             time_wait_ends: TimeWaitEnds::default(),
@@ -409,5 +440,30 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"cgroup="/svc""#));
+    }
+
+    #[test]
+    fn labels_follow_the_grouping() {
+        let mut r = report(2);
+        r.by = "command";
+        let text = render(&r, &Persistent::default(), 10, false);
+        assert!(
+            text.contains(r#"connwatch_close_wait_sockets{comm="p1"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("pid=\""), "{text}");
+        r.by = "unit";
+        r.processes[0].unit = Some("app.service".into());
+        let text = render(&r, &Persistent::default(), 1, false);
+        assert!(
+            text.contains(r#"connwatch_close_wait_sockets{comm="p2",unit=""} 2"#)
+                || text.contains(r#"connwatch_close_wait_sockets{comm="p1",unit="app.service"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"connwatch_close_wait_sockets{comm="other",unit=""}"#),
+            "{text}"
+        );
+        assert!(!text.contains("pid=\""), "{text}");
     }
 }

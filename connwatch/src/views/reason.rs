@@ -47,7 +47,31 @@ pub fn close_wait_leak(r: &ProcessRow, ev: &Evidence) -> Vec<String> {
     } else {
         ". It never calls close() after the peer hangs up."
     };
+    if let Some(cause) = likely_cause(r, ev) {
+        s += " ";
+        s += &cause;
+    }
     vec![s]
+}
+
+/// The classic cause the evidence points to, when it points to one: most of the
+/// sockets hold unread data, or most were closed by the peer after a quiet spell with
+/// nothing unread.
+fn likely_cause(r: &ProcessRow, ev: &Evidence) -> Option<String> {
+    let most = |n: u64| n > 0 && n * 2 >= r.close_wait;
+    if most(ev.cw_unread) {
+        return Some(format!(
+            "{} of them hold data it never read ({} bytes): the program stopped reading them.",
+            ev.cw_unread, r.close_wait_recv_q_bytes
+        ));
+    }
+    if ev.cw_unread == 0 && most(ev.cw_idle) {
+        return Some(format!(
+            "{} of them were closed by the peer after a quiet spell, with nothing unread: a pool keeps connections that the server's keep-alive timeout already closed; make the pool's idle timeout shorter than the server's.",
+            ev.cw_idle
+        ));
+    }
+    None
 }
 
 pub fn close_wait_slow(r: &ProcessRow, _: &Evidence) -> Vec<String> {
@@ -100,4 +124,22 @@ pub fn port_pressure(r: &ProcessRow, ev: &Evidence) -> Vec<String> {
             )
         })
         .collect()
+}
+
+pub fn peer_not_closing(r: &ProcessRow, ev: &Evidence) -> Vec<String> {
+    let Some(n) = &ev.not_closing else {
+        return Vec::new();
+    };
+    vec![format!(
+        "{} closed first on {} connection{} to {} that {} waited more than {} for that peer to close (oldest {}; {} in FIN_WAIT2 in all): the program on {} is not closing its sockets, a CLOSE_WAIT leak on that host. Look for it there (connwatch watch, or ss -tanp state close-wait).",
+        who(r),
+        n.count,
+        plural(n.count),
+        n.peer,
+        if n.count == 1 { "has" } else { "have" },
+        fmt_age(n.waited_s),
+        fmt_age(n.oldest_s),
+        r.fin_wait2,
+        n.peer,
+    )]
 }

@@ -110,7 +110,8 @@ impl App {
             .selected()
             .and_then(|i| rows.get(i.min(len.saturating_sub(1))).copied());
         let details = selected.map(details).unwrap_or_default();
-        let table = table(&rows).block(Block::new().borders(Borders::TOP).title(format!(
+        let by = self.report.as_ref().map_or("process", |r| r.by);
+        let table = table(&rows, by).block(Block::new().borders(Borders::TOP).title(format!(
             " processes ({len}), sorted by {} ",
             self.sort.label()
         )));
@@ -146,7 +147,7 @@ fn summary(report: Option<&Report>) -> String {
 }
 
 /// The process table, flagged rows in bold red.
-fn table<'a>(rows: &[&ProcessRow]) -> Table<'a> {
+fn table<'a>(rows: &[&ProcessRow], by: &str) -> Table<'a> {
     let rows: Vec<Row> = rows
         .iter()
         .map(|p| {
@@ -155,12 +156,21 @@ fn table<'a>(rows: &[&ProcessRow]) -> Table<'a> {
             } else {
                 Style::new().red().add_modifier(Modifier::BOLD)
             };
+            let pid = match p.pids.len() {
+                0 | 1 => p.pid.to_string(),
+                n => format!("{} +{}", p.pid, n - 1),
+            };
+            let name = match (by, &p.unit) {
+                ("unit", Some(unit)) => unit.clone(),
+                _ => p.comm.clone(),
+            };
             Row::new(vec![
-                Cell::from(p.pid.to_string()),
-                Cell::from(p.comm.clone()),
+                Cell::from(pid),
+                Cell::from(name),
                 Cell::from(p.close_wait.to_string()),
                 Cell::from(p.close_wait_oldest_s.map_or("-".into(), fmt_age)),
                 Cell::from(p.time_wait.to_string()),
+                Cell::from(p.fin_wait2.to_string()),
                 Cell::from(match (p.fds, p.fd_limit) {
                     (Some(u), Some(l)) => format!("{u}/{l}"),
                     _ => "-".into(),
@@ -178,6 +188,7 @@ fn table<'a>(rows: &[&ProcessRow]) -> Table<'a> {
             Constraint::Length(11),
             Constraint::Length(8),
             Constraint::Length(10),
+            Constraint::Length(10),
             Constraint::Length(12),
             Constraint::Min(15),
         ],
@@ -189,6 +200,7 @@ fn table<'a>(rows: &[&ProcessRow]) -> Table<'a> {
             "CLOSE_WAIT",
             "OLDEST",
             "TIME_WAIT",
+            "FIN_WAIT2",
             "FDS/LIMIT",
             "FLAGS",
         ])
@@ -206,7 +218,14 @@ fn details<'a>(p: &ProcessRow) -> Vec<Line<'a>> {
     let peers: Vec<String> = p
         .peers
         .iter()
-        .map(|x| format!("{} ({} CW, {} TW)", x.addr, x.close_wait, x.time_wait))
+        .map(|x| {
+            let fw2 = if x.fin_wait2 > 0 {
+                format!(", {} FW2", x.fin_wait2)
+            } else {
+                String::new()
+            };
+            format!("{} ({} CW, {} TW{fw2})", x.addr, x.close_wait, x.time_wait)
+        })
         .collect();
     vec![
         Line::from(reason),
@@ -225,6 +244,10 @@ mod tests {
 
     fn row(pid: u32, cw: u64, tw: u64, flag: bool) -> ProcessRow {
         ProcessRow {
+            pids: vec![],
+            unit: None,
+            fin_wait2: 0,
+            fin_wait2_oldest_s: None,
             pid,
             comm: format!("proc{pid}"),
             cgroup: None,
@@ -245,6 +268,7 @@ mod tests {
                 addr: "10.0.0.1:5432".into(),
                 close_wait: cw,
                 time_wait: tw,
+                fin_wait2: 0,
             }],
             owner_sources: vec!["fd"],
             close_wait_growth_per_min: None,
@@ -262,11 +286,13 @@ mod tests {
                 elapsed_s: 4.0,
                 is_final: false,
                 states: BTreeMap::from([("CLOSE_WAIT".into(), 8)]),
+                by: "process",
                 processes: vec![
                     row(1, 2, 50, false),
                     row(2, 5, 0, true),
                     row(3, 1, 9, false),
                 ],
+                quiet: vec![],
                 unattributed: Unattributed::default(),
                 loss: Loss::default(),
                 time_wait_ends: TimeWaitEnds::default(),

@@ -4,7 +4,8 @@
 use comfy_table::{CellAlignment, Table, presets::NOTHING};
 
 use super::format::fmt_age;
-use crate::report::{ProcessRow, Report};
+use super::format::plural;
+use crate::report::{ProcessRow, QuietRow, Report};
 
 pub fn json(report: &Report) -> String {
     // Strings, numbers and maps only: serialization cannot fail.
@@ -37,6 +38,9 @@ pub fn human(r: &Report) -> String {
             out += &format!("  * {reason}\n");
         }
     }
+    for q in &r.quiet {
+        out += &quiet_line(q);
+    }
     out += &footer(r);
     out
 }
@@ -47,12 +51,31 @@ pub fn states_line(r: &Report) -> Option<String> {
     (!states.is_empty()).then(|| states.join("  "))
 }
 
+/// One line for the processes of one command that hold nothing and carry no flag.
+fn quiet_line(q: &QuietRow) -> String {
+    let c = &q.close_wait_closed;
+    let lifetimes = match (c.p50_s, c.p99_s) {
+        (Some(a), Some(b)) => format!(" (p50 {}, p99 {})", fmt_age(a), fmt_age(b)),
+        _ => String::new(),
+    };
+    format!(
+        "quiet: {} {} process{} closed {} CLOSE_WAIT socket{} promptly{lifetimes}\n",
+        q.processes,
+        q.comm,
+        if q.processes == 1 { "" } else { "es" },
+        c.count,
+        plural(c.count),
+    )
+}
+
 fn process_table(r: &Report) -> Table {
     let mut t = Table::new();
     t.load_style(NOTHING);
-    t.set_header([
+    // FIN_WAIT2 only where a row has some: the usual screen stays as it was.
+    let fin_wait2 = r.processes.iter().any(|p| p.fin_wait2 > 0);
+    let mut header = vec![
         "PID",
-        "COMM",
+        if r.by == "unit" { "UNIT" } else { "COMM" },
         "CLOSE_WAIT",
         "OLDEST",
         "GROWTH/MIN",
@@ -62,9 +85,27 @@ fn process_table(r: &Report) -> Table {
         "TIME_WAIT",
         "TOP PEER",
         "FLAGS",
-    ]);
+    ];
+    if fin_wait2 {
+        header.insert(9, "FIN_WAIT2");
+    }
+    t.set_header(header);
     for p in &r.processes {
-        t.add_row(row_cells(p));
+        let mut cells = row_cells(p).to_vec();
+        if r.by == "unit"
+            && let (Some(unit), Some(cell)) = (&p.unit, cells.get_mut(1))
+        {
+            cell.clone_from(unit);
+        }
+        if fin_wait2 {
+            let fw2 = match (p.fin_wait2, p.fin_wait2_oldest_s) {
+                (0, _) => "-".to_string(),
+                (n, Some(o)) => format!("{n} {}", fmt_age(o)),
+                (n, None) => n.to_string(),
+            };
+            cells.insert(9, fw2);
+        }
+        t.add_row(cells);
     }
     for i in [0, 2, 3, 4, 5] {
         if let Some(col) = t.column_mut(i) {
@@ -96,8 +137,12 @@ fn row_cells(p: &ProcessRow) -> [String; 11] {
         (n, Some(rate)) => format!("{n} {rate:.1}/s"),
         (n, None) => n.to_string(),
     };
+    let pid = match p.pids.len() {
+        0 | 1 => p.pid.to_string(),
+        n => format!("{} +{}", p.pid, n - 1),
+    };
     [
-        p.pid.to_string(),
+        pid,
         p.comm.clone(),
         p.close_wait.to_string(),
         oldest(p),
@@ -173,7 +218,13 @@ mod tests {
             elapsed_s: 4.0,
             is_final: false,
             states: BTreeMap::from([("CLOSE_WAIT".into(), 50), ("ESTABLISHED".into(), 10)]),
+            by: "process",
+            quiet: vec![],
             processes: vec![ProcessRow {
+                pids: vec![4242],
+                unit: None,
+                fin_wait2: 0,
+                fin_wait2_oldest_s: None,
                 pid: 4242,
                 comm: "python3".into(),
                 cgroup: None,
@@ -190,6 +241,7 @@ mod tests {
                     addr: "127.0.0.1:8080".into(),
                     close_wait: 50,
                     time_wait: 0,
+                    fin_wait2: 0,
                 }],
                 owner_sources: vec!["fd"],
                 close_wait_growth_per_min: Some(10.0),

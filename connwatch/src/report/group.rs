@@ -1,0 +1,152 @@
+//! Rows by what users fix: a process, a command (all its workers), or a systemd unit /
+//! container named by the cgroup v2 path.
+use std::collections::BTreeMap;
+
+use clap::ValueEnum;
+
+use super::passes::{Acc, Accs};
+use crate::owners::ProcInfo;
+
+/// How report rows are grouped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum GroupBy {
+    /// One row per process.
+    #[default]
+    Process,
+    /// One row per command name (comm): all workers of a program together.
+    Command,
+    /// One row per systemd unit or container (from the cgroup v2 path), else per cgroup.
+    Unit,
+}
+
+impl GroupBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::Command => "command",
+            Self::Unit => "unit",
+        }
+    }
+}
+
+/// What a row stands for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GroupKey {
+    Pid(u32),
+    Comm(String),
+    Unit(String),
+}
+
+/// The processes of one row and what they accumulated together.
+pub(super) struct Group {
+    pub pids: Vec<u32>,
+    pub acc: Acc,
+}
+
+/// The comm of a process: from /proc while it lives, else what the probe saw.
+pub(super) fn comm_of(
+    pid: u32,
+    acc: &Acc,
+    procs: &std::collections::HashMap<u32, ProcInfo>,
+) -> String {
+    procs
+        .get(&pid)
+        .map(|i| i.comm.clone())
+        .or_else(|| acc.comm.clone())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Merges per-process accumulators into rows.
+pub(super) fn group(
+    accs: Accs,
+    by: GroupBy,
+    procs: &std::collections::HashMap<u32, ProcInfo>,
+) -> BTreeMap<GroupKey, Group> {
+    let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
+    for (pid, acc) in accs {
+        let key = match by {
+            GroupBy::Process => GroupKey::Pid(pid),
+            GroupBy::Command => GroupKey::Comm(comm_of(pid, &acc, procs)),
+            GroupBy::Unit => GroupKey::Unit(
+                procs
+                    .get(&pid)
+                    .and_then(|i| i.cgroup.as_deref())
+                    .map_or_else(|| "?".into(), unit_of),
+            ),
+        };
+        match groups.get_mut(&key) {
+            Some(g) => {
+                g.pids.push(pid);
+                g.acc.merge(acc);
+            }
+            None => {
+                groups.insert(
+                    key,
+                    Group {
+                        pids: vec![pid],
+                        acc,
+                    },
+                );
+            }
+        }
+    }
+    groups
+}
+
+/// The unit a cgroup v2 path names: a systemd service or scope (`nginx.service`,
+/// `docker-<id>.scope`, `cri-containerd-<id>.scope`), a Kubernetes pod
+/// (`kubepods-besteffort-pod<uid>.slice`), else the path itself.
+pub fn unit_of(cgroup: &str) -> String {
+    let parts: Vec<&str> = cgroup.split('/').filter(|p| !p.is_empty()).collect();
+    // The innermost service or scope names the container or service; a pod is the
+    // innermost `-pod….slice` when its containers are not told apart.
+    if let Some(unit) = parts
+        .iter()
+        .rev()
+        .find(|p| p.ends_with(".service") || p.ends_with(".scope"))
+    {
+        return (*unit).to_string();
+    }
+    if let Some(pod) = parts
+        .iter()
+        .rev()
+        .find(|p| p.contains("-pod") && p.ends_with(".slice"))
+    {
+        return (*pod).to_string();
+    }
+    if cgroup.is_empty() {
+        "/".into()
+    } else {
+        cgroup.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_from_cgroup_paths() {
+        assert_eq!(unit_of("/system.slice/nginx.service"), "nginx.service");
+        assert_eq!(
+            unit_of("/system.slice/docker-0123abcd.scope"),
+            "docker-0123abcd.scope"
+        );
+        assert_eq!(
+            unit_of(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12_34.slice/cri-containerd-aa.scope"
+            ),
+            "cri-containerd-aa.scope"
+        );
+        assert_eq!(
+            unit_of("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod9.slice"),
+            "kubepods-burstable-pod9.slice"
+        );
+        assert_eq!(
+            unit_of("/user.slice/user-0.slice/session-3.scope"),
+            "session-3.scope"
+        );
+        assert_eq!(unit_of("/custom/leaky"), "/custom/leaky");
+        assert_eq!(unit_of("/"), "/");
+    }
+}
