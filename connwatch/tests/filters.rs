@@ -99,42 +99,10 @@ fn port_and_family_filters() {
     assert!(!rows.iter().any(|r| r.sport == other || r.dport == other));
 }
 
-/// A cgroup v2 made by the test, removed on drop.
-struct Cgroup(std::path::PathBuf);
-
-impl Cgroup {
-    fn new() -> Self {
-        let root = std::fs::read_to_string("/proc/self/mounts")
-            .unwrap()
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_string())
-            })
-            .expect("a cgroup2 mount");
-        let dir = std::path::PathBuf::from(root).join(format!("cw-test-{}", std::process::id()));
-        std::fs::create_dir(&dir).expect("create a cgroup");
-        Self(dir)
-    }
-
-    fn add(&self, pid: u32) {
-        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).expect("move into cgroup");
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let end = Instant::now() + DEADLINE;
-        while std::fs::remove_dir(&self.0).is_err() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 #[test]
 fn cgroup_filter_keeps_sockets_created_in_the_cgroup() {
     require_root();
-    let cg = Cgroup::new();
+    let cg = Cgroup::new(&format!("cw-test-{}", std::process::id()));
     let mut server = Peer::spawn(&["closer", "127.0.0.1:0", "2", "0"]);
     let port: u16 = server.expect("port").parse().unwrap();
     let mut inside = Peer::spawn_with(None, &["clients", &addr("127.0.0.1", port), "1"], true);

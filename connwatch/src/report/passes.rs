@@ -210,6 +210,7 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, accs: &mut Accs) {
         let age = s.now_ns.saturating_sub(tw.entered_ns);
         a.fw2_oldest_ns = Some(a.fw2_oldest_ns.map_or(age, |o| o.max(age)));
         a.peers.entry(peer_addr(key, s.listening)).or_default()[2] += 1;
+        a.sources.insert(tw.owner_source.as_str());
         if age > fin_wait2_age_ns {
             let w = a.fw2_waiting.entry(key.remote.ip()).or_insert((0, 0));
             w.0 += 1;

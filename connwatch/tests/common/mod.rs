@@ -195,6 +195,15 @@ impl Peer {
 
     /// With `wait`, the peer says `ready` and starts only when sent `go`.
     pub fn spawn_with(netns: Option<&NetNs>, role: &[&str], wait: bool) -> Self {
+        Self::spawn_as(netns, None, role, wait)
+    }
+
+    /// A peer whose command name (comm) is `comm`, as a program of its own would have.
+    pub fn spawn_named(netns: Option<&NetNs>, comm: &str, role: &[&str]) -> Self {
+        Self::spawn_as(netns, Some(comm), role, false)
+    }
+
+    fn spawn_as(netns: Option<&NetNs>, comm: Option<&str>, role: &[&str], wait: bool) -> Self {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = match netns {
             Some(ns) => {
@@ -214,6 +223,7 @@ impl Peer {
             ])
             .env("CW_PEER", role.join(" "))
             .env("CW_PEER_WAIT", if wait { "1" } else { "" })
+            .env("CW_PEER_COMM", comm.unwrap_or_default())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -259,6 +269,16 @@ impl Drop for Peer {
 /// A peer exits when its stdin closes.
 pub fn peer_main(role: &str) {
     let args: Vec<&str> = role.split_whitespace().collect();
+    if let Ok(comm) = std::env::var("CW_PEER_COMM")
+        && !comm.is_empty()
+    {
+        // The process's name (its main thread's, as /proc/PID/comm shows) and this
+        // thread's (peers run on a test thread; the probe sees the thread's name).
+        std::fs::write("/proc/self/comm", &comm).unwrap();
+        let name = std::ffi::CString::new(comm).unwrap();
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
     let mut stdin = BufReader::new(std::io::stdin()).lines();
     if std::env::var("CW_PEER_WAIT").is_ok_and(|v| v == "1") {
         // Wait until the test has placed us (e.g. in a cgroup) before opening sockets.
@@ -379,10 +399,83 @@ pub fn peer_main(role: &str) {
             }
             say(format!("closed {n}"));
         }
+        ["holdclients", addr, n] => {
+            // Connects N times and never closes: once the server closes, these sit in
+            // CLOSE_WAIT (a leaking client on "another host").
+            let n: usize = n.parse().unwrap();
+            let mut held: Vec<TcpStream> = (0..n)
+                .map(|_| TcpStream::connect(addr.parse::<SocketAddr>().unwrap()).unwrap())
+                .collect();
+            say(format!("connected {n}"));
+            for c in &mut held {
+                c.set_read_timeout(Some(DEADLINE)).unwrap();
+                let mut buf = [0u8; 16];
+                while std::io::Read::read(c, &mut buf).unwrap_or(0) > 0 {}
+            }
+            say(format!("eof {n}"));
+            for _ in stdin.by_ref() {}
+            drop(held);
+            return;
+        }
+        ["sendclients", addr, n, bytes] => {
+            // Connects N times, sends BYTES on each, and closes first.
+            let n: usize = n.parse().unwrap();
+            let data = vec![b'x'; bytes.parse().unwrap()];
+            for _ in 0..n {
+                let mut c = TcpStream::connect(addr.parse::<SocketAddr>().unwrap()).unwrap();
+                c.write_all(&data).unwrap();
+                drop(c);
+            }
+            say(format!("closed {n}"));
+        }
+        ["idleclients", addr, n, idle_ms] => {
+            // Connects N times, stays quiet IDLE_MS, then closes all first (a server
+            // timing out idle keep-alive connections, seen from its pooling client).
+            let n: usize = n.parse().unwrap();
+            let conns: Vec<TcpStream> = (0..n)
+                .map(|_| TcpStream::connect(addr.parse::<SocketAddr>().unwrap()).unwrap())
+                .collect();
+            thread::sleep(Duration::from_millis(idle_ms.parse().unwrap()));
+            drop(conns);
+            say(format!("closed {n}"));
+        }
         other => panic!("unknown peer role {other:?}"),
     }
     // Stay alive (owning nothing more) until the test is done with us.
     for _ in stdin.by_ref() {}
+}
+
+/// A cgroup v2 made by the test, removed on drop.
+pub struct Cgroup(pub std::path::PathBuf);
+
+impl Cgroup {
+    /// A cgroup named `name` at the root of the cgroup2 mount.
+    pub fn new(name: &str) -> Self {
+        let root = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_string())
+            })
+            .expect("a cgroup2 mount");
+        let dir = std::path::PathBuf::from(root).join(name);
+        std::fs::create_dir(&dir).expect("create a cgroup");
+        Self(dir)
+    }
+
+    pub fn add(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).expect("move into cgroup");
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let end = Instant::now() + DEADLINE;
+        while std::fs::remove_dir(&self.0).is_err() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// A network namespace made for one test, with loopback up; deleted on drop.
@@ -401,6 +494,52 @@ impl NetNs {
         let ns = Self { name };
         run(&["-n", &ns.name, "link", "set", "lo", "up"]);
         ns
+    }
+
+    /// Links this namespace to `other` with a veth pair on 10.200.`net`.0/24: returns
+    /// (this side's address, the other side's), two hosts as far as TCP can tell.
+    pub fn link(&self, other: &NetNs, net: u8) -> (String, String) {
+        let (a, b) = (format!("10.200.{net}.1"), format!("10.200.{net}.2"));
+        let (va, vb) = (format!("cwa{net}"), format!("cwb{net}"));
+        let run = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("run ip");
+            assert!(st.success(), "ip {args:?} failed");
+        };
+        run(&[
+            "-n",
+            &self.name,
+            "link",
+            "add",
+            &va,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vb,
+            "netns",
+            &other.name,
+        ]);
+        run(&[
+            "-n",
+            &self.name,
+            "addr",
+            "add",
+            &format!("{a}/24"),
+            "dev",
+            &va,
+        ]);
+        run(&[
+            "-n",
+            &other.name,
+            "addr",
+            "add",
+            &format!("{b}/24"),
+            "dev",
+            &vb,
+        ]);
+        run(&["-n", &self.name, "link", "set", &va, "up"]);
+        run(&["-n", &other.name, "link", "set", &vb, "up"]);
+        (a, b)
     }
 
     /// Sets a sysctl inside the namespace (never on the host).
