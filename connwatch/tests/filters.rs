@@ -8,10 +8,7 @@
 )]
 mod common;
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Duration};
 
 use common::*;
 
