@@ -130,7 +130,7 @@ fn row_cells(p: &ProcessRow) -> [String; 11] {
         _ => "-".into(),
     };
     let peer = p.peers.first().map_or("-".into(), |x| {
-        format!("{} ({})", x.addr, x.close_wait + x.time_wait)
+        format!("{} ({})", x.addr, x.close_wait + x.time_wait + x.fin_wait2)
     });
     let tw = match (p.time_wait, p.time_wait_created_per_s) {
         (0, None) => "-".to_string(),
