@@ -944,7 +944,7 @@ mod tests {
                 g.reason
                     .as_deref()
                     .unwrap_or_default()
-                    .starts_with("gunicorn[101] holds 12")
+                    .starts_with("gunicorn (3 processes) holds 12")
             );
         }
     }

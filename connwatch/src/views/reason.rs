@@ -5,8 +5,12 @@
 use super::format::{fmt_age, fmt_eta, fmt_rate, plural};
 use crate::report::{Evidence, ProcessRow};
 
+/// `comm[pid]`, or for a grouped row `comm (N processes)`.
 fn who(r: &ProcessRow) -> String {
-    format!("{}[{}]", r.comm, r.pid)
+    match r.pids.len() {
+        0 | 1 => format!("{}[{}]", r.comm, r.pid),
+        n => format!("{} ({n} processes)", r.comm),
+    }
 }
 
 pub fn close_wait_leak(r: &ProcessRow, ev: &Evidence) -> Vec<String> {
