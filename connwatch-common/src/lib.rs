@@ -7,6 +7,7 @@
 /// Names of the maps and programs in the probe object. One definition for both sides.
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_SOCKETS: &str = "SOCKETS";
+pub const MAP_SOCK_STATE: &str = "SOCK_STATE";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const PROG_TP_BTF: &str = "connwatch_tp_btf";
 pub const PROG_TRACEPOINT: &str = "connwatch_tracepoint";
@@ -112,6 +113,25 @@ pub const fn may_leave_timewait(old: u8, new: u8) -> bool {
     new == tcp_state::CLOSE && (old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING)
 }
 
+/// Whether the lifecycle-only probe (`watch`, `serve`, `top`) has anything to do for a
+/// transition: emit it, remember the owner its syscall names, or track a listener.
+/// Most transitions of a connection need nothing, and return before any kernel read.
+#[inline(always)]
+pub const fn lifecycle_needs(old: u8, new: u8) -> bool {
+    is_lifecycle(old, new)
+        || runs_in_owner_context(old, new)
+        || new == tcp_state::LISTEN
+        || (old == tcp_state::LISTEN && new == tcp_state::CLOSE)
+}
+
+/// Whether an owner named in this transition's context is needed by a later one in
+/// lifecycle-only mode: a client's (connect) for its CLOSE_WAIT, a closer's (close or
+/// shutdown) for its FIN_WAIT2 -> CLOSE. Only those sockets get per-socket state then.
+#[inline(always)]
+pub const fn owner_needed_later(old: u8, new: u8) -> bool {
+    runs_in_owner_context(old, new) && (new == tcp_state::SYN_SENT || new == tcp_state::FIN_WAIT1)
+}
+
 /// The transitions the CLOSE_WAIT/TIME_WAIT report needs (`Filter::lifecycle_only`):
 /// into and out of CLOSE_WAIT, and those that may leave a timewait socket.
 #[inline(always)]
@@ -198,11 +218,14 @@ pub struct Event {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockState {
-    /// When the socket entered its current state.
+    /// When the socket entered `state`.
     pub since_ns: u64,
     /// Owner tgid; 0 while unknown.
     pub owner_pid: u32,
-    pub _pad: u32,
+    /// The state entered at `since_ns` (a transition out of another state finds that
+    /// `since_ns` does not time it: the probe does not store every transition).
+    pub state: u8,
+    pub _pad: [u8; 3],
     pub owner_comm: [u8; 16],
 }
 

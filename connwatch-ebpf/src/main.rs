@@ -21,26 +21,35 @@ use aya_ebpf::{
         BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_RB_RING_SIZE,
     },
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_sk_storage_get,
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_map, btf_tracepoint, map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::debug;
 use connwatch_common::{
     AF_INET, AF_INET6, Event, FILTER_MAX, Filter, IPPROTO_TCP, ListenKey, Offsets, SockState,
-    counter, is_lifecycle, owner_source, runs_in_owner_context, starts_a_life, tcp_state,
-    tp_record,
+    counter, is_lifecycle, lifecycle_needs, owner_needed_later, owner_source,
+    runs_in_owner_context, starts_a_life, tcp_state, tp_record,
 };
 
 /// Event stream to userspace. Size is set by userspace at load time (`--ring-size`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
-/// Per-socket state keyed by `struct sock` address. LRU so that a missed ->CLOSE can never
-/// leak an entry forever. Size is set by userspace at load time.
+/// Per-socket state on the socket itself (`tp_btf`): no preallocation, no eviction,
+/// freed with the socket, so kernel memory follows the sockets that have state.
+#[btf_map]
+static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
+
+/// Per-socket state keyed by `struct sock` address, for the classic tracepoint (whose
+/// context is not a typed socket, which socket storage needs). LRU so that a missed
+/// ->CLOSE can never leak an entry forever. Sized by userspace at load time (1 entry
+/// when `tp_btf` is used).
 #[map]
 static SOCKETS: LruHashMap<u64, SockState> =
     LruHashMap::with_max_entries(1 << 18, BPF_F_NO_COMMON_LRU);
@@ -106,17 +115,69 @@ struct Tuple {
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
-    let old: i32 = ctx.arg(1);
-    let new: i32 = ctx.arg(2);
-    // SAFETY: `sk` is the tracepoint's `struct sock *`; every read goes through
+    let old = ctx.arg::<i32>(1) as u8;
+    let new = ctx.arg::<i32>(2) as u8;
+    // The cheap common path: `watch` needs 3 of a connection's ~10 transitions, plus the
+    // owners named by connect() and close(); the rest return here, before any read.
+    let lifecycle = global(&raw const FILTER.lifecycle_only) != 0;
+    if lifecycle && !lifecycle_needs(old, new) {
+        return 0;
+    }
+    // SAFETY: `sk` is the tracepoint's `struct sock *`; the read goes through
     // bpf_probe_read_kernel, which fails cleanly on a bad address.
+    if unsafe { read_at::<u16>(sk, off!(sk_protocol)) } != Some(IPPROTO_TCP) {
+        return 0;
+    }
+    let task = Task::current(sk, old, new);
+    // Socket storage is created only where a later transition will read it.
+    let create = !lifecycle || owner_needed_later(old, new);
+    // SAFETY: `SOCK_STATE` is a socket storage map and `sk` the tracepoint's typed
+    // socket (the verifier checks both); the helper returns the socket's slot or null.
+    let slot = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
+            sk.cast_mut().cast(),
+            core::ptr::null_mut(),
+            if create { 1 } else { 0 },
+        )
+    }
+    .cast::<SockState>();
+    // A zeroed value rather than an `Option` (see `update_lru`).
+    let mut prev = SockState::default();
+    if !slot.is_null() {
+        // SAFETY: a storage slot of this socket, valid for this program run.
+        prev = unsafe { *slot };
+    }
+    let owned = owned(prev, &task);
+    if !slot.is_null() {
+        // SAFETY: as above.
+        unsafe { *slot = owned.state };
+    }
+    if lifecycle
+        && !is_lifecycle(old, new)
+        && new != tcp_state::LISTEN
+        && !(old == tcp_state::LISTEN && new == tcp_state::CLOSE)
+    {
+        // Only an owner to remember: no event, no listener.
+        return 0;
+    }
+    // SAFETY: reads through bpf_probe_read_kernel at offsets resolved from BTF.
+    let Some(t) = (unsafe { tuple_of(sk) }) else {
+        return 0;
+    };
+    finish(&task, &t, &owned);
+    0
+}
+
+/// Family, ports and addresses of a `struct sock`.
+///
+/// # Safety
+/// `sk` must be a `struct sock *` (or null).
+#[inline(always)]
+unsafe fn tuple_of(sk: *const u8) -> Option<Tuple> {
+    // SAFETY: every read goes through bpf_probe_read_kernel.
     unsafe {
-        if read_at::<u16>(sk, off!(sk_protocol)) != Some(IPPROTO_TCP) {
-            return 0;
-        }
-        let Some(family) = read_at::<u16>(sk, off!(skc_family)) else {
-            return 0;
-        };
+        let family = read_at::<u16>(sk, off!(skc_family))?;
         let mut t = Tuple {
             family,
             sport: u16::from_be(read_at::<u16>(sk, off!(inet_sport)).unwrap_or(0)),
@@ -136,11 +197,10 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
                 t.saddr = read_at::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]);
                 t.daddr = read_at::<[u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]);
             }
-            _ => return 0,
+            _ => return None,
         }
-        handle(&ctx, sk, old as u8, new as u8, &t);
+        Some(t)
     }
-    0
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -183,11 +243,47 @@ pub fn connwatch_tracepoint(ctx: TracePointContext) -> u32 {
             _ => return 0,
         }
         let sk = core::ptr::read_volatile(field(tp_record::SKADDR) as *const u64) as *const u8;
-        let old = core::ptr::read_volatile(field(tp_record::OLDSTATE) as *const i32);
-        let new = core::ptr::read_volatile(field(tp_record::NEWSTATE) as *const i32);
-        handle(&ctx, sk, old as u8, new as u8, &t);
+        let old = core::ptr::read_volatile(field(tp_record::OLDSTATE) as *const i32) as u8;
+        let new = core::ptr::read_volatile(field(tp_record::NEWSTATE) as *const i32) as u8;
+        let task = Task::current(sk, old, new);
+        let owned = update_lru(&ctx, &task);
+        finish(&task, &t, &owned);
     }
     0
+}
+
+/// One run of the probe: the transition and the current task, as far as it needs them.
+struct Task {
+    sk: *const u8,
+    old: u8,
+    new: u8,
+    now: u64,
+    pid: u32,
+    /// The transition runs in the owner's syscall: the task is the owner.
+    in_context: bool,
+    /// Copied only for an owner named by context (else on emit).
+    comm: [u8; 16],
+}
+
+impl Task {
+    #[inline(always)]
+    fn current(sk: *const u8, old: u8, new: u8) -> Self {
+        let in_context = runs_in_owner_context(old, new);
+        Self {
+            sk,
+            old,
+            new,
+            // SAFETY: a helper call without arguments.
+            now: unsafe { bpf_ktime_get_ns() },
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            in_context,
+            comm: if in_context {
+                bpf_get_current_comm().unwrap_or([0; 16])
+            } else {
+                [0; 16]
+            },
+        }
+    }
 }
 
 /// What the probe knows of a socket's owner after this transition.
@@ -200,58 +296,44 @@ struct Owned {
     source: u8,
 }
 
-/// One transition: remember, track listeners, filter, emit.
-// Not inlined: one copy shared by both hooks, and LLVM's cross-inlining of the
-// tracepoint's record loads produced code the verifier rejects (pointer shifted as a
-// scalar).
-#[inline(never)]
-fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *const u8, old: u8, new: u8, t: &Tuple) {
-    // SAFETY: a helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let task_pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // The comm is copied only where it is used: for an owner named by context, or for an
-    // event that passes the filter (most transitions are neither in `watch`).
-    let in_context = runs_in_owner_context(old, new);
-    let mut task_comm = [0u8; 16];
-    if in_context {
-        task_comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    }
-    let owned = update_state(
-        ctx, sk as u64, old, new, now, in_context, task_pid, &task_comm,
-    );
-
-    // SAFETY: `sk` is the tracepoint's socket; reads go through bpf_probe_read_kernel.
-    let netns = unsafe { netns_of(sk) };
-    let listen_key = ListenKey {
-        netns,
-        port: t.sport,
-        _pad: 0,
+/// The socket's state after `old -> new`, given what was remembered (`prev`, zeroed when
+/// nothing was): the owner named by this context, or carried from an earlier one.
+#[inline(always)]
+fn owned(prev: SockState, task: &Task) -> Owned {
+    let mut state = SockState {
+        since_ns: task.now,
+        state: task.new,
+        ..SockState::default()
     };
-    update_listeners(old, new, &listen_key, owned.state.owner_pid);
-    if !passes(t, old, new, &listen_key, owned.state.owner_pid, sk) {
-        return;
+    let source = if task.in_context {
+        state.owner_pid = task.pid;
+        state.owner_comm = task.comm;
+        owner_source::CONTEXT
+    } else if prev.owner_pid != 0 {
+        state.owner_pid = prev.owner_pid;
+        state.owner_comm = prev.owner_comm;
+        owner_source::CARRIED
+    } else {
+        owner_source::UNKNOWN
+    };
+    Owned {
+        // Only when what was stored timed `old` (lifecycle-only tp_btf stores owners,
+        // not every transition).
+        prev_since: if prev.state == task.old {
+            prev.since_ns
+        } else {
+            0
+        },
+        state,
+        source,
     }
-    bump(counter::SEEN);
-    if !in_context {
-        task_comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    }
-    emit(sk, now, netns, &owned, task_pid, &task_comm, old, new, t);
 }
 
-/// Remembers when the socket entered `new` and who owns it (named by this context, or
-/// carried from an earlier one); forgets it at CLOSE.
+/// The classic tracepoint's per-socket state, in the LRU map keyed by socket address:
+/// looked up, updated in place, forgotten at CLOSE.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn update_state<C: aya_ebpf::EbpfContext>(
-    ctx: &C,
-    key: u64,
-    old: u8,
-    new: u8,
-    now: u64,
-    in_context: bool,
-    task_pid: u32,
-    task_comm: &[u8; 16],
-) -> Owned {
+fn update_lru<C: aya_ebpf::EbpfContext>(ctx: &C, task: &Task) -> Owned {
+    let (key, old, new) = (task.sk as u64, task.old, task.new);
     // A zeroed value rather than an `Option`: LLVM may otherwise compute on the payload
     // of a `None` (undefined, often a stack pointer), which the verifier rejects as
     // pointer arithmetic. `since_ns == 0` means "not seen".
@@ -268,35 +350,44 @@ fn update_state<C: aya_ebpf::EbpfContext>(
         prev = unsafe { *p };
         existing = p;
     }
-    let mut state = SockState {
-        since_ns: now,
-        ..SockState::default()
-    };
-    let source = if in_context {
-        state.owner_pid = task_pid;
-        state.owner_comm = *task_comm;
-        owner_source::CONTEXT
-    } else if prev.owner_pid != 0 {
-        state.owner_pid = prev.owner_pid;
-        state.owner_comm = prev.owner_comm;
-        owner_source::CARRIED
-    } else {
-        owner_source::UNKNOWN
-    };
+    let owned = owned(prev, task);
     if new == tcp_state::CLOSE {
         let _ = SOCKETS.remove(&key);
     } else if !existing.is_null() {
         // SAFETY: the pointer came from the lookup above, in this same run.
-        unsafe { *existing = state };
-    } else if SOCKETS.insert(&key, &state, 0).is_err() {
+        unsafe { *existing = owned.state };
+    } else if SOCKETS.insert(&key, &owned.state, 0).is_err() {
         bump(counter::SOCKET_STORE_FAILED);
         debug!(ctx, "connwatch: could not store socket state");
     }
-    Owned {
-        prev_since: prev.since_ns,
-        state,
-        source,
+    owned
+}
+
+/// Tracks listeners, applies the filter and emits: the part both hooks share.
+// Not inlined: one copy shared by both hooks, and LLVM's cross-inlining of the
+// tracepoint's record loads produced code the verifier rejects (pointer shifted as a
+// scalar).
+#[inline(never)]
+fn finish(task: &Task, t: &Tuple, owned: &Owned) {
+    let (sk, old, new) = (task.sk, task.old, task.new);
+    // SAFETY: `sk` is the tracepoint's socket; reads go through bpf_probe_read_kernel.
+    let netns = unsafe { netns_of(sk) };
+    let listen_key = ListenKey {
+        netns,
+        port: t.sport,
+        _pad: 0,
+    };
+    update_listeners(old, new, &listen_key, owned.state.owner_pid);
+    if !passes(t, old, new, &listen_key, owned.state.owner_pid, sk) {
+        return;
     }
+    bump(counter::SEEN);
+    let comm = if task.in_context {
+        task.comm
+    } else {
+        bpf_get_current_comm().unwrap_or([0; 16])
+    };
+    emit(sk, task.now, netns, owned, task.pid, &comm, old, new, t);
 }
 
 /// Keeps the owner of every listening port, for `--pid` on accepted sockets.

@@ -93,34 +93,53 @@ fn tp_btf_blocker(
     }
 }
 
-/// Attaches the hook asked for; `auto` tries tp_btf first and falls back to the
-/// classic tracepoint. Returns the name of the hook attached.
-fn attach(
-    ebpf: &mut Ebpf,
+/// Loads the probe object: globals set, the ring sized, and the classic tracepoint's
+/// per-socket LRU map sized `lru_entries` (1 when tp_btf keeps state on the sockets).
+fn load_object(
     opts: &ProbeOptions,
     btf: Option<&Btf>,
-    tp_btf_blocker: Option<&str>,
-) -> Result<&'static str> {
-    match opts.hook {
-        HookChoice::TpBtf => {
-            if let Some(why) = tp_btf_blocker {
-                bail!("cannot use tp_btf: {why}; try --hook tracepoint");
-            }
-            attach_tp_btf(ebpf, btf, opts.verbose)
-        }
-        HookChoice::Tracepoint => attach_tracepoint(ebpf, opts.verbose),
-        HookChoice::Auto => {
-            let first = match tp_btf_blocker {
-                Some(why) => Err(anyhow!("{why}")),
-                None => attach_tp_btf(ebpf, btf, opts.verbose),
-            };
-            first.or_else(|e| {
-                log::info!("tp_btf unavailable ({e:#}); falling back to the tracepoint");
-                attach_tracepoint(ebpf, opts.verbose)
-                    .map_err(|e2| anyhow!("{e2:#} (tp_btf was not usable either: {e:#})"))
-            })
+    offsets: &Offsets,
+    lru_entries: u32,
+) -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .btf(btf)
+        .override_global(GLOBAL_OFFSETS, offsets, true)
+        .override_global(GLOBAL_FILTER, &opts.filter, true)
+        .map_max_entries(MAP_EVENTS, opts.ring_bytes)
+        .map_max_entries(MAP_SOCKETS, lru_entries)
+        .load(PROBE_OBJECT)
+        .map_err(|e| load_error(e, opts.verbose))?;
+    if opts.verbose {
+        // The probe's own diagnostics (aya-log), never the data.
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_logger(logger),
+            Err(e) => log::warn!("probe log unavailable: {e}"),
         }
     }
+    Ok(ebpf)
+}
+
+/// Entries of the classic tracepoint's LRU map: room for twice the TCP sockets the host
+/// holds now (at least 16 Ki), within `--max-sockets`, rather than a fixed 1 Mi
+/// preallocated (104 bytes each) on every host.
+fn lru_entries(max_sockets: u32) -> u32 {
+    let held = std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|s| tcp_sockets_held(&s))
+        .unwrap_or(0);
+    let want = held.saturating_mul(2).max(16 * 1024).next_power_of_two();
+    u32::try_from(want).unwrap_or(u32::MAX).min(max_sockets)
+}
+
+/// TCP sockets allocated plus timewait sockets, from /proc/net/sockstat's `TCP:` line.
+fn tcp_sockets_held(sockstat: &str) -> Option<u64> {
+    let line = sockstat.lines().find(|l| l.starts_with("TCP:"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let field = |name: &str| -> Option<u64> {
+        let at = words.iter().position(|w| *w == name)?;
+        words.get(at + 1)?.parse().ok()
+    };
+    Some(field("alloc")? + field("tw").unwrap_or(0))
 }
 
 impl Probe {
@@ -157,25 +176,49 @@ impl Probe {
             None
         };
         lap("BTF parsed");
-        let mut ebpf = EbpfLoader::new()
-            .btf(btf.as_ref())
-            .override_global(GLOBAL_OFFSETS, &offsets, true)
-            .override_global(GLOBAL_FILTER, &opts.filter, true)
-            .map_max_entries(MAP_EVENTS, opts.ring_bytes)
-            .map_max_entries(MAP_SOCKETS, opts.max_sockets)
-            .load(PROBE_OBJECT)
-            .map_err(|e| load_error(e, opts.verbose))?;
-
-        lap("object loaded");
-        if opts.verbose {
-            // The probe's own diagnostics (aya-log), never the data.
-            match aya_log::EbpfLogger::init(&mut ebpf) {
-                Ok(logger) => spawn_logger(logger),
-                Err(e) => log::warn!("probe log unavailable: {e}"),
+        // tp_btf keeps per-socket state on the sockets; the LRU map is the classic
+        // tracepoint's, sized only where that hook is used.
+        let want_tp_btf = match opts.hook {
+            HookChoice::TpBtf => true,
+            HookChoice::Tracepoint => false,
+            HookChoice::Auto => tp_btf_blocker.is_none(),
+        };
+        let attached;
+        let mut ebpf;
+        if want_tp_btf {
+            if let Some(why) = &tp_btf_blocker {
+                bail!("cannot use tp_btf: {why}; try --hook tracepoint");
             }
+            ebpf = load_object(opts, btf.as_ref(), &offsets, 1)?;
+            lap("object loaded");
+            match attach_tp_btf(&mut ebpf, btf.as_ref(), opts.verbose) {
+                Ok(name) => attached = name,
+                Err(e) if opts.hook == HookChoice::Auto => {
+                    log::info!("tp_btf unavailable ({e:#}); falling back to the tracepoint");
+                    drop(ebpf);
+                    ebpf =
+                        load_object(opts, btf.as_ref(), &offsets, lru_entries(opts.max_sockets))?;
+                    attached = attach_tracepoint(&mut ebpf, opts.verbose)
+                        .map_err(|e2| anyhow!("{e2:#} (tp_btf was not usable either: {e:#})"))?;
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            if opts.hook == HookChoice::Auto
+                && let Some(why) = &tp_btf_blocker
+            {
+                log::info!("tp_btf unavailable ({why}); falling back to the tracepoint");
+            }
+            ebpf = load_object(opts, btf.as_ref(), &offsets, lru_entries(opts.max_sockets))?;
+            lap("object loaded");
+            attached =
+                attach_tracepoint(&mut ebpf, opts.verbose).map_err(|e2| match &tp_btf_blocker {
+                    Some(why) if opts.hook == HookChoice::Auto => {
+                        anyhow!("{e2:#} (tp_btf was not usable either: {why})")
+                    }
+                    _ => e2,
+                })?;
         }
-
-        let attached = attach(&mut ebpf, opts, btf.as_ref(), tp_btf_blocker.as_deref())?;
         lap("attached");
         Ok(Self {
             ebpf,
@@ -320,5 +363,22 @@ pub fn announce(probe: &Probe) {
             "connwatch: warning: {} not found in kernel BTF: network namespace and socket inode are not reported",
             probe.degraded.join(", ")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_held_from_sockstat() {
+        let sockstat = "sockets: used 312\nTCP: inuse 21 orphan 0 tw 14000 alloc 57 mem 3\nUDP: inuse 4 mem 2\n";
+        assert_eq!(tcp_sockets_held(sockstat), Some(14_057));
+        assert_eq!(tcp_sockets_held("UDP: inuse 4 mem 2\n"), None);
+        // The tracepoint's map: twice what is held, at least 16 Ki, within the cap.
+        let held = tcp_sockets_held(sockstat).unwrap_or(0);
+        assert_eq!((held * 2).max(16 * 1024).next_power_of_two(), 32_768);
+        assert!(lru_entries(2048) <= 2048);
+        assert!(lru_entries(1 << 24) >= 16 * 1024);
     }
 }
