@@ -12,8 +12,8 @@ use anyhow::{Context as _, Result, bail};
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Build toolchain (LLVM 22 for bpf-linker), the peers that tests and benchmarks run
-/// against (promtool/prometheus, tcpstates from libbpf-tools, bpftool, tmux for the
-/// terminal test of `connwatch top`) and the packaging tools: buildah builds the OCI
+/// against (promtool/prometheus, tcpstates from libbpf-tools, bpftool, bpftrace for the
+/// benchmark's cost floor, tmux for the terminal test of `connwatch top`) and the packaging tools: buildah builds the OCI
 /// image without a daemon or registry; systemd-analyze verifies the unit.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -21,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "libbpf-tools",
     "bpftool",
+    "bpftrace",
     "tmux",
     "buildah",
     "systemd",
