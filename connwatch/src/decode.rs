@@ -7,6 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
+use compact_str::CompactString;
 use connwatch_common::{AF_INET, AF_INET6, Event, owner_source, tcp_state};
 
 /// A TCP state number with the kernel's name for it.
@@ -83,7 +84,7 @@ impl OwnerSource {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<CompactString>,
     pub source: OwnerSource,
 }
 
@@ -104,7 +105,7 @@ pub struct Transition {
     pub owner: Owner,
     /// The task that was running when the probe fired (not necessarily the owner).
     pub task_pid: u32,
-    pub task_comm: String,
+    pub task_comm: CompactString,
 }
 
 impl Transition {
@@ -204,10 +205,11 @@ fn ipv4(bytes: &[u8; 16]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
 }
 
-/// A task's comm: NUL-terminated, at most 16 bytes, not necessarily UTF-8.
-pub fn comm(bytes: &[u8; 16]) -> String {
+/// A task's comm: NUL-terminated, at most 16 bytes, not necessarily UTF-8. Kept inline
+/// (no allocation) however many events are decoded.
+pub fn comm(bytes: &[u8; 16]) -> CompactString {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(bytes.get(..end).unwrap_or(bytes)).into_owned()
+    CompactString::from_utf8_lossy(bytes.get(..end).unwrap_or(bytes))
 }
 
 #[cfg(test)]

@@ -349,9 +349,11 @@ impl Table {
             };
             // The closer: the process whose close() ran now, else whoever held the fd.
             let (pid, comm) = match (&t.owner.source, &entry) {
-                (OwnerSource::Context, _) => (t.owner.pid, t.owner.comm.clone()),
+                (OwnerSource::Context, _) => {
+                    (t.owner.pid, t.owner.comm.as_deref().map(String::from))
+                }
                 (_, Some(e)) if holder(e.inode).is_some() => (holder(e.inode), None),
-                _ => (t.owner.pid, t.owner.comm.clone()),
+                _ => (t.owner.pid, t.owner.comm.as_deref().map(String::from)),
             };
             self.push_closed(ClosedCloseWait {
                 at_ns: t.ts_ns,
@@ -364,7 +366,7 @@ impl Table {
             let probe_owner = t.owner.pid.map(|pid| {
                 Box::new((
                     pid,
-                    t.owner.comm.clone().unwrap_or_default(),
+                    t.owner.comm.as_deref().unwrap_or_default().to_string(),
                     t.owner.source,
                 ))
             });

@@ -1,5 +1,8 @@
 //! `connwatch trace` output: one line per transition, as aligned columns or JSON lines.
-use std::{net::SocketAddr, time::SystemTime};
+use std::{
+    io::{self, Write},
+    net::{IpAddr, SocketAddr},
+};
 
 use serde::Serialize;
 
@@ -71,54 +74,89 @@ pub fn header() -> String {
 /// One aligned row: `TIME PID COMM LADDR:LPORT RADDR:RPORT OLD -> NEW MS`. Address
 /// columns fit IPv4 and short IPv6 addresses; longer ones push the rest of the row right.
 pub fn human_row(t: &Row, clock: &WallClock) -> String {
-    let time = humantime::format_rfc3339_micros(clock.wall(t.ts_ns)).to_string();
-    // "2026-11-25T16:40:00.123456Z" -> "16:40:00.123456"
-    let time = time.get(11..26).unwrap_or(&time);
-    let pid = t.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
-    let comm = t.comm.unwrap_or("-");
-    let ms = duration_ms(t).map_or_else(String::new, |ms| format!("{ms:.3}"));
-    // Inferred rows say so, and how a TIME_WAIT ended.
-    let note = match (t.synthetic, t.end) {
-        (true, Some(end)) => format!("  (synthetic, {end})"),
-        (true, None) => "  (synthetic)".to_string(),
-        _ => String::new(),
-    };
-    format!(
-        "{:<15} {:>7} {:<16} {:<26} {:<26} {:<11} -> {:<11} {:>10}{}",
-        time,
-        pid,
-        comm,
-        addr(&t.local),
-        addr(&t.remote),
-        t.old,
-        t.new,
-        ms,
-        note
-    )
-    .trim_end()
-    .to_string()
+    let mut out = Vec::with_capacity(128);
+    // Writing into a Vec cannot fail.
+    let _ = write_human_row(&mut out, t, clock);
+    String::from_utf8_lossy(&out)
+        .trim_end_matches('\n')
+        .to_string()
 }
 
-fn addr(a: &SocketAddr) -> String {
-    // SocketAddr's Display already brackets IPv6: [::1]:8080.
-    a.to_string()
+/// `human_row` written straight to `w`, with no allocation: `trace` writes one per
+/// transition, tens of thousands a second on a busy host.
+pub fn write_human_row(w: &mut impl Write, t: &Row, clock: &WallClock) -> io::Result<()> {
+    // "2026-11-25T16:40:00.123456Z" -> "16:40:00.123456", formatted on the stack.
+    let mut stamp = [0u8; 32];
+    let mut cursor = io::Cursor::new(&mut stamp[..]);
+    write!(
+        cursor,
+        "{}",
+        humantime::format_rfc3339_micros(clock.wall(t.ts_ns))
+    )?;
+    let len = cursor.position() as usize;
+    let time = std::str::from_utf8(stamp.get(11..len.min(26)).unwrap_or_default()).unwrap_or("");
+    write!(w, "{time:<15} ")?;
+    match t.pid {
+        Some(pid) => write!(w, "{pid:>7} ")?,
+        None => write!(w, "{:>7} ", "-")?,
+    }
+    write!(
+        w,
+        "{:<16} {:<26} {:<26} {:<11} -> ",
+        t.comm.unwrap_or("-"),
+        t.local,
+        t.remote,
+        t.old
+    )?;
+    // Inferred rows say so, and how a TIME_WAIT ended.
+    let note = match (t.synthetic, t.end) {
+        (true, Some(end)) => Some(end),
+        (true, None) => Some(""),
+        _ => None,
+    };
+    match (duration_ms(t), note) {
+        // Nothing after the state: no trailing padding.
+        (None, None) => write!(w, "{}", t.new)?,
+        (ms, _) => {
+            write!(w, "{:<11} ", t.new)?;
+            match ms {
+                Some(ms) => write!(w, "{ms:>10.3}")?,
+                None => write!(w, "{:>10}", "")?,
+            }
+        }
+    }
+    match note {
+        Some("") => write!(w, "  (synthetic)")?,
+        Some(end) => write!(w, "  (synthetic, {end})")?,
+        None => {}
+    }
+    writeln!(w)
 }
 
 fn duration_ms(t: &Row) -> Option<f64> {
     t.duration_ns.map(|ns| ns as f64 / 1e6)
 }
 
+/// Serializes a `Display` value as a JSON string without building a `String` first.
+pub struct AsStr<T>(pub T);
+
+impl<T: std::fmt::Display> Serialize for AsStr<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
 /// The JSON-lines record. Key names and order are a public interface: scripts read them.
 #[derive(Serialize)]
 pub struct JsonRow<'a> {
-    pub time: String,
+    pub time: AsStr<humantime::Rfc3339Timestamp>,
     pub family: &'static str,
-    pub saddr: String,
+    pub saddr: IpAddr,
     pub sport: u16,
-    pub daddr: String,
+    pub daddr: IpAddr,
     pub dport: u16,
-    pub old: String,
-    pub new: String,
+    pub old: AsStr<TcpState>,
+    pub new: AsStr<TcpState>,
     pub duration_ms: Option<f64>,
     pub pid: Option<u32>,
     pub comm: Option<&'a str>,
@@ -133,14 +171,14 @@ pub struct JsonRow<'a> {
 
 pub fn json_row<'a>(t: &Row<'a>, clock: &WallClock) -> JsonRow<'a> {
     JsonRow {
-        time: rfc3339(clock.wall(t.ts_ns)),
+        time: AsStr(humantime::format_rfc3339_micros(clock.wall(t.ts_ns))),
         family: if t.local.is_ipv6() { "ipv6" } else { "ipv4" },
-        saddr: t.local.ip().to_string(),
+        saddr: t.local.ip(),
         sport: t.local.port(),
-        daddr: t.remote.ip().to_string(),
+        daddr: t.remote.ip(),
         dport: t.remote.port(),
-        old: t.old.to_string(),
-        new: t.new.to_string(),
+        old: AsStr(t.old),
+        new: AsStr(t.new),
         // Rounded to the microsecond: nanoseconds are noise in a JSON float.
         duration_ms: duration_ms(t).map(|ms| (ms * 1000.0).round() / 1000.0),
         pid: t.pid,
@@ -156,8 +194,10 @@ pub fn json_line(t: &Row, clock: &WallClock) -> String {
     serde_json::to_string(&json_row(t, clock)).unwrap_or_default()
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_micros(t).to_string()
+/// `json_line` and a newline, serialized straight into `w`.
+pub fn write_json_line(w: &mut impl Write, t: &Row, clock: &WallClock) -> io::Result<()> {
+    serde_json::to_writer(&mut *w, &json_row(t, clock)).map_err(io::Error::other)?;
+    writeln!(w)
 }
 
 #[cfg(test)]
