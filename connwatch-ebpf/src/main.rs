@@ -64,10 +64,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 static LISTENERS: LruHashMap<ListenKey, u32> = LruHashMap::with_max_entries(1 << 14, 0);
 
 /// Kernel struct field offsets, filled in by userspace from BTF before load.
+// SAFETY: a symbol name of its own, which userspace overrides by name before load.
 #[unsafe(no_mangle)]
 static OFFSETS: Offsets = Offsets::unresolved();
 
 /// Which events to emit (`--pid`, `--port`, `--family`, `--cgroup`), set before load.
+// SAFETY: as OFFSETS.
 #[unsafe(no_mangle)]
 static FILTER: Filter = Filter {
     family: 0,
@@ -574,6 +576,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// SAFETY: the section and symbol the kernel's loader reads the license from.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";

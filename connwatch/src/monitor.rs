@@ -41,6 +41,8 @@ pub struct Monitor {
     tw_budget: Budget,
     /// Full dumps (`refresh`).
     full_budget: Budget,
+    /// The last timewait poll of every namespace.
+    last_reconcile: Option<std::time::Instant>,
     /// Events lost so far (dropped, unstorable, undecodable): a loss means a timewait
     /// socket may have begun unseen, so the next poll is not skipped.
     loss_seen: u64,
@@ -55,6 +57,10 @@ const POLL_BUDGET: u32 = 20;
 
 /// Full dumps (`refresh`) may use at most 1/REFRESH_BUDGET of a CPU.
 const REFRESH_BUDGET: u32 = 100;
+
+/// Timewait sockets of every namespace are listed at least this often: the rare
+/// reconciliation that catches what neither events nor timers tell.
+const TW_RECONCILE: Duration = Duration::from_secs(60);
 
 impl Monitor {
     pub fn new(cfg: ReportConfig, filter: Filter) -> Self {
@@ -78,6 +84,7 @@ impl Monitor {
             taken: (0, 0),
             tw_budget: Budget::new(POLL_BUDGET),
             full_budget: Budget::new(REFRESH_BUDGET),
+            last_reconcile: None,
             loss_seen: 0,
             loss_polled: 0,
             prescan: Some(owners::Prescan::start()),
@@ -138,7 +145,8 @@ impl Monitor {
             self.table.seed(v.ns, &v.sockets, now);
         }
         log::debug!("seed: dumped at {:?}", started.elapsed());
-        self.absorb_full_dump(visits, now, started)?;
+        self.last_reconcile = Some(started);
+        self.absorb_full_dump(visits, now, started, true)?;
         log::debug!(
             "seed: timewait and listeners known at {:?}",
             started.elapsed()
@@ -193,6 +201,7 @@ impl Monitor {
         if self.namespaces.take_rediscover() {
             self.discover_namespaces();
         }
+        self.tw.expire_due(monotonic_ns());
         let mut rows = if let Some(only) = self.timewait_poll_scope() {
             let query = Query::states(
                 &[TcpState::TIME_WAIT, TcpState::FIN_WAIT2, TcpState::LISTEN],
@@ -223,15 +232,23 @@ impl Monitor {
     /// Whether a timewait poll can tell anything events did not, within its CPU budget,
     /// and where: every namespace before seeding or after a loss (a timewait socket may
     /// have begun unseen anywhere), else only those with a close pending or a timer due
-    /// (`Some(None)` is every namespace, `None` no poll).
+    /// (`Some(None)` is every namespace, `None` no poll). Every `TW_RECONCILE` all of
+    /// them are polled anyway: what no event shows (an RST in TIME_WAIT, a timer
+    /// re-armed) is caught there.
     fn timewait_poll_scope(&mut self) -> Option<Option<BTreeSet<u32>>> {
-        let everywhere = !self.tw_seeded || self.loss_seen != self.loss_polled;
-        let wanting = self.tw.wanting_poll(monotonic_ns());
+        let reconcile = self
+            .last_reconcile
+            .is_none_or(|t| t.elapsed() >= TW_RECONCILE);
+        let everywhere = !self.tw_seeded || self.loss_seen != self.loss_polled || reconcile;
+        let wanting = self.tw.wanting_poll();
         if !everywhere && wanting.is_empty() {
             return None;
         }
         if !self.tw_budget.allows() {
             return None;
+        }
+        if everywhere {
+            self.last_reconcile = Some(std::time::Instant::now());
         }
         Some((!everywhere).then_some(wanting))
     }
@@ -313,17 +330,25 @@ impl Monitor {
         }
         let now = monotonic_ns();
         let started = std::time::Instant::now();
-        let visits = self.visit(&[Query::all()], true, None)?;
-        self.absorb_full_dump(visits, now, started)
+        // Every state but TIME_WAIT: those are followed by events, timers and the
+        // timewait polls, and on a busy host they are most of what a dump would list.
+        let query = Query {
+            states: Query::all().states & !(1 << TcpState::TIME_WAIT.0),
+            tcp_info: false,
+        };
+        let visits = self.visit(&[query], true, None)?;
+        self.absorb_full_dump(visits, now, started, false)
     }
 
     /// A full dump of every namespace: the state histogram, the CLOSE_WAIT table
-    /// reconciled, settings, listeners and timewait sockets observed.
+    /// reconciled, settings, listeners, and `with_timewait` (the dump lists TIME_WAIT
+    /// sockets) timewait sockets observed.
     fn absorb_full_dump(
         &mut self,
         visits: Vec<Visit>,
         now: u64,
         started: std::time::Instant,
+        with_timewait: bool,
     ) -> Result<Vec<Synthetic>> {
         self.states.clear();
         for v in &visits {
@@ -332,9 +357,17 @@ impl Monitor {
             }
             self.table.reconcile(v.ns, &v.sockets, now);
         }
-        let loss = self.loss_seen;
-        let rows = self.observe(visits, started);
-        self.loss_polled = loss;
+        let rows = if with_timewait {
+            let loss = self.loss_seen;
+            let rows = self.observe(visits, started);
+            self.loss_polled = loss;
+            rows
+        } else {
+            for v in &visits {
+                self.namespaces.note_listeners(v);
+            }
+            Ok(Vec::new())
+        };
         release_freed_memory();
         self.full_budget.spent(started.elapsed());
         rows

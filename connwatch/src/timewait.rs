@@ -29,6 +29,10 @@ pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
 /// A timewait socket that vanished this much before its timer was due ended early.
 const EARLY_MARGIN_NS: u64 = 100_000_000;
 
+/// A TIME_WAIT is ended by its timer this long after it is due (the kernel's timer
+/// wheel may fire a little late; ending it sooner would count it `early` at a poll).
+const EXPIRY_GRACE_NS: u64 = 1_000_000_000;
+
 /// How long a close waits for a poll of its namespace to confirm its timewait socket.
 /// Namespaces are polled every round (and a new one is found as soon as a transition
 /// names it), so this is only reached when polls could not run: by then its TIME_WAIT
@@ -480,25 +484,44 @@ impl Tracker {
             .map(|e| e.lifetime_ns as f64 / 1e9)
     }
 
+    /// Ends the TIME_WAITs whose timer is due (`expired`, at the timer), without a poll:
+    /// the kernel's timer ends them, and `TCP_TIMEWAIT_LEN` is fixed. What a timer
+    /// re-armed by a retransmitted FIN, or an RST, changes is caught by the rare
+    /// reconciliation that polls every namespace.
+    pub fn expire_due(&mut self, now_ns: u64) {
+        let due: Vec<(SockKey, u64)> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| {
+                t.substate == TcpState::TIME_WAIT
+                    && !t.provisional
+                    && t.due_ns + EXPIRY_GRACE_NS <= now_ns
+            })
+            .map(|(k, t)| (*k, t.due_ns))
+            .collect();
+        for (key, at) in due {
+            self.end(key, End::Expired, at);
+        }
+    }
+
     /// Whether a poll can tell anything events will not: a close waiting for its
-    /// timewait socket, an entry found without its transition, an orphan in FIN_WAIT2
-    /// (it turns TIME_WAIT on the peer's FIN, which no event shows), or a timer due.
-    /// Otherwise every timewait socket is accounted for until its timer, and a new
-    /// connection on its 4-tuple (the only other early end) is an event.
-    pub fn wants_poll(&self, now_ns: u64) -> bool {
-        !self.wanting_poll(now_ns).is_empty()
+    /// timewait socket, an entry found without its transition, or an orphan in
+    /// FIN_WAIT2 (it turns TIME_WAIT on the peer's FIN, which no event shows).
+    /// Otherwise every timewait socket is accounted for until its timer
+    /// (`expire_due`), and a new connection on its 4-tuple (the only other early end
+    /// most hosts see) is an event.
+    pub fn wants_poll(&self) -> bool {
+        !self.wanting_poll().is_empty()
     }
 
     /// The namespaces that `wants_poll` for: only they need a dump.
-    pub fn wanting_poll(&self, now_ns: u64) -> std::collections::BTreeSet<u32> {
+    pub fn wanting_poll(&self) -> std::collections::BTreeSet<u32> {
         let mut wanting: std::collections::BTreeSet<u32> =
             self.pending.keys().map(|k| k.netns).collect();
         wanting.extend(
             self.tracked
                 .iter()
-                .filter(|(_, t)| {
-                    t.provisional || t.substate == TcpState::FIN_WAIT2 || t.due_ns <= now_ns
-                })
+                .filter(|(_, t)| t.provisional || t.substate == TcpState::FIN_WAIT2)
                 .map(|(k, _)| k.netns),
         );
         wanting
@@ -634,6 +657,41 @@ mod tests {
         let ended: Vec<_> = t.ended_since(0).collect();
         assert_eq!((ended[0].lifetime_ns, ended[0].pid), (60 * SEC, Some(42)));
         assert_eq!(t.untracked(), 0);
+    }
+
+    #[test]
+    fn a_confirmed_time_wait_ends_at_its_timer_without_a_poll() {
+        let mut t = Tracker::default();
+        t.on_transition(key(C, S), &close_from(FIN_WAIT2, 10.0, Some(42)));
+        t.observe(
+            NS,
+            &[tw(TIME_WAIT, C, S, 59_600)],
+            10_400_000_000,
+            false,
+            &no_listener,
+        );
+        // Nothing pending: no poll is wanted while the TIME_WAIT waits for its timer.
+        assert!(!t.wants_poll());
+        t.expire_due(70 * SEC);
+        assert_eq!(t.counts(), (1, 0), "not before the timer's grace");
+        t.expire_due(71 * SEC);
+        assert_eq!(t.counts(), (0, 0));
+        let rows = t.take_queued();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].end, Some(End::Expired));
+        assert_eq!(rows[0].ts_ns, 70 * SEC);
+        let ended: Vec<_> = t.ended_since(0).collect();
+        assert_eq!((ended[0].lifetime_ns, ended[0].pid), (60 * SEC, Some(42)));
+        // An orphan in FIN_WAIT2 still wants polls: its peer's FIN fires no event.
+        t.on_transition(key(C, "127.0.0.1:9"), &close_from(FIN_WAIT2, 80.0, Some(42)));
+        t.observe(
+            NS,
+            &[tw(FIN_WAIT2, C, "127.0.0.1:9", 59_000)],
+            81 * SEC,
+            false,
+            &no_listener,
+        );
+        assert!(t.wants_poll());
     }
 
     #[test]

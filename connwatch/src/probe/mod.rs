@@ -142,6 +142,53 @@ fn tcp_sockets_held(sockstat: &str) -> Option<u64> {
     Some(field("alloc")? + field("tw").unwrap_or(0))
 }
 
+/// Loads the object for the hook to use and attaches it: tp_btf (state on the sockets)
+/// where it can be, else the classic tracepoint (state in an LRU map sized for this
+/// host); `auto` falls back, reloading the object, when tp_btf cannot attach.
+fn load_and_attach(
+    opts: &ProbeOptions,
+    btf: Option<&Btf>,
+    offsets: &Offsets,
+    tp_btf_blocker: Option<&str>,
+) -> Result<(Ebpf, &'static str)> {
+    let want_tp_btf = match opts.hook {
+        HookChoice::TpBtf => true,
+        HookChoice::Tracepoint => false,
+        HookChoice::Auto => tp_btf_blocker.is_none(),
+    };
+    let tracepoint = |blocker: Option<String>| -> Result<(Ebpf, &'static str)> {
+        let mut ebpf = load_object(opts, btf, offsets, lru_entries(opts.max_sockets))?;
+        let name = attach_tracepoint(&mut ebpf, opts.verbose).map_err(|e| match &blocker {
+            Some(why) if opts.hook == HookChoice::Auto => {
+                anyhow!("{e:#} (tp_btf was not usable either: {why})")
+            }
+            _ => e,
+        })?;
+        Ok((ebpf, name))
+    };
+    if !want_tp_btf {
+        if opts.hook == HookChoice::Auto
+            && let Some(why) = tp_btf_blocker
+        {
+            log::info!("tp_btf unavailable ({why}); falling back to the tracepoint");
+        }
+        return tracepoint(tp_btf_blocker.map(String::from));
+    }
+    if let Some(why) = tp_btf_blocker {
+        bail!("cannot use tp_btf: {why}; try --hook tracepoint");
+    }
+    let mut ebpf = load_object(opts, btf, offsets, 1)?;
+    match attach_tp_btf(&mut ebpf, btf, opts.verbose) {
+        Ok(name) => Ok((ebpf, name)),
+        Err(e) if opts.hook == HookChoice::Auto => {
+            log::info!("tp_btf unavailable ({e:#}); falling back to the tracepoint");
+            drop(ebpf);
+            tracepoint(Some(format!("{e:#}")))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl Probe {
     pub fn load(opts: &ProbeOptions) -> Result<Self> {
         let started = std::time::Instant::now();
@@ -176,49 +223,8 @@ impl Probe {
             None
         };
         lap("BTF parsed");
-        // tp_btf keeps per-socket state on the sockets; the LRU map is the classic
-        // tracepoint's, sized only where that hook is used.
-        let want_tp_btf = match opts.hook {
-            HookChoice::TpBtf => true,
-            HookChoice::Tracepoint => false,
-            HookChoice::Auto => tp_btf_blocker.is_none(),
-        };
-        let attached;
-        let mut ebpf;
-        if want_tp_btf {
-            if let Some(why) = &tp_btf_blocker {
-                bail!("cannot use tp_btf: {why}; try --hook tracepoint");
-            }
-            ebpf = load_object(opts, btf.as_ref(), &offsets, 1)?;
-            lap("object loaded");
-            match attach_tp_btf(&mut ebpf, btf.as_ref(), opts.verbose) {
-                Ok(name) => attached = name,
-                Err(e) if opts.hook == HookChoice::Auto => {
-                    log::info!("tp_btf unavailable ({e:#}); falling back to the tracepoint");
-                    drop(ebpf);
-                    ebpf =
-                        load_object(opts, btf.as_ref(), &offsets, lru_entries(opts.max_sockets))?;
-                    attached = attach_tracepoint(&mut ebpf, opts.verbose)
-                        .map_err(|e2| anyhow!("{e2:#} (tp_btf was not usable either: {e:#})"))?;
-                }
-                Err(e) => return Err(e),
-            }
-        } else {
-            if opts.hook == HookChoice::Auto
-                && let Some(why) = &tp_btf_blocker
-            {
-                log::info!("tp_btf unavailable ({why}); falling back to the tracepoint");
-            }
-            ebpf = load_object(opts, btf.as_ref(), &offsets, lru_entries(opts.max_sockets))?;
-            lap("object loaded");
-            attached =
-                attach_tracepoint(&mut ebpf, opts.verbose).map_err(|e2| match &tp_btf_blocker {
-                    Some(why) if opts.hook == HookChoice::Auto => {
-                        anyhow!("{e2:#} (tp_btf was not usable either: {why})")
-                    }
-                    _ => e2,
-                })?;
-        }
+        let (ebpf, attached) =
+            load_and_attach(opts, btf.as_ref(), &offsets, tp_btf_blocker.as_deref())?;
         lap("attached");
         Ok(Self {
             ebpf,
