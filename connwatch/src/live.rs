@@ -112,7 +112,14 @@ impl Live {
             ring,
             received: 0,
             undecodable: 0,
-            drain_tick: crate::probe::drain_timer(),
+            // `trace` shows rows within 50 ms at low rates; the reports read events at
+            // their own ticks (polls and reports drain first), so they wake less often.
+            // At high rates the probe wakes the reader once an eighth of the ring fills.
+            drain_tick: crate::probe::drain_timer(if opts.filter.lifecycle_only != 0 {
+                Duration::from_millis(500)
+            } else {
+                Duration::from_millis(50)
+            }),
             tw_poll: interval(tw_poll),
             report_tick,
         })

@@ -2,7 +2,7 @@
 //! timewait sockets, reconcile and resolve owners, build the report. Covers every network
 //! namespace on the host (the probe sees them all; dumps are made inside each).
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     time::Duration,
 };
 
@@ -55,8 +55,10 @@ pub struct Monitor {
 /// sockets, polls are spaced out beyond --tw-poll rather than taxing the host.
 const POLL_BUDGET: u32 = 20;
 
-/// Full dumps (`refresh`) may use at most 1/REFRESH_BUDGET of a CPU.
-const REFRESH_BUDGET: u32 = 100;
+/// Full dumps (`refresh`) may use at most 1/REFRESH_BUDGET of a CPU. Each walks the
+/// host-wide TCP hash table, TIME_WAIT sockets included even when they are not asked
+/// for; between dumps the tables follow events, so a dump every few seconds suffices.
+const REFRESH_BUDGET: u32 = 400;
 
 /// Timewait sockets of every namespace are listed at least this often: the rare
 /// reconciliation that catches what neither events nor timers tell.
@@ -424,7 +426,8 @@ impl Monitor {
             .map(|(k, inode)| (*k, self.index.holders(*inode).to_vec()))
             .collect();
 
-        let mut pids: HashSet<u32> = HashSet::new();
+        // Fx: one insert per followed socket, tens of thousands on a busy host.
+        let mut pids: rustc_hash::FxHashSet<u32> = rustc_hash::FxHashSet::default();
         for (_, cw) in self.table.close_wait() {
             pids.extend(self.index.holders(cw.inode));
             pids.extend(cw.probe_owner.as_ref().map(|o| o.0));

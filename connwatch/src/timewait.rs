@@ -140,6 +140,11 @@ pub struct Tracker {
     poll: u64,
     /// Most timewait sockets (and pending closes) followed at once; 0 for no limit.
     pub limit: usize,
+    /// `wanting_poll`'s answer, kept until the tracker changes: an idle host with tens
+    /// of thousands of TIME_WAITs is not rescanned every tick.
+    wanting: Option<std::collections::BTreeSet<u32>>,
+    /// No TIME_WAIT is due before this (0: unknown, scan).
+    next_expiry_ns: u64,
 }
 
 impl Tracker {
@@ -147,6 +152,7 @@ impl Tracker {
     /// and a new connection on the 4-tuple of a followed one means it ended early (a SYN
     /// to a server's TIME_WAIT, or the port reused): that end is reported at once.
     pub fn on_transition(&mut self, key: SockKey, t: &Transition) {
+        self.changed();
         if t.starts_a_life() && self.tracked.contains_key(&key) {
             self.end(key, End::Early, t.ts_ns);
         }
@@ -210,6 +216,7 @@ impl Tracker {
         seeding: bool,
         listener: &dyn Fn(u16) -> Option<TwOwner>,
     ) -> Vec<Synthetic> {
+        self.changed();
         let mut rows = Vec::new();
         self.poll += 1;
         for s in sockets.iter().filter(|s| s.timewait) {
@@ -397,6 +404,7 @@ impl Tracker {
     /// Gives up on closes whose namespace was not polled within `PENDING_TTL_NS`: their
     /// state is lost (counted as untracked), and memory stays bounded.
     pub fn expire_pending(&mut self, now_ns: u64) {
+        self.changed();
         let before = self.pending.len();
         self.pending
             .retain(|_, p| now_ns.saturating_sub(p.ts_ns) < PENDING_TTL_NS);
@@ -406,6 +414,7 @@ impl Tracker {
     /// A namespace that no longer exists: the kernel purged its timewait sockets with
     /// it, so each followed one ends `early` now, and its pending closes are dropped.
     pub fn forget(&mut self, netns: u32, now_ns: u64) {
+        self.changed();
         let mut gone: Vec<SockKey> = self
             .tracked
             .keys()
@@ -489,19 +498,37 @@ impl Tracker {
     /// re-armed by a retransmitted FIN, or an RST, changes is caught by the rare
     /// reconciliation that polls every namespace.
     pub fn expire_due(&mut self, now_ns: u64) {
+        if self.next_expiry_ns != 0 && now_ns < self.next_expiry_ns {
+            return;
+        }
+        let expires = |t: &TimeWait| {
+            (t.substate == TcpState::TIME_WAIT && !t.provisional)
+                .then_some(t.due_ns + EXPIRY_GRACE_NS)
+        };
         let due: Vec<(SockKey, u64)> = self
             .tracked
             .iter()
-            .filter(|(_, t)| {
-                t.substate == TcpState::TIME_WAIT
-                    && !t.provisional
-                    && t.due_ns + EXPIRY_GRACE_NS <= now_ns
-            })
+            .filter(|(_, t)| expires(t).is_some_and(|at| at <= now_ns))
             .map(|(k, t)| (*k, t.due_ns))
             .collect();
+        if !due.is_empty() {
+            self.changed();
+        }
         for (key, at) in due {
             self.end(key, End::Expired, at);
         }
+        self.next_expiry_ns = self
+            .tracked
+            .values()
+            .filter_map(expires)
+            .min()
+            .unwrap_or(u64::MAX);
+    }
+
+    /// Forgets what `wanting_poll` and `expire_due` worked out: the tracker changed.
+    fn changed(&mut self) {
+        self.wanting = None;
+        self.next_expiry_ns = 0;
     }
 
     /// Whether a poll can tell anything events will not: a close waiting for its
@@ -510,12 +537,15 @@ impl Tracker {
     /// Otherwise every timewait socket is accounted for until its timer
     /// (`expire_due`), and a new connection on its 4-tuple (the only other early end
     /// most hosts see) is an event.
-    pub fn wants_poll(&self) -> bool {
+    pub fn wants_poll(&mut self) -> bool {
         !self.wanting_poll().is_empty()
     }
 
     /// The namespaces that `wants_poll` for: only they need a dump.
-    pub fn wanting_poll(&self) -> std::collections::BTreeSet<u32> {
+    pub fn wanting_poll(&mut self) -> std::collections::BTreeSet<u32> {
+        if let Some(wanting) = &self.wanting {
+            return wanting.clone();
+        }
         let mut wanting: std::collections::BTreeSet<u32> =
             self.pending.keys().map(|k| k.netns).collect();
         wanting.extend(
@@ -524,6 +554,7 @@ impl Tracker {
                 .filter(|(_, t)| t.provisional || t.substate == TcpState::FIN_WAIT2)
                 .map(|(k, _)| k.netns),
         );
+        self.wanting = Some(wanting.clone());
         wanting
     }
 
@@ -683,7 +714,10 @@ mod tests {
         let ended: Vec<_> = t.ended_since(0).collect();
         assert_eq!((ended[0].lifetime_ns, ended[0].pid), (60 * SEC, Some(42)));
         // An orphan in FIN_WAIT2 still wants polls: its peer's FIN fires no event.
-        t.on_transition(key(C, "127.0.0.1:9"), &close_from(FIN_WAIT2, 80.0, Some(42)));
+        t.on_transition(
+            key(C, "127.0.0.1:9"),
+            &close_from(FIN_WAIT2, 80.0, Some(42)),
+        );
         t.observe(
             NS,
             &[tw(FIN_WAIT2, C, "127.0.0.1:9", 59_000)],

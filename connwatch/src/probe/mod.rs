@@ -326,8 +326,8 @@ fn load_error(e: aya::EbpfError, verbose: bool) -> anyhow::Error {
 
 /// The probe wakes the reader only when its ring is an eighth full: below that, the
 /// reader drains on this timer (the latency of a row at low event rates).
-pub fn drain_timer() -> tokio::time::Interval {
-    let mut t = tokio::time::interval(std::time::Duration::from_millis(50));
+pub fn drain_timer(every: std::time::Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval(every);
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     t
 }

@@ -3,6 +3,8 @@
 //! CLOSE_WAIT sockets closed within the window.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use rustc_hash::FxHashMap;
+
 use super::{Snapshot, Unattributed, round3};
 use crate::{
     decode::{OwnerSource, TcpState},
@@ -27,7 +29,7 @@ pub(super) struct Acc {
     /// oldest wait.
     pub fw2_waiting: HashMap<std::net::IpAddr, (u64, u64)>,
     /// Per peer: CLOSE_WAIT, TIME_WAIT and FIN_WAIT2 sockets.
-    pub peers: HashMap<PeerKey, [u64; 3]>,
+    pub peers: FxHashMap<PeerKey, [u64; 3]>,
     pub sources: BTreeSet<&'static str>,
     /// Lifetimes of its CLOSE_WAIT sockets closed within the window.
     pub closed: Vec<u64>,
@@ -145,7 +147,7 @@ pub(super) fn close_wait(s: &Snapshot, accs: &mut Accs, unattributed: &mut Unatt
 }
 
 /// Destinations reached from ephemeral ports: (netns, remote) → TIME_WAIT count.
-pub(super) type PerDest = HashMap<(u32, Endpoint), u64>;
+pub(super) type PerDest = FxHashMap<(u32, Endpoint), u64>;
 
 /// TIME_WAIT sockets, counted for the process that closed first, and the TIME_WAITs it
 /// created within the window. Returns the TIME_WAITs per destination, for port pressure.
@@ -155,7 +157,7 @@ pub(super) fn time_wait(
     accs: &mut Accs,
     unattributed: &mut Unattributed,
 ) -> PerDest {
-    let mut per_dest = PerDest::new();
+    let mut per_dest = PerDest::default();
     for (key, tw) in s.timewait.tracked() {
         if tw.substate != TcpState::TIME_WAIT {
             continue;
