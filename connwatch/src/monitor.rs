@@ -358,6 +358,7 @@ impl Monitor {
                 *self.states.entry(state).or_insert(0) += n;
             }
             self.table.reconcile(v.ns, &v.sockets, now);
+            self.table.note_fin_wait2(v.ns, &v.sockets, now);
         }
         let rows = if with_timewait {
             let loss = self.loss_seen;
@@ -413,6 +414,7 @@ impl Monitor {
             self.table
                 .close_wait()
                 .map(|(_, cw)| cw.inode)
+                .chain(self.table.held_fin_wait2().map(|(_, inode, _)| inode))
                 .chain(self.namespaces.listeners().values().copied()),
         );
         self.poll_ns += started.elapsed().as_nanos() as u64;
@@ -433,6 +435,9 @@ impl Monitor {
             pids.extend(cw.probe_owner.as_ref().map(|o| o.0));
         }
         pids.extend(self.table.closed_since(window_start).filter_map(|c| c.pid));
+        for (_, inode, _) in self.table.held_fin_wait2() {
+            pids.extend(self.index.holders(inode));
+        }
         pids.extend(
             self.tw
                 .tracked()

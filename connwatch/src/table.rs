@@ -239,6 +239,10 @@ pub struct Table {
     /// untracked (once each) instead of growing memory without bound.
     limit: usize,
     over_limit: Overflow,
+    /// FIN_WAIT2 sockets a process still holds (it shut down its side; the peer has not
+    /// closed), as the last full dump listed them: inode and when first listed. Orphans
+    /// (closed, kept by the kernel) are the timewait tracker's.
+    held_fin_wait2: HashMap<SockKey, (u64, u64)>,
 }
 
 impl Table {
@@ -310,9 +314,36 @@ impl Table {
         (self.close_wait.len() + self.over_limit.len()) as u64
     }
 
+    /// Takes the held FIN_WAIT2 sockets of a full dump of one namespace (ages from
+    /// when a dump first listed them).
+    pub fn note_fin_wait2(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
+        let netns = if netns == 0 { self.own_netns } else { netns };
+        let mut listed: HashMap<SockKey, (u64, u64)> = HashMap::default();
+        for s in sockets
+            .iter()
+            .filter(|s| s.state == TcpState::FIN_WAIT2 && !s.timewait && s.inode != 0)
+        {
+            let key = self.key(netns, s.local, s.remote);
+            let since = self.held_fin_wait2.get(&key).map_or(now_ns, |e| e.1);
+            if listed.len() < self.limit {
+                listed.insert(key, (s.inode, since));
+            }
+        }
+        self.held_fin_wait2.retain(|k, _| k.netns != netns);
+        self.held_fin_wait2.extend(listed);
+    }
+
+    /// Held FIN_WAIT2 sockets: key, inode, since.
+    pub fn held_fin_wait2(&self) -> impl Iterator<Item = (&SockKey, u64, u64)> {
+        self.held_fin_wait2
+            .iter()
+            .map(|(k, &(inode, since))| (k, inode, since))
+    }
+
     /// Drops what is known of a namespace that no longer exists (the kernel destroyed
     /// its sockets with it).
     pub fn forget(&mut self, netns: u32) {
+        self.held_fin_wait2.retain(|k, _| k.netns != netns);
         self.close_wait.retain(|k, _| k.netns != netns);
         self.over_limit.forget(netns);
     }
@@ -471,11 +502,12 @@ impl Table {
     }
 
     /// Entries held: CLOSE_WAIT sockets followed, and closes kept for the window.
-    pub fn sizes(&self) -> [(&'static str, u64); 3] {
+    pub fn sizes(&self) -> [(&'static str, u64); 4] {
         [
             ("close_wait", self.close_wait.len() as u64),
             ("close_wait_closed", self.closed.len() as u64),
             ("close_wait_over_limit", self.over_limit.len() as u64),
+            ("fin_wait2_held", self.held_fin_wait2.len() as u64),
         ]
     }
 

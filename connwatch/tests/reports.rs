@@ -188,6 +188,33 @@ fn a_peer_that_never_closes_is_named_from_this_side() {
     assert_eq!(theirs["close_wait"], n, "{theirs}");
 }
 
+/// A process that shut down its side of its connections and keeps them, waiting on a
+/// peer that never closes: its held FIN_WAIT2 sockets count, and the peer is named.
+#[test]
+fn held_fin_wait2_sockets_name_the_peer_too() {
+    require_root();
+    let mut cw = watch(&["--fin-wait2-age", "1s", "--fin-wait2-min", "3"]);
+    let mut server = Peer::spawn_named(None, "cwsilent", &["leaker", "127.0.0.1:0", "4"]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let mut client = Peer::spawn_named(
+        None,
+        "cwshut",
+        &["shutclients", &addr("127.0.0.1", port), "4"],
+    );
+    client.expect("shut");
+    server.expect("accepted");
+    let r = wait_report(
+        &mut cw,
+        "the client's held FIN_WAIT2 sockets flagged",
+        |r| process(r, client.pid()).is_some_and(|p| has_flag(p, "peer_not_closing")),
+    );
+    let p = process(&r, client.pid()).unwrap();
+    assert_eq!(p["fin_wait2"], 4, "{p}");
+    assert_eq!(p["owner_sources"], serde_json::json!(["fd"]), "{p}");
+    let reason = p["reason"].as_str().unwrap();
+    assert!(reason.contains("4 connections to 127.0.0.1"), "{reason}");
+}
+
 /// The leak's reason names the likely cause where the evidence shows one: data left
 /// unread, or idle pooled connections closed by the peer.
 #[test]

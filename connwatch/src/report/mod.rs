@@ -1002,4 +1002,42 @@ mod tests {
             "{unknown}"
         );
     }
+
+    #[test]
+    fn held_fin_wait2_sockets_count_for_their_holder() {
+        let mut t = Table::new(NS);
+        // A client shut down its side of 2 connections to 10.1.2.3:443 and keeps them.
+        let dump: Vec<DiagSocket> = (0..2)
+            .map(|i| {
+                diag(
+                    FIN_WAIT2,
+                    &format!("127.0.0.1:{}", 41000 + i),
+                    "10.1.2.3:443",
+                    500 + i,
+                    0,
+                )
+            })
+            .collect();
+        t.note_fin_wait2(NS, &dump, 10 * SEC);
+        t.note_fin_wait2(NS, &dump, 20 * SEC);
+        let idx = FdIndex::with_holders([(500, vec![4242]), (501, vec![4242])]);
+        let procs = procs();
+        let r = build(
+            &Snapshot {
+                holders: &idx,
+                ..inputs(&t, 30, &procs)
+            },
+            &cfg(),
+            &mut Growth::default(),
+        );
+        let p = &r.processes[0];
+        assert_eq!((p.pid, p.fin_wait2), (4242, 2));
+        // Aged from the first dump that listed them.
+        assert_eq!(p.fin_wait2_oldest_s, Some(20.0));
+        assert_eq!(p.owner_sources, ["fd"]);
+        assert_eq!(p.peers[0].fin_wait2, 2);
+        // Gone from the next dump: gone from the report.
+        t.note_fin_wait2(NS, &[], 31 * SEC);
+        assert_eq!(t.held_fin_wait2().count(), 0);
+    }
 }

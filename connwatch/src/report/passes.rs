@@ -196,9 +196,10 @@ pub(super) fn time_wait(
     per_dest
 }
 
-/// Orphans in FIN_WAIT2: sockets a process closed first whose peer has not closed yet,
-/// counted for the process that closed them, and per peer address those that waited
-/// longer than `fin_wait2_age_ns` (the peer's program is not closing its sockets).
+/// FIN_WAIT2: connections a process closed (or shut down) first whose peer has not
+/// closed yet, the kernel's orphans counted for the process that closed them and held
+/// ones for the processes holding them, and per peer address those that waited longer
+/// than `fin_wait2_age_ns` (the peer's program is not closing its sockets).
 pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, accs: &mut Accs) {
     for (key, tw) in s.timewait.tracked() {
         if tw.substate != TcpState::FIN_WAIT2 {
@@ -220,6 +221,24 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, accs: &mut Accs) {
         }
         if a.comm.is_none() {
             a.comm = Some(owner.comm.to_string());
+        }
+    }
+    // Held ones: the process shut down its side and keeps the socket; whoever holds
+    // its fd waits.
+    for (key, inode, since) in s.table.held_fin_wait2() {
+        let age = s.now_ns.saturating_sub(since);
+        let peer = peer_addr(key, s.listening);
+        for &pid in s.holders.holders(inode) {
+            let a = accs.entry(pid).or_default();
+            a.fin_wait2 += 1;
+            a.fw2_oldest_ns = Some(a.fw2_oldest_ns.map_or(age, |o| o.max(age)));
+            a.peers.entry(peer).or_default()[2] += 1;
+            a.sources.insert(OwnerSource::Fd.as_str());
+            if age > fin_wait2_age_ns {
+                let w = a.fw2_waiting.entry(key.remote.ip()).or_insert((0, 0));
+                w.0 += 1;
+                w.1 = w.1.max(age);
+            }
         }
     }
 }

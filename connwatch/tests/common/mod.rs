@@ -417,6 +417,22 @@ pub fn peer_main(role: &str) {
             drop(held);
             return;
         }
+        ["shutclients", addr, n] => {
+            // Connects N times and shuts down its sending side, keeping each socket: they
+            // wait in FIN_WAIT2 for a peer that never closes.
+            let n: usize = n.parse().unwrap();
+            let held: Vec<TcpStream> = (0..n)
+                .map(|_| {
+                    let c = TcpStream::connect(addr.parse::<SocketAddr>().unwrap()).unwrap();
+                    c.shutdown(std::net::Shutdown::Write).unwrap();
+                    c
+                })
+                .collect();
+            say(format!("shut {n}"));
+            for _ in stdin.by_ref() {}
+            drop(held);
+            return;
+        }
         ["sendclients", addr, n, bytes] => {
             // Connects N times, sends BYTES on each, and closes first.
             let n: usize = n.parse().unwrap();
