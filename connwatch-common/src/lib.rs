@@ -191,7 +191,8 @@ pub struct Event {
     pub skaddr: u64,
     /// When the socket entered `oldstate`; 0 when the probe did not see it.
     pub old_since_ns: u64,
-    /// Inode of the socket's file (`socket:[N]` in /proc/PID/fd); 0 when it has none.
+    /// Inode of the socket's file (`socket:[N]` in /proc/PID/fd), read only for a
+    /// transition into CLOSE_WAIT (the one whose holder is looked up); 0 otherwise.
     pub inode: u64,
     /// Network namespace inode number; 0 when unknown.
     pub netns: u32,

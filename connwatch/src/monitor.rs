@@ -60,6 +60,11 @@ const POLL_BUDGET: u32 = 20;
 /// for; between dumps the tables follow events, so a dump every few seconds suffices.
 const REFRESH_BUDGET: u32 = 400;
 
+/// ... but one comes at least this often where that stays within 1/FULL_DUMP_FLOOR_SHARE
+/// of a CPU: what only dumps show (held FIN_WAIT2 sockets, states) is never older.
+const FULL_DUMP_MAX_WAIT: Duration = Duration::from_secs(10);
+const FULL_DUMP_FLOOR_SHARE: u32 = 100;
+
 /// Timewait sockets of every namespace are listed at least this often: the rare
 /// reconciliation that catches what neither events nor timers tell.
 const TW_RECONCILE: Duration = Duration::from_secs(60);
@@ -327,7 +332,10 @@ impl Monitor {
     /// most 1/REFRESH_BUDGET of a CPU (a few ms on most hosts: every report; ~100 ms
     /// with 100,000 sockets: every few seconds).
     pub fn refresh(&mut self) -> Result<Vec<Synthetic>> {
-        if !self.full_budget.allows() {
+        if !self
+            .full_budget
+            .allows_or_after(FULL_DUMP_MAX_WAIT, FULL_DUMP_FLOOR_SHARE)
+        {
             return Ok(Vec::new());
         }
         let now = monotonic_ns();
@@ -339,7 +347,9 @@ impl Monitor {
             tcp_info: false,
         };
         let visits = self.visit(&[query], true, None)?;
-        self.absorb_full_dump(visits, now, started, false)
+        let rows = self.absorb_full_dump(visits, now, started, false);
+        self.full_budget.spent(started.elapsed());
+        rows
     }
 
     /// A full dump of every namespace: the state histogram, the CLOSE_WAIT table
@@ -372,7 +382,6 @@ impl Monitor {
             Ok(Vec::new())
         };
         release_freed_memory();
-        self.full_budget.spent(started.elapsed());
         rows
     }
 
