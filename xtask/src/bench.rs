@@ -917,6 +917,10 @@ fn write_doc(path: &Path, table: &str, last: &str, quick: bool) -> Result<()> {
         doc,
         "Targets: probe_ns ≤ 4 × floor_ns; tax_pct ≤ 5 % and ≤ ⅓ of tcpstates_tax_pct; trace_tax_pct ≤ ⅓ of tcpstates_tax_pct; uncounted_loss = 0; rss_per_socket_b ≤ 150; startup_ms ≤ 100; ss_poll_cpu_ratio ≤ 0.05; kernel_mem_b ≤ 16 MiB; tw_idle_cpu_pct ≤ 0.5."
     )?;
+    writeln!(
+        doc,
+        "\nWhere a target is missed, [PERFORMANCE.md](PERFORMANCE.md) records what limits it."
+    )?;
     writeln!(doc, "\n{METHOD}")?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
