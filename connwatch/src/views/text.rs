@@ -54,18 +54,22 @@ pub fn states_line(r: &Report) -> Option<String> {
 /// One line for the processes of one command that hold nothing and carry no flag.
 fn quiet_line(q: &QuietRow) -> String {
     let c = &q.close_wait_closed;
-    let lifetimes = match (c.p50_s, c.p99_s) {
-        (Some(a), Some(b)) => format!(" (p50 {}, p99 {})", fmt_age(a), fmt_age(b)),
-        _ => String::new(),
-    };
-    format!(
-        "quiet: {} {} process{} closed {} CLOSE_WAIT socket{} promptly{lifetimes}\n",
+    let who = format!(
+        "quiet: {} {} process{}",
         q.processes,
         q.comm,
-        if q.processes == 1 { "" } else { "es" },
-        c.count,
-        plural(c.count),
-    )
+        if q.processes == 1 { "" } else { "es" }
+    );
+    match (c.count, c.p50_s, c.p99_s) {
+        (0, _, _) => format!("{who}, nothing held\n"),
+        (n, Some(a), Some(b)) => format!(
+            "{who} closed {n} CLOSE_WAIT socket{} promptly (p50 {}, p99 {})\n",
+            plural(n),
+            fmt_age(a),
+            fmt_age(b)
+        ),
+        (n, _, _) => format!("{who} closed {n} CLOSE_WAIT socket{} promptly\n", plural(n)),
+    }
 }
 
 fn process_table(r: &Report) -> Table {
@@ -308,5 +312,36 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["final"], false);
         assert_eq!(v["processes"][0]["flags"][0], "close_wait_leak");
+    }
+
+    #[test]
+    fn quiet_processes_are_one_line_per_command() {
+        let mut r = report(0);
+        r.quiet = vec![
+            QuietRow {
+                comm: "curl".into(),
+                processes: 30,
+                close_wait_closed: ClosedStats {
+                    count: 30,
+                    p50_s: Some(0.0),
+                    p99_s: Some(0.002),
+                    max_s: Some(0.002),
+                },
+            },
+            QuietRow {
+                comm: "cron".into(),
+                processes: 1,
+                close_wait_closed: ClosedStats::default(),
+            },
+        ];
+        let text = human(&r);
+        assert!(
+            text.contains("quiet: 30 curl processes closed 30 CLOSE_WAIT sockets promptly (p50 0ms, p99 2ms)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("quiet: 1 cron process, nothing held\n"),
+            "{text}"
+        );
     }
 }
