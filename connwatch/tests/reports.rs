@@ -110,6 +110,34 @@ fn workers_of_one_command_are_one_row() {
     assert_eq!(pids, want);
 }
 
+/// A server that forks after accepting: parent and child hold the same sockets. Per
+/// process each counts them; one `--by command` row counts them once, with both pids.
+#[test]
+fn a_group_counts_sockets_shared_after_fork_once() {
+    require_root();
+    let mut cw = watch(&["--by", "command"]);
+    let mut leaker = Peer::spawn_named(None, "cwprefork", &["forkleaker", "127.0.0.1:0", "3"]);
+    let port: u16 = leaker.expect("port").parse().unwrap();
+    let mut clients = Peer::spawn(&["clients", &addr("127.0.0.1", port), "3"]);
+    clients.expect("closed");
+    leaker.expect("accepted");
+    let child: u64 = leaker.expect("child").parse().unwrap();
+    let r = wait_report(&mut cw, "one row with both holders", |r| {
+        rows(r, "cwprefork")
+            .first()
+            .is_some_and(|p| p["pids"].as_array().is_some_and(|a| a.len() == 2))
+    });
+    let row = rows(&r, "cwprefork")[0];
+    assert_eq!(row["close_wait"], 3, "{row}");
+    assert_eq!(
+        row["pids"],
+        serde_json::json!([
+            u64::from(leaker.pid()).min(child),
+            u64::from(leaker.pid()).max(child)
+        ])
+    );
+}
+
 /// A process in a cgroup of its own (a scope, as systemd or a container runtime makes)
 /// is reported under that unit with `--by unit`.
 #[test]

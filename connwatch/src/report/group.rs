@@ -56,6 +56,55 @@ pub(super) fn comm_of(
         .unwrap_or_else(|| "?".into())
 }
 
+/// The row a process belongs to. `comm` is what the probe saw, for a process gone from
+/// /proc.
+pub(super) fn key_of(
+    pid: u32,
+    by: GroupBy,
+    procs: &std::collections::HashMap<u32, ProcInfo>,
+    comm: Option<&str>,
+) -> GroupKey {
+    match by {
+        GroupBy::Process => GroupKey::Pid(pid),
+        GroupBy::Command => GroupKey::Comm(
+            procs
+                .get(&pid)
+                .map(|i| i.comm.clone())
+                .or_else(|| comm.map(String::from))
+                .unwrap_or_else(|| "?".into()),
+        ),
+        GroupBy::Unit => GroupKey::Unit(
+            procs
+                .get(&pid)
+                .and_then(|i| i.cgroup.as_deref())
+                .map_or_else(|| "?".into(), unit_of),
+        ),
+    }
+}
+
+/// The holders of one socket that count it: all of them per process (a socket shared
+/// after fork is held by each), but one per row when rows group processes, so that a
+/// group counts each socket once.
+pub(super) fn counting_holders<'a>(
+    holders: &'a [u32],
+    by: GroupBy,
+    procs: &std::collections::HashMap<u32, ProcInfo>,
+) -> std::borrow::Cow<'a, [u32]> {
+    if by == GroupBy::Process || holders.len() < 2 {
+        return std::borrow::Cow::Borrowed(holders);
+    }
+    let mut seen: Vec<GroupKey> = Vec::with_capacity(holders.len());
+    let mut kept = Vec::with_capacity(holders.len());
+    for &pid in holders {
+        let key = key_of(pid, by, procs, None);
+        if !seen.contains(&key) {
+            seen.push(key);
+            kept.push(pid);
+        }
+    }
+    std::borrow::Cow::Owned(kept)
+}
+
 /// Merges per-process accumulators into rows.
 pub(super) fn group(
     accs: Accs,
@@ -64,16 +113,7 @@ pub(super) fn group(
 ) -> BTreeMap<GroupKey, Group> {
     let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
     for (pid, acc) in accs {
-        let key = match by {
-            GroupBy::Process => GroupKey::Pid(pid),
-            GroupBy::Command => GroupKey::Comm(comm_of(pid, &acc, procs)),
-            GroupBy::Unit => GroupKey::Unit(
-                procs
-                    .get(&pid)
-                    .and_then(|i| i.cgroup.as_deref())
-                    .map_or_else(|| "?".into(), unit_of),
-            ),
-        };
+        let key = key_of(pid, by, procs, acc.comm.as_deref());
         match groups.get_mut(&key) {
             Some(g) => {
                 g.pids.push(pid);

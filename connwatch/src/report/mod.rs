@@ -258,11 +258,11 @@ pub fn build(s: &Snapshot, cfg: &ReportConfig, growth: &mut Growth) -> Report {
     let window_start = s.now_ns.saturating_sub(cfg.window.as_nanos() as u64);
     let mut accs = passes::Accs::new();
     let mut unattributed = Unattributed::default();
-    passes::close_wait(s, &mut accs, &mut unattributed);
+    passes::close_wait(s, cfg.by, &mut accs, &mut unattributed);
     let per_dest = passes::time_wait(s, window_start, &mut accs, &mut unattributed);
     passes::port_pressure(s, &per_dest, cfg.port_pressure_pct, &mut accs);
     passes::closed(s, window_start, &mut accs);
-    passes::fin_wait2(s, cfg.fin_wait2_age.as_nanos() as u64, &mut accs);
+    passes::fin_wait2(s, cfg.fin_wait2_age.as_nanos() as u64, cfg.by, &mut accs);
 
     let groups = group::group(accs, cfg.by, s.procs);
     let counts: HashMap<GroupKey, u64> = groups
@@ -575,6 +575,41 @@ mod tests {
                 .iter()
                 .all(|p| p.close_wait == 1 && p.flags == [flag::CLOSE_WAIT_LEAK.name])
         );
+    }
+
+    #[test]
+    fn a_group_counts_a_shared_socket_once() {
+        let mut t = Table::new(NS);
+        for i in 0..3u64 {
+            let r = format!("127.0.0.1:{}", 40000 + i);
+            t.apply(&enter_cw(1.0, L, &r, 55 + i));
+        }
+        // A pre-fork server: parent and child (same command) hold the same 3 sockets.
+        let idx = hold(&t, |_| vec![4242, 4243]);
+        let mut procs = procs();
+        procs.insert(
+            4243,
+            ProcInfo {
+                comm: "python3".into(),
+                fds: 60,
+                fd_limit: Some(1024),
+                cgroup: None,
+            },
+        );
+        let snapshot = Snapshot {
+            holders: &idx,
+            ..inputs(&t, 100, &procs)
+        };
+        let by_process = build(&snapshot, &cfg(), &mut Growth::default());
+        assert!(by_process.processes.iter().all(|p| p.close_wait == 3));
+        let cfg = ReportConfig {
+            by: GroupBy::Command,
+            ..cfg()
+        };
+        let r = build(&snapshot, &cfg, &mut Growth::default());
+        assert_eq!(r.processes.len(), 1);
+        assert_eq!(r.processes[0].close_wait, 3, "{:?}", r.processes[0]);
+        assert_eq!(r.processes[0].pids, [4242, 4243]);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rustc_hash::FxHashMap;
 
-use super::{Snapshot, Unattributed, round3};
+use super::{GroupBy, Snapshot, Unattributed, group::counting_holders, round3};
 use crate::{
     decode::{OwnerSource, TcpState},
     table::{AgeSource, Endpoint, SockKey},
@@ -105,7 +105,12 @@ const IDLE_SPELL_MS: u32 = 1000;
 
 /// CLOSE_WAIT sockets, counted for every process holding them (a socket shared after
 /// fork counts for each holder), or for the owner the probe saw.
-pub(super) fn close_wait(s: &Snapshot, accs: &mut Accs, unattributed: &mut Unattributed) {
+pub(super) fn close_wait(
+    s: &Snapshot,
+    by: GroupBy,
+    accs: &mut Accs,
+    unattributed: &mut Unattributed,
+) {
     for (key, cw) in s.table.close_wait() {
         let age_ns = s.now_ns.saturating_sub(cw.since_ns);
         let holders = s.holders.holders(cw.inode);
@@ -118,7 +123,12 @@ pub(super) fn close_wait(s: &Snapshot, accs: &mut Accs, unattributed: &mut Unatt
             continue;
         };
         let peer = peer_addr(key, s.listening);
-        for &pid in pids {
+        let counting = counting_holders(pids, by, s.procs);
+        for &pid in pids.iter().filter(|p| !counting.contains(p)) {
+            // In its row already, through another holder: listed, not counted twice.
+            accs.entry(pid).or_default();
+        }
+        for &pid in counting.iter() {
             let a = accs.entry(pid).or_default();
             a.close_wait += 1;
             if a.oldest_ns.is_none_or(|(o, _)| age_ns > o) {
@@ -200,7 +210,7 @@ pub(super) fn time_wait(
 /// closed yet, the kernel's orphans counted for the process that closed them and held
 /// ones for the processes holding them, and per peer address those that waited longer
 /// than `fin_wait2_age_ns` (the peer's program is not closing its sockets).
-pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, accs: &mut Accs) {
+pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: &mut Accs) {
     for (key, tw) in s.timewait.tracked() {
         if tw.substate != TcpState::FIN_WAIT2 {
             continue;
@@ -228,7 +238,12 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, accs: &mut Accs) {
     for (key, inode, since) in s.table.held_fin_wait2() {
         let age = s.now_ns.saturating_sub(since);
         let peer = peer_addr(key, s.listening);
-        for &pid in s.holders.holders(inode) {
+        let holders = s.holders.holders(inode);
+        let counting = counting_holders(holders, by, s.procs);
+        for &pid in holders.iter().filter(|p| !counting.contains(p)) {
+            accs.entry(pid).or_default();
+        }
+        for &pid in counting.iter() {
             let a = accs.entry(pid).or_default();
             a.fin_wait2 += 1;
             a.fw2_oldest_ns = Some(a.fw2_oldest_ns.map_or(age, |o| o.max(age)));
