@@ -209,7 +209,12 @@ fn ipv4(bytes: &[u8; 16]) -> IpAddr {
 /// (no allocation) however many events are decoded.
 pub fn comm(bytes: &[u8; 16]) -> CompactString {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    CompactString::from_utf8_lossy(bytes.get(..end).unwrap_or(bytes))
+    let name = bytes.get(..end).unwrap_or(bytes);
+    // Almost every comm is ASCII: the fast path copies it inline.
+    match std::str::from_utf8(name) {
+        Ok(s) => CompactString::new(s),
+        Err(_) => CompactString::from_utf8_lossy(name),
+    }
 }
 
 #[cfg(test)]

@@ -52,8 +52,10 @@ pub struct Monitor {
 }
 
 /// Timewait polls may use at most 1/POLL_BUDGET of a CPU: with very many timewait
-/// sockets, polls are spaced out beyond --tw-poll rather than taxing the host.
-const POLL_BUDGET: u32 = 20;
+/// sockets, polls are spaced out beyond --tw-poll rather than taxing the host (a close
+/// waits for its poll up to a minute; with 130,000 TIME_WAITs a poll costs ~200 ms, so
+/// births are confirmed within ~10 s).
+const POLL_BUDGET: u32 = 50;
 
 /// Full dumps (`refresh`) may use at most 1/REFRESH_BUDGET of a CPU. Each walks the
 /// host-wide TCP hash table, TIME_WAIT sockets included even when they are not asked
