@@ -156,6 +156,9 @@ impl Monitor {
         log::debug!("seed: dumped at {:?}", started.elapsed());
         self.last_reconcile = Some(started);
         self.absorb_full_dump(visits, now, started, true)?;
+        // The seed is the first full dump: the next waits for its budget (a second
+        // dump of a large host right after start would leave its peak resident).
+        self.full_budget.spent(started.elapsed());
         log::debug!(
             "seed: timewait and listeners known at {:?}",
             started.elapsed()
