@@ -155,7 +155,7 @@ impl Monitor {
         }
         log::debug!("seed: dumped at {:?}", started.elapsed());
         self.last_reconcile = Some(started);
-        self.absorb_full_dump(visits, now, started, true)?;
+        self.absorb_full_dump(visits, now, true)?;
         // The seed is the first full dump: the next waits for its budget (a second
         // dump of a large host right after start would leave its peak resident).
         self.full_budget.spent(started.elapsed());
@@ -222,7 +222,10 @@ impl Monitor {
             let started = std::time::Instant::now();
             let loss = self.loss_seen;
             let visits = self.visit(&[query], false, only.as_ref())?;
-            let rows = self.observe(visits, started)?;
+            let rows = self.observe(visits)?;
+            // Charged to the polls' budget; a full dump that observes timewait sockets
+            // (the seed) is charged to its own.
+            self.tw_budget.spent(started.elapsed());
             self.tw.expire_pending(monotonic_ns());
             self.loss_polled = loss;
             rows
@@ -267,11 +270,7 @@ impl Monitor {
 
     /// Takes a visit's listeners and timewait sockets: confirms closes as TIME_WAIT
     /// births, notices ends, adopts sockets not seen entering.
-    fn observe(
-        &mut self,
-        visits: Vec<Visit>,
-        started: std::time::Instant,
-    ) -> Result<Vec<Synthetic>> {
+    fn observe(&mut self, visits: Vec<Visit>) -> Result<Vec<Synthetic>> {
         let now = monotonic_ns();
         let mut rows = Vec::new();
         for v in &visits {
@@ -325,7 +324,6 @@ impl Monitor {
         }
         self.tw_seeded = true;
         rows.sort_by_key(|r| r.ts_ns);
-        self.tw_budget.spent(started.elapsed());
         Ok(rows)
     }
 
@@ -352,7 +350,7 @@ impl Monitor {
             tcp_info: false,
         };
         let visits = self.visit(&[query], true, None)?;
-        let rows = self.absorb_full_dump(visits, now, started, false);
+        let rows = self.absorb_full_dump(visits, now, false);
         self.full_budget.spent(started.elapsed());
         rows
     }
@@ -364,7 +362,6 @@ impl Monitor {
         &mut self,
         visits: Vec<Visit>,
         now: u64,
-        started: std::time::Instant,
         with_timewait: bool,
     ) -> Result<Vec<Synthetic>> {
         self.states.clear();
@@ -377,7 +374,7 @@ impl Monitor {
         }
         let rows = if with_timewait {
             let loss = self.loss_seen;
-            let rows = self.observe(visits, started);
+            let rows = self.observe(visits);
             self.loss_polled = loss;
             rows
         } else {
