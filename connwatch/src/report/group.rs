@@ -46,13 +46,13 @@ pub(super) struct Group {
 /// The comm of a process: from /proc while it lives, else what the probe saw.
 pub(super) fn comm_of(
     pid: u32,
-    acc: &Acc,
+    seen: Option<&str>,
     procs: &std::collections::HashMap<u32, ProcInfo>,
 ) -> String {
     procs
         .get(&pid)
         .map(|i| i.comm.clone())
-        .or_else(|| acc.comm.clone())
+        .or_else(|| seen.map(String::from))
         .unwrap_or_else(|| "?".into())
 }
 
@@ -66,13 +66,7 @@ pub(super) fn key_of(
 ) -> GroupKey {
     match by {
         GroupBy::Process => GroupKey::Pid(pid),
-        GroupBy::Command => GroupKey::Comm(
-            procs
-                .get(&pid)
-                .map(|i| i.comm.clone())
-                .or_else(|| comm.map(String::from))
-                .unwrap_or_else(|| "?".into()),
-        ),
+        GroupBy::Command => GroupKey::Comm(comm_of(pid, comm, procs)),
         GroupBy::Unit => GroupKey::Unit(
             procs
                 .get(&pid)

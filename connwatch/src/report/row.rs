@@ -26,7 +26,7 @@ pub(super) fn row(
     let pid = pids.first().copied().unwrap_or(0);
     let comm = match key {
         GroupKey::Comm(c) => c.clone(),
-        _ => comm_of(pid, &a, s.procs),
+        _ => comm_of(pid, a.comm.as_deref(), s.procs),
     };
     let cgroup = pids
         .iter()
