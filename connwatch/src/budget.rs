@@ -33,19 +33,6 @@ impl Budget {
         self.since_last().is_none_or(|t| t >= self.spacing())
     }
 
-    /// As `allows`, or, once `max_wait` has passed since the last run, within the
-    /// looser budget of 1/`floor_share` of a CPU: a job that must not wait forever on a
-    /// host where it is cheap enough.
-    pub fn allows_or_after(&self, max_wait: Duration, floor_share: u32) -> bool {
-        self.allows()
-            || self.since_last().is_some_and(|t| {
-                t >= max_wait
-                    && self
-                        .last
-                        .is_none_or(|(_, cost)| t >= cost.saturating_mul(floor_share))
-            })
-    }
-
     /// Records a run that just ended and cost `cost` (CPU time where the job runs on
     /// this thread; wall time where it waits on other threads or the kernel).
     pub fn spent(&mut self, cost: Duration) {
@@ -81,16 +68,6 @@ mod tests {
         assert!(!b.allows());
         b.spent(Duration::ZERO);
         assert!(b.allows(), "a free run may repeat at once");
-    }
-
-    #[test]
-    fn a_long_wait_relaxes_the_budget() {
-        let mut b = Budget::new(400);
-        b.spent(Duration::from_millis(1));
-        // 0.4 s of spacing: not yet; after 0 s of waiting the looser budget does not help.
-        assert!(!b.allows_or_after(Duration::ZERO, 400));
-        assert!(b.allows_or_after(Duration::ZERO, 0));
-        assert!(!b.allows_or_after(Duration::from_secs(10), 0));
     }
 
     #[test]

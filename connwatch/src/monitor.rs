@@ -62,11 +62,6 @@ const POLL_BUDGET: u32 = 50;
 /// for; between dumps the tables follow events, so a dump every few seconds suffices.
 const REFRESH_BUDGET: u32 = 400;
 
-/// ... but one comes at least this often where that stays within 1/FULL_DUMP_FLOOR_SHARE
-/// of a CPU: what only dumps show (held FIN_WAIT2 sockets, states) is never older.
-const FULL_DUMP_MAX_WAIT: Duration = Duration::from_secs(10);
-const FULL_DUMP_FLOOR_SHARE: u32 = 100;
-
 /// Timewait sockets of every namespace are listed at least this often: the rare
 /// reconciliation that catches what neither events nor timers tell.
 const TW_RECONCILE: Duration = Duration::from_secs(60);
@@ -335,10 +330,7 @@ impl Monitor {
     /// most 1/REFRESH_BUDGET of a CPU (a few ms on most hosts: every report; ~100 ms
     /// with 100,000 sockets: every few seconds).
     pub fn refresh(&mut self) -> Result<Vec<Synthetic>> {
-        if !self
-            .full_budget
-            .allows_or_after(FULL_DUMP_MAX_WAIT, FULL_DUMP_FLOOR_SHARE)
-        {
+        if !self.full_budget.allows() {
             return Ok(Vec::new());
         }
         let now = monotonic_ns();
