@@ -139,6 +139,41 @@ pub const fn is_lifecycle(old: u8, new: u8) -> bool {
     new == tcp_state::CLOSE_WAIT || old == tcp_state::CLOSE_WAIT || may_leave_timewait(old, new)
 }
 
+/// What a FIN_WAIT2/CLOSING -> CLOSE left behind, told by the probe from the socket at
+/// that moment, so that userspace knows a TIME_WAIT birth without polling for it.
+/// The kernel replaces the socket by a timewait socket on that transition unless it
+/// was reset or timed out (both set `sk_err` first); the timewait socket waits for the
+/// peer's FIN (substate FIN_WAIT2) unless that FIN already came (`SOCK_DONE`, set by
+/// `tcp_fin`; `sk_shutdown` cannot tell, close() sets both of its bits). The one ending
+/// it cannot tell is a full timewait table (`TcpExtTCPTimeWaitOverflow`), which the
+/// periodic reconciliation catches.
+pub mod timewait_birth {
+    /// Not told (kernels without the fields in BTF, the classic tracepoint without
+    /// BTF): a poll confirms.
+    pub const UNKNOWN: u8 = 0;
+    /// Reset or timed out: no timewait socket.
+    pub const NONE: u8 = 1;
+    /// An orphan waiting for the peer's FIN (becomes TIME_WAIT when it comes).
+    pub const FIN_WAIT2: u8 = 2;
+    pub const TIME_WAIT: u8 = 3;
+}
+
+/// `SOCK_DONE` in `sock.sk_flags` (`enum sock_flags`): the peer's FIN was received.
+pub const SOCK_DONE: u64 = 1 << 1;
+
+/// The `timewait_birth` of a FIN_WAIT2/CLOSING -> CLOSE from the socket's `sk_err` and
+/// `sk_flags` as they were at the transition.
+#[inline(always)]
+pub const fn timewait_birth_of(old: u8, sk_err: i32, sk_flags: u64) -> u8 {
+    if sk_err != 0 {
+        timewait_birth::NONE
+    } else if old == tcp_state::CLOSING || sk_flags & SOCK_DONE != 0 {
+        timewait_birth::TIME_WAIT
+    } else {
+        timewait_birth::FIN_WAIT2
+    }
+}
+
 /// Indexes into the per-CPU `COUNTERS` array.
 pub mod counter {
     /// TCP transitions the probe ran for (after filtering).
@@ -207,7 +242,10 @@ pub struct Event {
     pub oldstate: u8,
     pub newstate: u8,
     pub owner_source: u8,
-    pub _pad: [u8; 3],
+    /// For FIN_WAIT2/CLOSING -> CLOSE, what the socket left behind (`timewait_birth`);
+    /// 0 for every other transition.
+    pub timewait: u8,
+    pub _pad: [u8; 2],
     /// Local and remote address: IPv4 in the first 4 bytes, IPv6 in all 16.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
@@ -262,6 +300,10 @@ pub struct Offsets {
     pub sk_cgroup: u32,
     pub cgroup_kn: u32,
     pub kernfs_id: u32,
+    /// `sock.sk_err` (int) and `sock_common.skc_flags` (unsigned long): how a
+    /// FIN_WAIT2/CLOSING -> CLOSE ended (`timewait_birth`).
+    pub sk_err: u32,
+    pub skc_flags: u32,
     pub _pad: u32,
 }
 
@@ -287,6 +329,8 @@ impl Offsets {
             sk_cgroup: u,
             cgroup_kn: u,
             kernfs_id: u,
+            sk_err: u,
+            skc_flags: u,
             _pad: 0,
         }
     }
@@ -311,6 +355,6 @@ mod user {
 // The wire layout is fixed: a change here must be a deliberate one on both sides.
 const _: () = assert!(core::mem::size_of::<Event>() == 120);
 const _: () = assert!(core::mem::size_of::<SockState>() == 32);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 18 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 20 * 4);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8 + 16 + 32 + 8);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);

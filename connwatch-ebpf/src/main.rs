@@ -33,8 +33,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use connwatch_common::{
     AF_INET, AF_INET6, Event, FILTER_MAX, Filter, IPPROTO_TCP, ListenKey, Offsets, SockState,
-    counter, is_lifecycle, lifecycle_needs, owner_needed_later, owner_source,
-    runs_in_owner_context, starts_a_life, tcp_state, tp_record,
+    counter, is_lifecycle, lifecycle_needs, may_leave_timewait, owner_needed_later, owner_source,
+    runs_in_owner_context, starts_a_life, tcp_state, timewait_birth, timewait_birth_of, tp_record,
 };
 
 /// Event stream to userspace. Size is set by userspace at load time (`--ring-size`).
@@ -425,6 +425,14 @@ fn emit(
     } else {
         0
     };
+    // What a FIN_WAIT2/CLOSING -> CLOSE left behind: userspace then knows a TIME_WAIT
+    // birth from the event alone, without polling for the timewait socket.
+    let timewait = if may_leave_timewait(old, new) {
+        // SAFETY: as above.
+        unsafe { timewait_birth_at_close(sk, old) }
+    } else {
+        0
+    };
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         bump(counter::DROPPED);
         return;
@@ -448,7 +456,8 @@ fn emit(
         (*e).oldstate = old;
         (*e).newstate = new;
         (*e).owner_source = owned.source;
-        (*e)._pad = [0; 3];
+        (*e).timewait = timewait;
+        (*e)._pad = [0; 2];
         (*e).saddr = t.saddr;
         (*e).daddr = t.daddr;
         (*e).owner_comm = owned.state.owner_comm;
@@ -559,6 +568,26 @@ unsafe fn netns_of(sk: *const u8) -> u32 {
     unsafe {
         let net = read_at::<u64>(sk, off!(skc_net)).unwrap_or(0) as *const u8;
         read_at::<u32>(net, off!(net_ns_inum)).unwrap_or(0)
+    }
+}
+
+/// `timewait_birth` of a socket on its FIN_WAIT2/CLOSING -> CLOSE, from `sk_err` and
+/// `sk_flags` (UNKNOWN when either cannot be read: userspace polls instead).
+///
+/// # Safety
+/// `sk` must be a `struct sock *` (or null).
+#[inline(always)]
+unsafe fn timewait_birth_at_close(sk: *const u8, old: u8) -> u8 {
+    // SAFETY: reads through bpf_probe_read_kernel at offsets resolved from BTF.
+    let (err, flags) = unsafe {
+        (
+            read_at::<i32>(sk, off!(sk_err)),
+            read_at::<u64>(sk, off!(skc_flags)),
+        )
+    };
+    match (err, flags) {
+        (Some(err), Some(flags)) => timewait_birth_of(old, err, flags),
+        _ => timewait_birth::UNKNOWN,
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
 };
 
 use compact_str::CompactString;
-use connwatch_common::{AF_INET, AF_INET6, Event, owner_source, tcp_state};
+use connwatch_common::{AF_INET, AF_INET6, Event, owner_source, tcp_state, timewait_birth};
 
 /// A TCP state number with the kernel's name for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,6 +106,33 @@ pub struct Transition {
     /// The task that was running when the probe fired (not necessarily the owner).
     pub task_pid: u32,
     pub task_comm: CompactString,
+    /// For FIN_WAIT2/CLOSING -> CLOSE, what the socket left behind as the probe told.
+    pub leaves: Leaves,
+}
+
+/// What a FIN_WAIT2/CLOSING -> CLOSE left behind (`connwatch_common::timewait_birth`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Leaves {
+    /// Not told (every other transition, or a kernel without the fields): a poll
+    /// confirms whether a timewait socket stands in for the socket.
+    #[default]
+    Unknown,
+    /// Reset or timed out: no timewait socket.
+    Nothing,
+    /// A timewait socket in this substate (TIME_WAIT, or FIN_WAIT2 for an orphan
+    /// still waiting for the peer's FIN).
+    Timewait(TcpState),
+}
+
+impl Leaves {
+    pub fn from_wire(byte: u8) -> Self {
+        match byte {
+            timewait_birth::NONE => Self::Nothing,
+            timewait_birth::FIN_WAIT2 => Self::Timewait(TcpState::FIN_WAIT2),
+            timewait_birth::TIME_WAIT => Self::Timewait(TcpState::TIME_WAIT),
+            _ => Self::Unknown,
+        }
+    }
 }
 
 impl Transition {
@@ -198,6 +225,11 @@ pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
         owner,
         task_pid: ev.task_pid,
         task_comm: comm(&ev.task_comm),
+        leaves: if connwatch_common::may_leave_timewait(ev.oldstate, ev.newstate) {
+            Leaves::from_wire(ev.timewait)
+        } else {
+            Leaves::Unknown
+        },
     })
 }
 
@@ -419,5 +451,39 @@ pub(crate) mod tests {
         ] {
             assert!(!is_lifecycle(old, new), "{old}->{new}");
         }
+    }
+
+    #[test]
+    fn timewait_birth_from_the_socket_at_close() {
+        use connwatch_common::timewait_birth_of;
+        const ECONNRESET: i32 = 104;
+        const ETIMEDOUT: i32 = 110;
+        const SOCK_DONE: u64 = connwatch_common::SOCK_DONE;
+        // SOCK_DEAD (an orphan) and SOCK_KEEPOPEN: other flags tell nothing.
+        const OTHERS: u64 = 1 | 1 << 3;
+        let leaves = |old, err, flags| Leaves::from_wire(timewait_birth_of(old, err, flags));
+        let (fw2, tw) = (
+            Leaves::Timewait(TcpState::FIN_WAIT2),
+            Leaves::Timewait(TcpState::TIME_WAIT),
+        );
+        // The orphan's FIN_WAIT2 became a timewait socket before the peer's FIN.
+        assert_eq!(leaves(tcp_state::FIN_WAIT2, 0, OTHERS), fw2);
+        // The peer's FIN came first (or with the ACK): TIME_WAIT at once.
+        assert_eq!(leaves(tcp_state::FIN_WAIT2, 0, SOCK_DONE), tw);
+        assert_eq!(leaves(tcp_state::FIN_WAIT2, 0, SOCK_DONE | OTHERS), tw);
+        // Simultaneous close: CLOSING has the peer's FIN by definition.
+        assert_eq!(leaves(tcp_state::CLOSING, 0, 0), tw);
+        // A reset or a timeout leaves nothing.
+        assert_eq!(
+            leaves(tcp_state::FIN_WAIT2, ECONNRESET, SOCK_DONE),
+            Leaves::Nothing
+        );
+        assert_eq!(leaves(tcp_state::CLOSING, ETIMEDOUT, 0), Leaves::Nothing);
+        // Only the FIN_WAIT2/CLOSING -> CLOSE of a record carries it.
+        let mut ev = v4_event(tcp_state::FIN_WAIT2, tcp_state::CLOSE);
+        ev.timewait = connwatch_common::timewait_birth::TIME_WAIT;
+        assert_eq!(from_event(&ev).unwrap().leaves, tw);
+        ev.newstate = tcp_state::CLOSE_WAIT;
+        assert_eq!(from_event(&ev).unwrap().leaves, Leaves::Unknown);
     }
 }

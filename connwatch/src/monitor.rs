@@ -3,6 +3,7 @@
 //! namespace on the host (the probe sees them all; dumps are made inside each).
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
     time::Duration,
 };
 
@@ -18,7 +19,7 @@ use crate::{
     report::{self, Footprint, Growth, Loss, Report, ReportConfig, Snapshot},
     sockdiag::Query,
     table::{SockKey, Table},
-    timewait::{Synthetic, Tracker, TwOwner},
+    timewait::{Listed, Synthetic, Tracker, TwOwner},
 };
 
 pub struct Monitor {
@@ -209,15 +210,17 @@ impl Monitor {
             self.discover_namespaces();
         }
         self.tw.expire_due(monotonic_ns());
-        let mut rows = if let Some(only) = self.timewait_poll_scope() {
-            let query = Query::states(
-                &[TcpState::TIME_WAIT, TcpState::FIN_WAIT2, TcpState::LISTEN],
-                false,
-            );
+        let mut rows = if let Some(scope) = self.timewait_poll_scope() {
             let started = std::time::Instant::now();
             let loss = self.loss_seen;
-            let visits = self.visit(&[query], false, only.as_ref())?;
-            let rows = self.observe(visits)?;
+            let polled = match scope {
+                None => {
+                    let visits = self.visit(&[Self::timewait_query()], false, None)?;
+                    visits.into_iter().map(|v| (v, Listed::All)).collect()
+                }
+                Some(wanting) => self.poll_wanting(&wanting)?,
+            };
+            let rows = self.observe(polled)?;
             // Charged to the polls' budget; a full dump that observes timewait sockets
             // (the seed) is charged to its own.
             self.tw_budget.spent(started.elapsed());
@@ -239,13 +242,75 @@ impl Monitor {
         Ok(rows)
     }
 
+    /// Every timewait socket, and the listeners that own the unclaimed ones.
+    fn timewait_query() -> Query {
+        Query::states(
+            &[TcpState::TIME_WAIT, TcpState::FIN_WAIT2, TcpState::LISTEN],
+            false,
+        )
+    }
+
+    /// Polls the namespaces that want it, each for what it needs: every timewait socket
+    /// where closes wait for confirmation, else only the orphans' FIN_WAIT2 (the
+    /// kernel's state filter goes by substate, so TIME_WAIT sockets are not listed) and
+    /// those of the followed orphans that left that list, looked up one by one to tell
+    /// a FIN_WAIT2 that turned TIME_WAIT from one that ended.
+    fn poll_wanting(&mut self, wanting: &BTreeMap<u32, Listed>) -> Result<Vec<(Visit, Listed)>> {
+        let with = |listed: Listed| -> BTreeSet<u32> {
+            wanting
+                .iter()
+                .filter(|(_, l)| **l == listed)
+                .map(|(ns, _)| *ns)
+                .collect()
+        };
+        let (all, orphans) = (with(Listed::All), with(Listed::FinWait2));
+        let mut polled = Vec::new();
+        if !all.is_empty() {
+            let visits = self.visit(&[Self::timewait_query()], false, Some(&all))?;
+            polled.extend(visits.into_iter().map(|v| (v, Listed::All)));
+        }
+        if orphans.is_empty() {
+            return Ok(polled);
+        }
+        let query = Query::states(&[TcpState::FIN_WAIT2, TcpState::LISTEN], false);
+        let mut visits = self.visit(&[query], false, Some(&orphans))?;
+        let mut lookups = BTreeMap::new();
+        for v in &visits {
+            let listed: std::collections::HashSet<(SocketAddr, SocketAddr)> = v
+                .sockets
+                .iter()
+                .filter(|s| s.timewait)
+                .map(|s| (s.local, s.remote))
+                .collect();
+            let mut left = self.tw.orphans(v.ns);
+            left.retain(|pair| !listed.contains(pair));
+            if !left.is_empty() {
+                lookups.insert(v.ns, left);
+            }
+        }
+        if !lookups.is_empty() {
+            let started = std::time::Instant::now();
+            let mut found = self.namespaces.lookup(lookups)?;
+            self.poll_ns += started.elapsed().as_nanos() as u64;
+            for v in &mut visits {
+                // Only timewait sockets count: a new connection on the same 4-tuple is
+                // not the orphan.
+                let timewait = found.remove(&v.ns).unwrap_or_default();
+                v.sockets
+                    .extend(timewait.into_iter().filter(|s| s.timewait));
+            }
+        }
+        polled.extend(visits.into_iter().map(|v| (v, Listed::FinWait2)));
+        Ok(polled)
+    }
+
     /// Whether a timewait poll can tell anything events did not, within its CPU budget,
     /// and where: every namespace before seeding or after a loss (a timewait socket may
     /// have begun unseen anywhere), else only those with a close pending or a timer due
     /// (`Some(None)` is every namespace, `None` no poll). Every `TW_RECONCILE` all of
     /// them are polled anyway: what no event shows (an RST in TIME_WAIT, a timer
     /// re-armed) is caught there.
-    fn timewait_poll_scope(&mut self) -> Option<Option<BTreeSet<u32>>> {
+    fn timewait_poll_scope(&mut self) -> Option<Option<BTreeMap<u32, Listed>>> {
         let reconcile = self
             .last_reconcile
             .is_none_or(|t| t.elapsed() >= TW_RECONCILE);
@@ -265,10 +330,10 @@ impl Monitor {
 
     /// Takes a visit's listeners and timewait sockets: confirms closes as TIME_WAIT
     /// births, notices ends, adopts sockets not seen entering.
-    fn observe(&mut self, visits: Vec<Visit>) -> Result<Vec<Synthetic>> {
+    fn observe(&mut self, visits: Vec<(Visit, Listed)>) -> Result<Vec<Synthetic>> {
         let now = monotonic_ns();
         let mut rows = Vec::new();
-        for v in &visits {
+        for (v, _) in &visits {
             self.namespaces.note_listeners(v);
         }
         let seeding = !self.tw_seeded;
@@ -294,7 +359,7 @@ impl Monitor {
             ..
         } = self;
         let listeners = namespaces.listeners();
-        for Visit { ns, sockets } in &visits {
+        for (Visit { ns, sockets }, listed) in &visits {
             // Once per listening port, not once per socket: a server can leave tens of
             // thousands of TIME_WAITs on one port.
             let known: std::cell::RefCell<HashMap<u16, Option<TwOwner>>> = Default::default();
@@ -315,7 +380,7 @@ impl Monitor {
                 known.borrow_mut().insert(port, owner.clone());
                 owner
             };
-            rows.extend(tw.observe(*ns, sockets, now, seeding, &listener));
+            rows.extend(tw.observe(*ns, sockets, *listed, now, seeding, &listener));
         }
         self.tw_seeded = true;
         rows.sort_by_key(|r| r.ts_ns);
@@ -366,7 +431,7 @@ impl Monitor {
         }
         let rows = if with_timewait {
             let loss = self.loss_seen;
-            let rows = self.observe(visits);
+            let rows = self.observe(visits.into_iter().map(|v| (v, Listed::All)).collect());
             self.loss_polled = loss;
             rows
         } else {

@@ -9,6 +9,7 @@
 //! (~1 ms with a few thousand sockets), so rounds visit only the namespaces they need.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
     path::PathBuf,
 };
 
@@ -145,7 +146,7 @@ impl Namespaces {
             results.push((own, visit()));
         }
         if !others.is_empty() {
-            results.extend(netns::run_in_each(others, visit));
+            results.extend(netns::run_in_each(others, move |_| visit()));
         }
         let mut out = Vec::with_capacity(results.len());
         for (ns, result) in results {
@@ -166,6 +167,41 @@ impl Namespaces {
             }
         }
         Ok(out)
+    }
+
+    /// Looks up single sockets by (local, remote) in each namespace of `wanted`: those
+    /// found, by namespace. A namespace that fails (gone meanwhile) finds nothing; our
+    /// own failing is an error.
+    pub fn lookup(
+        &self,
+        mut wanted: BTreeMap<u32, Vec<(SocketAddr, SocketAddr)>>,
+    ) -> Result<BTreeMap<u32, Vec<DiagSocket>>> {
+        let mut found = BTreeMap::new();
+        if let Some(pairs) = wanted.remove(&self.own) {
+            let own = sockdiag::lookup(&pairs)
+                .context("cannot look up TCP sockets through netlink sock_diag")?;
+            found.insert(self.own, own);
+        }
+        let others: Vec<(u32, PathBuf)> = wanted
+            .keys()
+            .filter_map(|ns| Some((*ns, self.paths.get(ns)?.clone())))
+            .collect();
+        if others.is_empty() {
+            return Ok(found);
+        }
+        let wanted = std::sync::Arc::new(wanted);
+        let lookups = netns::run_in_each(others, move |ns| {
+            sockdiag::lookup(wanted.get(&ns).map_or(&[][..], Vec::as_slice))
+        });
+        for (ns, result) in lookups {
+            match result {
+                Ok(sockets) => {
+                    found.insert(ns, sockets);
+                }
+                Err(e) => log::debug!("netns {ns}: sock_diag lookup failed: {e}"),
+            }
+        }
+        Ok(found)
     }
 
     /// Takes the listening sockets of a visit that asked for them.

@@ -65,11 +65,11 @@ pub fn run_in<T: Send + 'static>(
     .map_err(|_| io::Error::other("namespace worker panicked"))?
 }
 
-/// Runs `f` in each namespace in turn, all on one thread of its own (setns moves only
+/// Runs `f(namespace)` in each namespace in turn, all on one thread of its own (setns moves only
 /// that thread): one thread per round rather than one per namespace.
 pub fn run_in_each<T: Send + 'static>(
     namespaces: Vec<(u32, PathBuf)>,
-    f: impl Fn() -> io::Result<T> + Send + 'static,
+    f: impl Fn(u32) -> io::Result<T> + Send + 'static,
 ) -> Vec<(u32, io::Result<T>)> {
     let worker = std::thread::spawn(move || {
         namespaces
@@ -82,7 +82,7 @@ pub fn run_in_each<T: Send + 'static>(
                     }
                     Ok(())
                 });
-                (ns, entered.and_then(|()| f()))
+                (ns, entered.and_then(|()| f(ns)))
             })
             .collect()
     });

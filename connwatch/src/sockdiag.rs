@@ -77,6 +77,104 @@ pub fn dump(query: Query) -> io::Result<Vec<DiagSocket>> {
     Ok(out)
 }
 
+/// Requests sent in one datagram by `lookup`: their replies (one message each) must
+/// fit in the socket's receive buffer at once.
+const LOOKUP_BATCH: usize = 64;
+
+/// Looks up single sockets by (local, remote) in the current network namespace, as
+/// `ss` does for one socket: the sockets found (timewait ones included), in no order.
+/// Costs a message per socket instead of a dump of every socket in the state: what
+/// tells an orphan's FIN_WAIT2 that turned TIME_WAIT from one that ended.
+pub fn lookup(pairs: &[(SocketAddr, SocketAddr)]) -> io::Result<Vec<DiagSocket>> {
+    let mut out = Vec::new();
+    if pairs.is_empty() {
+        return Ok(out);
+    }
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NlAddr::new(0, 0))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    for batch in pairs.chunks(LOOKUP_BATCH) {
+        let mut bytes = Vec::with_capacity(batch.len() * 80);
+        for (local, remote) in batch {
+            bytes.extend(exact_request(*local, *remote));
+        }
+        socket.send(&bytes, 0)?;
+        // One reply per request: the socket, or an error (ENOENT: it is gone).
+        let mut replies = 0;
+        while replies < batch.len() {
+            let n = socket.recv(&mut buf.as_mut_slice(), 0)?;
+            replies += parse_replies(buf.get(..n).unwrap_or_default(), &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
+/// A request for the one socket with this (local, remote).
+fn exact_request(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    let mut packet = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family: if local.is_ipv4() { AF_INET } else { AF_INET6 },
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: SocketId {
+                source_port: local.port(),
+                destination_port: remote.port(),
+                source_address: local.ip(),
+                destination_address: remote.ip(),
+                interface_id: 0,
+                // INET_DIAG_NOCOOKIE: match by address alone.
+                cookie: [0xff; 8],
+            },
+        })
+        .into(),
+    );
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    buf
+}
+
+/// Parses the replies to exact requests in one datagram: the sockets found go to
+/// `out`; returns how many replies (sockets and errors) it held.
+fn parse_replies(mut bytes: &[u8], out: &mut Vec<DiagSocket>) -> io::Result<usize> {
+    let bad = |e: String| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag: {e}"));
+    let mut replies = 0;
+    while !bytes.is_empty() {
+        let len = u32_at(bytes, 0).ok_or_else(|| bad("short netlink header".into()))? as usize;
+        let kind = u16_at(bytes, 4).unwrap_or(0);
+        if len < NLMSG_HDRLEN || len > bytes.len() {
+            return Err(bad(format!("message length {len}")));
+        }
+        let payload = bytes.get(NLMSG_HDRLEN..len).unwrap_or_default();
+        match kind {
+            NLMSG_ERROR => {
+                let errno = u32_at(payload, 0).map_or(0, |e| e as i32).saturating_neg();
+                // ENOENT: no such socket. Anything else is a real failure.
+                if errno != 0 && errno != libc::ENOENT {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+                replies += 1;
+            }
+            SOCK_DIAG_BY_FAMILY => {
+                out.push(
+                    parse_inet_diag(payload).ok_or_else(|| {
+                        bad(format!("inet_diag message of {} bytes", payload.len()))
+                    })?,
+                );
+                replies += 1;
+            }
+            _ => {}
+        }
+        bytes = bytes.get((len + 3) & !3..).unwrap_or(&[]);
+    }
+    Ok(replies)
+}
+
 fn request(socket: &Socket, family: u8, query: Query) -> io::Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -359,5 +457,38 @@ mod tests {
             .expect("listener in dump");
         assert_eq!(ours.state, TcpState(10));
         assert_ne!(ours.inode, 0);
+    }
+
+    #[test]
+    fn lookup_finds_single_sockets_timewait_included() {
+        use std::io::Read as _;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let (local, remote) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        let unused: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let found = lookup(&[(local, remote), (unused, remote)]).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].local, local);
+        assert_eq!(found[0].state, TcpState(1));
+        assert!(!found[0].timewait);
+        // The client closes first, then the server: the client's side is TIME_WAIT.
+        drop(client);
+        assert_eq!(server.read(&mut [0u8; 8]).unwrap(), 0);
+        drop(server);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let found = lookup(&[(local, remote)]).unwrap();
+            if found.first().is_some_and(|s| s.state == TcpState(6)) {
+                assert!(found[0].timewait);
+                assert!(found[0].expires_ms > 50_000, "{found:?}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{found:?}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // More than one batch: every request gets its reply.
+        let many = vec![(unused, remote); LOOKUP_BATCH * 2 + 3];
+        assert!(lookup(&many).unwrap().is_empty());
     }
 }

@@ -591,6 +591,7 @@ pub(crate) mod tests {
             },
             task_pid: 1,
             task_comm: "bystander".into(),
+            leaves: Default::default(),
         }
     }
 

@@ -2,11 +2,18 @@
 //!
 //! The tracepoint never reports TIME_WAIT: on FIN_WAIT2->CLOSE (or CLOSING->CLOSE) the
 //! full socket is replaced by a small timewait socket that fires no event when it dies.
-//! So entry is the ->CLOSE transition, *confirmed* by a poll that lists a timewait
-//! socket with the same namespace and 4-tuple (an RST or a full timewait table closes
-//! without one), and exit is its absence from a later poll. A normal end is timed by the
-//! kernel's own timer (the poll reports its remaining time), so the lifetime is exact;
-//! an absence before the timer was due is an `early` end (port reuse, RST, a new SYN).
+//! So entry is the ->CLOSE transition. Where the kernel's BTF names `sk_err` and
+//! `sk_flags`, the probe tells on that transition whether a timewait socket took the
+//! socket's place and in which substate (`Leaves`): the birth needs no poll. Elsewhere
+//! it is *confirmed* by a poll that lists a timewait socket with the same namespace and
+//! 4-tuple (an RST or a full timewait table closes without one).
+//!
+//! Exit is timed by the kernel's own timer (`TCP_TIMEWAIT_LEN`, or the remaining time a
+//! poll reports), so the lifetime is exact without polling; a new connection on the
+//! 4-tuple is an event, and ends it `early`. Polls remain only for what no event shows:
+//! an orphan's FIN_WAIT2 turning TIME_WAIT on the peer's FIN (a poll that lists only
+//! FIN_WAIT2 timewait sockets, and looks up the ones that left the list), and a
+//! reconciliation of every namespace once a minute (an RST in TIME_WAIT, an overflow).
 //!
 //! The owner is carried from the close() that started it (ESTABLISHED->FIN_WAIT1 runs in
 //! the closing process); a TIME_WAIT that pre-dates connwatch is attributed to the
@@ -18,7 +25,7 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
-    decode::{OwnerSource, TcpState, Transition},
+    decode::{Leaves, OwnerSource, TcpState, Transition},
     sockdiag::DiagSocket,
     table::{AgeSource, Overflow, SockKey},
 };
@@ -57,6 +64,18 @@ impl End {
             Self::Early => "early",
         }
     }
+}
+
+/// What a poll of a namespace listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Listed {
+    /// Only orphans' FIN_WAIT2 timewait sockets, plus those of the followed ones that
+    /// left the list, looked up one by one: what a poll is for once births come from
+    /// events (a dump of every TIME_WAIT socket costs in proportion to them all).
+    FinWait2,
+    /// Every timewait socket: to confirm closes the probe could not classify, and to
+    /// reconcile.
+    All,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,7 +161,7 @@ pub struct Tracker {
     pub limit: usize,
     /// `wanting_poll`'s answer, kept until the tracker changes: an idle host with tens
     /// of thousands of TIME_WAITs is not rescanned every tick.
-    wanting: Option<std::collections::BTreeSet<u32>>,
+    wanting: Option<std::collections::BTreeMap<u32, Listed>>,
     /// No TIME_WAIT is due before this (0: unknown, scan).
     next_expiry_ns: u64,
 }
@@ -190,6 +209,17 @@ impl Tracker {
             }
             return;
         }
+        match t.leaves {
+            Leaves::Nothing => {
+                self.closed_without_timewait += 1;
+                return;
+            }
+            Leaves::Timewait(substate) => {
+                self.born(key, t, substate, owner);
+                return;
+            }
+            Leaves::Unknown => {}
+        }
         if self.limit != 0 && self.pending.len() >= self.limit {
             self.untracked += 1;
             return;
@@ -205,13 +235,34 @@ impl Tracker {
         );
     }
 
+    /// A close the probe classified: its timewait socket exists from `t.ts_ns`, with
+    /// its timer due `TCP_TIMEWAIT_LEN` later (an orphan's FIN_WAIT2 waits as long by
+    /// default; a poll corrects it).
+    fn born(&mut self, key: SockKey, t: &Transition, substate: TcpState, owner: Option<TwOwner>) {
+        if self.limit != 0 && self.tracked.len() >= self.limit {
+            self.untracked += 1;
+            return;
+        }
+        let p = Pending {
+            ts_ns: t.ts_ns,
+            from: t.old,
+            from_duration_ns: t.duration_ns(),
+            owner,
+        };
+        let mut rows = Vec::new();
+        self.confirm(key, p, substate, t.ts_ns + TIMEWAIT_LEN_NS, &mut rows);
+        self.queued.append(&mut rows);
+    }
+
     /// Applies one poll of a namespace's timewait sockets (`timewait == true` entries of
     /// a dump) taken at `now_ns`. `seeding` marks the first poll, whose sockets pre-date
     /// connwatch. `listener` names the process listening on a local port, if any.
+    #[allow(clippy::too_many_arguments)]
     pub fn observe(
         &mut self,
         netns: u32,
         sockets: &[DiagSocket],
+        listed: Listed,
         now_ns: u64,
         seeding: bool,
         listener: &dyn Fn(u16) -> Option<TwOwner>,
@@ -234,8 +285,12 @@ impl Tracker {
                 self.adopt(key, s, due, now_ns, !seeding, listener);
             }
         }
-        self.end_missing(netns, now_ns);
+        self.end_missing(netns, listed, now_ns);
         rows.append(&mut self.queued);
+        if listed != Listed::All {
+            rows.sort_by_key(|r| r.ts_ns);
+            return rows;
+        }
 
         self.over_limit.sweep(netns, self.poll);
         // Pending closes of this namespace that the poll did not confirm left no
@@ -379,14 +434,17 @@ impl Tracker {
         );
     }
 
-    /// Ends the followed sockets of `netns` that this poll no longer lists: `expired`
-    /// at their timer when it is due, `early` otherwise.
-    fn end_missing(&mut self, netns: u32, now_ns: u64) {
+    /// Ends the followed sockets of `netns` that this poll no longer lists (of those it
+    /// lists): `expired` at their timer when it is due, `early` otherwise.
+    fn end_missing(&mut self, netns: u32, listed: Listed, now_ns: u64) {
         let poll = self.poll;
+        // A FIN_WAIT2-only poll lists (or looked up) the orphans, not the rest.
+        let listed_here =
+            |tw: &TimeWait| listed == Listed::All || tw.substate == TcpState::FIN_WAIT2;
         let mut gone: Vec<SockKey> = self
             .tracked
             .iter()
-            .filter(|(k, tw)| k.netns == netns && tw.seen != poll)
+            .filter(|(k, tw)| k.netns == netns && tw.seen != poll && listed_here(tw))
             .map(|(k, _)| *k)
             .collect();
         gone.sort();
@@ -541,21 +599,36 @@ impl Tracker {
         !self.wanting_poll().is_empty()
     }
 
-    /// The namespaces that `wants_poll` for: only they need a dump.
-    pub fn wanting_poll(&mut self) -> std::collections::BTreeSet<u32> {
+    /// The namespaces that `wants_poll` for, and what their poll must list: every
+    /// timewait socket where a close waits for confirmation or an entry was found
+    /// without its transition, only the orphans' FIN_WAIT2 where that is all there is.
+    pub fn wanting_poll(&mut self) -> std::collections::BTreeMap<u32, Listed> {
         if let Some(wanting) = &self.wanting {
             return wanting.clone();
         }
-        let mut wanting: std::collections::BTreeSet<u32> =
-            self.pending.keys().map(|k| k.netns).collect();
-        wanting.extend(
-            self.tracked
-                .iter()
-                .filter(|(_, t)| t.provisional || t.substate == TcpState::FIN_WAIT2)
-                .map(|(k, _)| k.netns),
-        );
+        let mut wanting = std::collections::BTreeMap::new();
+        for (k, t) in &self.tracked {
+            if t.provisional {
+                wanting.insert(k.netns, Listed::All);
+            } else if t.substate == TcpState::FIN_WAIT2 {
+                wanting.entry(k.netns).or_insert(Listed::FinWait2);
+            }
+        }
+        for k in self.pending.keys() {
+            wanting.insert(k.netns, Listed::All);
+        }
         self.wanting = Some(wanting.clone());
         wanting
+    }
+
+    /// The followed orphans (FIN_WAIT2 timewait sockets) of `netns`: those a
+    /// FIN_WAIT2-only poll no longer lists are looked up one by one.
+    pub fn orphans(&self, netns: u32) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)> {
+        self.tracked
+            .iter()
+            .filter(|(k, t)| k.netns == netns && t.substate == TcpState::FIN_WAIT2)
+            .map(|(k, _)| (k.local.into(), k.remote.into()))
+            .collect()
     }
 
     /// Entries held in each of the tracker's tables.
@@ -655,6 +728,7 @@ mod tests {
         let rows = t.observe(
             NS,
             &[tw(TIME_WAIT, C, S, 59_600)],
+            Listed::All,
             10_400_000_000,
             false,
             &no_listener,
@@ -673,6 +747,7 @@ mod tests {
             t.observe(
                 NS,
                 &[tw(TIME_WAIT, C, S, 58_600)],
+                Listed::All,
                 11_400_000_000,
                 false,
                 &no_listener
@@ -680,7 +755,7 @@ mod tests {
             .is_empty()
         );
         // Gone at a poll after the timer was due: expired, lifetime from the timer.
-        let rows = t.observe(NS, &[], 71 * SEC, false, &no_listener);
+        let rows = t.observe(NS, &[], Listed::All, 71 * SEC, false, &no_listener);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].end, Some(End::Expired));
         assert_eq!(rows[0].ts_ns, 70 * SEC);
@@ -697,6 +772,7 @@ mod tests {
         t.observe(
             NS,
             &[tw(TIME_WAIT, C, S, 59_600)],
+            Listed::All,
             10_400_000_000,
             false,
             &no_listener,
@@ -721,6 +797,7 @@ mod tests {
         t.observe(
             NS,
             &[tw(FIN_WAIT2, C, "127.0.0.1:9", 59_000)],
+            Listed::All,
             81 * SEC,
             false,
             &no_listener,
@@ -735,12 +812,13 @@ mod tests {
         let rows = t.observe(
             NS,
             &[tw(TIME_WAIT, C, S, 60_000)],
+            Listed::All,
             10 * SEC,
             false,
             &no_listener,
         );
         assert_eq!(rows[0].old, TcpState::CLOSING);
-        let rows = t.observe(NS, &[], 15 * SEC, false, &no_listener);
+        let rows = t.observe(NS, &[], Listed::All, 15 * SEC, false, &no_listener);
         assert_eq!(rows[0].end, Some(End::Early));
         assert_eq!(rows[0].duration_ns, Some(5 * SEC));
     }
@@ -753,6 +831,7 @@ mod tests {
             t.observe(
                 NS,
                 &[tw(TIME_WAIT, C, S, 59_900)],
+                Listed::All,
                 10_100_000_000,
                 false,
                 &no_listener
@@ -763,6 +842,7 @@ mod tests {
         let rows = t.observe(
             NS,
             &[tw(TIME_WAIT, C, S, 58_900)],
+            Listed::All,
             11_100_000_000,
             false,
             &no_listener,
@@ -787,13 +867,21 @@ mod tests {
         t.observe(
             NS,
             &[tw(TIME_WAIT, C, S, 60_000)],
+            Listed::All,
             10 * SEC,
             false,
             &no_listener,
         );
         // The timer wheel runs it 1.5 s late: still listed, 0 ms left.
-        t.observe(NS, &[tw(TIME_WAIT, C, S, 0)], 71 * SEC, false, &no_listener);
-        let rows = t.observe(NS, &[], 72 * SEC, false, &no_listener);
+        t.observe(
+            NS,
+            &[tw(TIME_WAIT, C, S, 0)],
+            Listed::All,
+            71 * SEC,
+            false,
+            &no_listener,
+        );
+        let rows = t.observe(NS, &[], Listed::All, 72 * SEC, false, &no_listener);
         assert_eq!(rows[0].duration_ns, Some(60 * SEC));
     }
 
@@ -808,13 +896,14 @@ mod tests {
         t.observe(
             NS,
             &[tw(TIME_WAIT, S, C, 60_000)],
+            Listed::All,
             10 * SEC,
             false,
             &no_listener,
         );
         // A SYN from the same client port: the server's child starts on the 4-tuple.
         t.on_transition(k, &tr(12.0, LISTEN, SYN_RECV, S, C));
-        let rows = t.observe(NS, &[], 12_500_000_000, false, &no_listener);
+        let rows = t.observe(NS, &[], Listed::All, 12_500_000_000, false, &no_listener);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].end, Some(End::Early));
         assert_eq!(rows[0].ts_ns, 12 * SEC);
@@ -826,7 +915,10 @@ mod tests {
     fn close_without_timewait_socket_is_not_time_wait() {
         let mut t = Tracker::default();
         t.on_transition(key(C, S), &close_from(FIN_WAIT2, 10.0, Some(42)));
-        assert!(t.observe(NS, &[], 11 * SEC, false, &no_listener).is_empty());
+        assert!(
+            t.observe(NS, &[], Listed::All, 11 * SEC, false, &no_listener)
+                .is_empty()
+        );
         assert_eq!(t.tracked().count(), 0);
         assert_eq!(t.closed_without_timewait, 1);
     }
@@ -840,6 +932,7 @@ mod tests {
             t.observe(
                 NS,
                 &[tw(FIN_WAIT2, C, S, 59_000)],
+                Listed::All,
                 11 * SEC,
                 false,
                 &no_listener
@@ -850,6 +943,7 @@ mod tests {
         let rows = t.observe(
             NS,
             &[tw(TIME_WAIT, C, S, 59_000)],
+            Listed::All,
             14 * SEC,
             false,
             &no_listener,
@@ -861,7 +955,7 @@ mod tests {
         );
         assert_eq!(rows[0].ts_ns, 13 * SEC);
         assert_eq!(rows[0].duration_ns, Some(3 * SEC));
-        let rows = t.observe(NS, &[], 74 * SEC, false, &no_listener);
+        let rows = t.observe(NS, &[], Listed::All, 74 * SEC, false, &no_listener);
         assert_eq!(rows[0].end, Some(End::Expired));
         assert_eq!(rows[0].duration_ns, Some(60 * SEC));
     }
@@ -878,6 +972,7 @@ mod tests {
         let rows = t.observe(
             NS,
             &[tw(TIME_WAIT, S, C, 45_000), tw(TIME_WAIT, C, S, 30_000)],
+            Listed::All,
             100 * SEC,
             true,
             &listener,
@@ -898,9 +993,9 @@ mod tests {
             tw(TIME_WAIT, C, S, 29_000),
             tw(TIME_WAIT, S, "127.0.0.1:1", 60_000),
         ];
-        t.observe(NS, &later, 101 * SEC, false, &listener);
+        t.observe(NS, &later, Listed::All, 101 * SEC, false, &listener);
         assert_eq!(t.untracked(), 0, "its transition may still be on its way");
-        t.observe(NS, &later, 102 * SEC, false, &listener);
+        t.observe(NS, &later, Listed::All, 102 * SEC, false, &listener);
         assert_eq!(t.untracked(), 1);
     }
 
@@ -912,6 +1007,7 @@ mod tests {
         t.observe(
             NS,
             &[tw(TIME_WAIT, C, S, 60_000)],
+            Listed::All,
             10 * SEC,
             false,
             &no_listener,
@@ -920,7 +1016,7 @@ mod tests {
         t.on_transition(k, &close_from(FIN_WAIT2, 10.0, Some(43)));
         // A poll of another namespace neither ends nor confirms these.
         assert!(
-            t.observe(NS + 5, &[], 11 * SEC, false, &no_listener)
+            t.observe(NS + 5, &[], Listed::All, 11 * SEC, false, &no_listener)
                 .is_empty()
         );
         assert_eq!(t.tracked().count(), 1);
@@ -939,7 +1035,7 @@ mod tests {
         let polled: Vec<DiagSocket> = (0..5)
             .map(|i| tw(TIME_WAIT, &format!("127.0.0.1:{}", 41000 + i), S, 59_000))
             .collect();
-        t.observe(NS, &polled, 15 * SEC, false, &no_listener);
+        t.observe(NS, &polled, Listed::All, 15 * SEC, false, &no_listener);
         assert_eq!(t.created_since(0).count(), 5);
         assert_eq!(t.created_since(12 * SEC).count(), 3);
         t.prune(13 * SEC);
@@ -955,12 +1051,19 @@ mod tests {
         k.netns = NS + 1000;
         t.on_transition(k, &close_from(FIN_WAIT2, 10.0, Some(42)));
         for ns in 0..500 {
-            t.observe(NS + ns, &[], 11 * SEC, false, &no_listener);
+            t.observe(NS + ns, &[], Listed::All, 11 * SEC, false, &no_listener);
         }
         t.expire_pending(12 * SEC);
         let mut sock = tw(TIME_WAIT, C, S, 59_000);
         sock.local = C.parse().unwrap();
-        let rows = t.observe(NS + 1000, &[sock], 12 * SEC, false, &no_listener);
+        let rows = t.observe(
+            NS + 1000,
+            &[sock],
+            Listed::All,
+            12 * SEC,
+            false,
+            &no_listener,
+        );
         assert_eq!(rows.len(), 1, "{rows:?}");
         assert_eq!(rows[0].owner.as_ref().map(|o| o.pid), Some(42));
         assert_eq!(rows[0].owner_source, OwnerSource::Carried);
@@ -989,6 +1092,7 @@ mod tests {
         t.observe(
             NS,
             &[tw(TIME_WAIT, C, S, 60_000)],
+            Listed::All,
             10 * SEC,
             false,
             &no_listener,
@@ -1022,9 +1126,130 @@ mod tests {
             .map(|i| tw(TIME_WAIT, &format!("127.0.0.1:{}", 41000 + i), S, 59_000))
             .collect();
         for round in 0..30 {
-            t.observe(NS, &polled, (10 + round) * SEC, true, &no_listener);
+            t.observe(
+                NS,
+                &polled,
+                Listed::All,
+                (10 + round) * SEC,
+                true,
+                &no_listener,
+            );
         }
         assert_eq!(t.tracked().count(), 2);
         assert_eq!(t.untracked(), 3);
+    }
+
+    fn told(old: u8, ts_s: f64, leaves: Leaves) -> Transition {
+        let mut t = close_from(old, ts_s, Some(42));
+        t.leaves = leaves;
+        t
+    }
+
+    #[test]
+    fn a_birth_told_by_the_probe_needs_no_poll() {
+        let mut t = Tracker::default();
+        t.on_transition(
+            key(C, S),
+            &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::TIME_WAIT)),
+        );
+        // Followed at once, with its row, and nothing to poll for.
+        assert_eq!(t.counts(), (1, 0));
+        assert!(!t.wants_poll());
+        let rows = t.take_queued();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].old, rows[0].new, rows[0].ts_ns),
+            (TcpState::FIN_WAIT2, TcpState::TIME_WAIT, 10 * SEC)
+        );
+        assert_eq!(rows[0].owner_source, OwnerSource::Carried);
+        assert_eq!(rows[0].duration_ns, Some(SEC / 2));
+        // Ends at its timer, 60 s on.
+        t.expire_due(71 * SEC);
+        let rows = t.take_queued();
+        assert_eq!((rows[0].end, rows[0].ts_ns), (Some(End::Expired), 70 * SEC));
+        assert_eq!(t.untracked(), 0);
+    }
+
+    #[test]
+    fn a_reset_or_timed_out_close_is_not_a_time_wait() {
+        let mut t = Tracker::default();
+        t.on_transition(key(C, S), &told(FIN_WAIT2, 10.0, Leaves::Nothing));
+        t.on_transition(key(S, C), &told(CLOSING, 10.0, Leaves::Nothing));
+        assert_eq!(t.counts(), (0, 0));
+        assert!(!t.wants_poll());
+        assert!(t.take_queued().is_empty());
+        assert_eq!(t.closed_without_timewait, 2);
+    }
+
+    #[test]
+    fn a_told_orphan_is_polled_for_fin_wait2_only_and_looked_up_when_it_leaves() {
+        let mut t = Tracker::default();
+        t.on_transition(
+            key(C, S),
+            &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::FIN_WAIT2)),
+        );
+        // A TIME_WAIT elsewhere in the namespace that a FIN_WAIT2-only poll never lists.
+        let other = "127.0.0.1:40001";
+        t.on_transition(
+            key(other, S),
+            &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::TIME_WAIT)),
+        );
+        assert_eq!(t.counts(), (1, 1));
+        assert!(t.take_queued().iter().all(|r| r.key == key(other, S)));
+        assert_eq!(
+            t.wanting_poll(),
+            std::collections::BTreeMap::from([(NS, Listed::FinWait2)])
+        );
+        assert_eq!(
+            t.orphans(NS),
+            vec![(C.parse().unwrap(), S.parse().unwrap())]
+        );
+        // Still FIN_WAIT2: nothing changes, and the TIME_WAIT it does not list stays.
+        let rows = t.observe(
+            NS,
+            &[tw(FIN_WAIT2, C, S, 59_000)],
+            Listed::FinWait2,
+            11 * SEC,
+            false,
+            &no_listener,
+        );
+        assert!(rows.is_empty(), "{rows:?}");
+        assert_eq!(t.counts(), (1, 1));
+        // The peer's FIN came: the lookup finds it in TIME_WAIT with 59.5 s left.
+        let rows = t.observe(
+            NS,
+            &[tw(TIME_WAIT, C, S, 59_500)],
+            Listed::FinWait2,
+            12 * SEC,
+            false,
+            &no_listener,
+        );
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].old, rows[0].new, rows[0].ts_ns),
+            (TcpState::FIN_WAIT2, TcpState::TIME_WAIT, 11_500_000_000)
+        );
+        assert_eq!(rows[0].duration_ns, Some(1_500_000_000));
+        assert_eq!(t.counts(), (2, 0));
+        assert!(!t.wants_poll());
+        assert_eq!(t.untracked(), 0);
+    }
+
+    #[test]
+    fn a_told_orphan_that_the_lookup_does_not_find_ended() {
+        let mut t = Tracker::default();
+        t.on_transition(
+            key(C, S),
+            &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::FIN_WAIT2)),
+        );
+        // Reset by the peer 2 s in: neither listed nor found.
+        let rows = t.observe(NS, &[], Listed::FinWait2, 12 * SEC, false, &no_listener);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].old, rows[0].new, rows[0].end),
+            (TcpState::FIN_WAIT2, TcpState::CLOSE, Some(End::Early))
+        );
+        assert_eq!(t.counts(), (0, 0));
+        assert!(!t.wants_poll());
     }
 }

@@ -207,9 +207,18 @@ impl Probe {
             .map_or_else(Offsets::unresolved, |r| r.offsets);
         lap("offsets resolved from BTF");
         offsets::check_cgroup_filter(opts.filter.cgroup_id, resolved.as_ref())?;
-        let degraded = resolved
+        let mut degraded = resolved
             .as_ref()
             .map_or_else(|| vec!["kernel BTF"], |r| r.missing_optional.clone());
+        // Without these, TIME_WAIT births are confirmed by polling, as on the classic
+        // tracepoint: slower, but nothing is reported differently.
+        degraded.retain(|f| {
+            let polled = offsets::TIMEWAIT_FIELDS.contains(f);
+            if polled {
+                log::debug!("{f} not in kernel BTF: TIME_WAIT births are confirmed by polling");
+            }
+            !polled
+        });
 
         let tp_btf_blocker = tp_btf_blocker(&opts.btf_path, resolved.as_ref());
 

@@ -82,8 +82,9 @@ const REQUIRED: [Field; 8] = [
     },
 ];
 
-/// Fields whose absence blanks netns/inode in events, or rules out `--cgroup`.
-const OPTIONAL: [Field; 9] = [
+/// Fields whose absence blanks netns/inode in events, rules out `--cgroup`, or leaves
+/// TIME_WAIT births to be confirmed by polling.
+const OPTIONAL: [Field; 11] = [
     Field {
         name: "skc_net",
         root: "sock",
@@ -138,6 +139,18 @@ const OPTIONAL: [Field; 9] = [
         path: &["id"],
         slot: |o| &mut o.kernfs_id,
     },
+    Field {
+        name: "sk_err",
+        root: "sock",
+        path: &["sk_err"],
+        slot: |o| &mut o.sk_err,
+    },
+    Field {
+        name: "skc_flags",
+        root: "sock",
+        path: &["__sk_common", "skc_flags"],
+        slot: |o| &mut o.skc_flags,
+    },
 ];
 
 pub fn resolve(path: &Path) -> Result<Resolved> {
@@ -162,6 +175,9 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
     }
     Ok(r)
 }
+
+/// Fields the probe reads to tell what a FIN_WAIT2/CLOSING -> CLOSE left behind.
+pub const TIMEWAIT_FIELDS: [&str; 2] = ["sk_err", "skc_flags"];
 
 /// Fields the probe reads to match `--cgroup` against a socket's cgroup.
 pub const CGROUP_FIELDS: [&str; 3] = ["sk_cgrp_data.cgroup", "cgroup.kn", "kernfs_node.id"];

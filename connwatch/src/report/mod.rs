@@ -362,6 +362,7 @@ mod tests {
         SockKey,
         tests::{NS, close_cw, diag, enter_cw},
     };
+    use crate::timewait::Listed;
 
     const SEC: u64 = 1_000_000_000;
     const L: &str = "127.0.0.1:8080";
@@ -802,7 +803,7 @@ mod tests {
             polled.push(d);
         }
         let none = |_: u16| -> Option<TwOwner> { None };
-        tw.observe(NS, &polled, 11 * SEC, false, &none);
+        tw.observe(NS, &polled, Listed::All, 11 * SEC, false, &none);
         tw
     }
 
