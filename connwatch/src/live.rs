@@ -237,6 +237,13 @@ fn drain(
             }
         }
     }
+    // Births the probe told and ends seen in transitions: out with the events that
+    // caused them, not at the next poll.
+    let inferred = monitor.take_inferred();
+    if !inferred.is_empty() {
+        sink.inferred(&inferred).map_err(SinkError)?;
+        written = true;
+    }
     if written {
         sink.flush().map_err(SinkError)?;
     }

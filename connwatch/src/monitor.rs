@@ -231,6 +231,20 @@ impl Monitor {
             // Ends noticed without a poll (a new SYN on the 4-tuple, a namespace gone).
             self.tw.take_queued()
         };
+        self.select(&mut rows);
+        Ok(rows)
+    }
+
+    /// Rows inferred without a poll since the last call (births the probe told, ends
+    /// seen in transitions), filtered like the rest.
+    pub fn take_inferred(&mut self) -> Vec<Synthetic> {
+        let mut rows = self.tw.take_queued();
+        self.select(&mut rows);
+        rows
+    }
+
+    /// Keeps the inferred rows of the processes `--pid`/`--cgroup` select.
+    fn select(&self, rows: &mut Vec<Synthetic>) {
         if self.filter.selects_processes() {
             let filter = &self.filter;
             rows.retain(|r| {
@@ -239,7 +253,6 @@ impl Monitor {
                 })
             });
         }
-        Ok(rows)
     }
 
     /// Every timewait socket, and the listeners that own the unclaimed ones.

@@ -340,3 +340,125 @@ fn leak_in_another_namespace_is_attributed() {
         3
     );
 }
+
+/// The synthetic rows of one client port, as JSON values (with their `end`).
+fn synthetic_rows_for(cw: &Connwatch, local: u16) -> Vec<Value> {
+    cw.stdout
+        .seen
+        .iter()
+        .filter(|l| is_synthetic(l))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["sport"] == local)
+        .collect()
+}
+
+/// The probe tells a TIME_WAIT birth on the close itself: `trace` shows it although no
+/// timewait poll runs during the test (the first is at start, the next 10 minutes on).
+#[test]
+fn time_wait_birth_needs_no_poll() {
+    require_root();
+    let mut cw = Connwatch::start(&["trace", "--json", "--tw-poll", "10m"]);
+    // The start-up poll is over before the connection exists.
+    std::thread::sleep(Duration::from_millis(500));
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let cport = c.local_addr().unwrap().port();
+    let (mut s, _) = l.accept().unwrap();
+    // The client closes first; the server closes once it sees the client's FIN.
+    drop(c);
+    assert_eq!(s.read(&mut [0u8; 8]).unwrap(), 0);
+    drop(s);
+    let line = cw.stdout.wait_for("the client's TIME_WAIT birth", |l| {
+        is_synthetic(l)
+            && serde_json::from_str::<Row>(l)
+                .is_ok_and(|r| r.sport == cport && r.dport == port && r.new == "TIME_WAIT")
+    });
+    let row: Row = serde_json::from_str(&line).unwrap();
+    assert_eq!(row.pid, Some(std::process::id()), "{line}");
+    assert_eq!(row.owner_source, "carried", "{line}");
+}
+
+/// A close by reset leaves no timewait socket: a client that shut down its sending side
+/// (FIN_WAIT2, still holding the socket) is reset by the server. The FIN_WAIT2 -> CLOSE
+/// is reported, and no TIME_WAIT for it.
+#[test]
+fn a_reset_close_is_not_a_time_wait() {
+    require_root();
+    let mut cw = trace();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let cport = c.local_addr().unwrap().port();
+    let (mut s, _) = l.accept().unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(s.read(&mut [0u8; 8]).unwrap(), 0);
+    // Reset only once the FIN is acknowledged, or it ends FIN_WAIT1 instead.
+    cw.stdout
+        .wait_for("the client's FIN_WAIT1 -> FIN_WAIT2", |l| {
+            serde_json::from_str::<Row>(l)
+                .is_ok_and(|r| r.sport == cport && r.old == "FIN_WAIT1" && r.new == "FIN_WAIT2")
+        });
+    // SO_LINGER {on, 0}: close() sends an RST.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a `linger` of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(s);
+    cw.stdout.wait_for("the client's FIN_WAIT2 -> CLOSE", |l| {
+        !is_synthetic(l)
+            && serde_json::from_str::<Row>(l).is_ok_and(|r| {
+                r.sport == cport && r.dport == port && r.old == "FIN_WAIT2" && r.new == "CLOSE"
+            })
+    });
+    // Several timewait polls (every 200 ms) later, still no TIME_WAIT for it.
+    let end = Instant::now() + Duration::from_secs(1);
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        cw.stdout.next_within(left);
+    }
+    let rows = synthetic_rows_for(&cw, cport);
+    assert!(rows.is_empty(), "{rows:?}");
+    drop(c);
+}
+
+/// An orphan whose peer never closes times out in FIN_WAIT2 (`tcp_fin_timeout` 1 s in
+/// this namespace): it ends `expired` as a FIN_WAIT2 and is never a TIME_WAIT.
+#[test]
+fn a_fin_wait2_timeout_is_not_a_time_wait() {
+    require_root();
+    let ns = NetNs::new("fto");
+    ns.sysctl("net.ipv4.tcp_fin_timeout", "1");
+    let mut cw = trace();
+    // The server holds each connection 5 s after its peer closed.
+    let mut server = Peer::spawn_in(Some(&ns), &["closer", "127.0.0.1:0", "1", "5000"]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let mut client = Peer::spawn_in(Some(&ns), &["clients", &addr("127.0.0.1", port), "1"]);
+    let cport: u16 = client.expect("local").parse().unwrap();
+    let line = cw
+        .stdout
+        .wait_for("the orphan's FIN_WAIT2 timing out", |l| {
+            is_synthetic(l)
+                && serde_json::from_str::<Value>(l).is_ok_and(|v| {
+                    v["sport"] == cport && v["old"] == "FIN_WAIT2" && v["new"] == "CLOSE"
+                })
+        });
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["end"], "expired", "{line}");
+    assert_eq!(v["pid"], client.pid(), "{line}");
+    // It lived about its 1 s timer.
+    let lived = v["duration_ms"].as_f64().unwrap();
+    assert!((500.0..3000.0).contains(&lived), "{line}");
+    let rows = synthetic_rows_for(&cw, cport);
+    assert!(rows.iter().all(|r| r["new"] != "TIME_WAIT"), "{rows:?}");
+}
