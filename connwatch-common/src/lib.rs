@@ -14,6 +14,18 @@ pub const PROG_TRACEPOINT: &str = "connwatch_tracepoint";
 pub const GLOBAL_OFFSETS: &str = "OFFSETS";
 pub const GLOBAL_FILTER: &str = "FILTER";
 pub const MAP_LISTENERS: &str = "LISTENERS";
+pub const PROG_SOCKET_FDS: &str = "connwatch_socket_fds";
+
+/// One record of the socket-fd iterator: a process holding a socket file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketFd {
+    /// Process (tgid) whose fd table holds the socket.
+    pub pid: u32,
+    pub fd: u32,
+    /// The socket's inode, as in `socket:[N]`.
+    pub inode: u64,
+}
 
 /// Most pids and ports a kernel-side filter holds.
 pub const FILTER_MAX: usize = 8;
@@ -304,7 +316,10 @@ pub struct Offsets {
     /// FIN_WAIT2/CLOSING -> CLOSE ended (`timewait_birth`).
     pub sk_err: u32,
     pub skc_flags: u32,
-    pub _pad: u32,
+    /// `task_struct.tgid` and `inode.i_mode`: the socket-fd iterator's pid and its test
+    /// for a socket file.
+    pub task_tgid: u32,
+    pub inode_mode: u32,
 }
 
 impl Offsets {
@@ -331,7 +346,8 @@ impl Offsets {
             kernfs_id: u,
             sk_err: u,
             skc_flags: u,
-            _pad: 0,
+            task_tgid: u,
+            inode_mode: u,
         }
     }
 }
@@ -350,11 +366,14 @@ mod user {
     unsafe impl aya::Pod for super::Filter {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::ListenKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::SocketFd {}
 }
 
 // The wire layout is fixed: a change here must be a deliberate one on both sides.
 const _: () = assert!(core::mem::size_of::<Event>() == 120);
 const _: () = assert!(core::mem::size_of::<SockState>() == 32);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 20 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 21 * 4);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8 + 16 + 32 + 8);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SocketFd>() == 16);

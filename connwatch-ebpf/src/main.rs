@@ -24,7 +24,7 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::bpf_sk_storage_get,
+        generated::{bpf_seq_write, bpf_sk_storage_get},
     },
     macros::{btf_map, btf_tracepoint, map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -33,8 +33,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use connwatch_common::{
     AF_INET, AF_INET6, Event, FILTER_MAX, Filter, IPPROTO_TCP, ListenKey, Offsets, SockState,
-    counter, is_lifecycle, lifecycle_needs, may_leave_timewait, owner_needed_later, owner_source,
-    runs_in_owner_context, starts_a_life, tcp_state, timewait_birth, timewait_birth_of, tp_record,
+    SocketFd, counter, is_lifecycle, lifecycle_needs, may_leave_timewait, owner_needed_later,
+    owner_source, runs_in_owner_context, starts_a_life, tcp_state, timewait_birth,
+    timewait_birth_of, tp_record,
 };
 
 /// Event stream to userspace. Size is set by userspace at load time (`--ring-size`).
@@ -604,6 +605,62 @@ unsafe fn inode_of(sk: *const u8) -> u64 {
         let inode = read_at::<u64>(file, off!(file_inode)).unwrap_or(0) as *const u8;
         read_at::<u64>(inode, off!(inode_ino)).unwrap_or(0)
     }
+}
+
+/// `struct bpf_iter__task_file`: each member is a union aligned to 8 bytes.
+#[repr(C)]
+pub struct TaskFileCtx {
+    meta: *const IterMeta,
+    task: *const u8,
+    fd: u32,
+    _pad: u32,
+    file: *const u8,
+}
+
+/// `struct bpf_iter_meta`.
+#[repr(C)]
+struct IterMeta {
+    seq: *mut core::ffi::c_void,
+    session_id: u64,
+    seq_num: u64,
+}
+
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+
+/// The socket-fd iterator (`iter/task_file`): one `SocketFd` record per socket among
+/// every process's open files, in one pass in the kernel, for the index of who holds
+/// which socket (instead of a readlink per fd under /proc). The kernel visits each fd
+/// table once (threads sharing their leader's table are skipped).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn connwatch_socket_fds(ctx: *const TaskFileCtx) -> i32 {
+    // SAFETY: the context is the iterator's `bpf_iter__task_file`, read directly so the
+    // verifier sees `meta->seq` as its seq_file; the task and file pointers are
+    // checked for null, and the fields behind them read through bpf_probe_read_kernel.
+    unsafe {
+        let seq = (*(*ctx).meta).seq;
+        let (task, file, fd) = ((*ctx).task, (*ctx).file, (*ctx).fd);
+        if task.is_null() || file.is_null() {
+            return 0;
+        }
+        let inode = read_at::<u64>(file, off!(file_inode)).unwrap_or(0) as *const u8;
+        let mode = read_at::<u16>(inode, off!(inode_mode)).unwrap_or(0);
+        if mode & S_IFMT != S_IFSOCK {
+            return 0;
+        }
+        let rec = SocketFd {
+            pid: read_at::<u32>(task, off!(task_tgid)).unwrap_or(0),
+            fd,
+            inode: read_at::<u64>(inode, off!(inode_ino)).unwrap_or(0),
+        };
+        bpf_seq_write(
+            seq.cast(),
+            core::ptr::from_ref(&rec).cast(),
+            core::mem::size_of::<SocketFd>() as u32,
+        );
+    }
+    0
 }
 
 #[cfg(not(test))]

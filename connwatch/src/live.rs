@@ -75,6 +75,9 @@ pub fn attach(
 ) -> Result<(Probe, Monitor, AsyncFd<RingBuf<MapData>>)> {
     let mut monitor = Monitor::new(cfg, filter).with_limit(opts.max_sockets as usize);
     let mut probe = Probe::load(opts)?;
+    if let Some(fds) = probe.take_socket_fds() {
+        monitor.use_socket_fds(Box::new(fds));
+    }
     let ring = probe.take_events()?;
     monitor.seed()?;
     if opts.filter.npids > 0 {

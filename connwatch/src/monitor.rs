@@ -116,6 +116,13 @@ impl Monitor {
         visits
     }
 
+    /// The fd index asks `source` (the probe's socket-fd iterator) instead of walking
+    /// /proc; the start-up /proc scan, no longer needed, stops.
+    pub fn use_socket_fds(&mut self, source: Box<dyn owners::SocketFdSource>) {
+        self.prescan = None;
+        self.index.use_source(source);
+    }
+
     /// Lists the network namespaces that exist now. One that existed before and is gone
     /// took its sockets with it: its TIME_WAITs end (`early`), its CLOSE_WAIT rows,
     /// listeners, settings and pending closes go.

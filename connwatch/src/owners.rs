@@ -4,8 +4,15 @@
 //! whoever holds its file descriptor can. Scanning every /proc/PID/fd is what `ss -p`
 //! does each time; here the index is kept and rebuilt only when a socket's inode is
 //! unknown to it (at most once per `min_rescan`), and in full every `max_age` so that
-//! fds closed or passed on are noticed.
-use std::time::Duration;
+//! fds closed or passed on are noticed. A scan asks the probe's socket-fd iterator
+//! where there is one (one pass in the kernel), else walks /proc.
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use procfs::process::{Process, all_processes};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet};
@@ -37,8 +44,16 @@ pub struct FdIndex {
     pub budget: Budget,
     min_rescan: Duration,
     max_age: Duration,
-    /// Full /proc scans done so far (shown in diagnostics; a cost counter).
+    /// Full scans done so far (shown in diagnostics; a cost counter).
     pub scans: u64,
+    /// Lists every (pid, socket inode) in one pass; /proc is walked without it.
+    source: Option<Box<dyn SocketFdSource>>,
+}
+
+/// Something that lists every socket held by a process at once (the probe's iterator).
+pub trait SocketFdSource: Send + Sync {
+    /// (pid, inode) of every socket fd; `None` when the listing failed this time.
+    fn socket_fds(&mut self) -> Option<Vec<(u32, u64)>>;
 }
 
 /// /proc scans may use at most 1/SCAN_BUDGET of a CPU.
@@ -53,7 +68,13 @@ impl FdIndex {
             min_rescan,
             max_age,
             scans: 0,
+            source: None,
         }
+    }
+
+    /// Scans ask `source` rather than walking /proc.
+    pub fn use_source(&mut self, source: Box<dyn SocketFdSource>) {
+        self.source = Some(source);
     }
 
     /// Makes sure the index knows `inodes`: rescans /proc when one is new to it and the
@@ -77,7 +98,12 @@ impl FdIndex {
     /// Rebuilds the index of `wanted` inodes from every process's fd table.
     pub fn scan(&mut self, wanted: &FxHashSet<u64>) {
         let started = thread_cpu_time();
-        let holders = collect(|inode| wanted.contains(&inode));
+        let keep = |inode: u64| wanted.contains(&inode);
+        let listed = self.source.as_mut().and_then(|s| s.socket_fds());
+        let holders = match listed {
+            Some(pairs) => group(pairs, keep),
+            None => collect(keep, &AtomicBool::new(false)),
+        };
         self.missing = wanted
             .iter()
             .filter(|i| !holders.contains_key(i))
@@ -93,7 +119,7 @@ impl FdIndex {
     /// missing: a socket opened after the prescan began is unknown, not holder-less, and
     /// gets a rescan of its own.
     pub fn adopt(&mut self, prescan: Prescan, wanted: impl IntoIterator<Item = u64>) {
-        let Ok((mut all, cost)) = prescan.0.join() else {
+        let Some((mut all, cost)) = prescan.join() else {
             return;
         };
         let wanted: FxHashSet<u64> = wanted.into_iter().collect();
@@ -129,37 +155,66 @@ impl FdIndex {
 
 /// A scan of every process's sockets, run on a thread of its own at start-up so that it
 /// overlaps the probe's loading and the first dumps (with tens of thousands of sockets
-/// it is the longest step).
-pub struct Prescan(std::thread::JoinHandle<(HashMap<u64, Holders>, Duration)>);
+/// it is the longest step). Dropped unused (the probe's iterator took over), it stops.
+pub struct Prescan {
+    handle: Option<std::thread::JoinHandle<(HashMap<u64, Holders>, Duration)>>,
+    stop: Arc<AtomicBool>,
+}
 
 impl Prescan {
     pub fn start() -> Self {
-        Self(std::thread::spawn(|| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
             let started = thread_cpu_time();
-            let all = collect(|_| true);
+            let all = collect(|_| true, &flag);
             (all, thread_cpu_time().saturating_sub(started))
-        }))
+        });
+        Self {
+            handle: Some(handle),
+            stop,
+        }
+    }
+
+    fn join(mut self) -> Option<(HashMap<u64, Holders>, Duration)> {
+        self.handle.take()?.join().ok()
     }
 }
 
-/// The holders of every socket inode that `keep` accepts, from every process's fds.
-/// Processes that exit meanwhile or deny access are skipped.
-fn collect(keep: impl Fn(u64) -> bool) -> HashMap<u64, Holders> {
+impl Drop for Prescan {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Holders by inode from (pid, inode) pairs, for the inodes `keep` accepts.
+fn group(pairs: Vec<(u32, u64)>, keep: impl Fn(u64) -> bool) -> HashMap<u64, Holders> {
     let mut holders: HashMap<u64, Holders> = HashMap::default();
-    if let Ok(procs) = all_processes() {
-        for proc in procs.flatten() {
-            let pid = proc.pid() as u32;
-            for_each_socket_inode(pid, |inode| {
-                if keep(inode) {
-                    let pids = holders.entry(inode).or_default();
-                    if !pids.contains(&pid) {
-                        pids.push(pid);
-                    }
-                }
-            });
+    for (pid, inode) in pairs {
+        if keep(inode) {
+            let pids = holders.entry(inode).or_default();
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
         }
     }
     holders
+}
+
+/// The holders of every socket inode that `keep` accepts, from every process's fds,
+/// until `stop` is set. Processes that exit meanwhile or deny access are skipped.
+fn collect(keep: impl Fn(u64) -> bool, stop: &AtomicBool) -> HashMap<u64, Holders> {
+    let mut pairs = Vec::new();
+    if let Ok(procs) = all_processes() {
+        for proc in procs.flatten() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let pid = proc.pid() as u32;
+            for_each_socket_inode(pid, |inode| pairs.push((pid, inode)));
+        }
+    }
+    group(pairs, keep)
 }
 
 /// Calls `f` with the inode of every socket among `pid`'s open files. One readlinkat

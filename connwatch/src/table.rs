@@ -209,6 +209,11 @@ impl Overflow {
         shrink_idle(&mut self.seen);
     }
 
+    /// Whether this socket was left out (and counted).
+    pub fn contains(&self, key: &SockKey) -> bool {
+        self.seen.contains_key(key)
+    }
+
     /// Forgets a namespace that no longer exists.
     pub fn forget(&mut self, netns: u32) {
         self.seen.retain(|k, _| k.netns != netns);
@@ -374,8 +379,11 @@ impl Table {
                 .or(entry.as_ref().map(|e| e.since_ns))
                 .filter(|&s| s <= t.ts_ns);
             let Some(since) = since else {
-                // It was in CLOSE_WAIT, but since when and held by whom is unknown.
-                self.untracked += 1;
+                // It was in CLOSE_WAIT, but since when and held by whom is unknown
+                // (already counted if it was left out over the limit).
+                if !self.over_limit.contains(&key) {
+                    self.untracked += 1;
+                }
                 return;
             };
             // The closer: the process whose close() ran now, else whoever held the fd.
@@ -808,6 +816,9 @@ pub(crate) mod tests {
         assert_eq!(t.untracked(), 3);
         // A socket already followed still updates.
         t.apply(&enter_cw(2.0, L, "127.0.0.1:41000", 9));
+        assert_eq!(t.untracked(), 3);
+        // One left out closes: it was counted already.
+        t.apply(&close_cw(3.0, L, "127.0.0.1:41004", 1));
         assert_eq!(t.untracked(), 3);
     }
 

@@ -240,7 +240,9 @@ impl Tracker {
     /// default; a poll corrects it).
     fn born(&mut self, key: SockKey, t: &Transition, substate: TcpState, owner: Option<TwOwner>) {
         if self.limit != 0 && self.tracked.len() >= self.limit {
-            self.untracked += 1;
+            // Counted once, as when a poll finds it over the limit: polls that list it
+            // later do not count it again.
+            self.over_limit.note(key, self.poll);
             return;
         }
         let p = Pending {
@@ -1251,5 +1253,36 @@ mod tests {
         );
         assert_eq!(t.counts(), (0, 0));
         assert!(!t.wants_poll());
+    }
+
+    #[test]
+    fn a_told_birth_over_the_limit_counts_once() {
+        let mut t = Tracker {
+            limit: 1,
+            ..Default::default()
+        };
+        let other = "127.0.0.1:40001";
+        t.on_transition(
+            key(C, S),
+            &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::TIME_WAIT)),
+        );
+        t.on_transition(
+            key(other, S),
+            &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::FIN_WAIT2)),
+        );
+        assert_eq!(t.untracked(), 1);
+        // Polls that list it again do not count it again.
+        for (listed, at) in [(Listed::FinWait2, 11), (Listed::All, 12)] {
+            t.observe(
+                NS,
+                &[tw(TIME_WAIT, C, S, 59_000), tw(FIN_WAIT2, other, S, 59_000)],
+                listed,
+                at * SEC,
+                false,
+                &no_listener,
+            );
+        }
+        assert_eq!(t.untracked(), 1);
+        assert_eq!(t.counts(), (2, 0));
     }
 }

@@ -299,9 +299,17 @@ impl Tracer {
         unsafe { libc::kill(self.pid(), sig) };
     }
 
-    /// SIGINT, wait, and return what it printed on stderr.
+    /// SIGINT, wait (SIGKILL after 5 s: bpftrace was seen to sit on a SIGINT), and
+    /// return what it printed on stderr.
     fn finish(mut self) -> Vec<String> {
         self.signal(libc::SIGINT);
+        let end = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < end {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
         thread::sleep(Duration::from_millis(100));
         self.stderr.lock().map(|l| l.clone()).unwrap_or_default()

@@ -11,9 +11,13 @@
 //! docs/KERNEL.md).
 mod offsets;
 mod preflight;
+mod socket_fds;
 mod tracefs;
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -29,6 +33,7 @@ use connwatch_common::{
 pub use preflight::{
     Abilities, check_kernel, check_privileges, drop_capabilities, warn_missing_optional,
 };
+pub use socket_fds::SocketFds;
 pub use tracefs::layout_mismatches;
 
 /// Which kernel hook to attach.
@@ -59,7 +64,10 @@ pub struct ProbeOptions {
 /// The attached probe. Dropping it detaches every program (links are owned by the
 /// `Ebpf` object; the kernel also drops them when the process dies).
 pub struct Probe {
-    ebpf: Ebpf,
+    /// Shared with the socket-fd iterator, which attaches a link per pass.
+    ebpf: Arc<Mutex<Ebpf>>,
+    /// The socket-fd iterator, where the kernel has what it needs.
+    socket_fds: Option<SocketFds>,
     pub attached: &'static str,
     /// Optional fields that could not be resolved (netns/inode then read as 0).
     pub degraded: Vec<&'static str>,
@@ -197,6 +205,12 @@ impl Probe {
         check_kernel()?;
         warn_missing_optional();
         let has_btf = opts.btf_path.exists();
+        // aya parses the BTF for loading while the offsets are resolved from it (two
+        // parsers, ~30 ms each here): on two threads, start-up waits for one.
+        let parsing = has_btf.then(|| {
+            let path = opts.btf_path.clone();
+            std::thread::spawn(move || Btf::parse_file(&path, aya::Endianness::default()))
+        });
         let resolved = if has_btf {
             Some(offsets::resolve(&opts.btf_path)?)
         } else {
@@ -210,42 +224,70 @@ impl Probe {
         let mut degraded = resolved
             .as_ref()
             .map_or_else(|| vec!["kernel BTF"], |r| r.missing_optional.clone());
-        // Without these, TIME_WAIT births are confirmed by polling, as on the classic
-        // tracepoint: slower, but nothing is reported differently.
+        // Without these, TIME_WAIT births are confirmed by polling and the fd index walks
+        // /proc: slower, but nothing is reported differently.
         degraded.retain(|f| {
-            let polled = offsets::TIMEWAIT_FIELDS.contains(f);
-            if polled {
-                log::debug!("{f} not in kernel BTF: TIME_WAIT births are confirmed by polling");
+            let slower =
+                offsets::TIMEWAIT_FIELDS.contains(f) || offsets::SOCKET_FD_ONLY_FIELDS.contains(f);
+            if slower {
+                log::debug!("{f} not in kernel BTF: done the slower way");
             }
-            !polled
+            !slower
         });
 
         let tp_btf_blocker = tp_btf_blocker(&opts.btf_path, resolved.as_ref());
 
-        let btf = if has_btf {
-            Some(
-                Btf::parse_file(&opts.btf_path, aya::Endianness::default()).with_context(|| {
-                    format!("cannot parse kernel BTF at {}", opts.btf_path.display())
-                })?,
-            )
-        } else {
-            None
+        let btf = match parsing {
+            Some(parsing) => Some(
+                parsing
+                    .join()
+                    .map_err(|_| anyhow!("the BTF parser panicked"))?
+                    .with_context(|| {
+                        format!("cannot parse kernel BTF at {}", opts.btf_path.display())
+                    })?,
+            ),
+            None => None,
         };
         lap("BTF parsed");
         let (ebpf, attached) =
             load_and_attach(opts, btf.as_ref(), &offsets, tp_btf_blocker.as_deref())?;
         lap("attached");
+        let ebpf = Arc::new(Mutex::new(ebpf));
+        let socket_fds = match (&btf, &resolved) {
+            (Some(btf), Some(r))
+                if !offsets::SOCKET_FD_FIELDS
+                    .iter()
+                    .any(|f| r.missing_optional.contains(f)) =>
+            {
+                SocketFds::load(&ebpf, btf)
+                    .inspect_err(|e| log::debug!("fd index from /proc: {e:#}"))
+                    .ok()
+            }
+            _ => None,
+        };
+        lap("socket-fd iterator loaded");
         Ok(Self {
             ebpf,
+            socket_fds,
             attached,
             degraded,
         })
     }
 
+    /// The socket-fd iterator, for the fd index (once: `None` after, or where the
+    /// kernel lacks it).
+    pub fn take_socket_fds(&mut self) -> Option<SocketFds> {
+        self.socket_fds.take()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Ebpf>> {
+        self.ebpf.lock().map_err(|_| anyhow!("probe lock poisoned"))
+    }
+
     /// The event ring buffer, for the reader. Can be taken once.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let map = self
-            .ebpf
+            .lock()?
             .take_map(MAP_EVENTS)
             .context("the probe's event ring buffer is missing")?;
         RingBuf::try_from(map).context(
@@ -257,8 +299,8 @@ impl Probe {
     /// (it learns later ones from listen() itself): `--pid` matches accepted sockets
     /// through them.
     pub fn seed_listeners(&mut self, owners: &[(u32, u16, u32)]) -> Result<()> {
-        let map = self
-            .ebpf
+        let mut ebpf = self.lock()?;
+        let map = ebpf
             .map_mut(MAP_LISTENERS)
             .context("the probe's listener map is missing")?;
         let mut listeners = aya::maps::HashMap::<_, ListenKey, u32>::try_from(map)?;
@@ -274,8 +316,8 @@ impl Probe {
     }
 
     pub fn counters(&self) -> Result<Counters> {
-        let map = self
-            .ebpf
+        let ebpf = self.lock()?;
+        let map = ebpf
             .map(MAP_COUNTERS)
             .context("the probe's counters map is missing")?;
         let array = PerCpuArray::<_, u64>::try_from(map)?;

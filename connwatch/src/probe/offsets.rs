@@ -84,7 +84,7 @@ const REQUIRED: [Field; 8] = [
 
 /// Fields whose absence blanks netns/inode in events, rules out `--cgroup`, or leaves
 /// TIME_WAIT births to be confirmed by polling.
-const OPTIONAL: [Field; 11] = [
+const OPTIONAL: [Field; 13] = [
     Field {
         name: "skc_net",
         root: "sock",
@@ -146,6 +146,18 @@ const OPTIONAL: [Field; 11] = [
         slot: |o| &mut o.sk_err,
     },
     Field {
+        name: "task_struct.tgid",
+        root: "task_struct",
+        path: &["tgid"],
+        slot: |o| &mut o.task_tgid,
+    },
+    Field {
+        name: "inode.i_mode",
+        root: "inode",
+        path: &["i_mode"],
+        slot: |o| &mut o.inode_mode,
+    },
+    Field {
         name: "skc_flags",
         root: "sock",
         path: &["__sk_common", "skc_flags"],
@@ -178,6 +190,17 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
 
 /// Fields the probe reads to tell what a FIN_WAIT2/CLOSING -> CLOSE left behind.
 pub const TIMEWAIT_FIELDS: [&str; 2] = ["sk_err", "skc_flags"];
+
+/// Fields the socket-fd iterator reads (without them the fd index walks /proc).
+pub const SOCKET_FD_FIELDS: [&str; 4] = [
+    "task_struct.tgid",
+    "file.f_inode",
+    "inode.i_mode",
+    "inode.i_ino",
+];
+
+/// Of those, the ones nothing else reads.
+pub const SOCKET_FD_ONLY_FIELDS: [&str; 2] = ["task_struct.tgid", "inode.i_mode"];
 
 /// Fields the probe reads to match `--cgroup` against a socket's cgroup.
 pub const CGROUP_FIELDS: [&str; 3] = ["sk_cgrp_data.cgroup", "cgroup.kn", "kernfs_node.id"];
