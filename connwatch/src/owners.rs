@@ -100,6 +100,10 @@ impl FdIndex {
         let started = thread_cpu_time();
         let keep = |inode: u64| wanted.contains(&inode);
         let listed = self.source.as_mut().and_then(|s| s.socket_fds());
+        if listed.is_none() && self.source.take().is_some() {
+            // It failed once (capabilities dropped, say): /proc from now on.
+            log::info!("the fd index walks /proc from now on");
+        }
         let holders = match listed {
             Some(pairs) => group(pairs, keep),
             None => collect(keep, &AtomicBool::new(false)),

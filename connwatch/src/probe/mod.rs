@@ -101,6 +101,22 @@ fn tp_btf_blocker(
     }
 }
 
+/// What the probe cannot report for lack of BTF fields, for the start-up warning. Fields
+/// whose absence only means the slower way (TIME_WAIT births confirmed by polling, the
+/// fd index from /proc) are left out: nothing is reported differently.
+fn degraded(resolved: Option<&offsets::Resolved>) -> Vec<&'static str> {
+    let mut degraded = resolved.map_or_else(|| vec!["kernel BTF"], |r| r.missing_optional.clone());
+    degraded.retain(|f| {
+        let slower =
+            offsets::TIMEWAIT_FIELDS.contains(f) || offsets::SOCKET_FD_ONLY_FIELDS.contains(f);
+        if slower {
+            log::debug!("{f} not in kernel BTF: done the slower way");
+        }
+        !slower
+    });
+    degraded
+}
+
 /// Loads the probe object: globals set, the ring sized, and the classic tracepoint's
 /// per-socket LRU map sized `lru_entries` (1 when tp_btf keeps state on the sockets).
 fn load_object(
@@ -221,19 +237,7 @@ impl Probe {
             .map_or_else(Offsets::unresolved, |r| r.offsets);
         lap("offsets resolved from BTF");
         offsets::check_cgroup_filter(opts.filter.cgroup_id, resolved.as_ref())?;
-        let mut degraded = resolved
-            .as_ref()
-            .map_or_else(|| vec!["kernel BTF"], |r| r.missing_optional.clone());
-        // Without these, TIME_WAIT births are confirmed by polling and the fd index walks
-        // /proc: slower, but nothing is reported differently.
-        degraded.retain(|f| {
-            let slower =
-                offsets::TIMEWAIT_FIELDS.contains(f) || offsets::SOCKET_FD_ONLY_FIELDS.contains(f);
-            if slower {
-                log::debug!("{f} not in kernel BTF: done the slower way");
-            }
-            !slower
-        });
+        let degraded = degraded(resolved.as_ref());
 
         let tp_btf_blocker = tp_btf_blocker(&opts.btf_path, resolved.as_ref());
 
@@ -254,11 +258,7 @@ impl Probe {
         lap("attached");
         let ebpf = Arc::new(Mutex::new(ebpf));
         let socket_fds = match (&btf, &resolved) {
-            (Some(btf), Some(r))
-                if !offsets::SOCKET_FD_FIELDS
-                    .iter()
-                    .any(|f| r.missing_optional.contains(f)) =>
-            {
+            (Some(btf), Some(r)) if r.has_all(&offsets::SOCKET_FD_FIELDS) => {
                 SocketFds::load(&ebpf, btf)
                     .inspect_err(|e| log::debug!("fd index from /proc: {e:#}"))
                     .ok()

@@ -165,6 +165,13 @@ const OPTIONAL: [Field; 13] = [
     },
 ];
 
+impl Resolved {
+    /// Whether every one of these optional fields was resolved.
+    pub fn has_all(&self, fields: &[&str]) -> bool {
+        !fields.iter().any(|f| self.missing_optional.contains(f))
+    }
+}
+
 pub fn resolve(path: &Path) -> Result<Resolved> {
     let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
         .or_else(|_| Btf::from_file(path))
