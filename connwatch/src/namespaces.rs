@@ -28,6 +28,9 @@ pub struct Namespaces {
     /// Whether other namespaces can be entered (CAP_SYS_ADMIN).
     others: bool,
     paths: BTreeMap<u32, PathBuf>,
+    /// Each namespace's cookie: its inode number is reused by the next namespace
+    /// created once it is gone, the cookie never is.
+    cookies: HashMap<u32, u64>,
     /// TIME_WAIT settings of each namespace, from the last full visit.
     kernel: BTreeMap<u32, KernelInfo>,
     /// Listening sockets: (netns, port) → socket inode.
@@ -48,6 +51,7 @@ impl Namespaces {
             own,
             others,
             paths: BTreeMap::new(),
+            cookies: HashMap::new(),
             kernel: BTreeMap::new(),
             listeners: HashMap::new(),
             rediscover: false,
@@ -95,7 +99,7 @@ impl Namespaces {
         found
             .entry(self.own)
             .or_insert_with(|| PathBuf::from("/proc/self/ns/net"));
-        let gone: Vec<u32> = if self.others {
+        let mut gone: Vec<u32> = if self.others {
             self.paths
                 .keys()
                 .filter(|ns| !found.contains_key(ns))
@@ -105,12 +109,48 @@ impl Namespaces {
             Vec::new()
         };
         for ns in &gone {
+            self.cookies.remove(ns);
+        }
+        gone.extend(self.reborn(&found));
+        for ns in &gone {
             log::debug!("netns {ns} is gone: forgetting its sockets");
             self.listeners.retain(|&(n, _), _| n != *ns);
             self.kernel.remove(ns);
         }
         self.paths = found;
         gone
+    }
+
+    /// Namespaces whose inode number now belongs to another namespace: the old one is
+    /// gone (its sockets with it), the new one starts empty. Only namespaces that are
+    /// new or found by another path than before are asked their cookie (one setns
+    /// each): a reused inode comes with the new namespace's path.
+    fn reborn(&mut self, found: &BTreeMap<u32, PathBuf>) -> Vec<u32> {
+        if !self.others {
+            return Vec::new();
+        }
+        let check: Vec<(u32, PathBuf)> = found
+            .iter()
+            .filter(|(ns, path)| **ns != self.own && self.paths.get(ns) != Some(path))
+            .map(|(ns, path)| (*ns, path.clone()))
+            .collect();
+        if check.is_empty() {
+            return Vec::new();
+        }
+        let mut reborn = Vec::new();
+        for (ns, cookie) in netns::run_in_each(check, |_| netns::cookie()) {
+            // Without cookies (before Linux 5.14) a reused inode goes unnoticed.
+            let Ok(cookie) = cookie else { continue };
+            if self
+                .cookies
+                .insert(ns, cookie)
+                .is_some_and(|old| old != cookie)
+            {
+                log::debug!("netns {ns} is a new namespace under a reused inode");
+                reborn.push(ns);
+            }
+        }
+        reborn
     }
 
     /// One visit to every namespace (or `only` those): the `queries` dumped, their

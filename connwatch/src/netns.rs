@@ -38,6 +38,38 @@ pub fn all() -> BTreeMap<u32, PathBuf> {
     found
 }
 
+/// `SO_NETNS_COOKIE` (Linux 5.14): a namespace's 64-bit id, never reused.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the calling thread's network namespace. Unlike its inode number, which
+/// the kernel hands to the next namespace created once it is freed (within
+/// milliseconds on a node that churns pods), a cookie names one namespace for good.
+pub fn cookie() -> io::Result<u64> {
+    // SAFETY: plain socket(2); the fd is owned (and closed) below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// Inode number of a namespace link such as `/proc/1/ns/net` (`net:[4026531840]`).
 pub fn inode_of(path: &Path) -> Option<u32> {
     let link = std::fs::read_link(path).ok()?;
@@ -98,6 +130,14 @@ mod tests {
         assert_eq!(parse_ns_link("net:[4026531840]"), Some(4026531840));
         assert_eq!(parse_ns_link("mnt:[4026531840]"), None);
         assert_eq!(parse_ns_link("net:[x]"), None);
+    }
+
+    #[test]
+    fn our_namespace_has_a_cookie() {
+        // Linux 5.14 or later; the same namespace, the same cookie.
+        let a = cookie().unwrap();
+        assert_ne!(a, 0);
+        assert_eq!(cookie().unwrap(), a);
     }
 
     #[test]

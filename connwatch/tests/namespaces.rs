@@ -269,3 +269,53 @@ fn new_leak_among_five_hundred_namespaces_is_reported_within_two_intervals() {
         r["footprint"]
     );
 }
+
+/// The kernel gives a freed namespace's inode number to the next namespace created: a
+/// namespace deleted while it holds TIME_WAITs, replaced at once by one that gets the
+/// same number, still leaves the report (connwatch tells them apart by their cookies).
+#[test]
+fn a_reused_namespace_inode_is_a_new_namespace() {
+    require_root();
+    let mut cw = watch_fast();
+    let ns = quiet_netns("reuse");
+    let inode = |name: &str| {
+        std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(format!("/run/netns/{name}")).unwrap(),
+        )
+    };
+    let old = inode(&ns.name);
+    let (server, client, _) = server_closes_first(&ns);
+    let min = N as u64 - 1;
+    wait_report(&mut cw, "the server's TIME_WAITs", |r| {
+        process(r, server.pid()).is_some_and(|p| p["time_wait"].as_u64() >= Some(min))
+    });
+    let server_pid = server.pid();
+    drop((server, client));
+    drop(ns);
+    // The number is free once the namespace is torn down (asynchronously): retry until a
+    // new namespace gets it. Other tests may take it first: then this one cannot tell.
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut reused = None;
+    for i in 0.. {
+        let candidate = NetNs::new(&format!("re{i}"));
+        if inode(&candidate.name) == old {
+            reused = Some(candidate);
+            break;
+        }
+        drop(candidate);
+        if Instant::now() > end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Some(_reused) = reused else {
+        eprintln!("skipped: no namespace got inode {old} back within 5 s");
+        return;
+    };
+    let replaced = Instant::now();
+    wait_report(&mut cw, "the old namespace's TIME_WAITs gone", |r| {
+        process(r, server_pid).is_none_or(|p| p["time_wait"] == 0)
+    });
+    let took = replaced.elapsed();
+    assert!(took <= Duration::from_millis(1500), "took {took:?}");
+}
