@@ -12,7 +12,7 @@ use anyhow::Result;
 use crate::{
     budget::Budget,
     clock::{WallClock, monotonic_ns},
-    decode::{TcpState, Transition},
+    decode::{Leaves, TcpState, Transition},
     filter::Filter,
     namespaces::{Namespaces, Visit},
     owners::{self, FdIndex, ProcInfo},
@@ -207,6 +207,9 @@ impl Monitor {
             remote: t.remote.into(),
         };
         self.tw.on_transition(key, t);
+        if matches!(t.leaves, Leaves::Timewait(_)) {
+            self.namespaces.want_listeners(ns);
+        }
     }
 
     /// Polls timewait sockets (and listeners, their likely owners) in every namespace:
@@ -238,8 +241,27 @@ impl Monitor {
             // Ends noticed without a poll (a new SYN on the 4-tuple, a namespace gone).
             self.tw.take_queued()
         };
+        self.refresh_listeners()?;
         self.select(&mut rows);
         Ok(rows)
+    }
+
+    /// Lists the listeners of the namespaces where a TIME_WAIT was born since they were
+    /// last listed (a LISTEN-only dump walks only the listening sockets): a server's
+    /// TIME_WAITs are named and flagged through the listener on their port, and a birth
+    /// the probe told brings no poll of its namespace that would list them.
+    fn refresh_listeners(&mut self) -> Result<()> {
+        let wanted = self.namespaces.take_listeners_wanted();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let query = Query::states(&[TcpState::LISTEN], false);
+        for v in &self.visit(&[query], false, Some(&wanted))? {
+            self.namespaces.note_listeners(v);
+        }
+        self.tw_budget.spent(started.elapsed());
+        Ok(())
     }
 
     /// Rows inferred without a poll since the last call (births the probe told, ends

@@ -37,6 +37,8 @@ pub struct Namespaces {
     listeners: HashMap<(u32, u16), u64>,
     /// A transition came from a namespace not listed yet: list them again.
     rediscover: bool,
+    /// Namespaces where a TIME_WAIT was born since their listeners were last listed.
+    listeners_wanted: BTreeSet<u32>,
 }
 
 /// What one visit to a namespace brought back.
@@ -55,6 +57,7 @@ impl Namespaces {
             kernel: BTreeMap::new(),
             listeners: HashMap::new(),
             rediscover: false,
+            listeners_wanted: BTreeSet::new(),
         }
     }
 
@@ -244,8 +247,20 @@ impl Namespaces {
         Ok(found)
     }
 
+    /// A TIME_WAIT was born in `ns`: its owner may be the listener on its port (a
+    /// server closing first), so the namespace's listeners are wanted at the next poll.
+    pub fn want_listeners(&mut self, ns: u32) {
+        self.listeners_wanted.insert(ns);
+    }
+
+    /// The namespaces whose listeners are wanted (cleared).
+    pub fn take_listeners_wanted(&mut self) -> BTreeSet<u32> {
+        std::mem::take(&mut self.listeners_wanted)
+    }
+
     /// Takes the listening sockets of a visit that asked for them.
     pub fn note_listeners(&mut self, visit: &Visit) {
+        self.listeners_wanted.remove(&visit.ns);
         self.listeners.retain(|(n, _), _| *n != visit.ns);
         for s in visit.sockets.iter().filter(|s| s.state == TcpState::LISTEN) {
             self.listeners.insert((visit.ns, s.local.port()), s.inode);

@@ -114,6 +114,39 @@ fn new_namespace_among_many_owns_its_time_waits() {
     }
 }
 
+/// With a hundred namespaces present (full dumps then come tens of seconds apart), a
+/// server in a new namespace that closes first is named through its listener and
+/// flagged `active_closer` within a few intervals.
+#[test]
+fn new_server_among_many_is_flagged_as_active_closer() {
+    require_root();
+    let _crowd = crowd("ac");
+    let mut watch = watch_fast();
+    let ns = quiet_netns("acl");
+    let started = Instant::now();
+    let (server, _client, port) = server_closes_first(&ns);
+    let min = N as u64 - 1;
+    let r = wait_report(&mut watch, "the new server flagged", |r| {
+        process(r, server.pid()).is_some_and(|p| {
+            p["time_wait"].as_u64() >= Some(min)
+                && p["flags"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|f| f == "active_closer"))
+        })
+    });
+    let took = started.elapsed();
+    // The listener's holder comes from the next fd scan (at most one a second).
+    assert!(took <= Duration::from_secs(4), "took {took:?}");
+    let reason = process(&r, server.pid()).unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains(&format!("listens on port {port}")),
+        "{reason}"
+    );
+}
+
 /// With a hundred namespaces present, a new 10-socket leak in the root namespace is
 /// attributed, and counted in `states`, within two intervals.
 #[test]
