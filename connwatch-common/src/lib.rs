@@ -157,8 +157,8 @@ pub const fn is_lifecycle(old: u8, new: u8) -> bool {
 /// was reset or timed out (both set `sk_err` first); the timewait socket waits for the
 /// peer's FIN (substate FIN_WAIT2) unless that FIN already came (`SOCK_DONE`, set by
 /// `tcp_fin`; `sk_shutdown` cannot tell, close() sets both of its bits). The one ending
-/// it cannot tell is a full timewait table (`TcpExtTCPTimeWaitOverflow`), which the
-/// periodic reconciliation catches.
+/// it cannot tell is a full timewait table (`TcpExtTCPTimeWaitOverflow`): at the
+/// namespace's cap a close is left UNKNOWN, for a poll to confirm.
 pub mod timewait_birth {
     /// Not told (kernels without the fields in BTF, the classic tracepoint without
     /// BTF): a poll confirms.
@@ -320,6 +320,11 @@ pub struct Offsets {
     /// for a socket file.
     pub task_tgid: u32,
     pub inode_mode: u32,
+    /// `net.ipv4.tcp_death_row.tw_refcount` (1 + timewait sockets) and
+    /// `.sysctl_max_tw_buckets`: a close at the namespace's timewait cap may have left
+    /// no timewait socket (`TcpExtTCPTimeWaitOverflow`), so its birth is not told.
+    pub net_tw_refcount: u32,
+    pub net_max_tw_buckets: u32,
 }
 
 impl Offsets {
@@ -348,6 +353,8 @@ impl Offsets {
             skc_flags: u,
             task_tgid: u,
             inode_mode: u,
+            net_tw_refcount: u,
+            net_max_tw_buckets: u,
         }
     }
 }
@@ -373,7 +380,7 @@ mod user {
 // The wire layout is fixed: a change here must be a deliberate one on both sides.
 const _: () = assert!(core::mem::size_of::<Event>() == 120);
 const _: () = assert!(core::mem::size_of::<SockState>() == 32);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 21 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 23 * 4);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8 + 16 + 32 + 8);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SocketFd>() == 16);

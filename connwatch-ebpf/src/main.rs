@@ -586,9 +586,27 @@ unsafe fn timewait_birth_at_close(sk: *const u8, old: u8) -> u8 {
             read_at::<u64>(sk, off!(skc_flags)),
         )
     };
-    match (err, flags) {
+    let birth = match (err, flags) {
         (Some(err), Some(flags)) => timewait_birth_of(old, err, flags),
-        _ => timewait_birth::UNKNOWN,
+        _ => return timewait_birth::UNKNOWN,
+    };
+    if birth == timewait_birth::NONE {
+        return birth;
+    }
+    // At the namespace's timewait cap the kernel may have had no room (it counts that
+    // in TcpExtTCPTimeWaitOverflow, nothing on the socket): a poll must tell. Unknown
+    // fields (older kernels) skip the check.
+    // SAFETY: as above.
+    let (refs, max) = unsafe {
+        let net = read_at::<u64>(sk, off!(skc_net)).unwrap_or(0) as *const u8;
+        (
+            read_at::<i32>(net, off!(net_tw_refcount)),
+            read_at::<i32>(net, off!(net_max_tw_buckets)),
+        )
+    };
+    match (refs, max) {
+        (Some(refs), Some(max)) if refs - 1 >= max => timewait_birth::UNKNOWN,
+        _ => birth,
     }
 }
 

@@ -462,3 +462,48 @@ fn a_fin_wait2_timeout_is_not_a_time_wait() {
     let rows = synthetic_rows_for(&cw, cport);
     assert!(rows.iter().all(|r| r["new"] != "TIME_WAIT"), "{rows:?}");
 }
+
+/// At its namespace's timewait cap (`tcp_max_tw_buckets` 3) the kernel keeps no timewait
+/// socket for further closes (it counts them in `TcpExtTCPTimeWaitOverflow`): the
+/// server owns the TIME_WAITs the kernel kept, not one per close.
+#[test]
+fn closes_over_the_timewait_cap_are_not_time_waits() {
+    require_root();
+    let ns = quiet_netns("cap");
+    ns.sysctl("net.ipv4.tcp_max_tw_buckets", "3");
+    let mut cw = watch(&["--time-wait-min", "1"]);
+    let mut server = Peer::spawn_in(Some(&ns), &["firstcloser", "127.0.0.1:0", "8"]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let mut client = Peer::spawn_in(Some(&ns), &["secondclosers", &addr("127.0.0.1", port), "8"]);
+    client.expect("closed");
+    server.expect("closed");
+    let kernel_count = || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "ss",
+                "-Htan",
+                "state",
+                "time-wait",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count() as u64
+    };
+    let kept = kernel_count();
+    assert_eq!(kept, 3, "the kernel keeps 3 at its cap");
+    let mut seen = 0;
+    wait_report(&mut cw, "the server owning what the kernel kept", |r| {
+        seen = process(r, server.pid()).map_or(0, |p| p["time_wait"].as_u64().unwrap_or(0));
+        seen == kept
+    });
+    // And no more later (a told birth for each close would make it 8).
+    let end = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < end {
+        let r = wait_report(&mut cw, "a later report", |_| true);
+        let n = process(&r, server.pid()).map_or(0, |p| p["time_wait"].as_u64().unwrap_or(0));
+        assert!(n <= kept, "{n} TIME_WAITs reported, the kernel has {kept}");
+    }
+}

@@ -84,7 +84,7 @@ const REQUIRED: [Field; 8] = [
 
 /// Fields whose absence blanks netns/inode in events, rules out `--cgroup`, or leaves
 /// TIME_WAIT births to be confirmed by polling.
-const OPTIONAL: [Field; 13] = [
+const OPTIONAL: [Field; 15] = [
     Field {
         name: "skc_net",
         root: "sock",
@@ -158,6 +158,18 @@ const OPTIONAL: [Field; 13] = [
         slot: |o| &mut o.inode_mode,
     },
     Field {
+        name: "tcp_death_row.tw_refcount",
+        root: "net",
+        path: &["ipv4", "tcp_death_row", "tw_refcount"],
+        slot: |o| &mut o.net_tw_refcount,
+    },
+    Field {
+        name: "tcp_death_row.sysctl_max_tw_buckets",
+        root: "net",
+        path: &["ipv4", "tcp_death_row", "sysctl_max_tw_buckets"],
+        slot: |o| &mut o.net_max_tw_buckets,
+    },
+    Field {
         name: "skc_flags",
         root: "sock",
         path: &["__sk_common", "skc_flags"],
@@ -196,7 +208,12 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
 }
 
 /// Fields the probe reads to tell what a FIN_WAIT2/CLOSING -> CLOSE left behind.
-pub const TIMEWAIT_FIELDS: [&str; 2] = ["sk_err", "skc_flags"];
+pub const TIMEWAIT_FIELDS: [&str; 4] = [
+    "sk_err",
+    "skc_flags",
+    "tcp_death_row.tw_refcount",
+    "tcp_death_row.sysctl_max_tw_buckets",
+];
 
 /// Fields the socket-fd iterator reads (without them the fd index walks /proc).
 pub const SOCKET_FD_FIELDS: [&str; 4] = [
