@@ -128,8 +128,15 @@ impl Monitor {
     /// listeners, settings and pending closes go.
     pub fn discover_namespaces(&mut self) {
         let now = monotonic_ns();
-        for ns in self.namespaces.discover() {
+        let (gone, reborn) = self.namespaces.discover();
+        for ns in gone {
             self.tw.forget(ns, now);
+            self.table.forget(ns);
+        }
+        // The old namespace's timewait sockets are gone, and the new one's may already
+        // be followed: a poll of every timewait socket there tells them apart.
+        for ns in reborn {
+            self.tw.recheck(ns);
             self.table.forget(ns);
         }
     }

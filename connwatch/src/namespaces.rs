@@ -88,9 +88,11 @@ impl Namespaces {
     }
 
     /// Lists the namespaces that exist now (cheap: one readlink per process) and
-    /// returns those that existed before and are gone: they took their sockets with
-    /// them, and their listeners and settings are dropped here.
-    pub fn discover(&mut self) -> Vec<u32> {
+    /// returns those that existed before and are gone (they took their sockets with
+    /// them), and those whose inode number now names a new namespace (the old one's
+    /// sockets are gone, the new one's are to be listed). Their listeners and settings
+    /// are dropped here; a new namespace's listeners are wanted at the next poll.
+    pub fn discover(&mut self) -> (Vec<u32>, Vec<u32>) {
         let mut found = netns::all();
         if !self.others {
             // setns would fail in each of them (warned once at start), and without
@@ -102,7 +104,7 @@ impl Namespaces {
         found
             .entry(self.own)
             .or_insert_with(|| PathBuf::from("/proc/self/ns/net"));
-        let mut gone: Vec<u32> = if self.others {
+        let gone: Vec<u32> = if self.others {
             self.paths
                 .keys()
                 .filter(|ns| !found.contains_key(ns))
@@ -114,14 +116,15 @@ impl Namespaces {
         for ns in &gone {
             self.cookies.remove(ns);
         }
-        gone.extend(self.reborn(&found));
-        for ns in &gone {
+        let reborn = self.reborn(&found);
+        for ns in gone.iter().chain(&reborn) {
             log::debug!("netns {ns} is gone: forgetting its sockets");
             self.listeners.retain(|&(n, _), _| n != *ns);
             self.kernel.remove(ns);
         }
+        self.listeners_wanted.extend(&reborn);
         self.paths = found;
-        gone
+        (gone, reborn)
     }
 
     /// Namespaces whose inode number now belongs to another namespace: the old one is

@@ -214,6 +214,12 @@ impl Overflow {
         self.seen.contains_key(key)
     }
 
+    /// A socket left out is followed now that there is room; whether it had been left
+    /// out (then it was counted already).
+    pub fn take(&mut self, key: &SockKey) -> bool {
+        self.seen.remove(key).is_some()
+    }
+
     /// Forgets a namespace that no longer exists.
     pub fn forget(&mut self, netns: u32) {
         self.seen.retain(|k, _| k.netns != netns);

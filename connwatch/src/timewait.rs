@@ -164,6 +164,8 @@ pub struct Tracker {
     wanting: Option<std::collections::BTreeMap<u32, Listed>>,
     /// No TIME_WAIT is due before this (0: unknown, scan).
     next_expiry_ns: u64,
+    /// Namespaces to poll for every timewait socket (their inode number was reused).
+    recheck: std::collections::BTreeSet<u32>,
 }
 
 impl Tracker {
@@ -288,6 +290,9 @@ impl Tracker {
             }
         }
         self.end_missing(netns, listed, now_ns);
+        if listed == Listed::All {
+            self.recheck.remove(&netns);
+        }
         rows.append(&mut self.queued);
         if listed != Listed::All {
             rows.sort_by_key(|r| r.ts_ns);
@@ -410,6 +415,8 @@ impl Tracker {
             self.over_limit.note(key, self.poll);
             return;
         }
+        // Left out over the limit before, and counted then: not again.
+        let provisional = provisional && !self.over_limit.take(&key);
         let owner = listener(s.local.port());
         let owner_source = if owner.is_some() {
             OwnerSource::Listener
@@ -471,6 +478,13 @@ impl Tracker {
         self.untracked += (before - self.pending.len()) as u64;
     }
 
+    /// `netns` now names another namespace: the next poll there lists every timewait
+    /// socket, ending the old namespace's (`early`) and keeping the new one's.
+    pub fn recheck(&mut self, netns: u32) {
+        self.changed();
+        self.recheck.insert(netns);
+    }
+
     /// A namespace that no longer exists: the kernel purged its timewait sockets with
     /// it, so each followed one ends `early` now, and its pending closes are dropped.
     pub fn forget(&mut self, netns: u32, now_ns: u64) {
@@ -487,6 +501,7 @@ impl Tracker {
         }
         self.pending.retain(|k, _| k.netns != netns);
         self.over_limit.forget(netns);
+        self.recheck.remove(&netns);
     }
 
     /// Timewait sockets that exist as far as the last polls know: (TIME_WAIT, orphaned
@@ -616,8 +631,13 @@ impl Tracker {
                 wanting.entry(k.netns).or_insert(Listed::FinWait2);
             }
         }
-        for k in self.pending.keys() {
-            wanting.insert(k.netns, Listed::All);
+        for ns in self
+            .pending
+            .keys()
+            .map(|k| k.netns)
+            .chain(self.recheck.iter().copied())
+        {
+            wanting.insert(ns, Listed::All);
         }
         self.wanting = Some(wanting.clone());
         wanting
@@ -1252,6 +1272,69 @@ mod tests {
             (TcpState::FIN_WAIT2, TcpState::CLOSE, Some(End::Early))
         );
         assert_eq!(t.counts(), (0, 0));
+        assert!(!t.wants_poll());
+    }
+
+    #[test]
+    fn a_socket_left_out_and_followed_later_counts_once() {
+        let mut t = Tracker {
+            limit: 1,
+            ..Default::default()
+        };
+        let other = "127.0.0.1:40001";
+        t.on_transition(
+            key(C, S),
+            &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::TIME_WAIT)),
+        );
+        t.on_transition(
+            key(other, S),
+            &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::TIME_WAIT)),
+        );
+        assert_eq!(t.untracked(), 1);
+        // The first ends at its timer; the poll after finds room for the other.
+        t.expire_due(71 * SEC);
+        for at in [72, 73] {
+            t.observe(
+                NS,
+                &[tw(TIME_WAIT, other, S, 1_000)],
+                Listed::All,
+                at * SEC,
+                false,
+                &no_listener,
+            );
+        }
+        assert_eq!(t.counts(), (1, 0));
+        assert_eq!(t.untracked(), 1);
+    }
+
+    #[test]
+    fn a_reused_namespace_number_is_rechecked_not_forgotten() {
+        let mut t = Tracker::default();
+        let new = "127.0.0.1:40001";
+        for local in [C, new] {
+            t.on_transition(
+                key(local, S),
+                &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::TIME_WAIT)),
+            );
+        }
+        t.take_queued();
+        // The number now names a new namespace, which holds only the second.
+        t.recheck(NS);
+        assert_eq!(
+            t.wanting_poll(),
+            std::collections::BTreeMap::from([(NS, Listed::All)])
+        );
+        let rows = t.observe(
+            NS,
+            &[tw(TIME_WAIT, new, S, 59_000)],
+            Listed::All,
+            11 * SEC,
+            false,
+            &no_listener,
+        );
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].key, rows[0].end), (key(C, S), Some(End::Early)));
+        assert_eq!(t.counts(), (1, 0));
         assert!(!t.wants_poll());
     }
 

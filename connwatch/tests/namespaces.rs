@@ -126,6 +126,8 @@ fn new_server_among_many_is_flagged_as_active_closer() {
     let started = Instant::now();
     let (server, _client, port) = server_closes_first(&ns);
     let min = N as u64 - 1;
+    // Shown with the reports if it fails.
+    println!("server pid {}, port {port}", server.pid());
     let r = wait_report(&mut watch, "the new server flagged", |r| {
         process(r, server.pid()).is_some_and(|p| {
             p["time_wait"].as_u64() >= Some(min)
