@@ -141,37 +141,26 @@ fn exact_request(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
 
 /// Parses the replies to exact requests in one datagram: the sockets found go to
 /// `out`; returns how many replies (sockets and errors) it held.
-fn parse_replies(mut bytes: &[u8], out: &mut Vec<DiagSocket>) -> io::Result<usize> {
-    let bad = |e: String| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag: {e}"));
+fn parse_replies(bytes: &[u8], out: &mut Vec<DiagSocket>) -> io::Result<usize> {
     let mut replies = 0;
-    while !bytes.is_empty() {
-        let len = u32_at(bytes, 0).ok_or_else(|| bad("short netlink header".into()))? as usize;
-        let kind = u16_at(bytes, 4).unwrap_or(0);
-        if len < NLMSG_HDRLEN || len > bytes.len() {
-            return Err(bad(format!("message length {len}")));
-        }
-        let payload = bytes.get(NLMSG_HDRLEN..len).unwrap_or_default();
+    for_each_message(bytes, |kind, payload| {
         match kind {
             NLMSG_ERROR => {
-                let errno = u32_at(payload, 0).map_or(0, |e| e as i32).saturating_neg();
                 // ENOENT: no such socket. Anything else is a real failure.
+                let errno = errno_of(payload);
                 if errno != 0 && errno != libc::ENOENT {
                     return Err(io::Error::from_raw_os_error(errno));
                 }
                 replies += 1;
             }
             SOCK_DIAG_BY_FAMILY => {
-                out.push(
-                    parse_inet_diag(payload).ok_or_else(|| {
-                        bad(format!("inet_diag message of {} bytes", payload.len()))
-                    })?,
-                );
+                out.push(socket_of(payload)?);
                 replies += 1;
             }
             _ => {}
         }
-        bytes = bytes.get((len + 3) & !3..).unwrap_or(&[]);
-    }
+        Ok(false)
+    })?;
     Ok(replies)
 }
 
@@ -220,36 +209,55 @@ fn receive(socket: &Socket, out: &mut Vec<DiagSocket>) -> io::Result<()> {
 /// `inet_diag_msg`, `rtattr`) rather than through the netlink crate: a poll of 100k
 /// timewait sockets is 100k messages a second, and this path allocates nothing per
 /// socket. Requests are still built with the crate.
-pub fn parse_datagram(mut bytes: &[u8], out: &mut Vec<DiagSocket>) -> io::Result<bool> {
-    let bad = |e: String| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag: {e}"));
+pub fn parse_datagram(bytes: &[u8], out: &mut Vec<DiagSocket>) -> io::Result<bool> {
+    for_each_message(bytes, |kind, payload| {
+        match kind {
+            NLMSG_DONE => return Ok(true),
+            // 0 is an acknowledgement.
+            NLMSG_ERROR if errno_of(payload) != 0 => {
+                return Err(io::Error::from_raw_os_error(errno_of(payload)));
+            }
+            SOCK_DIAG_BY_FAMILY => out.push(socket_of(payload)?),
+            _ => {}
+        }
+        Ok(false)
+    })
+}
+
+/// Calls `f(type, payload)` for each netlink message of a datagram, until it returns
+/// `true` (then so does this) or an error.
+fn for_each_message(
+    mut bytes: &[u8],
+    mut f: impl FnMut(u16, &[u8]) -> io::Result<bool>,
+) -> io::Result<bool> {
     while !bytes.is_empty() {
         let len = u32_at(bytes, 0).ok_or_else(|| bad("short netlink header".into()))? as usize;
         let kind = u16_at(bytes, 4).unwrap_or(0);
         if len < NLMSG_HDRLEN || len > bytes.len() {
             return Err(bad(format!("message length {len}")));
         }
-        let payload = bytes.get(NLMSG_HDRLEN..len).unwrap_or_default();
-        match kind {
-            NLMSG_DONE => return Ok(true),
-            NLMSG_ERROR => {
-                // A negative errno; 0 is an acknowledgement. Saturating: the bytes are
-                // untrusted and -i32::MIN overflows (found by fuzzing).
-                let errno = u32_at(payload, 0).map_or(0, |e| e as i32);
-                if errno != 0 {
-                    return Err(io::Error::from_raw_os_error(errno.saturating_neg()));
-                }
-            }
-            SOCK_DIAG_BY_FAMILY => out.push(
-                parse_inet_diag(payload)
-                    .ok_or_else(|| bad(format!("inet_diag message of {} bytes", payload.len())))?,
-            ),
-            _ => {}
+        if f(kind, bytes.get(NLMSG_HDRLEN..len).unwrap_or_default())? {
+            return Ok(true);
         }
         // Messages are 4-byte aligned.
-        let step = (len + 3) & !3;
-        bytes = bytes.get(step..).unwrap_or(&[]);
+        bytes = bytes.get((len + 3) & !3..).unwrap_or(&[]);
     }
     Ok(false)
+}
+
+fn bad(e: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag: {e}"))
+}
+
+/// The positive errno of an `NLMSG_ERROR` (0: an acknowledgement). Saturating: the
+/// bytes are untrusted and -i32::MIN overflows (found by fuzzing).
+fn errno_of(payload: &[u8]) -> i32 {
+    u32_at(payload, 0).map_or(0, |e| e as i32).saturating_neg()
+}
+
+fn socket_of(payload: &[u8]) -> io::Result<DiagSocket> {
+    parse_inet_diag(payload)
+        .ok_or_else(|| bad(format!("inet_diag message of {} bytes", payload.len())))
 }
 
 const NLMSG_HDRLEN: usize = 16;
