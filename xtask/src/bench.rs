@@ -27,6 +27,8 @@ const FLOOR_PROGRAM: &str = "tracepoint:sock:inet_sock_set_state { @c = count();
 
 pub struct Options {
     pub quick: bool,
+    /// Parts to measure alone (all, and the doc written, when empty).
+    pub only: Vec<Part>,
     pub connwatch: PathBuf,
     pub out: PathBuf,
 }
@@ -499,7 +501,74 @@ fn loss_summary(lines: &[String]) -> Option<(u64, u64, u64)> {
     Some((*n.first()?, *n.get(1)?, *n.get(2)?))
 }
 
+/// A part of the benchmark that `--only` can run alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Memory per socket, start-up, CPU against an ss loop, idle CPU over TIME_WAITs.
+    Held,
+    /// Probe cost per event (bpf_stats) against tcpstates and the floor.
+    Probe,
+    /// Workload tax of watch, trace and tcpstates.
+    Tax,
+    /// Loss accounting.
+    Loss,
+    /// Kernel memory of the maps.
+    KernelMem,
+}
+
+/// Only the parts asked for, their lines printed; nothing written.
+fn bench_parts(opts: &Options) -> Result<()> {
+    let (q, cw) = (opts.quick, opts.connwatch.as_path());
+    let ns = Arc::new(Netns::new()?);
+    let tracefs = Tracefs::mount()?;
+    let mut out = String::new();
+    let n = if q { 10_000 } else { 50_000 };
+    let needs_load = opts
+        .only
+        .iter()
+        .any(|p| matches!(p, Part::Probe | Part::Tax));
+    let fixed = if needs_load {
+        saturation(&ns, q, &mut out)?
+    } else {
+        0.0
+    };
+    for part in &opts.only {
+        match part {
+            Part::Held => {
+                let h = held_figures(cw, &ns, n, q, &mut out)?;
+                writeln!(
+                    out,
+                    "memory: {:.0} B/CLOSE_WAIT socket, {:.0} B/TIME_WAIT socket; start-up: {:.0} ms",
+                    h.per_cw, h.per_tw, h.startup_ms
+                )?;
+            }
+            Part::Probe => {
+                probe_costs(cw, &ns, fixed, q, &mut out)?;
+            }
+            Part::Tax => {
+                workload_tax(cw, &ns, q, &mut out)?;
+            }
+            Part::Loss => {
+                loss_accounting(cw, &ns, q, &mut out)?;
+            }
+            Part::KernelMem => {
+                kernel_memory(cw, &mut out)?;
+            }
+        }
+    }
+    print!("{out}");
+    drop(tracefs);
+    Ok(())
+}
+
 pub fn bench(opts: &Options) -> Result<()> {
+    if !Path::new(TCPSTATES).exists() {
+        bail!("{TCPSTATES} is missing: run `cargo xtask setup` (Debian package libbpf-tools)");
+    }
+    if !opts.only.is_empty() {
+        raise_fd_limit(65_536);
+        return bench_parts(opts);
+    }
     if !Path::new(TCPSTATES).exists() {
         bail!("{TCPSTATES} is missing: run `cargo xtask setup` (Debian package libbpf-tools)");
     }

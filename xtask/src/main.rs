@@ -77,6 +77,10 @@ enum Task {
         /// A shorter run (under 90 s) with 10,000 instead of 50,000 held sockets.
         #[arg(long)]
         quick: bool,
+        /// Measure only these parts, print their figures and write no file (for working
+        /// on one figure; the contract line needs a full run).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<bench::Part>,
     },
 }
 
@@ -129,7 +133,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dist::image(&artifacts)?;
             Ok(ExitCode::SUCCESS)
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             if !setup::is_root() {
                 bail!("the benchmark loads BPF programs: run as root (sudo -E cargo xtask bench)");
             }
@@ -137,6 +141,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             status(cargo().args(["build", "--release", "--package", "connwatch"]))?;
             bench::bench(&bench::Options {
                 quick,
+                only,
                 connwatch: workspace_root().join("target/release/connwatch"),
                 out: workspace_root().join("docs/BENCHMARKS.md"),
             })?;
