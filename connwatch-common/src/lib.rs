@@ -13,6 +13,7 @@ pub const PROG_TP_BTF: &str = "connwatch_tp_btf";
 pub const PROG_TRACEPOINT: &str = "connwatch_tracepoint";
 pub const GLOBAL_OFFSETS: &str = "OFFSETS";
 pub const GLOBAL_FILTER: &str = "FILTER";
+pub const GLOBAL_WAKE_AT: &str = "WAKE_AT";
 pub const MAP_LISTENERS: &str = "LISTENERS";
 pub const PROG_SOCKET_FDS: &str = "connwatch_socket_fds";
 

@@ -3,7 +3,8 @@
 //! Hooks (userspace attaches exactly one of them):
 //! - `tp_btf/inet_sock_set_state`: typed `struct sock *` argument, cheapest, needs no
 //!   tracefs. Fields are read at offsets that userspace resolves from the kernel's BTF and
-//!   passes in the `OFFSETS` global (aya has no CO-RE).
+//!   passes in the `OFFSETS` global (aya has no CO-RE); being constants to the verifier,
+//!   they allow plain loads instead of a helper call per field (`Direct`).
 //! - `tracepoint/sock/inet_sock_set_state`: the classic tracepoint, stable record layout
 //!   since Linux 4.16; the fallback when tp_btf cannot load. Needs tracefs mounted.
 //!
@@ -15,16 +16,15 @@
 #![no_std]
 #![no_main]
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{
-        BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        BPF_RB_RING_SIZE,
-    },
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     btf_maps::SkStorage,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::{bpf_seq_write, bpf_sk_storage_get},
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{bpf_get_current_comm, bpf_seq_write, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
     },
     macros::{btf_map, btf_tracepoint, map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -63,6 +63,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 /// (their transitions run in softirq, with no owner of their own until close()).
 #[map]
 static LISTENERS: LruHashMap<ListenKey, u32> = LruHashMap::with_max_entries(1 << 14, 0);
+
+/// Bytes waiting in EVENTS from which a submit wakes the reader (an eighth of the ring),
+/// set before load.
+// SAFETY: as OFFSETS.
+#[unsafe(no_mangle)]
+static WAKE_AT: u64 = 1 << 19;
 
 /// Kernel struct field offsets, filled in by userspace from BTF before load.
 // SAFETY: a symbol name of its own, which userspace overrides by name before load.
@@ -126,12 +132,11 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     if lifecycle && !lifecycle_needs(old, new) {
         return 0;
     }
-    // SAFETY: `sk` is the tracepoint's `struct sock *`; the read goes through
-    // bpf_probe_read_kernel, which fails cleanly on a bad address.
-    if unsafe { read_at::<u16>(sk, off!(sk_protocol)) } != Some(IPPROTO_TCP) {
+    // SAFETY: `sk` is the tracepoint's typed `struct sock *` (see `Direct`).
+    if unsafe { Direct::read::<u16>(sk, off!(sk_protocol)) } != Some(IPPROTO_TCP) {
         return 0;
     }
-    let task = Task::current(sk, old, new);
+    let mut task = Task::current(sk, old, new);
     // Socket storage is created only where a later transition will read it.
     let create = !lifecycle || owner_needed_later(old, new);
     // SAFETY: `SOCK_STATE` is a socket storage map and `sk` the tracepoint's typed
@@ -164,41 +169,52 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
         // Only an owner to remember: no event, no listener.
         return 0;
     }
-    // SAFETY: reads through bpf_probe_read_kernel at offsets resolved from BTF.
-    let Some(t) = (unsafe { tuple_of(sk) }) else {
+    // From here on the socket is read as a `tcp_sock`, which the helper hands back for
+    // the same address (null for anything else). Two reasons: the local port is in
+    // `inet_sock`, beyond `struct sock`, where the verifier lets no load through a
+    // `struct sock *`; and the tracepoint's pointer is "trusted", so at load time the
+    // verifier checks every pointer loaded through it with a search of the kernel's
+    // BTF by name (~1 ms each), which the helper's untrusted pointer skips.
+    // SAFETY: a helper that checks its argument; null-checked below.
+    let tcp = unsafe { bpf_skc_to_tcp_sock(sk.cast_mut().cast()) } as *const u8;
+    if tcp.is_null() {
+        return 0;
+    }
+    task.sk = tcp;
+    // SAFETY: `tcp` is a typed socket (see `Direct`).
+    let Some(t) = (unsafe { tuple_of(tcp) }) else {
         return 0;
     };
-    finish(&task, &t, &owned);
+    finish::<Direct>(&task, &t, &owned);
     0
 }
 
-/// Family, ports and addresses of a `struct sock`.
+/// Family, ports and addresses of a socket typed `tcp_sock`.
 ///
 /// # Safety
-/// `sk` must be a `struct sock *` (or null).
+/// `sk` must be a typed `tcp_sock` pointer (see `Direct`).
 #[inline(always)]
 unsafe fn tuple_of(sk: *const u8) -> Option<Tuple> {
-    // SAFETY: every read goes through bpf_probe_read_kernel.
+    // SAFETY: a typed pointer, plain loads the verifier checks (see `Direct`).
     unsafe {
-        let family = read_at::<u16>(sk, off!(skc_family))?;
+        let family = Direct::read::<u16>(sk, off!(skc_family))?;
         let mut t = Tuple {
             family,
-            sport: u16::from_be(read_at::<u16>(sk, off!(inet_sport)).unwrap_or(0)),
-            dport: u16::from_be(read_at::<u16>(sk, off!(skc_dport)).unwrap_or(0)),
+            sport: u16::from_be(Direct::read::<u16>(sk, off!(inet_sport)).unwrap_or(0)),
+            dport: u16::from_be(Direct::read::<u16>(sk, off!(skc_dport)).unwrap_or(0)),
             saddr: [0; 16],
             daddr: [0; 16],
         };
         match family {
             AF_INET => {
-                t.saddr[..4].copy_from_slice(
-                    &read_at::<[u8; 4]>(sk, off!(skc_rcv_saddr)).unwrap_or([0; 4]),
-                );
-                t.daddr[..4]
-                    .copy_from_slice(&read_at::<[u8; 4]>(sk, off!(skc_daddr)).unwrap_or([0; 4]));
+                let s = Direct::read::<u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0);
+                let d = Direct::read::<u32>(sk, off!(skc_daddr)).unwrap_or(0);
+                t.saddr[..4].copy_from_slice(&s.to_ne_bytes());
+                t.daddr[..4].copy_from_slice(&d.to_ne_bytes());
             }
             AF_INET6 => {
-                t.saddr = read_at::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]);
-                t.daddr = read_at::<[u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]);
+                t.saddr = Direct::read_16(sk, off!(skc_v6_rcv_saddr));
+                t.daddr = Direct::read_16(sk, off!(skc_v6_daddr));
             }
             _ => return None,
         }
@@ -250,7 +266,7 @@ pub fn connwatch_tracepoint(ctx: TracePointContext) -> u32 {
         let new = core::ptr::read_volatile(field(tp_record::NEWSTATE) as *const i32) as u8;
         let task = Task::current(sk, old, new);
         let owned = update_lru(&ctx, &task);
-        finish(&task, &t, &owned);
+        finish::<Copied>(&task, &t, &owned);
     }
     0
 }
@@ -264,8 +280,9 @@ struct Task {
     pid: u32,
     /// The transition runs in the owner's syscall: the task is the owner.
     in_context: bool,
-    /// Copied only for an owner named by context (else on emit).
-    comm: [u8; 16],
+    /// Initialised only for an owner named by context (`in_context`; else read on emit),
+    /// and read only then: zeroing it on every run costs a memset call in BPF.
+    comm: MaybeUninit<[u8; 16]>,
 }
 
 impl Task {
@@ -281,12 +298,22 @@ impl Task {
             pid: (bpf_get_current_pid_tgid() >> 32) as u32,
             in_context,
             comm: if in_context {
-                bpf_get_current_comm().unwrap_or([0; 16])
+                current_comm()
             } else {
-                [0; 16]
+                MaybeUninit::uninit()
             },
         }
     }
+}
+
+/// The current task's name, initialised: the helper fills all 16 bytes (or zeroes
+/// them), so no memset call zeroes them first.
+#[inline(always)]
+fn current_comm() -> MaybeUninit<[u8; 16]> {
+    let mut comm = MaybeUninit::<[u8; 16]>::uninit();
+    // SAFETY: a helper writing 16 bytes into our buffer.
+    unsafe { bpf_get_current_comm(comm.as_mut_ptr().cast(), 16) };
+    comm
 }
 
 /// What the probe knows of a socket's owner after this transition.
@@ -310,7 +337,8 @@ fn owned(prev: SockState, task: &Task) -> Owned {
     };
     let source = if task.in_context {
         state.owner_pid = task.pid;
-        state.owner_comm = task.comm;
+        // SAFETY: initialised when `in_context` (`Task::current`).
+        state.owner_comm = unsafe { task.comm.assume_init() };
         owner_source::CONTEXT
     } else if prev.owner_pid != 0 {
         state.owner_pid = prev.owner_pid;
@@ -371,26 +399,21 @@ fn update_lru<C: aya_ebpf::EbpfContext>(ctx: &C, task: &Task) -> Owned {
 // tracepoint's record loads produced code the verifier rejects (pointer shifted as a
 // scalar).
 #[inline(never)]
-fn finish(task: &Task, t: &Tuple, owned: &Owned) {
+fn finish<K: Kernel>(task: &Task, t: &Tuple, owned: &Owned) {
     let (sk, old, new) = (task.sk, task.old, task.new);
-    // SAFETY: `sk` is the tracepoint's socket; reads go through bpf_probe_read_kernel.
-    let netns = unsafe { netns_of(sk) };
+    // SAFETY: `sk` is the tracepoint's socket, read the way `K` allows.
+    let netns = unsafe { netns_of::<K>(sk) };
     let listen_key = ListenKey {
         netns,
         port: t.sport,
         _pad: 0,
     };
     update_listeners(old, new, &listen_key, owned.state.owner_pid);
-    if !passes(t, old, new, &listen_key, owned.state.owner_pid, sk) {
+    if !passes::<K>(t, old, new, &listen_key, owned.state.owner_pid, sk) {
         return;
     }
     bump(counter::SEEN);
-    let comm = if task.in_context {
-        task.comm
-    } else {
-        bpf_get_current_comm().unwrap_or([0; 16])
-    };
-    emit(sk, task.now, netns, owned, task.pid, &comm, old, new, t);
+    emit::<K>(task, netns, owned, t);
 }
 
 /// Keeps the owner of every listening port, for `--pid` on accepted sockets.
@@ -405,24 +428,13 @@ fn update_listeners(old: u8, new: u8, key: &ListenKey, owner: u32) {
 
 /// Writes the event into the ring and wakes the reader when an eighth of it is filled.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn emit(
-    sk: *const u8,
-    now: u64,
-    netns: u32,
-    owned: &Owned,
-    task_pid: u32,
-    task_comm: &[u8; 16],
-    old: u8,
-    new: u8,
-    t: &Tuple,
-) {
+fn emit<K: Kernel>(task: &Task, netns: u32, owned: &Owned, t: &Tuple) {
+    let (sk, old, new) = (task.sk, task.old, task.new);
     // Only a socket entering CLOSE_WAIT needs its inode (userspace finds its holder by
     // it); four reads saved on every other event.
     let inode = if new == tcp_state::CLOSE_WAIT {
-        // SAFETY: `sk` is the tracepoint's socket; reads go through
-        // bpf_probe_read_kernel.
-        unsafe { inode_of(sk) }
+        // SAFETY: `sk` is the tracepoint's socket, read the way `K` allows.
+        unsafe { inode_of::<K>(sk) }
     } else {
         0
     };
@@ -430,7 +442,7 @@ fn emit(
     // birth from the event alone, without polling for the timewait socket.
     let timewait = if may_leave_timewait(old, new) {
         // SAFETY: as above.
-        unsafe { timewait_birth_at_close(sk, old) }
+        unsafe { timewait_birth_at_close::<K>(sk, old) }
     } else {
         0
     };
@@ -444,13 +456,13 @@ fn emit(
     // SAFETY: `e` points to the reserved slot, exclusively ours until submitted; every
     // field is plain data.
     unsafe {
-        (*e).ts_ns = now;
+        (*e).ts_ns = task.now;
         (*e).skaddr = sk as u64;
         (*e).old_since_ns = owned.prev_since;
         (*e).inode = inode;
         (*e).netns = netns;
         (*e).owner_pid = owned.state.owner_pid;
-        (*e).task_pid = task_pid;
+        (*e).task_pid = task.pid;
         (*e).family = t.family;
         (*e).sport = t.sport;
         (*e).dport = t.dport;
@@ -462,14 +474,19 @@ fn emit(
         (*e).saddr = t.saddr;
         (*e).daddr = t.daddr;
         (*e).owner_comm = owned.state.owner_comm;
-        (*e).task_comm = *task_comm;
+        if task.in_context {
+            // Initialised when `in_context` (`Task::current`).
+            (*e).task_comm = task.comm.assume_init();
+        } else {
+            // Straight into the slot: no stack copy.
+            bpf_get_current_comm((&raw mut (*e).task_comm).cast(), 16);
+        }
     }
     // Waking the reader for every event costs an IPI each (a VM exit under
-    // virtualisation: microseconds). Wake it only once an eighth of the ring is filled;
-    // userspace also drains on a short timer, so rows still flow at low rates.
-    let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
-    let flags = if avail >= size / 8 {
+    // virtualisation: microseconds). Wake it only once an eighth of the ring is filled
+    // (`WAKE_AT`, set with the ring's size); userspace also drains on a short timer, so
+    // rows still flow at low rates.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= global(&raw const WAKE_AT) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -480,7 +497,14 @@ fn emit(
 /// The load-time filter. A socket whose owner is not known yet (accepted, before its
 /// close) matches `--pid` through the owner of the port it was accepted on.
 #[inline(always)]
-fn passes(t: &Tuple, old: u8, new: u8, listen_key: &ListenKey, owner: u32, sk: *const u8) -> bool {
+fn passes<K: Kernel>(
+    t: &Tuple,
+    old: u8,
+    new: u8,
+    listen_key: &ListenKey,
+    owner: u32,
+    sk: *const u8,
+) -> bool {
     if filt!(lifecycle_only) != 0 && !is_lifecycle(old, new) {
         return false;
     }
@@ -523,11 +547,11 @@ fn passes(t: &Tuple, old: u8, new: u8, listen_key: &ListenKey, owner: u32, sk: *
     }
     let cgroup_id = filt!(cgroup_id);
     if cgroup_id != 0 {
-        // SAFETY: `sk` is the tracepoint's socket; reads go through bpf_probe_read_kernel.
+        // SAFETY: `sk` is the tracepoint's socket, read the way `K` allows.
         let id = unsafe {
-            let cgroup = read_at::<u64>(sk, off!(sk_cgroup)).unwrap_or(0) as *const u8;
-            let kn = read_at::<u64>(cgroup, off!(cgroup_kn)).unwrap_or(0) as *const u8;
-            read_at::<u64>(kn, off!(kernfs_id)).unwrap_or(0)
+            let cgroup = K::read::<u64>(sk, off!(sk_cgroup)).unwrap_or(0) as *const u8;
+            let kn = K::read::<u64>(cgroup, off!(cgroup_kn)).unwrap_or(0) as *const u8;
+            K::read::<u64>(kn, off!(kernfs_id)).unwrap_or(0)
         };
         if id != cgroup_id {
             return false;
@@ -545,18 +569,74 @@ fn bump(index: u32) {
     }
 }
 
-/// Reads a `T` at `base + off`; `None` when the offset is unresolved or the read fails.
-///
-/// # Safety
-/// `base` must be a kernel address (or null); the read itself cannot fault.
-#[inline(always)]
-unsafe fn read_at<T>(base: *const u8, off: u32) -> Option<T> {
-    if off == Offsets::UNRESOLVED || base.is_null() {
-        return None;
+/// How the probe reads a field of a kernel struct.
+trait Kernel {
+    /// A `T` at `base + off`; `None` when the offset is unresolved or (`Copied`) the base
+    /// is null or the read failed.
+    ///
+    /// # Safety
+    /// `base` must be a kernel address (or null) of the kind the implementation needs.
+    unsafe fn read<T: Copy>(base: *const u8, off: u32) -> Option<T>;
+}
+
+/// Plain loads through the typed pointers of `tp_btf` (the tracepoint's `struct sock *`
+/// and every pointer loaded from it). OFFSETS is in a frozen read-only map, so the
+/// verifier knows each offset as a constant: it checks each load against the kernel's
+/// BTF at load time and makes it fault-safe (a bad address reads 0), and drops the
+/// branches of unresolved offsets. No helper call per field.
+struct Direct;
+
+impl Direct {
+    /// 16 bytes (an IPv6 address) as two 8-byte loads.
+    ///
+    /// # Safety
+    /// As `read`.
+    #[inline(always)]
+    unsafe fn read_16(base: *const u8, off: u32) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        if off == Offsets::UNRESOLVED {
+            return out;
+        }
+        // SAFETY: as `read`.
+        unsafe {
+            let hi = Self::read::<u64>(base, off).unwrap_or(0);
+            let lo = Self::read::<u64>(base, off + 8).unwrap_or(0);
+            out[..8].copy_from_slice(&hi.to_ne_bytes());
+            out[8..].copy_from_slice(&lo.to_ne_bytes());
+        }
+        out
     }
-    // SAFETY: bpf_probe_read_kernel copies out or fails cleanly; `add` only computes an
-    // address (never dereferenced here).
-    unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T).ok() }
+}
+
+impl Kernel for Direct {
+    #[inline(always)]
+    unsafe fn read<T: Copy>(base: *const u8, off: u32) -> Option<T> {
+        // No test of `base` for null: a load through a null pointer reads 0 here, and the
+        // verifier, which does not track the value of these pointers, would explore
+        // the impossible mixes of two tests of one pointer that LLVM merged.
+        if off == Offsets::UNRESOLVED {
+            return None;
+        }
+        // SAFETY: the verifier allows the load only where BTF has a field of this size
+        // at this offset, and the JIT turns a fault into 0.
+        Some(unsafe { core::ptr::read_volatile(base.add(off as usize).cast::<T>()) })
+    }
+}
+
+/// `bpf_probe_read_kernel`, for the classic tracepoint, whose socket pointer is a plain
+/// number to the verifier.
+struct Copied;
+
+impl Kernel for Copied {
+    #[inline(always)]
+    unsafe fn read<T: Copy>(base: *const u8, off: u32) -> Option<T> {
+        if off == Offsets::UNRESOLVED || base.is_null() {
+            return None;
+        }
+        // SAFETY: bpf_probe_read_kernel copies out or fails cleanly; `add` only computes
+        // an address (never dereferenced here).
+        unsafe { bpf_probe_read_kernel(base.add(off as usize).cast::<T>()).ok() }
+    }
 }
 
 /// The inode number of the socket's network namespace (0 when unreadable).
@@ -564,11 +644,11 @@ unsafe fn read_at<T>(base: *const u8, off: u32) -> Option<T> {
 /// # Safety
 /// `sk` must be a `struct sock *` (or null).
 #[inline(always)]
-unsafe fn netns_of(sk: *const u8) -> u32 {
-    // SAFETY: reads through bpf_probe_read_kernel at offsets resolved from BTF.
+unsafe fn netns_of<K: Kernel>(sk: *const u8) -> u32 {
+    // SAFETY: reads at offsets resolved from BTF, the way `K` allows.
     unsafe {
-        let net = read_at::<u64>(sk, off!(skc_net)).unwrap_or(0) as *const u8;
-        read_at::<u32>(net, off!(net_ns_inum)).unwrap_or(0)
+        let net = K::read::<u64>(sk, off!(skc_net)).unwrap_or(0) as *const u8;
+        K::read::<u32>(net, off!(net_ns_inum)).unwrap_or(0)
     }
 }
 
@@ -578,12 +658,12 @@ unsafe fn netns_of(sk: *const u8) -> u32 {
 /// # Safety
 /// `sk` must be a `struct sock *` (or null).
 #[inline(always)]
-unsafe fn timewait_birth_at_close(sk: *const u8, old: u8) -> u8 {
-    // SAFETY: reads through bpf_probe_read_kernel at offsets resolved from BTF.
+unsafe fn timewait_birth_at_close<K: Kernel>(sk: *const u8, old: u8) -> u8 {
+    // SAFETY: reads at offsets resolved from BTF, the way `K` allows.
     let (err, flags) = unsafe {
         (
-            read_at::<i32>(sk, off!(sk_err)),
-            read_at::<u64>(sk, off!(skc_flags)),
+            K::read::<i32>(sk, off!(sk_err)),
+            K::read::<u64>(sk, off!(skc_flags)),
         )
     };
     let birth = match (err, flags) {
@@ -598,10 +678,10 @@ unsafe fn timewait_birth_at_close(sk: *const u8, old: u8) -> u8 {
     // fields (older kernels) skip the check.
     // SAFETY: as above.
     let (refs, max) = unsafe {
-        let net = read_at::<u64>(sk, off!(skc_net)).unwrap_or(0) as *const u8;
+        let net = K::read::<u64>(sk, off!(skc_net)).unwrap_or(0) as *const u8;
         (
-            read_at::<i32>(net, off!(net_tw_refcount)),
-            read_at::<i32>(net, off!(net_max_tw_buckets)),
+            K::read::<i32>(net, off!(net_tw_refcount)),
+            K::read::<i32>(net, off!(net_max_tw_buckets)),
         )
     };
     match (refs, max) {
@@ -615,13 +695,13 @@ unsafe fn timewait_birth_at_close(sk: *const u8, old: u8) -> u8 {
 /// # Safety
 /// `sk` must be a `struct sock *` (or null).
 #[inline(always)]
-unsafe fn inode_of(sk: *const u8) -> u64 {
-    // SAFETY: reads through bpf_probe_read_kernel at offsets resolved from BTF.
+unsafe fn inode_of<K: Kernel>(sk: *const u8) -> u64 {
+    // SAFETY: reads at offsets resolved from BTF, the way `K` allows.
     unsafe {
-        let sock = read_at::<u64>(sk, off!(sk_socket)).unwrap_or(0) as *const u8;
-        let file = read_at::<u64>(sock, off!(socket_file)).unwrap_or(0) as *const u8;
-        let inode = read_at::<u64>(file, off!(file_inode)).unwrap_or(0) as *const u8;
-        read_at::<u64>(inode, off!(inode_ino)).unwrap_or(0)
+        let sock = K::read::<u64>(sk, off!(sk_socket)).unwrap_or(0) as *const u8;
+        let file = K::read::<u64>(sock, off!(socket_file)).unwrap_or(0) as *const u8;
+        let inode = K::read::<u64>(file, off!(file_inode)).unwrap_or(0) as *const u8;
+        K::read::<u64>(inode, off!(inode_ino)).unwrap_or(0)
     }
 }
 
@@ -662,15 +742,15 @@ pub fn connwatch_socket_fds(ctx: *const TaskFileCtx) -> i32 {
         if task.is_null() || file.is_null() {
             return 0;
         }
-        let inode = read_at::<u64>(file, off!(file_inode)).unwrap_or(0) as *const u8;
-        let mode = read_at::<u16>(inode, off!(inode_mode)).unwrap_or(0);
+        let inode = Copied::read::<u64>(file, off!(file_inode)).unwrap_or(0) as *const u8;
+        let mode = Copied::read::<u16>(inode, off!(inode_mode)).unwrap_or(0);
         if mode & S_IFMT != S_IFSOCK {
             return 0;
         }
         let rec = SocketFd {
-            pid: read_at::<u32>(task, off!(task_tgid)).unwrap_or(0),
+            pid: Copied::read::<u32>(task, off!(task_tgid)).unwrap_or(0),
             fd,
-            inode: read_at::<u64>(inode, off!(inode_ino)).unwrap_or(0),
+            inode: Copied::read::<u64>(inode, off!(inode_ino)).unwrap_or(0),
         };
         bpf_seq_write(
             seq.cast(),

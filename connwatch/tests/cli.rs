@@ -66,6 +66,26 @@ fn missing_btf_with_forced_tp_btf_says_what_to_do() {
     );
 }
 
+/// The default hook on a kernel with BTF is tp_btf: a probe the verifier rejects there
+/// would otherwise hide behind the fallback to the classic tracepoint.
+#[test]
+fn kernel_with_btf_attaches_tp_btf_by_default() {
+    require_root();
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        eprintln!("skipped: this kernel has no BTF");
+        return;
+    }
+    for command in ["trace", "watch"] {
+        let (out, err) = run(Command::new(CONNWATCH).args([command, "--duration", "200ms"]));
+        assert!(out.status.success(), "{command}: {err:?}");
+        assert!(
+            err.iter()
+                .any(|l| l.contains("attached tp_btf/inet_sock_set_state")),
+            "{command}: {err:?}"
+        );
+    }
+}
+
 #[test]
 fn missing_btf_falls_back_to_the_tracepoint_with_a_warning() {
     require_root();

@@ -26,8 +26,8 @@ use aya::{
     programs::{BtfTracePoint, TracePoint},
 };
 use connwatch_common::{
-    GLOBAL_FILTER, GLOBAL_OFFSETS, ListenKey, MAP_COUNTERS, MAP_EVENTS, MAP_LISTENERS, MAP_SOCKETS,
-    Offsets, PROG_TP_BTF, PROG_TRACEPOINT, counter,
+    GLOBAL_FILTER, GLOBAL_OFFSETS, GLOBAL_WAKE_AT, ListenKey, MAP_COUNTERS, MAP_EVENTS,
+    MAP_LISTENERS, MAP_SOCKETS, Offsets, PROG_TP_BTF, PROG_TRACEPOINT, counter,
 };
 
 pub use preflight::{
@@ -117,18 +117,24 @@ fn degraded(resolved: Option<&offsets::Resolved>) -> Vec<&'static str> {
     degraded
 }
 
-/// Loads the probe object: globals set, the ring sized, and the classic tracepoint's
-/// per-socket LRU map sized `lru_entries` (1 when tp_btf keeps state on the sockets).
+/// Loads the probe object with `loader`: globals set, the ring sized, and the classic
+/// tracepoint's per-socket LRU map sized `lru_entries` (1 when tp_btf keeps state on
+/// the sockets).
 fn load_object(
+    loader: EbpfLoader<'static>,
     opts: &ProbeOptions,
     btf: Option<&Btf>,
     offsets: &Offsets,
     lru_entries: u32,
 ) -> Result<Ebpf> {
-    let mut ebpf = EbpfLoader::new()
+    let wake_at = wake_at(opts.ring_bytes);
+    // What is set below is borrowed only until the load (the loader is covariant).
+    let mut loader: EbpfLoader<'_> = loader;
+    let mut ebpf = loader
         .btf(btf)
         .override_global(GLOBAL_OFFSETS, offsets, true)
         .override_global(GLOBAL_FILTER, &opts.filter, true)
+        .override_global(GLOBAL_WAKE_AT, &wake_at, true)
         .map_max_entries(MAP_EVENTS, opts.ring_bytes)
         .map_max_entries(MAP_SOCKETS, lru_entries)
         .load(PROBE_OBJECT)
@@ -141,6 +147,11 @@ fn load_object(
         }
     }
     Ok(ebpf)
+}
+
+/// Bytes waiting in the ring from which the probe wakes the reader: an eighth of it.
+fn wake_at(ring_bytes: u32) -> u64 {
+    u64::from(ring_bytes) / 8
 }
 
 /// Entries of the classic tracepoint's LRU map: room for twice the TCP sockets the host
@@ -170,18 +181,22 @@ fn tcp_sockets_held(sockstat: &str) -> Option<u64> {
 /// where it can be, else the classic tracepoint (state in an LRU map sized for this
 /// host); `auto` falls back, reloading the object, when tp_btf cannot attach.
 fn load_and_attach(
+    loader: EbpfLoader<'static>,
     opts: &ProbeOptions,
     btf: Option<&Btf>,
     offsets: &Offsets,
     tp_btf_blocker: Option<&str>,
 ) -> Result<(Ebpf, &'static str)> {
+    // Taken by the first load; a fallback load makes its own.
+    let loader = std::cell::Cell::new(Some(loader));
     let want_tp_btf = match opts.hook {
         HookChoice::TpBtf => true,
         HookChoice::Tracepoint => false,
         HookChoice::Auto => tp_btf_blocker.is_none(),
     };
     let tracepoint = |blocker: Option<String>| -> Result<(Ebpf, &'static str)> {
-        let mut ebpf = load_object(opts, btf, offsets, lru_entries(opts.max_sockets))?;
+        let loader = loader.take().unwrap_or_default();
+        let mut ebpf = load_object(loader, opts, btf, offsets, lru_entries(opts.max_sockets))?;
         let name = attach_tracepoint(&mut ebpf, opts.verbose).map_err(|e| match &blocker {
             Some(why) if opts.hook == HookChoice::Auto => {
                 anyhow!("{e:#} (tp_btf was not usable either: {why})")
@@ -201,7 +216,7 @@ fn load_and_attach(
     if let Some(why) = tp_btf_blocker {
         bail!("cannot use tp_btf: {why}; try --hook tracepoint");
     }
-    let mut ebpf = load_object(opts, btf, offsets, 1)?;
+    let mut ebpf = load_object(loader.take().unwrap_or_default(), opts, btf, offsets, 1)?;
     match attach_tp_btf(&mut ebpf, btf, opts.verbose) {
         Ok(name) => Ok((ebpf, name)),
         Err(e) if opts.hook == HookChoice::Auto => {
@@ -221,8 +236,12 @@ impl Probe {
         check_kernel()?;
         warn_missing_optional();
         let has_btf = opts.btf_path.exists();
+        // `EbpfLoader::new()` parses the kernel's BTF itself (for relocations this
+        // probe does not use) before anything can be set on it: on a thread of its own
+        // from the start, as are the two parses below.
+        let loader = std::thread::spawn(EbpfLoader::new);
         // aya parses the BTF for loading while the offsets are resolved from it (two
-        // parsers, ~30 ms each here): on two threads, start-up waits for one.
+        // parsers, ~30 ms each here): on threads of their own.
         let parsing = has_btf.then(|| {
             let path = opts.btf_path.clone();
             std::thread::spawn(move || Btf::parse_file(&path, aya::Endianness::default()))
@@ -253,8 +272,16 @@ impl Probe {
             None => None,
         };
         lap("BTF parsed");
-        let (ebpf, attached) =
-            load_and_attach(opts, btf.as_ref(), &offsets, tp_btf_blocker.as_deref())?;
+        let loader = loader
+            .join()
+            .map_err(|_| anyhow!("the BTF parser panicked"))?;
+        let (ebpf, attached) = load_and_attach(
+            loader,
+            opts,
+            btf.as_ref(),
+            &offsets,
+            tp_btf_blocker.as_deref(),
+        )?;
         lap("attached");
         let ebpf = Arc::new(Mutex::new(ebpf));
         let socket_fds = match (&btf, &resolved) {
