@@ -74,6 +74,11 @@ pub fn attach(
     filter: Filter,
 ) -> Result<(Probe, Monitor, AsyncFd<RingBuf<MapData>>)> {
     let mut monitor = Monitor::new(cfg, filter).with_limit(opts.max_sockets as usize);
+    // Without kernel BTF there is no socket-fd iterator: /proc is walked while the
+    // probe loads.
+    if !opts.btf_path.exists() {
+        monitor = monitor.with_prescan();
+    }
     let mut probe = Probe::load(opts)?;
     if let Some(fds) = probe.take_socket_fds() {
         monitor.use_socket_fds(Box::new(fds));

@@ -92,8 +92,16 @@ impl Monitor {
             last_reconcile: None,
             loss_seen: 0,
             loss_polled: 0,
-            prescan: Some(owners::Prescan::start()),
+            prescan: None,
         }
+    }
+
+    /// Starts walking /proc for the fd index now, on a thread of its own, to overlap
+    /// what comes before the seed. Only where the probe's socket-fd iterator will not do
+    /// it: on two cores the walk would compete with the probe's loading for the CPU.
+    pub fn with_prescan(mut self) -> Self {
+        self.prescan = Some(owners::Prescan::start());
+        self
     }
 
     /// Bounds the sockets followed in userspace (`--max-sockets`, as in the kernel map).
@@ -146,6 +154,11 @@ impl Monitor {
     /// histogram, from one visit to each namespace (the first full dump).
     pub fn seed(&mut self) -> Result<()> {
         let started = std::time::Instant::now();
+        // The probe's fd listing runs beside the dumps (the index wants the inodes they
+        // find, so it is grouped after).
+        if self.prescan.is_none() {
+            self.prescan = self.index.prescan();
+        }
         self.discover_namespaces();
         log::debug!(
             "seed: {} namespaces in {:?}",

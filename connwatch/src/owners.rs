@@ -77,6 +77,13 @@ impl FdIndex {
         self.source = Some(source);
     }
 
+    /// A scan through the source started now on a thread of its own, to overlap
+    /// other work; `adopt` takes its result and gives the source back. `None` without
+    /// a source.
+    pub fn prescan(&mut self) -> Option<Prescan> {
+        self.source.take().map(Prescan::with_source)
+    }
+
     /// Makes sure the index knows `inodes`: rescans /proc when one is new to it and the
     /// last scan is older than `min_rescan`, or when the index is older than `max_age`
     /// (both stretched to keep within the CPU budget). Only these inodes are kept, so
@@ -123,7 +130,14 @@ impl FdIndex {
     /// missing: a socket opened after the prescan began is unknown, not holder-less, and
     /// gets a rescan of its own.
     pub fn adopt(&mut self, prescan: Prescan, wanted: impl IntoIterator<Item = u64>) {
-        let Some((mut all, cost)) = prescan.join() else {
+        let Some(Scanned { all, cost, source }) = prescan.join() else {
+            return;
+        };
+        if source.is_some() {
+            self.source = source;
+        }
+        // The source failed this time: the next scan asks it again, or walks /proc.
+        let Some(mut all) = all else {
             return;
         };
         let wanted: FxHashSet<u64> = wanted.into_iter().collect();
@@ -158,21 +172,47 @@ impl FdIndex {
 }
 
 /// A scan of every process's sockets, run on a thread of its own at start-up so that it
-/// overlaps the probe's loading and the first dumps (with tens of thousands of sockets
-/// it is the longest step). Dropped unused (the probe's iterator took over), it stops.
+/// overlaps other steps (with tens of thousands of sockets it is one of the longest):
+/// under /proc while the probe loads (where the probe cannot list them), or through
+/// the probe's socket-fd iterator during the first dumps. Dropped unused, it stops.
 pub struct Prescan {
-    handle: Option<std::thread::JoinHandle<(HashMap<u64, Holders>, Duration)>>,
+    handle: Option<std::thread::JoinHandle<Scanned>>,
     stop: Arc<AtomicBool>,
 }
 
+/// What a prescan found, what it cost, and the source it borrowed.
+struct Scanned {
+    /// `None` when the source failed.
+    all: Option<HashMap<u64, Holders>>,
+    cost: Duration,
+    source: Option<Box<dyn SocketFdSource>>,
+}
+
 impl Prescan {
+    /// Walks /proc.
     pub fn start() -> Self {
+        Self::spawn(None)
+    }
+
+    /// Asks `source`, which `FdIndex::adopt` gets back.
+    pub fn with_source(source: Box<dyn SocketFdSource>) -> Self {
+        Self::spawn(Some(source))
+    }
+
+    fn spawn(mut source: Option<Box<dyn SocketFdSource>>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let handle = std::thread::spawn(move || {
             let started = thread_cpu_time();
-            let all = collect(|_| true, &flag);
-            (all, thread_cpu_time().saturating_sub(started))
+            let all = match source.as_mut() {
+                Some(s) => s.socket_fds().map(|pairs| group(pairs, |_| true)),
+                None => Some(collect(|_| true, &flag)),
+            };
+            Scanned {
+                all,
+                cost: thread_cpu_time().saturating_sub(started),
+                source,
+            }
         });
         Self {
             handle: Some(handle),
@@ -180,7 +220,7 @@ impl Prescan {
         }
     }
 
-    fn join(mut self) -> Option<(HashMap<u64, Holders>, Duration)> {
+    fn join(mut self) -> Option<Scanned> {
         self.handle.take()?.join().ok()
     }
 }

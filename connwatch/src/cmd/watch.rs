@@ -48,7 +48,8 @@ pub fn snapshot(args: SnapshotArgs, filter: Filter) -> Result<ExitCode> {
     // No BPF here: sock_diag and /proc answer anyone, so a missing privilege only
     // narrows what is listed.
     crate::probe::warn_missing_optional();
-    let mut monitor = Monitor::new(config(&args.report.thresholds, args.report.by), filter);
+    let mut monitor =
+        Monitor::new(config(&args.report.thresholds, args.report.by), filter).with_prescan();
     monitor.seed()?;
     monitor.refresh()?;
     let report = monitor.report(true, 0, 0);
