@@ -6,6 +6,7 @@ use std::{
 
 use serde::Serialize;
 
+use super::row_buf::RowBuf;
 use crate::{
     clock::WallClock,
     decode::{OwnerSource, TcpState, Transition},
@@ -82,55 +83,67 @@ pub fn human_row(t: &Row, clock: &WallClock) -> String {
         .to_string()
 }
 
-/// `human_row` written straight to `w`, with no allocation: `trace` writes one per
-/// transition, tens of thousands a second on a busy host.
+/// `human_row` written straight to `w`, built in a stack buffer without `core::fmt`:
+/// `trace` writes one per transition, tens of thousands a second on a busy host.
 pub fn write_human_row(w: &mut impl Write, t: &Row, clock: &WallClock) -> io::Result<()> {
-    // "2026-11-25T16:40:00.123456Z" -> "16:40:00.123456", formatted on the stack.
-    let mut stamp = [0u8; 32];
-    let mut cursor = io::Cursor::new(&mut stamp[..]);
-    write!(
-        cursor,
-        "{}",
-        humantime::format_rfc3339_micros(clock.wall(t.ts_ns))
-    )?;
-    let len = cursor.position() as usize;
-    let time = std::str::from_utf8(stamp.get(11..len.min(26)).unwrap_or_default()).unwrap_or("");
-    write!(w, "{time:<15} ")?;
+    let mut b = RowBuf::new();
+    b.time_of_day(clock.wall(t.ts_ns));
+    b.push(b" ");
     match t.pid {
-        Some(pid) => write!(w, "{pid:>7} ")?,
-        None => write!(w, "{:>7} ", "-")?,
+        Some(pid) => b.right(itoa::Buffer::new().format(pid).as_bytes(), 7),
+        None => b.right(b"-", 7),
     }
-    write!(
-        w,
-        "{:<16} {:<26} {:<26} {:<11} -> ",
-        t.comm.unwrap_or("-"),
-        t.local,
-        t.remote,
-        t.old
-    )?;
+    b.push(b" ");
+    b.left(t.comm.unwrap_or("-").as_bytes(), 16);
+    b.push(b" ");
+    b.socket_addr(&t.local, 26);
+    b.push(b" ");
+    b.socket_addr(&t.remote, 26);
+    b.push(b" ");
+    state(&mut b, t.old, 11);
+    b.push(b" -> ");
     // Inferred rows say so, and how a TIME_WAIT ended.
     let note = match (t.synthetic, t.end) {
         (true, Some(end)) => Some(end),
         (true, None) => Some(""),
         _ => None,
     };
-    match (duration_ms(t), note) {
+    match (t.duration_ns, note) {
         // Nothing after the state: no trailing padding.
-        (None, None) => write!(w, "{}", t.new)?,
-        (ms, _) => {
-            write!(w, "{:<11} ", t.new)?;
-            match ms {
-                Some(ms) => write!(w, "{ms:>10.3}")?,
-                None => write!(w, "{:>10}", "")?,
+        (None, None) => state(&mut b, t.new, 0),
+        (ns, _) => {
+            state(&mut b, t.new, 11);
+            b.push(b" ");
+            match ns {
+                Some(ns) => b.millis(ns, 10),
+                None => b.spaces(10),
             }
         }
     }
     match note {
-        Some("") => write!(w, "  (synthetic)")?,
-        Some(end) => write!(w, "  (synthetic, {end})")?,
+        Some("") => b.push(b"  (synthetic)"),
+        Some(end) => {
+            b.push(b"  (synthetic, ");
+            b.push(end.as_bytes());
+            b.push(b")");
+        }
         None => {}
     }
-    writeln!(w)
+    b.push(b"\n");
+    w.write_all(b.as_bytes())
+}
+
+/// A state's name left-aligned in `width` (`STATE_N` for numbers the kernel added).
+fn state(b: &mut RowBuf, s: TcpState, width: usize) {
+    match s.name() {
+        Some(name) => b.left(name.as_bytes(), width),
+        None => {
+            let mut digits = itoa::Buffer::new();
+            let n = digits.format(s.0).as_bytes();
+            b.push(b"STATE_");
+            b.left(n, width.saturating_sub(6));
+        }
+    }
 }
 
 fn duration_ms(t: &Row) -> Option<f64> {
@@ -313,6 +326,83 @@ mod tests {
         let t = from_event(&v4_event(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1)).unwrap();
         let seen = json_line(&Row::from(&t), &clock());
         assert!(!seen.contains("synthetic") && !seen.contains("\"end\""));
+    }
+
+    /// The row as `core::fmt` widths wrote it before `RowBuf`.
+    fn reference_row(t: &Row, clock: &WallClock) -> String {
+        let stamp = humantime::format_rfc3339_micros(clock.wall(t.ts_ns)).to_string();
+        let mut out = format!("{:<15} ", &stamp[11..26]);
+        match t.pid {
+            Some(pid) => out += &format!("{pid:>7} "),
+            None => out += &format!("{:>7} ", "-"),
+        }
+        out += &format!(
+            "{:<16} {:<26} {:<26} {:<11} -> ",
+            t.comm.unwrap_or("-"),
+            t.local,
+            t.remote,
+            t.old
+        );
+        let note = match (t.synthetic, t.end) {
+            (true, Some(end)) => Some(end),
+            (true, None) => Some(""),
+            _ => None,
+        };
+        match (duration_ms(t), note) {
+            (None, None) => out += &format!("{}", t.new),
+            (ms, _) => {
+                out += &format!("{:<11} ", t.new);
+                match ms {
+                    Some(ms) => out += &format!("{ms:>10.3}"),
+                    None => out += &format!("{:>10}", ""),
+                }
+            }
+        }
+        match note {
+            Some("") => out += "  (synthetic)",
+            Some(end) => out += &format!("  (synthetic, {end})"),
+            None => {}
+        }
+        out
+    }
+
+    #[test]
+    fn human_rows_match_the_fmt_widths() {
+        let long = "[2001:db8:1234:5678:9abc:def0:1234:5678]:65535";
+        let addrs = ["127.0.0.1:43210", "[::1]:8080", long];
+        let mut n = 0;
+        for (i, local) in addrs.iter().enumerate() {
+            for (old, new, since) in [
+                (tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1, 1),
+                (tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 0),
+                (tcp_state::CLOSE, 77, 0),
+                (99, tcp_state::CLOSE, 3),
+            ] {
+                let mut ev = v4_event(old, new);
+                ev.old_since_ns = if since == 0 {
+                    0
+                } else {
+                    ev.ts_ns - since * 1_234_567
+                };
+                ev.owner_source = (i % 2) as u8;
+                let mut t = from_event(&ev).unwrap();
+                t.local = local.parse().unwrap();
+                t.remote = addrs[(i + 1) % 3].parse().unwrap();
+                let row = Row::from(&t);
+                assert_eq!(human_row(&row, &clock()), reference_row(&row, &clock()));
+                let synthetic = Row {
+                    synthetic: true,
+                    end: [None, Some("early")][i % 2],
+                    ..Row::from(&t)
+                };
+                assert_eq!(
+                    human_row(&synthetic, &clock()),
+                    reference_row(&synthetic, &clock())
+                );
+                n += 2;
+            }
+        }
+        assert_eq!(n, 24);
     }
 
     #[test]

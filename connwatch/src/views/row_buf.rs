@@ -1,0 +1,198 @@
+//! A line built in a stack buffer with integer arithmetic, for `trace`'s human rows:
+//! at 100,000 rows a second, `core::fmt`'s padding (a `write_char` per pad byte), its
+//! per-octet address formatting, RFC 3339 timestamps and float formatting were most of
+//! `trace`'s CPU. Output is byte for byte what the `format!` widths gave.
+use std::{
+    io::Write as _,
+    net::{IpAddr, SocketAddr},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+/// Longer than any row: 15 + 8 + 17 + 2 × 27 (IPv6 addresses and ports can be up to
+/// 47 bytes and push the rest right) + ... stays well under this.
+const CAP: usize = 320;
+
+pub struct RowBuf {
+    buf: [u8; CAP],
+    len: usize,
+}
+
+impl Default for RowBuf {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RowBuf {
+    pub fn new() -> Self {
+        Self {
+            buf: [0; CAP],
+            len: 0,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// Appends `bytes`, cut at the capacity (never reached by a row: see `CAP`).
+    pub fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(CAP - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    pub fn spaces(&mut self, n: usize) {
+        let n = n.min(CAP - self.len);
+        self.buf[self.len..self.len + n].fill(b' ');
+        self.len += n;
+    }
+
+    /// `s` left-aligned in `width` columns (`{:<width}`: never cut).
+    pub fn left(&mut self, s: &[u8], width: usize) {
+        self.push(s);
+        self.spaces(width.saturating_sub(s.len()));
+    }
+
+    /// `s` right-aligned in `width` columns (`{:>width}`).
+    pub fn right(&mut self, s: &[u8], width: usize) {
+        self.spaces(width.saturating_sub(s.len()));
+        self.push(s);
+    }
+
+    /// What `push` writes appended, then padded to `width` from where it started.
+    fn left_with(&mut self, width: usize, f: impl FnOnce(&mut Self)) {
+        let start = self.len;
+        f(self);
+        self.spaces(width.saturating_sub(self.len - start));
+    }
+
+    pub fn uint(&mut self, n: u64) {
+        self.push(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    /// `0` padded to `width` digits.
+    fn uint0(&mut self, n: u64, width: usize) {
+        let mut digits = itoa::Buffer::new();
+        let s = digits.format(n).as_bytes();
+        for _ in s.len()..width {
+            self.push(b"0");
+        }
+        self.push(s);
+    }
+
+    /// `addr` as `Display` writes it (`1.2.3.4:80`, `[::1]:80`), left-aligned in `width`.
+    pub fn socket_addr(&mut self, addr: &SocketAddr, width: usize) {
+        self.left_with(width, |b| match addr.ip() {
+            IpAddr::V4(ip) => {
+                for (i, octet) in ip.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        b.push(b".");
+                    }
+                    b.uint(u64::from(octet));
+                }
+                b.push(b":");
+                b.uint(u64::from(addr.port()));
+            }
+            // Rarer, and its compression rules are std's to get right.
+            IpAddr::V6(_) => {
+                let mut tmp = [0u8; 64];
+                let mut cursor = std::io::Cursor::new(&mut tmp[..]);
+                let _ = write!(cursor, "{addr}");
+                let n = cursor.position() as usize;
+                b.push(&tmp[..n]);
+            }
+        });
+    }
+
+    /// UTC time of day with microseconds (`16:40:00.123456`), as in RFC 3339.
+    pub fn time_of_day(&mut self, t: SystemTime) {
+        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs() % 86_400;
+        self.uint0(secs / 3600, 2);
+        self.push(b":");
+        self.uint0(secs / 60 % 60, 2);
+        self.push(b":");
+        self.uint0(secs % 60, 2);
+        self.push(b".");
+        self.uint0(u64::from(since.subsec_micros()), 6);
+    }
+
+    /// Nanoseconds as milliseconds with three decimals (`1000.000`), right-aligned in
+    /// `width`: `{:>width$.3}` of `ns / 1e6`, rounded half up at the microsecond.
+    pub fn millis(&mut self, ns: u64, width: usize) {
+        let us = ns.saturating_add(500) / 1000;
+        let mut digits = itoa::Buffer::new();
+        let whole = digits.format(us / 1000).as_bytes();
+        self.spaces(width.saturating_sub(whole.len() + 4));
+        self.push(whole);
+        self.push(b".");
+        self.uint0(us % 1000, 3);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn text(b: &RowBuf) -> &str {
+        std::str::from_utf8(b.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn addresses_match_display() {
+        for a in [
+            "127.0.0.1:80",
+            "10.200.3.4:65535",
+            "0.0.0.0:0",
+            "[::1]:8080",
+            "[2001:db8::1]:443",
+            "[::ffff:10.1.2.3]:1",
+        ] {
+            let addr: SocketAddr = a.parse().unwrap();
+            let mut b = RowBuf::new();
+            b.socket_addr(&addr, 26);
+            assert_eq!(text(&b), format!("{addr:<26}"), "{a}");
+        }
+    }
+
+    #[test]
+    fn time_of_day_matches_rfc3339() {
+        for secs in [0u64, 59, 3_600, 86_399, 1_764_693_600, 1_764_780_000] {
+            for micros in [0u32, 1, 999_999, 123_456] {
+                let t = UNIX_EPOCH + Duration::new(secs, micros * 1000 + 789);
+                let mut b = RowBuf::new();
+                b.time_of_day(t);
+                let full = humantime::format_rfc3339_micros(t).to_string();
+                assert_eq!(text(&b), &full[11..26], "{full}");
+            }
+        }
+    }
+
+    #[test]
+    fn millis_match_float_formatting_off_ties() {
+        for ns in [
+            0u64,
+            1,
+            499,
+            1_234_567,
+            999_999_999,
+            60_000_000_000,
+            12_345_678_901_234,
+        ] {
+            let mut b = RowBuf::new();
+            b.millis(ns, 10);
+            assert_eq!(text(&b), format!("{:>10.3}", ns as f64 / 1e6), "{ns}");
+        }
+    }
+
+    #[test]
+    fn padding_never_cuts() {
+        let mut b = RowBuf::new();
+        b.left(b"a-very-long-command", 16);
+        b.right(b"7", 3);
+        assert_eq!(text(&b), "a-very-long-command  7");
+    }
+}
