@@ -560,9 +560,9 @@ impl Monitor {
 
         // Fx: one insert per followed socket, tens of thousands on a busy host.
         let mut pids: rustc_hash::FxHashSet<u32> = rustc_hash::FxHashSet::default();
-        for (_, cw) in self.table.close_wait() {
+        for (key, cw) in self.table.close_wait() {
             pids.extend(self.index.holders(cw.inode));
-            pids.extend(cw.probe_owner.as_ref().map(|o| o.0));
+            pids.extend(self.table.probe_owner(key).map(|o| o.pid));
         }
         pids.extend(self.table.closed_since(window_start).filter_map(|c| c.pid));
         for (_, inode, _) in self.table.held_fin_wait2() {

@@ -34,8 +34,49 @@ pub struct ProcInfo {
 /// The processes holding one socket: almost always one, two after a fork, inline.
 pub type Holders = smallvec::SmallVec<[u32; 2]>;
 
+/// Holders by socket inode, in 16 bytes an entry where a map of `Holders` takes 32: one
+/// or two pids inline (0 marks an empty slot: pid 0 holds no files), more (rare) in a
+/// map of their own. The index holds an entry per followed socket.
+#[derive(Default)]
+struct HolderMap {
+    two: HashMap<u64, [u32; 2]>,
+    more: HashMap<u64, Vec<u32>>,
+}
+
+impl HolderMap {
+    fn from_grouped(grouped: HashMap<u64, Holders>) -> Self {
+        let mut map = Self::default();
+        map.two.reserve(grouped.len());
+        for (inode, pids) in grouped {
+            match pids.as_slice() {
+                [] => {}
+                &[a] => _ = map.two.insert(inode, [a, 0]),
+                &[a, b] => _ = map.two.insert(inode, [a, b]),
+                more => _ = map.more.insert(inode, more.to_vec()),
+            }
+        }
+        map
+    }
+
+    fn get(&self, inode: u64) -> &[u32] {
+        if let Some(pids) = self.two.get(&inode) {
+            let n = pids.iter().take_while(|&&p| p != 0).count();
+            return &pids[..n];
+        }
+        self.more.get(&inode).map_or(&[], Vec::as_slice)
+    }
+
+    fn contains(&self, inode: u64) -> bool {
+        self.two.contains_key(&inode) || self.more.contains_key(&inode)
+    }
+
+    fn len(&self) -> usize {
+        self.two.len() + self.more.len()
+    }
+}
+
 pub struct FdIndex {
-    holders: HashMap<u64, Holders>,
+    holders: HolderMap,
     /// Inodes the last scan looked for and found in no process (kernel sockets, holders
     /// in reach of no /proc we can read): not worth a rescan until the index is stale.
     missing: FxHashSet<u64>,
@@ -62,7 +103,7 @@ const SCAN_BUDGET: u32 = 40;
 impl FdIndex {
     pub fn new(min_rescan: Duration, max_age: Duration) -> Self {
         Self {
-            holders: HashMap::default(),
+            holders: HolderMap::default(),
             missing: FxHashSet::default(),
             budget: Budget::new(SCAN_BUDGET),
             min_rescan,
@@ -96,7 +137,7 @@ impl FdIndex {
         let may_rescan = age.is_none_or(|a| a >= self.min_rescan.max(spacing));
         let new = wanted
             .iter()
-            .any(|i| !self.holders.contains_key(i) && !self.missing.contains(i));
+            .any(|i| !self.holders.contains(*i) && !self.missing.contains(i));
         if stale || (may_rescan && new) {
             self.scan(&wanted.into_iter().collect());
         }
@@ -120,7 +161,7 @@ impl FdIndex {
             .filter(|i| !holders.contains_key(i))
             .copied()
             .collect();
-        self.holders = holders;
+        self.holders = HolderMap::from_grouped(holders);
         self.budget.spent(thread_cpu_time().saturating_sub(started));
         self.scans += 1;
     }
@@ -142,8 +183,7 @@ impl FdIndex {
         };
         let wanted: FxHashSet<u64> = wanted.into_iter().collect();
         all.retain(|inode, _| wanted.contains(inode));
-        all.shrink_to_fit();
-        self.holders = all;
+        self.holders = HolderMap::from_grouped(all);
         self.missing.clear();
         self.budget.spent(cost);
         self.scans += 1;
@@ -152,7 +192,8 @@ impl FdIndex {
     /// An index with these holders, never rescanned (for tests of what reads it).
     pub fn with_holders(pairs: impl IntoIterator<Item = (u64, Vec<u32>)>) -> Self {
         let mut index = Self::new(Duration::MAX, Duration::MAX);
-        index.holders = pairs.into_iter().map(|(i, p)| (i, p.into())).collect();
+        index.holders =
+            HolderMap::from_grouped(pairs.into_iter().map(|(i, p)| (i, p.into())).collect());
         index.budget.spent(Duration::ZERO);
         index
     }
@@ -163,11 +204,11 @@ impl FdIndex {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.holders.is_empty()
+        self.holders.len() == 0
     }
 
     pub fn holders(&self, inode: u64) -> &[u32] {
-        self.holders.get(&inode).map_or(&[], |h| h.as_slice())
+        self.holders.get(inode)
     }
 }
 
@@ -353,6 +394,22 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     use super::*;
+
+    #[test]
+    fn holder_map_keeps_one_two_and_many() {
+        let index = FdIndex::with_holders([
+            (1, vec![10]),
+            (2, vec![20, 21]),
+            (3, vec![30, 31, 32]),
+            (4, vec![]),
+        ]);
+        assert_eq!(index.holders(1), [10]);
+        assert_eq!(index.holders(2), [20, 21]);
+        assert_eq!(index.holders(3), [30, 31, 32]);
+        assert_eq!(index.holders(4), [] as [u32; 0]);
+        assert_eq!(index.holders(5), [] as [u32; 0]);
+        assert_eq!(index.len(), 3);
+    }
 
     #[test]
     fn finds_our_own_socket_and_process() {

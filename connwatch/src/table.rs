@@ -136,11 +136,6 @@ pub struct CloseWait {
     /// FIN arrived, in ms, from `tcp_info`: `IDLE_UNKNOWN` until asked,
     /// `IDLE_UNKNOWABLE` when a dump could not tell. See `idle_before_fin_ms`.
     idle_ms: u32,
-    /// Owner named by the probe (connect/close context, carried), when it knew one.
-    /// Boxed: most CLOSE_WAIT sockets are accepted ones, which the probe cannot name,
-    /// and a table of 50,000 sockets should not pay 40 bytes each for nothing. (The
-    /// processes holding the fd live in the fd index, not here, for the same reason.)
-    pub probe_owner: Option<Box<(u32, String, OwnerSource)>>,
     /// Added by reconciliation, not by a transition: if no transition follows, the
     /// probe missed this socket's entry.
     from_reconcile: bool,
@@ -254,6 +249,19 @@ pub struct Table {
     /// closed), as the last full dump listed them: inode and when first listed. Orphans
     /// (closed, kept by the kernel) are the timewait tracker's.
     held_fin_wait2: HashMap<SockKey, (u64, u64)>,
+    /// Owners the probe named (connect/close context, carried) for CLOSE_WAIT sockets in
+    /// `close_wait`, beside it: most CLOSE_WAIT sockets are accepted ones, which the
+    /// probe cannot name, and a table of 50,000 should not pay for a field each. (The
+    /// processes holding the fd live in the fd index, for the same reason.)
+    probe_owners: HashMap<SockKey, ProbeOwner>,
+}
+
+/// The owner the probe named for a socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeOwner {
+    pub pid: u32,
+    pub comm: String,
+    pub source: OwnerSource,
 }
 
 impl Table {
@@ -356,6 +364,7 @@ impl Table {
     pub fn forget(&mut self, netns: u32) {
         self.held_fin_wait2.retain(|k, _| k.netns != netns);
         self.close_wait.retain(|k, _| k.netns != netns);
+        self.probe_owners.retain(|k, _| k.netns != netns);
         self.over_limit.forget(netns);
     }
 
@@ -380,6 +389,7 @@ impl Table {
         let key = self.key(t.netns, t.local, t.remote);
         if t.old == TcpState::CLOSE_WAIT {
             let entry = self.close_wait.remove(&key);
+            self.probe_owners.remove(&key);
             let since = t
                 .old_since_ns
                 .or(entry.as_ref().map(|e| e.since_ns))
@@ -408,13 +418,19 @@ impl Table {
             });
         }
         if t.new == TcpState::CLOSE_WAIT && self.room(&key) {
-            let probe_owner = t.owner.pid.map(|pid| {
-                Box::new((
-                    pid,
-                    t.owner.comm.as_deref().unwrap_or_default().to_string(),
-                    t.owner.source,
-                ))
-            });
+            match t.owner.pid {
+                Some(pid) => {
+                    _ = self.probe_owners.insert(
+                        key,
+                        ProbeOwner {
+                            pid,
+                            comm: t.owner.comm.as_deref().unwrap_or_default().to_string(),
+                            source: t.owner.source,
+                        },
+                    )
+                }
+                None => _ = self.probe_owners.remove(&key),
+            }
             // A reused 4-tuple replaces whatever was there.
             self.close_wait.insert(
                 key,
@@ -424,7 +440,6 @@ impl Table {
                     inode: t.inode,
                     recv_q: 0,
                     idle_ms: IDLE_UNKNOWN,
-                    probe_owner,
                     from_reconcile: false,
                     missed: 0,
                     listed_in: 0,
@@ -512,6 +527,14 @@ impl Table {
             keep
         });
         self.untracked += gone;
+        if gone > 0 {
+            let Self {
+                probe_owners,
+                close_wait,
+                ..
+            } = self;
+            probe_owners.retain(|k, _| close_wait.contains_key(k));
+        }
         self.over_limit.sweep(netns, u64::from(pass));
     }
 
@@ -527,6 +550,11 @@ impl Table {
 
     pub fn close_wait(&self) -> impl Iterator<Item = (&SockKey, &CloseWait)> {
         self.close_wait.iter()
+    }
+
+    /// The owner the probe named for a CLOSE_WAIT socket, when it knew one.
+    pub fn probe_owner(&self, key: &SockKey) -> Option<&ProbeOwner> {
+        self.probe_owners.get(key)
     }
 
     /// CLOSE_WAIT sockets closed at or after `from_ns`.
@@ -570,7 +598,6 @@ fn estimated(s: &DiagSocket, now_ns: u64, from_reconcile: bool) -> CloseWait {
         } else {
             IDLE_UNKNOWN
         },
-        probe_owner: None,
         from_reconcile,
         missed: 0,
         listed_in: 0,
@@ -678,6 +705,46 @@ pub(crate) mod tests {
         t.apply(&enter_cw(20.0, L, R1, 78));
         let (_, cw) = t.close_wait().next().unwrap();
         assert_eq!((cw.since_ns, cw.inode), (20 * SEC, 78));
+    }
+
+    #[test]
+    fn probe_owners_go_with_their_sockets() {
+        let mut t = Table::new(NS);
+        let named = |ts, remote, pid| {
+            let mut e = enter_cw(ts, L, remote, 77);
+            e.owner = Owner {
+                pid: Some(pid),
+                comm: Some("client".into()),
+                source: OwnerSource::Carried,
+            };
+            e
+        };
+        t.apply(&named(10.0, R1, 42));
+        t.apply(&named(10.0, R2, 43));
+        let key = |remote: &str| {
+            t.close_wait()
+                .find(|(k, _)| k.remote == remote.parse::<SocketAddr>().unwrap())
+                .map(|(k, _)| *k)
+        };
+        let (k1, k2) = (key(R1).unwrap(), key(R2).unwrap());
+        assert_eq!(
+            t.probe_owner(&k1).map(|o| (o.pid, o.comm.as_str())),
+            Some((42, "client"))
+        );
+        // A reused 4-tuple entered without a named owner has none.
+        t.apply(&close_cw(11.0, L, R1, 42));
+        assert_eq!(t.probe_owner(&k1), None);
+        t.apply(&enter_cw(12.0, L, R1, 78));
+        assert_eq!(t.probe_owner(&k1), None);
+        assert_eq!(t.probe_owner(&k2).map(|o| o.pid), Some(43));
+        // Twice missing from the namespace's dumps: gone with its owner.
+        t.reconcile(NS, &[], 20 * SEC);
+        t.reconcile(NS, &[], 21 * SEC);
+        assert_eq!(t.close_wait().count(), 0);
+        assert_eq!(t.probe_owners.len(), 0);
+        t.apply(&named(30.0, R2, 44));
+        t.forget(NS);
+        assert_eq!(t.probe_owners.len(), 0);
     }
 
     #[test]

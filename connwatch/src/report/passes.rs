@@ -116,8 +116,8 @@ pub(super) fn close_wait(
         let holders = s.holders.holders(cw.inode);
         let (pids, source): (&[u32], &'static str) = if !holders.is_empty() {
             (holders, OwnerSource::Fd.as_str())
-        } else if let Some(owner) = &cw.probe_owner {
-            (std::slice::from_ref(&owner.0), owner.2.as_str())
+        } else if let Some(owner) = s.table.probe_owner(key) {
+            (std::slice::from_ref(&owner.pid), owner.source.as_str())
         } else {
             unattributed.close_wait += 1;
             continue;
@@ -150,7 +150,7 @@ pub(super) fn close_wait(
             }
             a.sources.insert(source);
             if a.comm.is_none() {
-                a.comm = cw.probe_owner.as_ref().map(|o| o.1.clone());
+                a.comm = s.table.probe_owner(key).map(|o| o.comm.clone());
             }
         }
     }
