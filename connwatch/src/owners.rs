@@ -61,7 +61,7 @@ impl HolderMap {
     fn get(&self, inode: u64) -> &[u32] {
         if let Some(pids) = self.two.get(&inode) {
             let n = pids.iter().take_while(|&&p| p != 0).count();
-            return &pids[..n];
+            return pids.get(..n).unwrap_or_default();
         }
         self.more.get(&inode).map_or(&[], Vec::as_slice)
     }

@@ -32,20 +32,24 @@ impl RowBuf {
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
+        self.buf.get(..self.len).unwrap_or_default()
     }
 
     /// Appends `bytes`, cut at the capacity (never reached by a row: see `CAP`).
     pub fn push(&mut self, bytes: &[u8]) {
         let n = bytes.len().min(CAP - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
-        self.len += n;
+        if let (Some(dst), Some(src)) = (self.buf.get_mut(self.len..self.len + n), bytes.get(..n)) {
+            dst.copy_from_slice(src);
+            self.len += n;
+        }
     }
 
     pub fn spaces(&mut self, n: usize) {
         let n = n.min(CAP - self.len);
-        self.buf[self.len..self.len + n].fill(b' ');
-        self.len += n;
+        if let Some(dst) = self.buf.get_mut(self.len..self.len + n) {
+            dst.fill(b' ');
+            self.len += n;
+        }
     }
 
     /// `s` left-aligned in `width` columns (`{:<width}`: never cut).
@@ -100,7 +104,7 @@ impl RowBuf {
                 let mut cursor = std::io::Cursor::new(&mut tmp[..]);
                 let _ = write!(cursor, "{addr}");
                 let n = cursor.position() as usize;
-                b.push(&tmp[..n]);
+                b.push(tmp.get(..n).unwrap_or_default());
             }
         });
     }
