@@ -160,14 +160,16 @@ pub(super) fn close_wait(
 pub(super) type PerDest = FxHashMap<(u32, Endpoint), u64>;
 
 /// TIME_WAIT sockets, counted for the process that closed first, and the TIME_WAITs it
-/// created within the window. Returns the TIME_WAITs per destination, for port pressure.
+/// created within the window. Fills `per_dest` (emptied first) with the TIME_WAITs per
+/// destination, for port pressure.
 pub(super) fn time_wait(
     s: &Snapshot,
     window_start: u64,
     accs: &mut Accs,
     unattributed: &mut Unattributed,
-) -> PerDest {
-    let mut per_dest = PerDest::default();
+    per_dest: &mut PerDest,
+) {
+    per_dest.clear();
     for (key, tw) in s.timewait.tracked() {
         if tw.substate != TcpState::TIME_WAIT {
             continue;
@@ -203,7 +205,6 @@ pub(super) fn time_wait(
             accs.entry(*pid).or_default().tw_created += 1;
         }
     }
-    per_dest
 }
 
 /// FIN_WAIT2: connections a process closed (or shut down) first whose peer has not
