@@ -251,9 +251,6 @@ pub struct NotClosing {
     pub waited_s: f64,
 }
 
-/// Builds the report from one snapshot, in passes: CLOSE_WAIT sockets, TIME_WAIT
-/// sockets, port pressure, closed sockets; then one row per process. `growth` gets this
-/// report's counts recorded.
 thread_local! {
     /// TIME_WAITs per destination, kept between reports: rebuilt from nothing, the map
     /// grew through every size each report (tens of thousands of destinations on a
@@ -261,6 +258,9 @@ thread_local! {
     static PER_DEST: std::cell::RefCell<passes::PerDest> = Default::default();
 }
 
+/// Builds the report from one snapshot, in passes: CLOSE_WAIT sockets, TIME_WAIT
+/// sockets, port pressure, closed sockets; then one row per process. `growth` gets this
+/// report's counts recorded.
 pub fn build(s: &Snapshot, cfg: &ReportConfig, growth: &mut Growth) -> Report {
     let window_start = s.now_ns.saturating_sub(cfg.window.as_nanos() as u64);
     let mut accs = passes::Accs::new();
