@@ -659,24 +659,8 @@ fn held_figures(cw: &Path, ns: &Netns, n: usize, q: bool, out: &mut String) -> R
     let held = hold_sockets(&hold_ns, n, false)?;
     // The clients' orphans go (tcp_fin_timeout=1).
     thread::sleep(Duration::from_secs(2));
-    // Start-up and RSS of one process move by a third between starts on this VM:
-    // medians of three fresh starts, the last one kept for the polling comparison.
     say(&format!("start-up with {n} existing sockets (3 starts)"));
-    let (mut starts, mut rsss) = (Vec::new(), Vec::new());
-    let mut last: Option<Tracer> = None;
-    for _ in 0..3 {
-        if let Some(previous) = last.take() {
-            previous.finish();
-        }
-        let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "2s"])?;
-        starts.push(t.ready_after.as_secs_f64() * 1e3);
-        thread::sleep(Duration::from_secs(3));
-        rsss.push(t.rss_bytes() as f64);
-        last = Some(t);
-    }
-    let t = last.context("no watch started")?;
-    let startup_ms = median(starts);
-    let rss_cw = median(rsss) as u64;
+    let (t, startup_ms, rss_cw) = three_starts(cw)?;
     let per_cw = rss_cw.saturating_sub(rss0) as f64 / n as f64;
 
     let secs = if q { 10.0 } else { 30.0 };
@@ -724,6 +708,26 @@ fn held_figures(cw: &Path, ns: &Netns, n: usize, q: bool, out: &mut String) -> R
         poll_ratio,
         tw_idle_cpu_pct,
     })
+}
+
+/// Start-up (ms) and RSS 3 s later of `watch --interval 2s`, medians of three fresh
+/// starts (one process's figures move by a third between starts on this VM); the last
+/// one is left running.
+fn three_starts(cw: &Path) -> Result<(Tracer, f64, u64)> {
+    let (mut starts, mut rss) = (Vec::new(), Vec::new());
+    let mut last: Option<Tracer> = None;
+    for _ in 0..3 {
+        if let Some(previous) = last.take() {
+            previous.finish();
+        }
+        let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "2s"])?;
+        starts.push(t.ready_after.as_secs_f64() * 1e3);
+        thread::sleep(Duration::from_secs(3));
+        rss.push(t.rss_bytes() as f64);
+        last = Some(t);
+    }
+    let t = last.context("no watch started")?;
+    Ok((t, median(starts), median(rss) as u64))
 }
 
 /// RSS of a `watch` that has run 3 s (median of three).
