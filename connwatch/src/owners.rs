@@ -31,12 +31,10 @@ pub struct ProcInfo {
     pub cgroup: Option<String>,
 }
 
-/// The processes holding one socket: almost always one, two after a fork, inline.
-pub type Holders = smallvec::SmallVec<[u32; 2]>;
-
-/// Holders by socket inode, in 16 bytes an entry where a map of `Holders` takes 32: one
-/// or two pids inline (0 marks an empty slot: pid 0 holds no files), more (rare) in a
-/// map of their own. The index holds an entry per followed socket.
+/// The processes holding each socket, by inode, in 16 bytes an entry: one or two pids
+/// inline (almost always one, two after a fork; 0 marks an empty slot: pid 0 holds no
+/// files), more (rare) in a map of their own. The index holds an entry per followed
+/// socket.
 #[derive(Default)]
 struct HolderMap {
     two: HashMap<u64, [u32; 2]>,
@@ -44,18 +42,29 @@ struct HolderMap {
 }
 
 impl HolderMap {
-    fn from_grouped(grouped: HashMap<u64, Holders>) -> Self {
-        let mut map = Self::default();
-        map.two.reserve(grouped.len());
-        for (inode, pids) in grouped {
-            match pids.as_slice() {
-                [] => {}
-                &[a] => _ = map.two.insert(inode, [a, 0]),
-                &[a, b] => _ = map.two.insert(inode, [a, b]),
-                more => _ = map.more.insert(inode, more.to_vec()),
+    /// Adds `pid` to the holders of `inode` (once).
+    fn add(&mut self, inode: u64, pid: u32) {
+        if let Some(pids) = self.more.get_mut(&inode) {
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+            return;
+        }
+        let pair = self.two.entry(inode).or_insert([pid, 0]);
+        match *pair {
+            [a, _] if a == pid => {}
+            [_, 0] => pair[1] = pid,
+            [_, b] if b == pid => {}
+            [a, b] => {
+                self.two.remove(&inode);
+                self.more.insert(inode, vec![a, b, pid]);
             }
         }
-        map
+    }
+
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        self.two.retain(|&inode, _| keep(inode));
+        self.more.retain(|&inode, _| keep(inode));
     }
 
     fn get(&self, inode: u64) -> &[u32] {
@@ -158,10 +167,10 @@ impl FdIndex {
         };
         self.missing = wanted
             .iter()
-            .filter(|i| !holders.contains_key(i))
+            .filter(|i| !holders.contains(**i))
             .copied()
             .collect();
-        self.holders = HolderMap::from_grouped(holders);
+        self.holders = holders;
         self.budget.spent(thread_cpu_time().saturating_sub(started));
         self.scans += 1;
     }
@@ -182,8 +191,8 @@ impl FdIndex {
             return;
         };
         let wanted: FxHashSet<u64> = wanted.into_iter().collect();
-        all.retain(|inode, _| wanted.contains(inode));
-        self.holders = HolderMap::from_grouped(all);
+        all.retain(|inode| wanted.contains(&inode));
+        self.holders = all;
         self.missing.clear();
         self.budget.spent(cost);
         self.scans += 1;
@@ -192,8 +201,11 @@ impl FdIndex {
     /// An index with these holders, never rescanned (for tests of what reads it).
     pub fn with_holders(pairs: impl IntoIterator<Item = (u64, Vec<u32>)>) -> Self {
         let mut index = Self::new(Duration::MAX, Duration::MAX);
-        index.holders =
-            HolderMap::from_grouped(pairs.into_iter().map(|(i, p)| (i, p.into())).collect());
+        for (inode, pids) in pairs {
+            for pid in pids {
+                index.holders.add(inode, pid);
+            }
+        }
         index.budget.spent(Duration::ZERO);
         index
     }
@@ -224,7 +236,7 @@ pub struct Prescan {
 /// What a prescan found, what it cost, and the source it borrowed.
 struct Scanned {
     /// `None` when the source failed.
-    all: Option<HashMap<u64, Holders>>,
+    all: Option<HolderMap>,
     cost: Duration,
     source: Option<Box<dyn SocketFdSource>>,
 }
@@ -273,14 +285,11 @@ impl Drop for Prescan {
 }
 
 /// Holders by inode from (pid, inode) pairs, for the inodes `keep` accepts.
-fn group(pairs: Vec<(u32, u64)>, keep: impl Fn(u64) -> bool) -> HashMap<u64, Holders> {
-    let mut holders: HashMap<u64, Holders> = HashMap::default();
+fn group(pairs: Vec<(u32, u64)>, keep: impl Fn(u64) -> bool) -> HolderMap {
+    let mut holders = HolderMap::default();
     for (pid, inode) in pairs {
         if keep(inode) {
-            let pids = holders.entry(inode).or_default();
-            if !pids.contains(&pid) {
-                pids.push(pid);
-            }
+            holders.add(inode, pid);
         }
     }
     holders
@@ -288,7 +297,7 @@ fn group(pairs: Vec<(u32, u64)>, keep: impl Fn(u64) -> bool) -> HashMap<u64, Hol
 
 /// The holders of every socket inode that `keep` accepts, from every process's fds,
 /// until `stop` is set. Processes that exit meanwhile or deny access are skipped.
-fn collect(keep: impl Fn(u64) -> bool, stop: &AtomicBool) -> HashMap<u64, Holders> {
+fn collect(keep: impl Fn(u64) -> bool, stop: &AtomicBool) -> HolderMap {
     let mut pairs = Vec::new();
     if let Ok(procs) = all_processes() {
         for proc in procs.flatten() {
@@ -409,6 +418,16 @@ mod tests {
         assert_eq!(index.holders(4), [] as [u32; 0]);
         assert_eq!(index.holders(5), [] as [u32; 0]);
         assert_eq!(index.len(), 3);
+        // Pairs from a listing: repeats kept once, a third holder spills over.
+        let mut map = group(
+            vec![(7, 1), (7, 1), (8, 1), (9, 1), (8, 1), (7, 2), (5, 3)],
+            |inode| inode != 3,
+        );
+        assert_eq!(map.get(1), [7, 8, 9]);
+        assert_eq!(map.get(2), [7]);
+        assert_eq!(map.get(3), [] as [u32; 0]);
+        map.retain(|inode| inode == 1);
+        assert_eq!((map.len(), map.get(1)), (1, &[7, 8, 9][..]));
     }
 
     #[test]
