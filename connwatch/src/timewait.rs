@@ -1275,21 +1275,30 @@ mod tests {
         assert!(!t.wants_poll());
     }
 
-    #[test]
-    fn a_socket_left_out_and_followed_later_counts_once() {
+    /// A tracker with room for one, told of a TIME_WAIT birth (C) and then of a second
+    /// socket (`OTHER`) leaving `second` behind, which is left out.
+    fn one_over_the_limit(second: TcpState) -> Tracker {
         let mut t = Tracker {
             limit: 1,
             ..Default::default()
         };
-        let other = "127.0.0.1:40001";
         t.on_transition(
             key(C, S),
             &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::TIME_WAIT)),
         );
         t.on_transition(
-            key(other, S),
-            &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::TIME_WAIT)),
+            key(OTHER, S),
+            &told(FIN_WAIT2, 10.0, Leaves::Timewait(second)),
         );
+        t
+    }
+
+    const OTHER: &str = "127.0.0.1:40001";
+
+    #[test]
+    fn a_socket_left_out_and_followed_later_counts_once() {
+        let mut t = one_over_the_limit(TcpState::TIME_WAIT);
+        let other = OTHER;
         assert_eq!(t.untracked(), 1);
         // The first ends at its timer; the poll after finds room for the other.
         t.expire_due(71 * SEC);
@@ -1340,19 +1349,8 @@ mod tests {
 
     #[test]
     fn a_told_birth_over_the_limit_counts_once() {
-        let mut t = Tracker {
-            limit: 1,
-            ..Default::default()
-        };
-        let other = "127.0.0.1:40001";
-        t.on_transition(
-            key(C, S),
-            &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::TIME_WAIT)),
-        );
-        t.on_transition(
-            key(other, S),
-            &told(FIN_WAIT2, 10.0, Leaves::Timewait(TcpState::FIN_WAIT2)),
-        );
+        let mut t = one_over_the_limit(TcpState::FIN_WAIT2);
+        let other = OTHER;
         assert_eq!(t.untracked(), 1);
         // Polls that list it again do not count it again.
         for (listed, at) in [(Listed::FinWait2, 11), (Listed::All, 12)] {
