@@ -195,7 +195,12 @@ pub mod counter {
     pub const DROPPED: u32 = 1;
     /// Per-socket state that could not be stored (map update failed).
     pub const SOCKET_STORE_FAILED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Entries put into, and removed from, the classic tracepoint's LRU map: with the
+    /// entries still there, what the LRU evicted (`SOCKET_INSERTED - SOCKET_REMOVED -
+    /// live`).
+    pub const SOCKET_INSERTED: u32 = 3;
+    pub const SOCKET_REMOVED: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Record layout of the classic tracepoint `sock/inet_sock_set_state` (stable since

@@ -16,14 +16,13 @@
 #![no_std]
 #![no_main]
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     btf_maps::SkStorage,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf,
         generated::{bpf_get_current_comm, bpf_seq_write, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
     },
     macros::{btf_map, btf_tracepoint, map, tracepoint},
@@ -49,11 +48,19 @@ static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
 /// Per-socket state keyed by `struct sock` address, for the classic tracepoint (whose
 /// context is not a typed socket, which socket storage needs). LRU so that a missed
-/// ->CLOSE can never leak an entry forever. Sized by userspace at load time (1 entry
-/// when `tp_btf` is used).
+/// ->CLOSE can never leak an entry forever. One list for all CPUs (not per-CPU
+/// partitions), since userspace sizes it for the whole host (1 entry when `tp_btf` is
+/// used); inserts and removals are counted so that userspace can tell evictions.
 #[map]
-static SOCKETS: LruHashMap<u64, SockState> =
-    LruHashMap::with_max_entries(1 << 18, BPF_F_NO_COMMON_LRU);
+static SOCKETS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(1 << 18, 0);
+
+/// Working space of one program run: the tuple, the socket's remembered and new state
+/// and the task's name live here rather than on the BPF stack, which the verifier caps
+/// at 512 bytes for a whole call chain (and which toolchains fill differently). The
+/// kernel never runs two of these programs at once on one CPU, so one slot per CPU is
+/// safe.
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU counters (see `connwatch_common::counter`): no atomics needed, summed in userspace.
 #[map]
@@ -113,12 +120,32 @@ fn global<T: Copy>(field: *const T) -> T {
 }
 
 /// The fields of a transition that the two hooks obtain differently.
+#[repr(C)]
 struct Tuple {
     family: u16,
     sport: u16,
     dport: u16,
+    _pad: u16,
     saddr: [u8; 16],
     daddr: [u8; 16],
+}
+
+/// One run's working space (see `SCRATCH`).
+#[repr(C)]
+struct Scratch {
+    t: Tuple,
+    /// What was remembered for the socket (zeroed when nothing was).
+    prev: SockState,
+    /// What is remembered for it from now on.
+    state: SockState,
+    /// The current task's name, filled only where the task owns the socket.
+    comm: [u8; 16],
+}
+
+/// This CPU's scratch slot (null only if the map is missing, which the loader prevents).
+#[inline(always)]
+fn scratch() -> *mut Scratch {
+    SCRATCH.get_ptr_mut(0).unwrap_or(core::ptr::null_mut())
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -136,7 +163,13 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     if unsafe { Direct::read::<u16>(sk, off!(sk_protocol)) } != Some(IPPROTO_TCP) {
         return 0;
     }
-    let mut task = Task::current(sk, old, new);
+    let s = scratch();
+    if s.is_null() {
+        return 0;
+    }
+    // SAFETY: this CPU's slot, ours for this run (see `SCRATCH`).
+    let s = unsafe { &mut *s };
+    let mut task = Task::current(sk, old, new, &mut s.comm);
     // Socket storage is created only where a later transition will read it.
     let create = !lifecycle || owner_needed_later(old, new);
     // SAFETY: `SOCK_STATE` is a socket storage map and `sk` the tracepoint's typed
@@ -151,15 +184,15 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     }
     .cast::<SockState>();
     // A zeroed value rather than an `Option` (see `update_lru`).
-    let mut prev = SockState::default();
+    s.prev = SockState::default();
     if !slot.is_null() {
         // SAFETY: a storage slot of this socket, valid for this program run.
-        prev = unsafe { *slot };
+        s.prev = unsafe { *slot };
     }
-    let owned = owned(prev, &task);
+    let owned = owned(s, &task);
     if !slot.is_null() {
         // SAFETY: as above.
-        unsafe { *slot = owned.state };
+        unsafe { *slot = s.state };
     }
     if lifecycle
         && !is_lifecycle(old, new)
@@ -182,29 +215,30 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     }
     task.sk = tcp;
     // SAFETY: `tcp` is a typed socket (see `Direct`).
-    let Some(t) = (unsafe { tuple_of(tcp) }) else {
+    if !unsafe { tuple_of(tcp, &mut s.t) } {
         return 0;
-    };
-    finish::<Direct>(&task, &t, &owned);
+    }
+    finish::<Direct>(&task, s, &owned);
     0
 }
 
-/// Family, ports and addresses of a socket typed `tcp_sock`.
+/// Family, ports and addresses of a socket typed `tcp_sock`, into `t`; false for a
+/// family other than IPv4 and IPv6.
 ///
 /// # Safety
 /// `sk` must be a typed `tcp_sock` pointer (see `Direct`).
 #[inline(always)]
-unsafe fn tuple_of(sk: *const u8) -> Option<Tuple> {
+unsafe fn tuple_of(sk: *const u8, t: &mut Tuple) -> bool {
     // SAFETY: a typed pointer, plain loads the verifier checks (see `Direct`).
     unsafe {
-        let family = Direct::read::<u16>(sk, off!(skc_family))?;
-        let mut t = Tuple {
-            family,
-            sport: u16::from_be(Direct::read::<u16>(sk, off!(inet_sport)).unwrap_or(0)),
-            dport: u16::from_be(Direct::read::<u16>(sk, off!(skc_dport)).unwrap_or(0)),
-            saddr: [0; 16],
-            daddr: [0; 16],
+        let Some(family) = Direct::read::<u16>(sk, off!(skc_family)) else {
+            return false;
         };
+        t.family = family;
+        t.sport = u16::from_be(Direct::read::<u16>(sk, off!(inet_sport)).unwrap_or(0));
+        t.dport = u16::from_be(Direct::read::<u16>(sk, off!(skc_dport)).unwrap_or(0));
+        t.saddr = [0; 16];
+        t.daddr = [0; 16];
         match family {
             AF_INET => {
                 let s = Direct::read::<u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0);
@@ -216,57 +250,56 @@ unsafe fn tuple_of(sk: *const u8) -> Option<Tuple> {
                 t.saddr = Direct::read_16(sk, off!(skc_v6_rcv_saddr));
                 t.daddr = Direct::read_16(sk, off!(skc_v6_daddr));
             }
-            _ => return None,
+            _ => return false,
         }
-        Some(t)
+        true
     }
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn connwatch_tracepoint(ctx: TracePointContext) -> u32 {
     let rec = ctx.as_ptr() as *const u8;
-    // SAFETY: direct loads from the tracepoint record at the offsets of `tp_record`, which
-    // userspace checks against the tracepoint's `format` file before attaching; the
-    // verifier bounds-checks every context access.
+    let s = scratch();
+    if s.is_null() {
+        return 0;
+    }
+    // SAFETY: this CPU's slot, ours for this run (see `SCRATCH`). Direct loads from the
+    // tracepoint record at the offsets of `tp_record`, which userspace checks against the
+    // tracepoint's `format` file before attaching; the verifier bounds-checks every
+    // context access. IPv6 addresses are copied by the helper: loads in a loop let LLVM
+    // step a pointer through the context, which the verifier refuses.
     unsafe {
+        let s = &mut *s;
         let field = |off: usize| rec.add(off);
         if core::ptr::read_volatile(field(tp_record::PROTOCOL) as *const u16) != IPPROTO_TCP {
             return 0;
         }
-        let family = core::ptr::read_volatile(field(tp_record::FAMILY) as *const u16);
-        let mut t = Tuple {
-            family,
-            // The tracepoint already converted the ports to host order.
-            sport: core::ptr::read_volatile(field(tp_record::SPORT) as *const u16),
-            dport: core::ptr::read_volatile(field(tp_record::DPORT) as *const u16),
-            saddr: [0; 16],
-            daddr: [0; 16],
-        };
-        match family {
+        let t = &mut s.t;
+        t.family = core::ptr::read_volatile(field(tp_record::FAMILY) as *const u16);
+        // The tracepoint already converted the ports to host order.
+        t.sport = core::ptr::read_volatile(field(tp_record::SPORT) as *const u16);
+        t.dport = core::ptr::read_volatile(field(tp_record::DPORT) as *const u16);
+        t.saddr = [0; 16];
+        t.daddr = [0; 16];
+        match t.family {
             AF_INET => {
-                let s = core::ptr::read_volatile(field(tp_record::SADDR) as *const u32);
-                let d = core::ptr::read_volatile(field(tp_record::DADDR) as *const u32);
-                t.saddr[..4].copy_from_slice(&s.to_ne_bytes());
-                t.daddr[..4].copy_from_slice(&d.to_ne_bytes());
+                let sa = core::ptr::read_volatile(field(tp_record::SADDR) as *const u32);
+                let da = core::ptr::read_volatile(field(tp_record::DADDR) as *const u32);
+                t.saddr[..4].copy_from_slice(&sa.to_ne_bytes());
+                t.daddr[..4].copy_from_slice(&da.to_ne_bytes());
             }
             AF_INET6 => {
-                for i in 0..4 {
-                    let s =
-                        core::ptr::read_volatile(field(tp_record::SADDR_V6 + 4 * i) as *const u32);
-                    let d =
-                        core::ptr::read_volatile(field(tp_record::DADDR_V6 + 4 * i) as *const u32);
-                    t.saddr[4 * i..4 * i + 4].copy_from_slice(&s.to_ne_bytes());
-                    t.daddr[4 * i..4 * i + 4].copy_from_slice(&d.to_ne_bytes());
-                }
+                let _ = bpf_probe_read_kernel_buf(field(tp_record::SADDR_V6), &mut t.saddr);
+                let _ = bpf_probe_read_kernel_buf(field(tp_record::DADDR_V6), &mut t.daddr);
             }
             _ => return 0,
         }
         let sk = core::ptr::read_volatile(field(tp_record::SKADDR) as *const u64) as *const u8;
         let old = core::ptr::read_volatile(field(tp_record::OLDSTATE) as *const i32) as u8;
         let new = core::ptr::read_volatile(field(tp_record::NEWSTATE) as *const i32) as u8;
-        let task = Task::current(sk, old, new);
-        let owned = update_lru(&ctx, &task);
-        finish::<Copied>(&task, &t, &owned);
+        let task = Task::current(sk, old, new, &mut s.comm);
+        let owned = update_lru(&ctx, &task, s);
+        finish::<Copied>(&task, s, &owned);
     }
     0
 }
@@ -280,15 +313,18 @@ struct Task {
     pid: u32,
     /// The transition runs in the owner's syscall: the task is the owner.
     in_context: bool,
-    /// Initialised only for an owner named by context (`in_context`; else read on emit),
-    /// and read only then: zeroing it on every run costs a memset call in BPF.
-    comm: MaybeUninit<[u8; 16]>,
 }
 
 impl Task {
+    /// The run's task; its name goes into `comm` only for an owner named by context
+    /// (`in_context`; else it is read on emit): filling it on every run costs a call.
     #[inline(always)]
-    fn current(sk: *const u8, old: u8, new: u8) -> Self {
+    fn current(sk: *const u8, old: u8, new: u8, comm: &mut [u8; 16]) -> Self {
         let in_context = runs_in_owner_context(old, new);
+        if in_context {
+            // SAFETY: a helper writing 16 bytes into our buffer (or zeroing them).
+            unsafe { bpf_get_current_comm(comm.as_mut_ptr().cast(), 16) };
+        }
         Self {
             sk,
             old,
@@ -297,65 +333,49 @@ impl Task {
             now: unsafe { bpf_ktime_get_ns() },
             pid: (bpf_get_current_pid_tgid() >> 32) as u32,
             in_context,
-            comm: if in_context {
-                current_comm()
-            } else {
-                MaybeUninit::uninit()
-            },
         }
     }
 }
 
-/// The current task's name, initialised: the helper fills all 16 bytes (or zeroes
-/// them), so no memset call zeroes them first.
-#[inline(always)]
-fn current_comm() -> MaybeUninit<[u8; 16]> {
-    let mut comm = MaybeUninit::<[u8; 16]>::uninit();
-    // SAFETY: a helper writing 16 bytes into our buffer.
-    unsafe { bpf_get_current_comm(comm.as_mut_ptr().cast(), 16) };
-    comm
-}
-
-/// What the probe knows of a socket's owner after this transition.
+/// What the probe knows of a socket's owner after this transition, beside the state
+/// to remember (`Scratch::state`).
 struct Owned {
     /// When the socket entered `old` (0: not seen).
     prev_since: u64,
-    /// What is remembered for the socket from now on.
-    state: SockState,
-    /// How `state`'s owner was found (`owner_source`).
+    /// How the owner in `Scratch::state` was found (`owner_source`).
     source: u8,
 }
 
-/// The socket's state after `old -> new`, given what was remembered (`prev`, zeroed when
-/// nothing was): the owner named by this context, or carried from an earlier one.
+/// The socket's state after `old -> new` into `s.state`, given what was remembered
+/// (`s.prev`, zeroed when nothing was): the owner named by this context, or carried
+/// from an earlier one.
 #[inline(always)]
-fn owned(prev: SockState, task: &Task) -> Owned {
-    let mut state = SockState {
-        since_ns: task.now,
-        state: task.new,
-        ..SockState::default()
-    };
+fn owned(s: &mut Scratch, task: &Task) -> Owned {
+    let state = &mut s.state;
+    state.since_ns = task.now;
+    state.state = task.new;
+    state._pad = [0; 3];
     let source = if task.in_context {
         state.owner_pid = task.pid;
-        // SAFETY: initialised when `in_context` (`Task::current`).
-        state.owner_comm = unsafe { task.comm.assume_init() };
+        state.owner_comm = s.comm;
         owner_source::CONTEXT
-    } else if prev.owner_pid != 0 {
-        state.owner_pid = prev.owner_pid;
-        state.owner_comm = prev.owner_comm;
+    } else if s.prev.owner_pid != 0 {
+        state.owner_pid = s.prev.owner_pid;
+        state.owner_comm = s.prev.owner_comm;
         owner_source::CARRIED
     } else {
+        state.owner_pid = 0;
+        state.owner_comm = [0; 16];
         owner_source::UNKNOWN
     };
     Owned {
         // Only when what was stored timed `old` (lifecycle-only tp_btf stores owners,
         // not every transition).
-        prev_since: if prev.state == task.old {
-            prev.since_ns
+        prev_since: if s.prev.state == task.old {
+            s.prev.since_ns
         } else {
             0
         },
-        state,
         source,
     }
 }
@@ -363,12 +383,12 @@ fn owned(prev: SockState, task: &Task) -> Owned {
 /// The classic tracepoint's per-socket state, in the LRU map keyed by socket address:
 /// looked up, updated in place, forgotten at CLOSE.
 #[inline(always)]
-fn update_lru<C: aya_ebpf::EbpfContext>(ctx: &C, task: &Task) -> Owned {
+fn update_lru<C: aya_ebpf::EbpfContext>(ctx: &C, task: &Task, s: &mut Scratch) -> Owned {
     let (key, old, new) = (task.sk as u64, task.old, task.new);
     // A zeroed value rather than an `Option`: LLVM may otherwise compute on the payload
     // of a `None` (undefined, often a stack pointer), which the verifier rejects as
     // pointer arithmetic. `since_ns == 0` means "not seen".
-    let mut prev = SockState::default();
+    s.prev = SockState::default();
     // The entry, to update in place: an LRU map update allocates a new element and
     // frees the old one, costlier than writing 32 bytes.
     let mut existing: *mut SockState = core::ptr::null_mut();
@@ -378,18 +398,22 @@ fn update_lru<C: aya_ebpf::EbpfContext>(ctx: &C, task: &Task) -> Owned {
         && let Some(p) = SOCKETS.get_ptr_mut(&key)
     {
         // SAFETY: a map value pointer, valid for this program run.
-        prev = unsafe { *p };
+        s.prev = unsafe { *p };
         existing = p;
     }
-    let owned = owned(prev, task);
+    let owned = owned(s, task);
     if new == tcp_state::CLOSE {
-        let _ = SOCKETS.remove(&key);
+        if SOCKETS.remove(&key).is_ok() {
+            bump(counter::SOCKET_REMOVED);
+        }
     } else if !existing.is_null() {
         // SAFETY: the pointer came from the lookup above, in this same run.
-        unsafe { *existing = owned.state };
-    } else if SOCKETS.insert(&key, &owned.state, 0).is_err() {
+        unsafe { *existing = s.state };
+    } else if SOCKETS.insert(&key, &s.state, 0).is_err() {
         bump(counter::SOCKET_STORE_FAILED);
         debug!(ctx, "connwatch: could not store socket state");
+    } else {
+        bump(counter::SOCKET_INSERTED);
     }
     owned
 }
@@ -399,8 +423,9 @@ fn update_lru<C: aya_ebpf::EbpfContext>(ctx: &C, task: &Task) -> Owned {
 // tracepoint's record loads produced code the verifier rejects (pointer shifted as a
 // scalar).
 #[inline(never)]
-fn finish<K: Kernel>(task: &Task, t: &Tuple, owned: &Owned) {
+fn finish<K: Kernel>(task: &Task, s: &Scratch, owned: &Owned) {
     let (sk, old, new) = (task.sk, task.old, task.new);
+    let t = &s.t;
     // SAFETY: `sk` is the tracepoint's socket, read the way `K` allows.
     let netns = unsafe { netns_of::<K>(sk) };
     let listen_key = ListenKey {
@@ -408,12 +433,12 @@ fn finish<K: Kernel>(task: &Task, t: &Tuple, owned: &Owned) {
         port: t.sport,
         _pad: 0,
     };
-    update_listeners(old, new, &listen_key, owned.state.owner_pid);
-    if !passes::<K>(t, old, new, &listen_key, owned.state.owner_pid, sk) {
+    update_listeners(old, new, &listen_key, s.state.owner_pid);
+    if !passes::<K>(t, old, new, &listen_key, s.state.owner_pid, sk) {
         return;
     }
     bump(counter::SEEN);
-    emit::<K>(task, netns, owned, t);
+    emit::<K>(task, netns, owned, s);
 }
 
 /// Keeps the owner of every listening port, for `--pid` on accepted sockets.
@@ -428,8 +453,9 @@ fn update_listeners(old: u8, new: u8, key: &ListenKey, owner: u32) {
 
 /// Writes the event into the ring and wakes the reader when an eighth of it is filled.
 #[inline(always)]
-fn emit<K: Kernel>(task: &Task, netns: u32, owned: &Owned, t: &Tuple) {
+fn emit<K: Kernel>(task: &Task, netns: u32, owned: &Owned, s: &Scratch) {
     let (sk, old, new) = (task.sk, task.old, task.new);
+    let t = &s.t;
     // Only a socket entering CLOSE_WAIT needs its inode (userspace finds its holder by
     // it); four reads saved on every other event.
     let inode = if new == tcp_state::CLOSE_WAIT {
@@ -461,7 +487,7 @@ fn emit<K: Kernel>(task: &Task, netns: u32, owned: &Owned, t: &Tuple) {
         (*e).old_since_ns = owned.prev_since;
         (*e).inode = inode;
         (*e).netns = netns;
-        (*e).owner_pid = owned.state.owner_pid;
+        (*e).owner_pid = s.state.owner_pid;
         (*e).task_pid = task.pid;
         (*e).family = t.family;
         (*e).sport = t.sport;
@@ -473,10 +499,10 @@ fn emit<K: Kernel>(task: &Task, netns: u32, owned: &Owned, t: &Tuple) {
         (*e)._pad = [0; 2];
         (*e).saddr = t.saddr;
         (*e).daddr = t.daddr;
-        (*e).owner_comm = owned.state.owner_comm;
+        (*e).owner_comm = s.state.owner_comm;
         if task.in_context {
-            // Initialised when `in_context` (`Task::current`).
-            (*e).task_comm = task.comm.assume_init();
+            // Filled when `in_context` (`Task::current`).
+            (*e).task_comm = s.comm;
         } else {
             // Straight into the slot: no stack copy.
             bpf_get_current_comm((&raw mut (*e).task_comm).cast(), 16);

@@ -51,12 +51,9 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        // One line with the causes (`{:#}`): never a debug struct or a backtrace.
         Err(e) => {
-            if verbose {
-                eprintln!("connwatch: {e:?}");
-            } else {
-                eprintln!("connwatch: {e}");
-            }
+            eprintln!("connwatch: {e:#}");
             ExitCode::FAILURE
         }
     }

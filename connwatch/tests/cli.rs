@@ -34,6 +34,8 @@ fn non_root_gets_one_line_and_fails() {
         err[0].contains("needs root") && err[0].contains("sudo"),
         "{err:?}"
     );
+    // Said once: not "connwatch: connwatch needs root".
+    assert!(!err[0].contains("connwatch: connwatch"), "{err:?}");
     assert!(out.stdout.is_empty());
 }
 

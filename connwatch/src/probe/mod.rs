@@ -342,6 +342,22 @@ impl Probe {
         Ok(())
     }
 
+    /// Detaches and unloads the state programs: nothing more is counted or queued
+    /// once this returns, so a last drain makes the books final.
+    pub fn detach(&mut self) {
+        let Ok(mut ebpf) = self.lock() else { return };
+        if let Some(p) = ebpf.program_mut(PROG_TP_BTF)
+            && let Ok(p) = <&mut BtfTracePoint>::try_from(p)
+        {
+            let _ = p.unload();
+        }
+        if let Some(p) = ebpf.program_mut(PROG_TRACEPOINT)
+            && let Ok(p) = <&mut TracePoint>::try_from(p)
+        {
+            let _ = p.unload();
+        }
+    }
+
     pub fn counters(&self) -> Result<Counters> {
         let ebpf = self.lock()?;
         let map = ebpf
@@ -385,21 +401,42 @@ fn attach_tracepoint(ebpf: &mut Ebpf, verbose: bool) -> Result<&'static str> {
     Ok("tracepoint/sock/inet_sock_set_state")
 }
 
-/// A verifier rejection carries the whole verifier log: show it only with --verbose.
+/// A verifier rejection in one line: what was rejected and the kernel's errno; with
+/// --verbose, the verifier's last lines follow (the whole log runs to thousands).
 fn verifier_error(what: &str, e: aya::programs::ProgramError, verbose: bool) -> anyhow::Error {
-    if verbose {
-        anyhow!("the kernel rejected {what}: {e:#?}")
-    } else {
-        anyhow!("the kernel rejected {what} (run with --verbose for the verifier log)")
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            if verbose {
+                let log = verifier_log.to_string();
+                let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+                let tail = lines
+                    .get(lines.len().saturating_sub(VERIFIER_TAIL)..)
+                    .unwrap_or(&[]);
+                anyhow!(
+                    "the kernel rejected {what}: {io_error}; the verifier's last lines:\n  {}",
+                    tail.join("\n  ")
+                )
+            } else {
+                anyhow!(
+                    "the kernel rejected {what}: {io_error} (run with --verbose for the verifier's last lines)"
+                )
+            }
+        }
+        other => anyhow!("cannot load {what}: {other}"),
     }
 }
 
+/// Lines of the verifier's log shown with --verbose.
+const VERIFIER_TAIL: usize = 8;
+
 fn load_error(e: aya::EbpfError, verbose: bool) -> anyhow::Error {
     if verbose {
-        anyhow!("cannot load the eBPF probe: {e:#?}")
-    } else {
-        anyhow!("cannot load the eBPF probe: {e} (run with --verbose for details)")
+        log::debug!("probe load error: {e:?}");
     }
+    anyhow!("cannot load the eBPF probe: {e}")
 }
 
 /// The probe wakes the reader only when its ring is an eighth full: below that, the

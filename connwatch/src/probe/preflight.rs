@@ -16,9 +16,7 @@ pub fn check_privileges() -> Result<()> {
     if has_bpf_privileges(caps) {
         return Ok(());
     }
-    bail!(
-        "connwatch needs root (or CAP_BPF and CAP_PERFMON) to load its eBPF probe: run it with sudo"
-    )
+    bail!("needs root (or CAP_BPF and CAP_PERFMON) to load its eBPF probe: run it with sudo")
 }
 
 /// Oldest kernel the probe works on: the BPF ring buffer arrived in 5.8 (tp_btf in 5.5,
