@@ -119,9 +119,71 @@ impl Monitor {
         only: Option<&BTreeSet<u32>>,
     ) -> Result<Vec<Visit>> {
         let started = std::time::Instant::now();
-        let visits = self.namespaces.visit(queries, kernel, only, &self.filter);
+        let mut visits = self.namespaces.visit(queries, kernel, only, &self.filter)?;
+        self.keep_selected(&mut visits);
         self.poll_ns += started.elapsed().as_nanos() as u64;
-        visits
+        Ok(visits)
+    }
+
+    /// With `--pid`/`--cgroup`, keeps only the selected processes' sockets of a dump
+    /// (and every listener: they name owners), as the probe keeps only their events:
+    /// other processes' sockets are not ours to count, neither in the header nor as
+    /// sockets whose transitions were missed. A socket is selected when a selected
+    /// process holds its fd; without an fd (timewait, not yet accepted), when a
+    /// selected process holds the listener on its port; and in any case when
+    /// connwatch already follows it from that process's own transitions.
+    fn keep_selected(&mut self, visits: &mut [Visit]) {
+        if !self.filter.selects_processes() {
+            return;
+        }
+        let inodes: Vec<u64> = visits
+            .iter()
+            .flat_map(|v| v.sockets.iter().map(|s| s.inode))
+            .filter(|&i| i != 0)
+            .collect();
+        if let Some(prescan) = self.prescan.take() {
+            self.index.adopt(prescan, inodes.iter().copied());
+        }
+        self.index.ensure(inodes);
+        let filter = &self.filter;
+        let index = &self.index;
+        let mut verdicts: HashMap<u32, bool> = HashMap::new();
+        let mut selected = |inode: u64| -> bool {
+            index.holders(inode).iter().any(|&pid| {
+                *verdicts.entry(pid).or_insert_with(|| {
+                    filter.process(pid, crate::filter::cgroup_of(pid).as_deref())
+                })
+            })
+        };
+        let mut ports: BTreeSet<(u32, u16)> = BTreeSet::new();
+        for (&(ns, port), &inode) in self.namespaces.listeners() {
+            if selected(inode) {
+                ports.insert((ns, port));
+            }
+        }
+        for v in visits.iter() {
+            for s in v.sockets.iter().filter(|s| s.state == TcpState::LISTEN) {
+                if selected(s.inode) {
+                    ports.insert((v.ns, s.local.port()));
+                }
+            }
+        }
+        for v in visits.iter_mut() {
+            let ns = v.ns;
+            let (table, tw) = (&self.table, &self.tw);
+            v.sockets.retain(|s| {
+                let key = SockKey {
+                    netns: ns,
+                    local: s.local.into(),
+                    remote: s.remote.into(),
+                };
+                s.state == TcpState::LISTEN
+                    || (s.inode != 0 && selected(s.inode))
+                    || ports.contains(&(ns, s.local.port()))
+                    || table.follows(&key)
+                    || tw.follows(&key)
+            });
+        }
     }
 
     /// The fd index asks `source` (the probe's socket-fd iterator) instead of walking
@@ -263,7 +325,17 @@ impl Monitor {
         };
         self.refresh_listeners()?;
         self.select(&mut rows);
+        self.prune_history(monotonic_ns());
         Ok(rows)
+    }
+
+    /// Forgets the history (closes, births, ends) older than the report window, at
+    /// every poll rather than only when a report is built: `trace` builds none, and
+    /// keeps none (its window is 0), so its memory follows the sockets that exist.
+    fn prune_history(&mut self, now: u64) {
+        let window_start = now.saturating_sub(self.cfg.window.as_nanos() as u64);
+        self.table.prune_closed(window_start);
+        self.tw.prune(window_start);
     }
 
     /// Lists the listeners of the namespaces where a TIME_WAIT was born since they were
@@ -549,8 +621,7 @@ impl Monitor {
         );
         self.poll_ns += started.elapsed().as_nanos() as u64;
         let window_start = now.saturating_sub(self.cfg.window.as_nanos() as u64);
-        self.table.prune_closed(window_start);
-        self.tw.prune(window_start);
+        self.prune_history(now);
         let listening: HashMap<(u32, u16), Vec<u32>> = self
             .namespaces
             .listeners()

@@ -368,6 +368,11 @@ impl Table {
         self.over_limit.forget(netns);
     }
 
+    /// Whether the socket is followed (in CLOSE_WAIT).
+    pub fn follows(&self, key: &SockKey) -> bool {
+        self.close_wait.contains_key(key)
+    }
+
     fn key(&self, netns: u32, local: SocketAddr, remote: SocketAddr) -> SockKey {
         // Without the netns offset the probe reports 0: treat it as our own namespace.
         let netns = if netns == 0 { self.own_netns } else { netns };

@@ -665,6 +665,11 @@ impl Tracker {
         ]
     }
 
+    /// Whether the socket is followed (a timewait socket, or a close awaiting one).
+    pub fn follows(&self, key: &SockKey) -> bool {
+        self.tracked.contains_key(key) || self.pending.contains_key(key)
+    }
+
     pub fn tracked(&self) -> impl Iterator<Item = (&SockKey, &TimeWait)> {
         self.tracked.iter()
     }

@@ -8,7 +8,10 @@
 )]
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use common::*;
 
@@ -215,4 +218,48 @@ fn synthetic_rows(lines: &[String]) -> u64 {
         .iter()
         .filter(|l| l.contains("\"synthetic\":true"))
         .count() as u64
+}
+
+/// `--pid` follows one process: another process's 200 CLOSE_WAIT sockets are not its
+/// loss (their events are filtered in the kernel, so a dump must not take them for
+/// missed transitions), and the header counts only the selected process's sockets.
+#[test]
+fn pid_filter_is_not_counted_as_loss() {
+    require_root();
+    let mut mine = Peer::spawn(&["leaker", "127.0.0.1:0", "2"]);
+    let my_port: u16 = mine.expect("port").parse().unwrap();
+    let pid = mine.pid().to_string();
+    let mut cw = Connwatch::start(&["watch", "--json", "--interval", "500ms", "--pid", &pid]);
+    let mut my_clients = Peer::spawn(&["clients", &addr("127.0.0.1", my_port), "2"]);
+    my_clients.expect("closed");
+    mine.expect("accepted");
+    let mut other = Peer::spawn(&["leaker", "127.0.0.1:0", "200"]);
+    let port: u16 = other.expect("port").parse().unwrap();
+    let mut clients = Peer::spawn(&["clients", &addr("127.0.0.1", port), "200"]);
+    clients.expect("closed");
+    other.expect("accepted");
+    // Long enough for several full dumps to have listed the other's sockets twice.
+    let start = Instant::now();
+    let mut reports = 0;
+    wait_report(&mut cw, "reports for 4 s after the other's leak", |r| {
+        reports += 1;
+        assert_eq!(
+            r["loss"]["sockets_untracked"], 0,
+            "another process's sockets counted as loss: {}",
+            r["loss"]
+        );
+        let held = r["states"]["CLOSE_WAIT"].as_u64().unwrap_or(0);
+        assert!(
+            held <= 2,
+            "the header counts other processes: {}",
+            r["states"]
+        );
+        start.elapsed() >= Duration::from_secs(4) && held == 2
+    });
+    assert!(reports >= 4, "{reports} reports");
+    let r = wait_report(&mut cw, "the selected leaker's row", |r| {
+        process(r, mine.pid()).is_some()
+    });
+    let me = process(&r, mine.pid()).unwrap();
+    assert_eq!(me["close_wait"], 2, "{me}");
 }
