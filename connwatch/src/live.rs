@@ -147,9 +147,14 @@ impl Live {
                 ready = self.ring.readable_mut() => {
                     let mut guard = ready?;
                     let ring = guard.get_inner_mut();
-                    let drained = drain(ring, &mut self.monitor, sink, &mut self.received, &mut self.undecodable);
-                    guard.clear_ready();
+                    let drained = drain(ring, &mut self.monitor, sink, &mut self.received, &mut self.undecodable, BATCH);
+                    // A full batch may have left more: stay ready, and let the other
+                    // branches (the report tick) take their turn first.
+                    if drained.as_ref().is_ok_and(|n| *n < BATCH) {
+                        guard.clear_ready();
+                    }
                     drained?;
+                    tokio::task::yield_now().await;
                 }
                 _ = self.drain_tick.tick() => self.drain(sink)?,
                 _ = self.tw_poll.tick() => {
@@ -173,10 +178,11 @@ impl Live {
     /// Events lost so far: dropped by the kernel, not storable, or undecodable.
     fn loss(&self) -> Result<u64> {
         let c = self.probe.counters()?;
-        Ok(c.dropped + c.socket_store_failed + self.undecodable)
+        Ok(c.dropped + c.sockets_lost() + self.undecodable)
     }
 
-    /// Applies what is still queued in the ring buffer.
+    /// Applies one batch of what is queued in the ring buffer (at saturation the ring
+    /// never empties: draining "until empty" would hold the loop for good).
     pub fn drain(&mut self, sink: &mut impl Sink) -> Result<()> {
         drain(
             self.ring.get_mut(),
@@ -184,14 +190,38 @@ impl Live {
             sink,
             &mut self.received,
             &mut self.undecodable,
+            BATCH,
         )
+        .map(|_| ())
+    }
+
+    /// Stops the probe and applies everything it had queued: after this the counters
+    /// are final, so `events = received + dropped` holds exactly in the summary.
+    pub fn stop(&mut self) {
+        if let Err(e) = self.stop_into(&mut NoSink) {
+            log::warn!("last drain: {e:#}");
+        }
+    }
+
+    /// `stop`, handing the last transitions to `sink`.
+    pub fn stop_into(&mut self, sink: &mut impl Sink) -> Result<()> {
+        self.probe.detach();
+        drain(
+            self.ring.get_mut(),
+            &mut self.monitor,
+            sink,
+            &mut self.received,
+            &mut self.undecodable,
+            usize::MAX,
+        )
+        .map(|_| ())
     }
 
     /// The line every command ends with: events produced, received, dropped, and the
     /// sockets whose state was lost.
     pub fn summary(&self) -> Result<String> {
         let c = self.probe.counters()?;
-        let untracked = self.monitor.untracked() + c.socket_store_failed + self.undecodable;
+        let untracked = self.monitor.untracked() + c.sockets_lost() + self.undecodable;
         let mut s = format!(
             "connwatch: {} events, {} received, {} dropped, {untracked} sockets untracked",
             c.seen, self.received, c.dropped
@@ -210,11 +240,9 @@ impl Live {
         self.drain(&mut NoSink)?;
         self.monitor.refresh()?;
         let c = self.probe.counters()?;
-        Ok(self.monitor.report(
-            is_final,
-            c.dropped,
-            c.socket_store_failed + self.undecodable,
-        ))
+        Ok(self
+            .monitor
+            .report(is_final, c.dropped, c.sockets_lost() + self.undecodable))
     }
 
     /// Events the probe produced so far (received or dropped).
@@ -223,15 +251,26 @@ impl Live {
     }
 }
 
+/// Events applied per drain: the loop yields between batches, so that reports keep
+/// their interval when events come faster than they can be applied (the probe then
+/// drops and counts what the ring cannot hold).
+const BATCH: usize = 4096;
+
+/// Applies up to `max` queued events; returns how many were read.
 fn drain(
     ring: &mut RingBuf<MapData>,
     monitor: &mut Monitor,
     sink: &mut impl Sink,
     received: &mut u64,
     undecodable: &mut u64,
-) -> Result<()> {
+    max: usize,
+) -> Result<usize> {
     let mut written = false;
-    while let Some(item) = ring.next() {
+    let mut read = 0;
+    while read < max
+        && let Some(item) = ring.next()
+    {
+        read += 1;
         *received += 1;
         match decode(&item) {
             Ok(t) => {
@@ -255,5 +294,5 @@ fn drain(
     if written {
         sink.flush().map_err(SinkError)?;
     }
-    Ok(())
+    Ok(read)
 }

@@ -71,6 +71,10 @@ pub struct Probe {
     pub attached: &'static str,
     /// Optional fields that could not be resolved (netns/inode then read as 0).
     pub degraded: Vec<&'static str>,
+    /// Capacity of the classic tracepoint's LRU map (0 under tp_btf), and the last count
+    /// of what it evicted, with when it was taken.
+    lru_capacity: u32,
+    evicted: std::cell::Cell<(Option<std::time::Instant>, u64)>,
 }
 
 /// Counters kept by the probe, summed over CPUs.
@@ -79,7 +83,20 @@ pub struct Counters {
     pub seen: u64,
     pub dropped: u64,
     pub socket_store_failed: u64,
+    /// Per-socket state the classic tracepoint's LRU map evicted to make room: those
+    /// sockets' owners and entry times are lost.
+    pub evicted: u64,
 }
+
+impl Counters {
+    /// Sockets whose state the probe lost (not stored, or evicted).
+    pub fn sockets_lost(&self) -> u64 {
+        self.socket_store_failed + self.evicted
+    }
+}
+
+/// How often the LRU map's entries are counted, once it may be evicting.
+const EVICTION_RECOUNT: std::time::Duration = std::time::Duration::from_secs(5);
 
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connwatch"));
 
@@ -293,11 +310,18 @@ impl Probe {
             _ => None,
         };
         lap("socket-fd iterator loaded");
+        let lru_capacity = if attached == TRACEPOINT_NAME {
+            lru_entries(opts.max_sockets)
+        } else {
+            0
+        };
         Ok(Self {
             ebpf,
             socket_fds,
             attached,
             degraded,
+            lru_capacity,
+            evicted: std::cell::Cell::new((None, 0)),
         })
     }
 
@@ -365,11 +389,38 @@ impl Probe {
             .context("the probe's counters map is missing")?;
         let array = PerCpuArray::<_, u64>::try_from(map)?;
         let sum = |index: u32| -> Result<u64> { Ok(array.get(&index, 0)?.iter().sum()) };
+        let stored = sum(counter::SOCKET_INSERTED)?.saturating_sub(sum(counter::SOCKET_REMOVED)?);
         Ok(Counters {
             seen: sum(counter::SEEN)?,
             dropped: sum(counter::DROPPED)?,
             socket_store_failed: sum(counter::SOCKET_STORE_FAILED)?,
+            evicted: self.evicted(&ebpf, stored),
         })
+    }
+
+    /// Entries the LRU map evicted: stored and never removed, yet no longer there. The
+    /// map can evict only once it nears its capacity, so it is walked only from half
+    /// full on, at most every `EVICTION_RECOUNT` (the count in between is the last one:
+    /// a lower bound, never a guess).
+    fn evicted(&self, ebpf: &Ebpf, stored: u64) -> u64 {
+        let (at, last) = self.evicted.get();
+        if self.lru_capacity == 0 || stored < u64::from(self.lru_capacity / 2) {
+            return last;
+        }
+        if at.is_some_and(|t| t.elapsed() < EVICTION_RECOUNT) {
+            return last;
+        }
+        let Some(map) = ebpf.map(MAP_SOCKETS) else {
+            return last;
+        };
+        let Ok(map) = aya::maps::HashMap::<_, u64, connwatch_common::SockState>::try_from(map)
+        else {
+            return last;
+        };
+        let live = map.keys().filter(Result::is_ok).count() as u64;
+        let evicted = stored.saturating_sub(live).max(last);
+        self.evicted.set((Some(std::time::Instant::now()), evicted));
+        evicted
     }
 }
 
@@ -398,8 +449,10 @@ fn attach_tracepoint(ebpf: &mut Ebpf, verbose: bool) -> Result<&'static str> {
     prog.attach("sock", "inet_sock_set_state")
         .context("cannot attach tracepoint sock/inet_sock_set_state")?;
     drop(mount);
-    Ok("tracepoint/sock/inet_sock_set_state")
+    Ok(TRACEPOINT_NAME)
 }
+
+const TRACEPOINT_NAME: &str = "tracepoint/sock/inet_sock_set_state";
 
 /// A verifier rejection in one line: what was rejected and the kernel's errno; with
 /// --verbose, the verifier's last lines follow (the whole log runs to thousands).
