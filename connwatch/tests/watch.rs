@@ -227,3 +227,34 @@ fn check_exits_zero_without_flags() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("connwatch final report"), "{text}");
 }
+
+/// A report that cannot be written (a full disk) ends the command with one line and a
+/// non-zero exit, for `watch` and `snapshot`, JSON and human alike; `--check` gives no
+/// verdict for a report nobody got.
+#[test]
+fn a_failed_write_is_an_error() {
+    require_root();
+    for args in [
+        &["watch", "--json", "--duration", "1s", "--check"][..],
+        &["watch", "--duration", "1s"],
+        &["snapshot", "--json", "--check"],
+        &["snapshot"],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = Command::new(CONNWATCH)
+            .args(args)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let err = stderr_lines(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err:?}");
+        assert!(
+            err.iter().any(|l| l
+                == "connwatch: cannot write the output: No space left on device (os error 28)"),
+            "{args:?}: {err:?}"
+        );
+    }
+}

@@ -33,18 +33,17 @@ const DISCOVERY_INTERVAL: Duration = Duration::from_secs(2);
 pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {
     // Handlers first: a signal right after "attached" must not kill the process.
     let mut shutdown = Shutdown::new(args.duration)?;
-    let mut live = Live::start(
-        &opts,
-        ReportConfig::default(),
-        filter,
-        DISCOVERY_INTERVAL,
-        args.tw_poll,
-    )
-    .await?;
+    // No reports: no history is kept for them (window 0).
+    let cfg = ReportConfig {
+        window: Duration::ZERO,
+        ..ReportConfig::default()
+    };
+    let mut live = Live::start(&opts, cfg, filter, DISCOVERY_INTERVAL, args.tw_poll).await?;
     let mut sink = Rows {
         out: BufWriter::with_capacity(OUTPUT_BUFFER, io::stdout().lock()),
         clock: WallClock::new(),
         json: args.json,
+        order: view::InOrder::default(),
     };
     let result: Result<()> = async {
         if !args.json {
@@ -57,7 +56,7 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<
                 () = shutdown.wait() => break,
             }
         }
-        live.drain(&mut sink)
+        live.stop_into(&mut sink)
     }
     .await;
     if let Err(e) = result {
@@ -78,25 +77,28 @@ struct Rows<'a> {
     out: BufWriter<StdoutLock<'a>>,
     clock: WallClock,
     json: bool,
+    /// Keeps the stream's times in order.
+    order: view::InOrder,
 }
 
 impl Rows<'_> {
-    fn row(&mut self, row: &Row) -> io::Result<()> {
+    fn row(&mut self, mut row: Row) -> io::Result<()> {
+        self.order.place(&mut row);
         if self.json {
-            view::write_json_line(&mut self.out, row, &self.clock)
+            view::write_json_line(&mut self.out, &row, &self.clock)
         } else {
-            view::write_human_row(&mut self.out, row, &self.clock)
+            view::write_human_row(&mut self.out, &row, &self.clock)
         }
     }
 }
 
 impl Sink for Rows<'_> {
     fn transition(&mut self, t: &Transition) -> io::Result<()> {
-        self.row(&Row::from(t))
+        self.row(Row::from(t))
     }
 
     fn inferred(&mut self, rows: &[Synthetic]) -> io::Result<()> {
-        rows.iter().try_for_each(|r| self.row(&Row::from(r)))
+        rows.iter().try_for_each(|r| self.row(Row::from(r)))
     }
 
     fn flush(&mut self) -> io::Result<()> {

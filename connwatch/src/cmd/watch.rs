@@ -5,7 +5,7 @@ use std::{
     process::ExitCode,
 };
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 
 use crate::{
     cli::{GroupBy, SnapshotArgs, Thresholds, WatchArgs},
@@ -31,16 +31,20 @@ pub async fn watch(args: WatchArgs, opts: ProbeOptions, filter: Filter) -> Resul
         tokio::select! {
             due = live.report_due() => {
                 due?;
-                if out.print(&live.report(false)?).is_err() {
-                    return Ok(ExitCode::SUCCESS); // reader gone (`| head`)
+                if !written(out.print(&live.report(false)?))? {
+                    return Ok(ExitCode::SUCCESS);
                 }
             }
             () = shutdown.wait() => break,
         }
     }
+    live.stop();
     let report = live.report(true)?;
-    let _ = out.print(&report);
+    let delivered = written(out.print(&report))?;
     eprintln!("{}", live.summary()?);
+    if !delivered {
+        return Ok(ExitCode::SUCCESS);
+    }
     Ok(exit_code(&report, args.report.check))
 }
 
@@ -53,8 +57,21 @@ pub fn snapshot(args: SnapshotArgs, filter: Filter) -> Result<ExitCode> {
     monitor.seed()?;
     monitor.refresh()?;
     let report = monitor.report(true, 0, 0);
-    let _ = Output::new(args.report.json).print(&report);
+    if !written(Output::new(args.report.json).print(&report))? {
+        return Ok(ExitCode::SUCCESS);
+    }
     Ok(exit_code(&report, args.report.check))
+}
+
+/// Whether a report reached its reader: false when the reader is gone (`| head`),
+/// which is a quiet end; any other failure (a full disk) is an error, so that no
+/// `--check` verdict is given for a report nobody got.
+fn written(r: io::Result<()>) -> Result<bool> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow!("cannot write the output: {e}")),
+    }
 }
 
 pub fn config(t: &Thresholds, by: GroupBy) -> ReportConfig {

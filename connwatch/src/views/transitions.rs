@@ -28,6 +28,23 @@ pub struct Row<'a> {
     pub end: Option<&'static str>,
 }
 
+/// Stamps each row no earlier than the rows before it, so that the stream's times never
+/// go backwards: an end connwatch learns late (a timer due before the poll that noticed
+/// it, a close confirmed by a poll) takes the time of its place in the stream, while its
+/// `duration` still says how long the state lasted; events of two CPUs can also reach
+/// the ring microseconds out of order.
+#[derive(Default)]
+pub struct InOrder {
+    last_ns: u64,
+}
+
+impl InOrder {
+    pub fn place(&mut self, row: &mut Row<'_>) {
+        row.ts_ns = row.ts_ns.max(self.last_ns);
+        self.last_ns = row.ts_ns;
+    }
+}
+
 impl<'a> From<&'a Transition> for Row<'a> {
     fn from(t: &'a Transition) -> Self {
         Self {
@@ -225,6 +242,26 @@ mod tests {
     fn clock() -> WallClock {
         // 2026-11-25T16:40:00Z minus the 5 s monotonic timestamp of the test event.
         WallClock::with_epoch(UNIX_EPOCH + Duration::from_secs(1_795_624_795))
+    }
+
+    #[test]
+    fn the_stream_never_goes_back_in_time() {
+        let t = from_event(&v4_event(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1)).unwrap();
+        let mut order = InOrder::default();
+        let mut late = Row::from(&t);
+        late.ts_ns = 10_000;
+        order.place(&mut late);
+        // An expiry noticed after that row, due 1.1 s before it: placed at its time,
+        // its duration untouched.
+        let mut expired = Row::from(&t);
+        expired.ts_ns = 10_000 - 1_100;
+        expired.duration_ns = Some(60_000);
+        order.place(&mut expired);
+        assert_eq!((expired.ts_ns, expired.duration_ns), (10_000, Some(60_000)));
+        let mut next = Row::from(&t);
+        next.ts_ns = 12_000;
+        order.place(&mut next);
+        assert_eq!(next.ts_ns, 12_000);
     }
 
     #[test]
