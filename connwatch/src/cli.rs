@@ -209,7 +209,7 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// Time between reports.
+    /// Time between reports (`2` is two seconds; `500ms`, `1m` take a unit).
     #[arg(long, default_value = "2s", value_parser = parse_interval, allow_hyphen_values = true)]
     pub interval: Duration,
 
@@ -312,6 +312,8 @@ pub struct ProbeArgs {
     pub max_sockets: u32,
 }
 
+/// A duration: `500ms`, `10s`, `2m`, `1h30m`; a bare number is seconds (`2`, `0.5`), as
+/// `vmstat 2` and `iostat 2` have it.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Some(rest) = s.trim().strip_prefix('-')
         && rest.starts_with(|c: char| c.is_ascii_digit())
@@ -320,8 +322,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "`{s}` is negative: a duration is a positive number with a unit, e.g. 500ms, 10s, 2m"
         ));
     }
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{e}: use a number with a unit, e.g. 500ms, 10s, 2m"))?;
+    let bare = s.trim();
+    let d = if !bare.is_empty() && bare.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        bare.parse::<f64>()
+            .ok()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(|| format!("`{s}` is not a number of seconds, e.g. 2 or 0.5"))?
+    } else {
+        humantime::parse_duration(bare)
+            .map_err(|e| format!("{e}: use a number with a unit, e.g. 500ms, 10s, 2m"))?
+    };
     if d.is_zero() {
         return Err("must be longer than zero".into());
     }
@@ -406,9 +416,24 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_interval_is_seconds() {
+        use clap::Parser as _;
+        let cli = Cli::try_parse_from(["connwatch", "watch", "--interval", "2"]).unwrap();
+        let Command::Watch(args) = cli.command else {
+            panic!("not watch");
+        };
+        assert_eq!(args.interval, Duration::from_secs(2));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        // A bare number is seconds.
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("1.2.3").is_err());
+        assert!(parse_duration("0").is_err());
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("-1s").unwrap_err().contains("negative"));

@@ -122,7 +122,8 @@ fn generate(out: &std::path::Path) -> anyhow::Result<()> {
     ] {
         clap_complete::generate_to(shell, &mut cmd, "connwatch", &completions)?;
     }
-    clap_mangen::generate_to(cmd, &man)?;
+    // One page per command; none for clap's `help` subcommand.
+    clap_mangen::generate_to(Cli::command().disable_help_subcommand(true), &man)?;
     eprintln!(
         "connwatch: wrote completions and man pages to {}",
         out.display()

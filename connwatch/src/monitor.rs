@@ -70,9 +70,11 @@ const TW_RECONCILE: Duration = Duration::from_secs(60);
 impl Monitor {
     pub fn new(cfg: ReportConfig, filter: Filter) -> Self {
         let own_netns = owners::own_netns();
+        let mut tw = Tracker::default();
+        tw.window_ns = Some(u64::try_from(cfg.window.as_nanos()).unwrap_or(u64::MAX));
         Self {
             table: Table::new(own_netns),
-            tw: Tracker::default(),
+            tw,
             // New inodes trigger a /proc rescan at most once a second; the whole index is
             // refreshed every minute to notice fds closed or handed over (both spaced
             // further when a scan is slow: see owners::SCAN_BUDGET).

@@ -166,6 +166,10 @@ pub struct Tracker {
     next_expiry_ns: u64,
     /// Namespaces to poll for every timewait socket (their inode number was reused).
     recheck: std::collections::BTreeSet<u32>,
+    /// How much history (`created`, `ended`) is kept: older entries go as new ones
+    /// come, so memory is bounded even where no report prunes (`trace`: 0). `None`:
+    /// until `prune`.
+    pub window_ns: Option<u64>,
 }
 
 impl Tracker {
@@ -196,8 +200,8 @@ impl Tracker {
             };
             tw.owner = owner;
             if tw.substate == TcpState::TIME_WAIT {
-                self.created
-                    .push_back((t.ts_ns, tw.owner.as_ref().map(|o| o.pid)));
+                let pid = tw.owner.as_ref().map(|o| o.pid);
+                note_created(&mut self.created, self.window_ns, t.ts_ns, pid);
                 self.queued.push(Synthetic {
                     key,
                     ts_ns: t.ts_ns,
@@ -344,8 +348,8 @@ impl Tracker {
             });
             tw.substate = TcpState::TIME_WAIT;
             tw.entered_ns = entered;
-            self.created
-                .push_back((entered, tw.owner.as_ref().map(|o| o.pid)));
+            let pid = tw.owner.as_ref().map(|o| o.pid);
+            note_created(&mut self.created, self.window_ns, entered, pid);
         }
         // Past its due time the kernel reports 0 ms left until the timer wheel gets to
         // it: keep the due time. A later one means the timer was re-armed (a
@@ -381,8 +385,8 @@ impl Tracker {
                 owner_source,
                 end: None,
             });
-            self.created
-                .push_back((p.ts_ns, p.owner.as_ref().map(|o| o.pid)));
+            let pid = p.owner.as_ref().map(|o| o.pid);
+            note_created(&mut self.created, self.window_ns, p.ts_ns, pid);
         }
         self.tracked.insert(
             key,
@@ -546,7 +550,10 @@ impl Tracker {
         });
         if tw.substate == TcpState::TIME_WAIT && tw.age_source == AgeSource::Observed {
             self.ended_total += 1;
-            if self.ended.len() >= MAX_ENDED {
+            let before = at.saturating_sub(self.window_ns.unwrap_or(u64::MAX));
+            while self.ended.len() >= MAX_ENDED
+                || self.ended.front().is_some_and(|e| e.at_ns < before)
+            {
                 self.ended.pop_front();
             }
             self.ended.push_back(Ended {
@@ -701,6 +708,20 @@ impl Tracker {
     }
 }
 
+/// Records a TIME_WAIT's entry in `created`, forgetting those older than `window_ns`.
+fn note_created(
+    created: &mut VecDeque<(u64, Option<u32>)>,
+    window_ns: Option<u64>,
+    at_ns: u64,
+    pid: Option<u32>,
+) {
+    created.push_back((at_ns, pid));
+    let before = at_ns.saturating_sub(window_ns.unwrap_or(u64::MAX));
+    while created.front().is_some_and(|c| c.0 < before) {
+        created.pop_front();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use connwatch_common::tcp_state::*;
@@ -745,6 +766,29 @@ mod tests {
 
     fn no_listener(_: u16) -> Option<TwOwner> {
         None
+    }
+
+    #[test]
+    fn history_stays_within_the_window_without_reports() {
+        // `trace` keeps no history (window 0) and builds no report to prune it: what it
+        // notes must not grow with the connections it has seen.
+        let mut t = Tracker {
+            window_ns: Some(0),
+            ..Tracker::default()
+        };
+        for i in 0..1000u64 {
+            note_created(&mut t.created, t.window_ns, i * SEC, Some(7));
+        }
+        assert!(t.created_since(0).count() <= 1);
+        let mut kept = Tracker::default();
+        for i in 0..1000u64 {
+            note_created(&mut kept.created, kept.window_ns, i * SEC, Some(7));
+        }
+        assert_eq!(
+            kept.created_since(0).count(),
+            1000,
+            "no window: kept until prune"
+        );
     }
 
     #[test]

@@ -128,6 +128,23 @@ fn generates_completions_and_man_pages() {
     assert!(dir.join("completions/_connwatch").exists());
     let man = std::fs::read_to_string(dir.join("man/connwatch-watch.1")).unwrap();
     assert!(man.contains("close\\-wait\\-age"), "{man}");
+    // One page per command, no filler pages for clap's `help`.
+    let mut pages: Vec<String> = std::fs::read_dir(dir.join("man"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    assert_eq!(
+        pages,
+        [
+            "connwatch-serve.1",
+            "connwatch-snapshot.1",
+            "connwatch-top.1",
+            "connwatch-trace.1",
+            "connwatch-watch.1",
+            "connwatch.1"
+        ]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -37,6 +37,10 @@ pub fn run(artifacts: &Artifacts, image: &Path) -> bool {
             "image_entrypoint",
             Box::new(|| image_config(artifacts, image)),
         ),
+        (
+            "man_pages_from_source",
+            Box::new(|| man_pages(&artifacts.binary)),
+        ),
     ];
     let (mut passed, mut failed) = (0, 0);
     for (name, check) in &checks {
@@ -53,6 +57,25 @@ pub fn run(artifacts: &Artifacts, image: &Path) -> bool {
     }
     println!("packaging: {passed} passed, {failed} failed");
     failed == 0
+}
+
+/// `cargo xtask run` puts the man pages where `man` finds them, one per command and
+/// none for clap's `help`.
+fn man_pages(binary: &Path) -> Result<()> {
+    crate::install_man_pages(binary)?;
+    let out = output(Command::new("man").args(["-w", "connwatch-watch"]))?;
+    ensure!(out.status.success(), "man -w connwatch-watch found no page");
+    let found = String::from_utf8_lossy(&out.stdout);
+    ensure!(found.contains(crate::MAN_DIR), "man found {found}");
+    let filler = fs::read_dir(crate::MAN_DIR)?
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("connwatch-help")
+        });
+    ensure!(!filler, "connwatch-help-* pages in {}", crate::MAN_DIR);
+    Ok(())
 }
 
 fn output(cmd: &mut Command) -> Result<Output> {

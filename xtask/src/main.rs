@@ -104,6 +104,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             setup::ensure_all()?;
             status(cargo().args(["build", "--release", "--package", "connwatch"]))?;
             let bin = workspace_root().join("target/release/connwatch");
+            install_man_pages(&bin)?;
             let mut cmd = if setup::is_root() {
                 Command::new(&bin)
             } else {
@@ -171,6 +172,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// Where `man` finds pages of programs built from source.
+pub const MAN_DIR: &str = "/usr/local/share/man/man1";
+
+/// Puts connwatch's man pages where `man connwatch` finds them (as root; else says how).
+pub fn install_man_pages(bin: &std::path::Path) -> Result<()> {
+    let out = workspace_root().join("target/generated");
+    let st = Command::new(bin)
+        .args(["generate", "--out"])
+        .arg(&out)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("cannot run connwatch generate")?;
+    if !st.success() {
+        bail!("connwatch generate failed ({st})");
+    }
+    if !setup::is_root() {
+        eprintln!(
+            "xtask: man pages are in {}: `sudo cp {0}/*.1 {MAN_DIR}` to read them with man",
+            out.join("man").display()
+        );
+        return Ok(());
+    }
+    std::fs::create_dir_all(MAN_DIR).with_context(|| format!("cannot create {MAN_DIR}"))?;
+    // Filler pages for clap's `help` that earlier builds installed.
+    for old in std::fs::read_dir(MAN_DIR)?.filter_map(|e| e.ok()) {
+        if old
+            .file_name()
+            .to_string_lossy()
+            .starts_with("connwatch-help")
+        {
+            let _ = std::fs::remove_file(old.path());
+        }
+    }
+    for page in std::fs::read_dir(out.join("man"))? {
+        let page = page?.path();
+        if let Some(name) = page.file_name() {
+            std::fs::copy(&page, std::path::Path::new(MAN_DIR).join(name))
+                .with_context(|| format!("cannot install {}", page.display()))?;
+        }
+    }
+    eprintln!("xtask: man pages installed in {MAN_DIR} (`man connwatch`)");
+    Ok(())
 }
 
 /// Builds every artifact and checks it; false when a check failed.
