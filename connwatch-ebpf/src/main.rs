@@ -773,8 +773,13 @@ pub fn connwatch_socket_fds(ctx: *const TaskFileCtx) -> i32 {
         if mode & S_IFMT != S_IFSOCK {
             return 0;
         }
+        // A task whose id cannot be read is left out rather than listed as pid 0.
+        let pid = Copied::read::<u32>(task, off!(task_tgid)).unwrap_or(0);
+        if pid == 0 {
+            return 0;
+        }
         let rec = SocketFd {
-            pid: Copied::read::<u32>(task, off!(task_tgid)).unwrap_or(0),
+            pid,
             fd,
             inode: Copied::read::<u64>(inode, off!(inode_ino)).unwrap_or(0),
         };

@@ -77,7 +77,9 @@ impl Namespaces {
     /// Notes a namespace named by a transition; one not listed yet is looked for before
     /// the next poll, so that its closes are confirmed and its sockets dumped.
     pub fn note(&mut self, ns: u32) {
-        if !self.paths.contains_key(&ns) {
+        // Without the privilege to enter other namespaces only our own is ever listed:
+        // a transition from another one is no reason to walk /proc again.
+        if !self.paths.contains_key(&ns) && (self.others || ns == self.own) {
             self.rediscover = true;
         }
     }
@@ -278,5 +280,21 @@ impl Namespaces {
     /// TIME_WAIT settings per namespace.
     pub fn kernel(&self) -> &BTreeMap<u32, KernelInfo> {
         &self.kernel
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_namespaces_bring_no_rediscovery_without_the_privilege() {
+        let mut unprivileged = Namespaces::new(1, false);
+        unprivileged.note(2);
+        assert!(!unprivileged.take_rediscover(), "nothing to find there");
+        let mut root = Namespaces::new(1, true);
+        root.note(2);
+        assert!(root.take_rediscover());
+        assert!(!root.take_rediscover(), "cleared once taken");
     }
 }

@@ -42,8 +42,13 @@ struct HolderMap {
 }
 
 impl HolderMap {
-    /// Adds `pid` to the holders of `inode` (once).
+    /// Adds `pid` to the holders of `inode` (once). Pid 0 (a listing that could not
+    /// read a task's id) is never a holder: 0 marks an empty slot here, and a 0 in the
+    /// first would hide the real holder beside it.
     fn add(&mut self, inode: u64, pid: u32) {
+        if pid == 0 {
+            return;
+        }
         if let Some(pids) = self.more.get_mut(&inode) {
             if !pids.contains(&pid) {
                 pids.push(pid);
@@ -403,6 +408,16 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     use super::*;
+
+    #[test]
+    fn pid_zero_never_hides_a_holder() {
+        let mut m = HolderMap::default();
+        m.add(5, 0);
+        m.add(5, 42);
+        assert_eq!(m.get(5), &[42]);
+        m.add(6, 0);
+        assert!(!m.contains(6));
+    }
 
     #[test]
     fn holder_map_keeps_one_two_and_many() {
