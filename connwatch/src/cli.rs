@@ -1,11 +1,10 @@
 //! Command line: clap derive, doc comments are the help text.
-use std::time::Duration;
-
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 pub use crate::report::GroupBy;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
+pub use crate::filter::{Family, FilterArgs};
 use crate::probe::HookChoice;
 
 const EXAMPLES: &str = "\
@@ -238,35 +237,6 @@ pub struct SnapshotArgs {
 
     #[command(flatten)]
     pub filter: FilterArgs,
-}
-
-/// Which sockets and processes to look at. In the kernel for the probe's events; the
-/// same conditions apply to what sock_diag and /proc add.
-#[derive(Clone, Debug, Default, Args)]
-pub struct FilterArgs {
-    /// Only sockets owned by this process (repeatable, up to 8). A socket accepted by a
-    /// server matches through the process listening on its port.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
-    pub pid: Vec<u32>,
-
-    /// Only sockets with this local or remote port (repeatable, up to 8).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    pub port: Vec<u16>,
-
-    /// Only IPv4 or only IPv6 sockets.
-    #[arg(long, value_enum)]
-    pub family: Option<Family>,
-
-    /// Only sockets created in this cgroup v2 (a directory under /sys/fs/cgroup, or a
-    /// path relative to it), and processes in it.
-    #[arg(long, value_name = "PATH")]
-    pub cgroup: Option<PathBuf>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Family {
-    Ipv4,
-    Ipv6,
 }
 
 #[derive(Debug, Args)]

@@ -7,11 +7,39 @@ use std::{
 };
 
 use anyhow::{Result, bail};
+
+use crate::host::cgroup::{cgroup2_root, is_cgroup2};
+use clap::{Args, ValueEnum};
 use connwatch_common::{AF_INET, AF_INET6, FILTER_MAX};
 
-use crate::cli::{Family, FilterArgs};
+/// Which sockets and processes to look at. In the kernel for the probe's events; the
+/// same conditions apply to what sock_diag and /proc add.
+#[derive(Clone, Debug, Default, Args)]
+pub struct FilterArgs {
+    /// Only sockets owned by this process (repeatable, up to 8). A socket accepted by a
+    /// server matches through the process listening on its port.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pid: Vec<u32>,
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    /// Only sockets with this local or remote port (repeatable, up to 8).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Vec<u16>,
+
+    /// Only IPv4 or only IPv6 sockets.
+    #[arg(long, value_enum)]
+    pub family: Option<Family>,
+
+    /// Only sockets created in this cgroup v2 (a directory under /sys/fs/cgroup, or a
+    /// path relative to it), and processes in it.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
@@ -96,21 +124,6 @@ impl Filter {
     }
 }
 
-/// Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup on unified systems,
-/// /sys/fs/cgroup/unified on hybrid ones.
-pub fn cgroup2_root() -> PathBuf {
-    std::fs::read_to_string("/proc/self/mounts")
-        .ok()
-        .and_then(|m| {
-            m.lines().find_map(|l| {
-                let mut f = l.split_whitespace();
-                let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-                (fstype == "cgroup2").then(|| PathBuf::from(dir))
-            })
-        })
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
-}
-
 /// A cgroup v2 directory (absolute, or relative to the cgroup2 mount) → (path as
 /// /proc/PID/cgroup spells it, id). The id of a cgroup v2 is its directory's inode.
 fn cgroup_id(arg: &Path) -> Result<(String, u64)> {
@@ -146,32 +159,10 @@ fn cgroup_id(arg: &Path) -> Result<(String, u64)> {
     Ok((rel, meta.ino()))
 }
 
-fn is_cgroup2(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: zeroed statfs filled by the kernel; NUL-terminated path.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
-    }
-}
-
-/// The cgroup v2 path of a process (`0::/path` in /proc/PID/cgroup).
-pub fn cgroup_of(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    parse_cgroup(&text)
-}
-
-pub fn parse_cgroup(text: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_string)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::cgroup::{cgroup_of, parse_cgroup};
 
     fn filter() -> Filter {
         Filter {

@@ -13,7 +13,7 @@ use std::{collections::BTreeSet, net::TcpStream, time::Duration};
 
 use common::*;
 use connwatch::{
-    owners::{FdIndex, parse_socket_link},
+    host::owners::{FdIndex, parse_socket_link},
     probe::{HookChoice, Probe, ProbeOptions, default_btf_path},
 };
 use rustc_hash::FxHashSet;

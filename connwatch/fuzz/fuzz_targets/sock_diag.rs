@@ -4,5 +4,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
-    let _ = connwatch::sockdiag::parse_datagram(data, &mut out);
+    let _ = connwatch::host::sockdiag::parse_datagram(data, &mut out);
 });

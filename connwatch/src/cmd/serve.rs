@@ -21,11 +21,11 @@ use tokio::net::TcpListener;
 use crate::{
     cli::ServeArgs,
     clock::monotonic_ns,
+    cmd::live::Live,
+    cmd::shutdown::Shutdown,
     cmd::watch::config,
     filter::Filter,
-    live::Live,
     probe::ProbeOptions,
-    shutdown::Shutdown,
     views::metrics::{self, Persistent, Totals},
 };
 

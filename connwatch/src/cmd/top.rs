@@ -6,8 +6,8 @@ use anyhow::Result;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind};
 
 use crate::{
-    cli::TopArgs, cmd::watch::config, filter::Filter, live::Live, probe::ProbeOptions,
-    shutdown::Shutdown, views::screen::App,
+    cli::TopArgs, cmd::live::Live, cmd::shutdown::Shutdown, cmd::watch::config, filter::Filter,
+    probe::ProbeOptions, views::screen::App,
 };
 
 pub async fn top(args: TopArgs, opts: ProbeOptions, filter: Filter) -> Result<ExitCode> {

@@ -11,13 +11,13 @@ use anyhow::Result;
 use crate::{
     cli::TraceArgs,
     clock::WallClock,
+    cmd::live::{Live, Sink, SinkError},
+    cmd::shutdown::Shutdown,
     decode::Transition,
     filter::Filter,
-    live::{Live, Sink, SinkError},
+    monitor::timewait::Synthetic,
     probe::ProbeOptions,
     report::ReportConfig,
-    shutdown::Shutdown,
-    timewait::Synthetic,
     views::transitions::{self as view, Row},
 };
 

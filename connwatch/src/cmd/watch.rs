@@ -9,12 +9,12 @@ use anyhow::{Result, anyhow};
 
 use crate::{
     cli::{GroupBy, SnapshotArgs, Thresholds, WatchArgs},
+    cmd::live::Live,
+    cmd::shutdown::Shutdown,
     filter::Filter,
-    live::Live,
     monitor::Monitor,
     probe::ProbeOptions,
     report::{Report, ReportConfig},
-    shutdown::Shutdown,
     views::text as view,
 };
 

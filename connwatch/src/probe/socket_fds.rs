@@ -56,7 +56,7 @@ impl SocketFds {
     }
 }
 
-impl crate::owners::SocketFdSource for SocketFds {
+impl crate::host::owners::SocketFdSource for SocketFds {
     fn socket_fds(&mut self) -> Option<Vec<(u32, u64)>> {
         match self.scan() {
             Ok(fds) => Some(fds.into_iter().map(|f| (f.pid, f.inode)).collect()),

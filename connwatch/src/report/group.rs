@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use clap::ValueEnum;
 
 use super::passes::{Acc, Accs};
-use crate::owners::ProcInfo;
+use crate::host::owners::ProcInfo;
 
 /// How report rows are grouped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]

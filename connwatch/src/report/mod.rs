@@ -12,11 +12,11 @@ use serde::Serialize;
 
 use crate::{
     decode::TcpState,
-    kernelinfo::KernelInfo,
-    owners::ProcInfo,
-    sockdiag::DiagSocket,
-    table::Table,
-    timewait::{End, Tracker},
+    host::kernelinfo::KernelInfo,
+    host::owners::ProcInfo,
+    host::sockdiag::DiagSocket,
+    monitor::table::Table,
+    monitor::timewait::{End, Tracker},
 };
 
 pub mod flag;
@@ -199,7 +199,7 @@ pub struct Snapshot<'a> {
     /// Sockets on them are the server side, whose peers differ only by ephemeral port.
     pub listening: &'a HashMap<(u32, u16), Vec<u32>>,
     /// Processes holding each socket's fd.
-    pub holders: &'a crate::owners::FdIndex,
+    pub holders: &'a crate::host::owners::FdIndex,
     pub timewait: &'a Tracker,
     pub kernel: &'a BTreeMap<u32, KernelInfo>,
     pub own_netns: u32,
@@ -370,12 +370,12 @@ mod tests {
     use connwatch_common::tcp_state::*;
 
     use super::*;
-    use crate::owners::FdIndex;
-    use crate::table::{
+    use crate::host::owners::FdIndex;
+    use crate::monitor::table::{
         SockKey,
         tests::{NS, close_cw, diag, enter_cw},
     };
-    use crate::timewait::Listed;
+    use crate::monitor::timewait::Listed;
 
     const SEC: u64 = 1_000_000_000;
     const L: &str = "127.0.0.1:8080";
@@ -785,7 +785,7 @@ mod tests {
     /// `n` closes by `pid` (at 10 s) confirmed by a poll (at 11 s) as timewait sockets in
     /// `state`: TIME_WAIT, or FIN_WAIT2 for orphans whose peer has not closed.
     fn polled(state: u8, n: u16, local: &str, remote: &str, vary_local: bool, pid: u32) -> Tracker {
-        use crate::{decode::Owner, table::tests::tr, timewait::TwOwner};
+        use crate::{decode::Owner, monitor::table::tests::tr, monitor::timewait::TwOwner};
         let mut tw = Tracker::default();
         let mut polled = Vec::new();
         for i in 0..n {

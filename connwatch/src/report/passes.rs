@@ -8,7 +8,7 @@ use rustc_hash::FxHashMap;
 use super::{GroupBy, Snapshot, Unattributed, group::counting_holders, round3};
 use crate::{
     decode::{OwnerSource, TcpState},
-    table::{AgeSource, Endpoint, SockKey},
+    monitor::table::{AgeSource, Endpoint, SockKey},
 };
 
 /// What one process accumulates over the passes.

@@ -6,7 +6,7 @@ use super::{
     passes::{Acc, closed_stats},
     round3, unit_of,
 };
-use crate::owners::ProcInfo;
+use crate::host::owners::ProcInfo;
 
 /// Peers listed per row.
 const TOP_PEERS: usize = 5;

@@ -10,7 +10,7 @@ use super::row_buf::RowBuf;
 use crate::{
     clock::WallClock,
     decode::{OwnerSource, TcpState, Transition},
-    timewait::Synthetic,
+    monitor::timewait::Synthetic,
 };
 
 /// What one trace line shows: a transition from the probe, or one inferred by polling.
@@ -328,8 +328,8 @@ mod tests {
     #[test]
     fn synthetic_time_wait_rows_carry_their_markers() {
         use crate::{
-            table::SockKey,
-            timewait::{End, TwOwner},
+            monitor::table::SockKey,
+            monitor::timewait::{End, TwOwner},
         };
         let s = Synthetic {
             key: SockKey {

@@ -388,7 +388,7 @@ pub fn proc_info(pid: u32) -> Option<ProcInfo> {
         comm,
         fds,
         fd_limit,
-        cgroup: crate::filter::cgroup_of(pid),
+        cgroup: crate::host::cgroup::cgroup_of(pid),
     })
 }
 

@@ -26,8 +26,8 @@ use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     decode::{Leaves, OwnerSource, TcpState, Transition},
-    sockdiag::DiagSocket,
-    table::{AgeSource, Overflow, SockKey},
+    host::sockdiag::DiagSocket,
+    monitor::table::{AgeSource, Overflow, SockKey},
 };
 
 /// `TCP_TIMEWAIT_LEN`: fixed at compile time in every kernel.
@@ -701,8 +701,8 @@ impl Tracker {
         }
         // A burst of 100,000 TIME_WAITs must not pin its memory for the rest of a
         // weeks-long run.
-        crate::table::shrink_idle(&mut self.tracked);
-        crate::table::shrink_idle(&mut self.pending);
+        crate::monitor::table::shrink_idle(&mut self.tracked);
+        crate::monitor::table::shrink_idle(&mut self.pending);
         self.ended.shrink_to(self.ended.len() * 2);
         self.created.shrink_to(self.created.len() * 2);
     }
@@ -729,7 +729,7 @@ mod tests {
     use super::*;
     use crate::{
         decode::Owner,
-        table::tests::{NS, diag, tr},
+        monitor::table::tests::{NS, diag, tr},
     };
 
     const SEC: u64 = 1_000_000_000;

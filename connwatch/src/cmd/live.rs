@@ -16,9 +16,9 @@ use crate::{
     decode::{Transition, decode},
     filter::Filter,
     monitor::Monitor,
+    monitor::timewait::Synthetic,
     probe::{Probe, ProbeOptions},
     report::{Report, ReportConfig},
-    timewait::Synthetic,
 };
 
 /// Where transitions go as they are applied. A sink's error ends the loop.

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     decode::{OwnerSource, TcpState, Transition},
-    sockdiag::DiagSocket,
+    host::sockdiag::DiagSocket,
 };
 
 /// Closed CLOSE_WAIT lifetimes kept at most (the window prunes them sooner).

@@ -18,9 +18,9 @@ use anyhow::{Context as _, Result};
 use crate::{
     decode::TcpState,
     filter::Filter,
-    kernelinfo::KernelInfo,
-    netns,
-    sockdiag::{self, DiagSocket, Query},
+    host::kernelinfo::KernelInfo,
+    host::netns,
+    host::sockdiag::{self, DiagSocket, Query},
 };
 
 pub struct Namespaces {

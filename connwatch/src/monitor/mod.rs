@@ -1,6 +1,10 @@
 //! The flow every view shares: seed from sock_diag, apply the probe's transitions, poll
 //! timewait sockets, reconcile and resolve owners, build the report. Covers every network
 //! namespace on the host (the probe sees them all; dumps are made inside each).
+pub mod namespaces;
+pub mod table;
+pub mod timewait;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
@@ -14,12 +18,12 @@ use crate::{
     clock::{WallClock, monotonic_ns},
     decode::{Leaves, TcpState, Transition},
     filter::Filter,
-    namespaces::{Namespaces, Visit},
-    owners::{self, FdIndex, ProcInfo},
+    host::owners::{self, FdIndex, ProcInfo},
+    host::sockdiag::Query,
+    monitor::namespaces::{Namespaces, Visit},
+    monitor::table::{SockKey, Table},
+    monitor::timewait::{Listed, Synthetic, Tracker, TwOwner},
     report::{self, Footprint, Growth, Loss, Report, ReportConfig, Snapshot},
-    sockdiag::Query,
-    table::{SockKey, Table},
-    timewait::{Listed, Synthetic, Tracker, TwOwner},
 };
 
 pub struct Monitor {
@@ -153,7 +157,7 @@ impl Monitor {
         let mut selected = |inode: u64| -> bool {
             index.holders(inode).iter().any(|&pid| {
                 *verdicts.entry(pid).or_insert_with(|| {
-                    filter.process(pid, crate::filter::cgroup_of(pid).as_deref())
+                    filter.process(pid, crate::host::cgroup::cgroup_of(pid).as_deref())
                 })
             })
         };
@@ -372,7 +376,7 @@ impl Monitor {
             let filter = &self.filter;
             rows.retain(|r| {
                 r.owner.as_ref().is_some_and(|o| {
-                    filter.process(o.pid, crate::filter::cgroup_of(o.pid).as_deref())
+                    filter.process(o.pid, crate::host::cgroup::cgroup_of(o.pid).as_deref())
                 })
             });
         }
