@@ -1,7 +1,8 @@
 //! Command line: clap derive, doc comments are the help text.
 use std::{path::PathBuf, time::Duration};
 
-pub use crate::report::GroupBy;
+pub use crate::report::{GroupBy, ReportConfig};
+use crate::units::{parse_duration, parse_interval};
 use clap::{Args, Parser, Subcommand};
 
 pub use crate::filter::{Family, FilterArgs};
@@ -105,7 +106,7 @@ pub struct TopArgs {
     pub by: GroupBy,
 
     #[command(flatten)]
-    pub thresholds: Thresholds,
+    pub thresholds: ReportConfig,
 
     #[command(flatten)]
     pub filter: FilterArgs,
@@ -131,41 +132,7 @@ pub struct ReportArgs {
     pub by: GroupBy,
 
     #[command(flatten)]
-    pub thresholds: Thresholds,
-}
-
-/// When a process is flagged.
-#[derive(Debug, Args)]
-pub struct Thresholds {
-    /// CLOSE_WAIT sockets older than this are a leak; a p99 lifetime above it is slow.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
-    pub close_wait_age: Duration,
-
-    /// Growth rates and closed-socket lifetimes cover this much recent time.
-    #[arg(long, default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
-    pub window: Duration,
-
-    /// A process that listens on a port and holds at least this many TIME_WAIT sockets on
-    /// it is flagged `active_closer` (a server closing first).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
-    pub time_wait_min: u64,
-
-    /// Flag `port_pressure` when TIME_WAIT sockets from ephemeral ports towards one
-    /// destination exceed this percentage of net.ipv4.ip_local_port_range.
-    #[arg(long = "port-pressure", default_value_t = 50.0, value_parser = parse_percent)]
-    pub port_pressure_pct: f64,
-
-    /// Flag `peer_not_closing` when at least this many of a process's connections to one
-    /// peer address wait in FIN_WAIT2 longer than --fin-wait2-age (we closed, the peer
-    /// never did: a CLOSE_WAIT leak on that host).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
-    pub fin_wait2_min: u64,
-
-    /// How long a connection may wait in FIN_WAIT2 for its peer to close before it
-    /// counts towards `peer_not_closing` (keep it below net.ipv4.tcp_fin_timeout, 60s by
-    /// default, after which the kernel drops the socket).
-    #[arg(long, default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
-    pub fin_wait2_age: Duration,
+    pub thresholds: ReportConfig,
 }
 
 #[derive(Debug, Args)]
@@ -197,7 +164,7 @@ pub struct ServeArgs {
     pub by: GroupBy,
 
     #[command(flatten)]
-    pub thresholds: Thresholds,
+    pub thresholds: ReportConfig,
 
     #[command(flatten)]
     pub filter: FilterArgs,
@@ -282,41 +249,6 @@ pub struct ProbeArgs {
     pub max_sockets: u32,
 }
 
-/// A duration: `500ms`, `10s`, `2m`, `1h30m`; a bare number is seconds (`2`, `0.5`), as
-/// `vmstat 2` and `iostat 2` have it.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if let Some(rest) = s.trim().strip_prefix('-')
-        && rest.starts_with(|c: char| c.is_ascii_digit())
-    {
-        return Err(format!(
-            "`{s}` is negative: a duration is a positive number with a unit, e.g. 500ms, 10s, 2m"
-        ));
-    }
-    let bare = s.trim();
-    let d = if !bare.is_empty() && bare.chars().all(|c| c.is_ascii_digit() || c == '.') {
-        bare.parse::<f64>()
-            .ok()
-            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-            .ok_or_else(|| format!("`{s}` is not a number of seconds, e.g. 2 or 0.5"))?
-    } else {
-        humantime::parse_duration(bare)
-            .map_err(|e| format!("{e}: use a number with a unit, e.g. 500ms, 10s, 2m"))?
-    };
-    if d.is_zero() {
-        return Err("must be longer than zero".into());
-    }
-    Ok(d)
-}
-
-/// A report interval: between 100ms and 1h.
-pub fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
-        return Err("the interval must be between 100ms and 1h".into());
-    }
-    Ok(d)
-}
-
 /// `HOST:PORT`, checked for its form here; the name is resolved when binding.
 pub fn parse_listen(s: &str) -> Result<String, String> {
     let port = s
@@ -327,17 +259,6 @@ pub fn parse_listen(s: &str) -> Result<String, String> {
     port.parse::<u16>()
         .map_err(|_| format!("`{port}` is not a port number (0 to 65535)"))?;
     Ok(s.to_string())
-}
-
-pub fn parse_percent(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .trim_end_matches('%')
-        .parse()
-        .map_err(|_| format!("`{s}` is not a percentage"))?;
-    if !(v > 0.0 && v <= 100.0) {
-        return Err("must be a percentage above 0 and at most 100".into());
-    }
-    Ok(v)
 }
 
 pub fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -393,20 +314,6 @@ mod tests {
             panic!("not watch");
         };
         assert_eq!(args.interval, Duration::from_secs(2));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        // A bare number is seconds.
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
-        assert!(parse_duration("1.2.3").is_err());
-        assert!(parse_duration("0").is_err());
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("-1s").unwrap_err().contains("negative"));
     }
 
     #[test]

@@ -18,4 +18,5 @@ pub mod host;
 pub mod monitor;
 pub mod probe;
 pub mod report;
+pub mod units;
 pub mod views;

@@ -18,7 +18,7 @@ use crate::{
     monitor::Monitor,
     monitor::timewait::Synthetic,
     probe::{Probe, ProbeOptions},
-    report::{Report, ReportConfig},
+    report::{Report, ReportConfig, Reporter},
 };
 
 /// Where transitions go as they are applied. A sink's error ends the loop.
@@ -56,6 +56,7 @@ impl std::error::Error for SinkError {}
 pub struct Live {
     probe: Probe,
     pub monitor: Monitor,
+    reporter: Reporter,
     ring: AsyncFd<RingBuf<MapData>>,
     /// Events read from the ring buffer, and those of them that could not be decoded.
     received: u64,
@@ -70,10 +71,10 @@ pub struct Live {
 /// listeners for `--pid`, and the capabilities dropped before "attached" is announced.
 pub fn attach(
     opts: &ProbeOptions,
-    cfg: ReportConfig,
+    window: Duration,
     filter: Filter,
 ) -> Result<(Probe, Monitor, AsyncFd<RingBuf<MapData>>)> {
-    let mut monitor = Monitor::new(cfg, filter).with_limit(opts.max_sockets as usize);
+    let mut monitor = Monitor::new(window, filter).with_limit(opts.max_sockets as usize);
     // Without kernel BTF there is no socket-fd iterator: /proc is walked while the
     // probe loads.
     if !opts.btf_path.exists() {
@@ -111,12 +112,13 @@ impl Live {
         every: Duration,
         tw_poll: Duration,
     ) -> Result<Self> {
-        let (probe, monitor, ring) = attach(opts, cfg, filter)?;
+        let (probe, monitor, ring) = attach(opts, cfg.window, filter)?;
         let mut report_tick = interval(every);
         report_tick.tick().await; // the first tick is immediate: skip it
         Ok(Self {
             probe,
             monitor,
+            reporter: Reporter::new(cfg),
             ring,
             received: 0,
             undecodable: 0,
@@ -240,9 +242,13 @@ impl Live {
         self.drain(&mut NoSink)?;
         self.monitor.refresh()?;
         let c = self.probe.counters()?;
-        Ok(self
-            .monitor
-            .report(is_final, c.dropped, c.sockets_lost() + self.undecodable))
+        let reporter = &mut self.reporter;
+        Ok(self.monitor.with_snapshot(
+            is_final,
+            c.dropped,
+            c.sockets_lost() + self.undecodable,
+            |s| reporter.build(s),
+        ))
     }
 
     /// Events the probe produced so far (received or dropped).

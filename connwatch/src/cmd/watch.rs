@@ -8,13 +8,13 @@ use std::{
 use anyhow::{Result, anyhow};
 
 use crate::{
-    cli::{GroupBy, SnapshotArgs, Thresholds, WatchArgs},
+    cli::{GroupBy, SnapshotArgs, WatchArgs},
     cmd::live::Live,
     cmd::shutdown::Shutdown,
     filter::Filter,
     monitor::Monitor,
     probe::ProbeOptions,
-    report::{Report, ReportConfig},
+    report::{Report, ReportConfig, Reporter},
     views::text as view,
 };
 
@@ -52,11 +52,11 @@ pub fn snapshot(args: SnapshotArgs, filter: Filter) -> Result<ExitCode> {
     // No BPF here: sock_diag and /proc answer anyone, so a missing privilege only
     // narrows what is listed.
     crate::probe::warn_missing_optional();
-    let mut monitor =
-        Monitor::new(config(&args.report.thresholds, args.report.by), filter).with_prescan();
+    let mut reporter = Reporter::new(config(&args.report.thresholds, args.report.by));
+    let mut monitor = Monitor::new(reporter.cfg.window, filter).with_prescan();
     monitor.seed()?;
     monitor.refresh()?;
-    let report = monitor.report(true, 0, 0);
+    let report = monitor.with_snapshot(true, 0, 0, |s| reporter.build(s));
     if !written(Output::new(args.report.json).print(&report))? {
         return Ok(ExitCode::SUCCESS);
     }
@@ -74,16 +74,9 @@ fn written(r: io::Result<()>) -> Result<bool> {
     }
 }
 
-pub fn config(t: &Thresholds, by: GroupBy) -> ReportConfig {
-    ReportConfig {
-        close_wait_age: t.close_wait_age,
-        window: t.window,
-        time_wait_min: t.time_wait_min,
-        port_pressure_pct: t.port_pressure_pct,
-        fin_wait2_min: t.fin_wait2_min,
-        fin_wait2_age: t.fin_wait2_age,
-        by,
-    }
+/// The report options of a command: its thresholds and its `--by`.
+pub fn config(t: &ReportConfig, by: GroupBy) -> ReportConfig {
+    ReportConfig { by, ..*t }
 }
 
 fn exit_code(report: &Report, check: bool) -> ExitCode {

@@ -2,6 +2,7 @@
 //! timewait sockets, reconcile and resolve owners, build the report. Covers every network
 //! namespace on the host (the probe sees them all; dumps are made inside each).
 pub mod namespaces;
+pub mod snapshot;
 pub mod table;
 pub mod timewait;
 
@@ -13,6 +14,7 @@ use std::{
 
 use anyhow::Result;
 
+use self::snapshot::{Footprint, Loss, Snapshot};
 use crate::{
     budget::Budget,
     clock::{WallClock, monotonic_ns},
@@ -23,15 +25,15 @@ use crate::{
     monitor::namespaces::{Namespaces, Visit},
     monitor::table::{SockKey, Table},
     monitor::timewait::{Listed, Synthetic, Tracker, TwOwner},
-    report::{self, Footprint, Growth, Loss, Report, ReportConfig, Snapshot},
 };
 
 pub struct Monitor {
     table: Table,
     tw: Tracker,
     index: FdIndex,
-    growth: Growth,
-    cfg: ReportConfig,
+    /// How much history (closes, TIME_WAIT entries and ends) is kept: the report
+    /// window, 0 where no report is built.
+    window: Duration,
     namespaces: Namespaces,
     start_ns: u64,
     clock: WallClock,
@@ -72,10 +74,10 @@ const REFRESH_BUDGET: u32 = 400;
 const TW_RECONCILE: Duration = Duration::from_secs(60);
 
 impl Monitor {
-    pub fn new(cfg: ReportConfig, filter: Filter) -> Self {
+    pub fn new(window: Duration, filter: Filter) -> Self {
         let own_netns = owners::own_netns();
         let mut tw = Tracker::default();
-        tw.window_ns = Some(u64::try_from(cfg.window.as_nanos()).unwrap_or(u64::MAX));
+        tw.window_ns = Some(u64::try_from(window.as_nanos()).unwrap_or(u64::MAX));
         Self {
             table: Table::new(own_netns),
             tw,
@@ -83,8 +85,7 @@ impl Monitor {
             // refreshed every minute to notice fds closed or handed over (both spaced
             // further when a scan is slow: see owners::SCAN_BUDGET).
             index: FdIndex::new(Duration::from_secs(1), Duration::from_secs(60)),
-            growth: Growth::default(),
-            cfg,
+            window,
             namespaces: Namespaces::new(own_netns, crate::probe::Abilities::current().other_netns),
             start_ns: monotonic_ns(),
             clock: WallClock::new(),
@@ -339,7 +340,7 @@ impl Monitor {
     /// every poll rather than only when a report is built: `trace` builds none, and
     /// keeps none (its window is 0), so its memory follows the sockets that exist.
     fn prune_history(&mut self, now: u64) {
-        let window_start = now.saturating_sub(self.cfg.window.as_nanos() as u64);
+        let window_start = now.saturating_sub(self.window.as_nanos() as u64);
         self.table.prune_closed(window_start);
         self.tw.prune(window_start);
     }
@@ -563,7 +564,7 @@ impl Monitor {
     ) -> Result<Vec<Synthetic>> {
         self.states.clear();
         for v in &visits {
-            for (state, n) in report::state_counts(&v.sockets) {
+            for (state, n) in snapshot::state_counts(&v.sockets) {
                 *self.states.entry(state).or_insert(0) += n;
             }
             self.table.reconcile(v.ns, &v.sockets, now);
@@ -613,8 +614,15 @@ impl Monitor {
         }
     }
 
-    /// Resolves holders and process facts, then builds the report.
-    pub fn report(&mut self, is_final: bool, events_dropped: u64, untracked_extra: u64) -> Report {
+    /// Resolves holders and process facts, and hands `build` a snapshot of it all (a
+    /// report is built from it: `report::Reporter`).
+    pub fn with_snapshot<R>(
+        &mut self,
+        is_final: bool,
+        events_dropped: u64,
+        untracked_extra: u64,
+        build: impl FnOnce(&Snapshot) -> R,
+    ) -> R {
         let now = monotonic_ns();
         let started = std::time::Instant::now();
         self.fill_evidence();
@@ -626,7 +634,7 @@ impl Monitor {
                 .chain(self.namespaces.listeners().values().copied()),
         );
         self.poll_ns += started.elapsed().as_nanos() as u64;
-        let window_start = now.saturating_sub(self.cfg.window.as_nanos() as u64);
+        let window_start = now.saturating_sub(self.window.as_nanos() as u64);
         self.prune_history(now);
         let listening: HashMap<(u32, u16), Vec<u32>> = self
             .namespaces
@@ -671,16 +679,10 @@ impl Monitor {
                 events_dropped,
                 sockets_untracked: self.untracked() + untracked_extra,
             },
+            filter: &self.filter,
+            footprint: self.footprint(),
         };
-        let mut report = report::build(&snapshot, &self.cfg, &mut self.growth);
-        if self.filter.selects_processes() {
-            let filter = &self.filter;
-            report
-                .processes
-                .retain(|p| filter.process(p.pid, p.cgroup.as_deref()));
-        }
-        report.footprint = self.footprint();
-        report
+        build(&snapshot)
     }
 
     /// The state histogram of the last full dump, with the states that connwatch follows
@@ -712,7 +714,6 @@ impl Monitor {
             .chain(self.tw.sizes())
             .collect();
         entries.insert("fd_index", self.index.len() as u64);
-        entries.insert("growth_processes", self.growth.len() as u64);
         entries.insert("listeners", self.namespaces.listeners().len() as u64);
         entries.insert("namespaces", self.namespaces.len() as u64);
         Footprint {

@@ -2,7 +2,7 @@
 //! the sentence that explains each flag. A pure function of a [`Snapshot`] (the socket
 //! table, the timewait tracker, process facts and a clock reading), so that tests drive
 //! it with synthetic input. Built in passes (`passes`), one row per process (`row`),
-//! flags raised by their own rules (`flag`); the words are the views' (`views::reason`).
+//! flags raised by their own rules, each with its sentence (`flag`), in the words of `words`.
 use std::{
     collections::{BTreeMap, HashMap},
     time::Duration,
@@ -10,63 +10,77 @@ use std::{
 
 use serde::Serialize;
 
+use crate::units::{parse_duration, parse_percent};
+
 use crate::{
-    decode::TcpState,
     host::kernelinfo::KernelInfo,
-    host::owners::ProcInfo,
-    host::sockdiag::DiagSocket,
-    monitor::table::Table,
     monitor::timewait::{End, Tracker},
 };
 
 pub mod flag;
 mod group;
 mod growth;
+mod key;
 mod passes;
 mod row;
+pub mod words;
 
-pub use group::{GroupBy, GroupKey, unit_of};
 pub use growth::Growth;
+pub use key::{GroupBy, GroupKey, unit_of};
 pub use passes::Pressure;
 
-#[derive(Clone, Copy, Debug)]
+pub use crate::monitor::snapshot::{Footprint, Loss, Snapshot};
+
+/// When a process is flagged, and what a row stands for: the report options, given on
+/// the command line of `watch`, `snapshot`, `top` and `serve` (a flag with a threshold
+/// of its own adds its option here).
+#[derive(Clone, Copy, Debug, clap::Args)]
 pub struct ReportConfig {
-    /// A CLOSE_WAIT socket older than this is a leak; a p99 lifetime above it is slow.
+    /// CLOSE_WAIT sockets older than this are a leak; a p99 lifetime above it is slow.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub close_wait_age: Duration,
-    /// Growth, rates and lifetimes are measured over this much recent time.
+
+    /// Growth rates and closed-socket lifetimes cover this much recent time.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
     pub window: Duration,
-    /// A listener holding at least this many TIME_WAIT sockets on its port closes first.
+
+    /// A process that listens on a port and holds at least this many TIME_WAIT sockets on
+    /// it is flagged `active_closer` (a server closing first).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub time_wait_min: u64,
-    /// TIME_WAITs towards one destination above this percentage of the ephemeral port
-    /// range put new connections to it at risk.
+
+    /// Flag `port_pressure` when TIME_WAIT sockets from ephemeral ports towards one
+    /// destination exceed this percentage of net.ipv4.ip_local_port_range.
+    #[arg(long = "port-pressure", default_value_t = 50.0, value_parser = parse_percent)]
     pub port_pressure_pct: f64,
-    /// At least this many connections to one peer address waiting in FIN_WAIT2 longer
-    /// than `fin_wait2_age` mean the peer's program does not close its sockets.
+
+    /// Flag `peer_not_closing` when at least this many of a process's connections to one
+    /// peer address wait in FIN_WAIT2 longer than --fin-wait2-age (we closed, the peer
+    /// never did: a CLOSE_WAIT leak on that host).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub fin_wait2_min: u64,
+
+    /// How long a connection may wait in FIN_WAIT2 for its peer to close before it
+    /// counts towards `peer_not_closing` (keep it below net.ipv4.tcp_fin_timeout, 60s by
+    /// default, after which the kernel drops the socket).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub fin_wait2_age: Duration,
-    /// What a row stands for.
+
+    /// What a row stands for (`--by`, whose default differs between commands).
+    #[arg(skip)]
     pub by: GroupBy,
 }
 
 impl Default for ReportConfig {
+    /// The command line's defaults (one definition of each).
     fn default() -> Self {
-        Self {
-            close_wait_age: Duration::from_secs(60),
-            window: Duration::from_secs(300),
-            time_wait_min: 100,
-            port_pressure_pct: 50.0,
-            fin_wait2_min: 10,
-            fin_wait2_age: Duration::from_secs(10),
-            by: GroupBy::Process,
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            cfg: ReportConfig,
         }
+        <Defaults as clap::Parser>::parse_from(["connwatch"]).cfg
     }
-}
-
-/// Loss counters shown in every report.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Loss {
-    pub events_dropped: u64,
-    pub sockets_untracked: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -168,58 +182,10 @@ pub struct Report {
     pub footprint: Footprint,
 }
 
-/// connwatch's resident memory and the entries in each of its tables. Every table is
-/// bounded by what exists (sockets, processes), `--max-sockets` or `--window`; none
-/// grows with how long connwatch has run.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Footprint {
-    /// VmRSS of the connwatch process.
-    pub rss_bytes: Option<u64>,
-    pub entries: BTreeMap<&'static str, u64>,
-}
-
 impl Report {
     pub fn flagged(&self) -> bool {
         self.processes.iter().any(|p| !p.flags.is_empty())
     }
-}
-
-/// Everything a report is made of, at one moment.
-pub struct Snapshot<'a> {
-    /// CLOSE_WAIT sockets, and those closed within the window.
-    pub table: &'a Table,
-    /// Wall-clock time of the report, already formatted (RFC 3339).
-    pub time: String,
-    pub now_ns: u64,
-    pub elapsed_s: f64,
-    pub is_final: bool,
-    pub states: BTreeMap<String, u64>,
-    pub procs: &'a HashMap<u32, ProcInfo>,
-    /// Listening ports, per network namespace, with the processes holding the listener.
-    /// Sockets on them are the server side, whose peers differ only by ephemeral port.
-    pub listening: &'a HashMap<(u32, u16), Vec<u32>>,
-    /// Processes holding each socket's fd.
-    pub holders: &'a crate::host::owners::FdIndex,
-    pub timewait: &'a Tracker,
-    pub kernel: &'a BTreeMap<u32, KernelInfo>,
-    pub own_netns: u32,
-    pub loss: Loss,
-}
-
-/// The machine's state histogram from a full dump: every TCP state, IPv4 and IPv6.
-/// Timewait sockets whose substate is FIN_WAIT2 (orphans the process already closed)
-/// are counted apart from real FIN_WAIT2 sockets, as `FIN_WAIT2_TW`.
-pub fn state_counts(sockets: &[DiagSocket]) -> BTreeMap<String, u64> {
-    let mut counts = BTreeMap::new();
-    for s in sockets {
-        let name = if s.timewait && s.state == TcpState::FIN_WAIT2 {
-            "FIN_WAIT2_TW".to_string()
-        } else {
-            s.state.to_string()
-        };
-        *counts.entry(name).or_insert(0) += 1;
-    }
-    counts
 }
 
 /// Evidence behind a row's flags that the row itself does not carry.
@@ -256,6 +222,37 @@ thread_local! {
     /// grew through every size each report (tens of thousands of destinations on a
     /// host holding as many TIME_WAITs), a third of an idle `watch`'s CPU.
     static PER_DEST: std::cell::RefCell<passes::PerDest> = Default::default();
+}
+
+/// Builds reports: the report options and what is kept from one report to the next
+/// (the CLOSE_WAIT counts behind growth rates).
+pub struct Reporter {
+    pub cfg: ReportConfig,
+    growth: Growth,
+}
+
+impl Reporter {
+    pub fn new(cfg: ReportConfig) -> Self {
+        Self {
+            cfg,
+            growth: Growth::default(),
+        }
+    }
+
+    /// The report of one snapshot, with the rows `--pid`/`--cgroup` select.
+    pub fn build(&mut self, s: &Snapshot) -> Report {
+        let mut report = build(s, &self.cfg, &mut self.growth);
+        if s.filter.selects_processes() {
+            report
+                .processes
+                .retain(|p| s.filter.process(p.pid, p.cgroup.as_deref()));
+        }
+        report
+            .footprint
+            .entries
+            .insert("growth_processes", self.growth.len() as u64);
+        report
+    }
 }
 
 /// Builds the report from one snapshot, in passes: CLOSE_WAIT sockets, TIME_WAIT
@@ -326,7 +323,7 @@ pub fn build(s: &Snapshot, cfg: &ReportConfig, growth: &mut Growth) -> Report {
         loss: s.loss,
         time_wait_ends: time_wait_ends(s.timewait, window_start),
         kernel: s.kernel.get(&s.own_netns).cloned(),
-        footprint: Footprint::default(),
+        footprint: s.footprint.clone(),
     }
 }
 
@@ -370,9 +367,11 @@ mod tests {
     use connwatch_common::tcp_state::*;
 
     use super::*;
-    use crate::host::owners::FdIndex;
+    use crate::host::owners::{FdIndex, ProcInfo};
+    use crate::host::sockdiag::DiagSocket;
+    use crate::monitor::snapshot::state_counts;
     use crate::monitor::table::{
-        SockKey,
+        SockKey, Table,
         tests::{NS, close_cw, diag, enter_cw},
     };
     use crate::monitor::timewait::Listed;
@@ -397,6 +396,12 @@ mod tests {
     static NO_TIMEWAIT: std::sync::LazyLock<Tracker> = std::sync::LazyLock::new(Tracker::default);
     static NO_KERNEL: std::sync::LazyLock<BTreeMap<u32, KernelInfo>> =
         std::sync::LazyLock::new(BTreeMap::new);
+    static NO_FILTER: crate::filter::Filter = crate::filter::Filter {
+        pids: Vec::new(),
+        ports: Vec::new(),
+        family: None,
+        cgroup: None,
+    };
 
     fn inputs<'a>(t: &'a Table, now_s: u64, procs: &'a HashMap<u32, ProcInfo>) -> Snapshot<'a> {
         Snapshot {
@@ -413,6 +418,8 @@ mod tests {
             kernel: &NO_KERNEL,
             own_netns: NS,
             loss: Loss::default(),
+            filter: &NO_FILTER,
+            footprint: Footprint::default(),
         }
     }
 

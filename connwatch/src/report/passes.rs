@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rustc_hash::FxHashMap;
 
-use super::{GroupBy, Snapshot, Unattributed, group::counting_holders, round3};
+use super::{GroupBy, Snapshot, Unattributed, key::counting_holders, round3};
 use crate::{
     decode::{OwnerSource, TcpState},
     monitor::table::{AgeSource, Endpoint, SockKey},

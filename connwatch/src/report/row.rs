@@ -2,7 +2,8 @@
 //! figures, flags and reason.
 use super::{
     Evidence, GroupKey, Growth, NotClosing, Peer, ProcessRow, ReportConfig, Snapshot, flag,
-    group::{Group, comm_of},
+    group::Group,
+    key::comm_of,
     passes::{Acc, closed_stats},
     round3, unit_of,
 };

@@ -3,9 +3,7 @@
 //! (human and JSON), `screen` the `top` screen, `metrics` the Prometheus exposition;
 //! `reason` writes the sentence behind each flag, `format` the compact numbers,
 //! `row_buf` the rows `trace` writes by the hundred thousand.
-pub mod format;
 pub mod metrics;
-pub mod reason;
 mod row_buf;
 pub mod screen;
 pub mod text;

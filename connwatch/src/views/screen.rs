@@ -8,11 +8,8 @@ use ratatui::{
     widgets::{Block, Borders, Cell, Paragraph, Row, Table, TableState, Wrap},
 };
 
-use super::{
-    format::fmt_age,
-    text::{flags, states_line},
-};
-use crate::report::{ProcessRow, Report};
+use super::text::{flags, states_line};
+use crate::report::{ProcessRow, Report, words::fmt_age};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SortKey {

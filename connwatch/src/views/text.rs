@@ -3,8 +3,8 @@
 //! `Report` itself.
 use comfy_table::{CellAlignment, Table, presets::NOTHING};
 
-use super::format::fmt_age;
-use super::format::plural;
+use crate::report::words::fmt_age;
+use crate::report::words::plural;
 use crate::report::{ProcessRow, QuietRow, Report};
 
 pub fn json(report: &Report) -> String {

@@ -1,4 +1,5 @@
-//! Compact numbers for people: ages, rates, times to exhaustion, plurals.
+//! Compact numbers for people: ages, rates, times to exhaustion, plurals (the flags'
+//! sentences and the views share them).
 
 pub fn plural(n: u64) -> &'static str {
     if n == 1 { "" } else { "s" }
