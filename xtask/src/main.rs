@@ -36,9 +36,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then run every test tier: unit tests and root integration tests that load
-    /// the real probe, then the packaging tier (builds `dist` and `image` and checks each
-    /// artifact). Extra arguments go to `cargo test` and skip the packaging tier.
+    /// Set up, then run every test tier: clippy (-D warnings), unit tests and root
+    /// integration tests that load the real probe (the saturation test in release too),
+    /// then the packaging tier (builds `dist` and `image` and checks each artifact).
+    /// Extra arguments go to `cargo test` and skip clippy and the packaging tier.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -156,11 +157,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             setup::ensure_all()?;
             let packaging = args.is_empty();
+            if packaging {
+                // The lint policy is part of the test: a warning fails CI.
+                status(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            }
             // default-members leave out the eBPF crate (built by connwatch/build.rs).
             let code = exit_code(cargo().args(["test", "--no-fail-fast"]).args(args))?;
             if !packaging {
                 return Ok(code);
             }
+            // The saturation test again in release, where the product's bound holds (a
+            // report at most one interval late); in debug it only checks that reports
+            // keep coming.
+            let release = exit_code(cargo().args([
+                "test",
+                "--release",
+                "--package",
+                "connwatch",
+                "--test",
+                "saturation",
+            ]))?;
+            let code = if release == ExitCode::SUCCESS {
+                code
+            } else {
+                ExitCode::FAILURE
+            };
             Ok(if package()? { code } else { ExitCode::FAILURE })
         }
         Task::Package => {
