@@ -89,7 +89,7 @@ pub struct Unattributed {
     pub time_wait: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Default, Clone, Debug, PartialEq, Serialize)]
 pub struct Peer {
     pub addr: String,
     pub close_wait: u64,
@@ -107,7 +107,9 @@ pub struct ClosedStats {
     pub max_s: Option<f64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// One row of the report: a process, or the processes of a group (`--by`). Test
+/// fixtures start from `Default` and set what they are about.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ProcessRow {
     /// The process, or the lowest pid of a grouped row (`--by command|unit`).
     pub pid: u32,

@@ -322,14 +322,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::report::{ClosedStats, Loss, ProcessRow, TimeWaitEnds, Unattributed};
+    use crate::report::{Loss, ProcessRow, TimeWaitEnds, Unattributed};
 
     fn row(pid: u32, cw: u64, flags: Vec<&'static str>) -> ProcessRow {
         ProcessRow {
-            pids: vec![],
-            unit: None,
-            fin_wait2: 0,
-            fin_wait2_oldest_s: None,
             pid,
             comm: format!("p{pid}"),
             cgroup: Some("/svc".into()),
@@ -337,18 +333,11 @@ mod tests {
             close_wait_oldest_s: Some(1.5),
             close_wait_age_source: Some("observed"),
             time_wait: 1,
-            time_wait_oldest_s: None,
             fds: Some(10),
             fd_limit: Some(1024),
             flags,
-            reason: None,
-            peers: vec![],
             owner_sources: vec!["fd"],
-            close_wait_growth_per_min: None,
-            close_wait_recv_q_bytes: 0,
-            fds_exhausted_in_s: None,
-            close_wait_closed: ClosedStats::default(),
-            time_wait_created_per_s: None,
+            ..ProcessRow::default()
         }
     }
 

@@ -237,22 +237,16 @@ mod tests {
     use ratatui::{Terminal, backend::TestBackend};
 
     use super::*;
-    use crate::report::{ClosedStats, Loss, Peer, TimeWaitEnds, Unattributed};
+    use crate::report::{Loss, Peer, TimeWaitEnds, Unattributed};
 
     fn row(pid: u32, cw: u64, tw: u64, flag: bool) -> ProcessRow {
         ProcessRow {
-            pids: vec![],
-            unit: None,
-            fin_wait2: 0,
-            fin_wait2_oldest_s: None,
             pid,
             comm: format!("proc{pid}"),
-            cgroup: None,
             close_wait: cw,
             close_wait_oldest_s: Some(cw as f64 * 10.0),
             close_wait_age_source: Some("observed"),
             time_wait: tw,
-            time_wait_oldest_s: None,
             fds: Some(10),
             fd_limit: Some(1024),
             flags: if flag {
@@ -265,14 +259,10 @@ mod tests {
                 addr: "10.0.0.1:5432".into(),
                 close_wait: cw,
                 time_wait: tw,
-                fin_wait2: 0,
+                ..Peer::default()
             }],
             owner_sources: vec!["fd"],
-            close_wait_growth_per_min: None,
-            close_wait_recv_q_bytes: 0,
-            fds_exhausted_in_s: None,
-            close_wait_closed: ClosedStats::default(),
-            time_wait_created_per_s: None,
+            ..ProcessRow::default()
         }
     }
 

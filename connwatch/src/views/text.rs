@@ -226,17 +226,11 @@ mod tests {
             quiet: vec![],
             processes: vec![ProcessRow {
                 pids: vec![4242],
-                unit: None,
-                fin_wait2: 0,
-                fin_wait2_oldest_s: None,
                 pid: 4242,
                 comm: "python3".into(),
-                cgroup: None,
                 close_wait: 50,
                 close_wait_oldest_s: Some(312.0),
                 close_wait_age_source: Some("estimated"),
-                time_wait: 0,
-                time_wait_oldest_s: None,
                 fds: Some(60),
                 fd_limit: Some(1024),
                 flags: vec!["close_wait_leak"],
@@ -244,15 +238,12 @@ mod tests {
                 peers: vec![Peer {
                     addr: "127.0.0.1:8080".into(),
                     close_wait: 50,
-                    time_wait: 0,
-                    fin_wait2: 0,
+                    ..Peer::default()
                 }],
                 owner_sources: vec!["fd"],
                 close_wait_growth_per_min: Some(10.0),
-                close_wait_recv_q_bytes: 0,
                 fds_exhausted_in_s: Some(5784.0),
-                close_wait_closed: ClosedStats::default(),
-                time_wait_created_per_s: None,
+                ..ProcessRow::default()
             }],
             unattributed: Unattributed {
                 close_wait: 0,
