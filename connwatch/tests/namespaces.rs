@@ -254,16 +254,17 @@ fn states_and_tables_agree_during_namespace_churn() {
         }
         Ok(())
     };
-    let (mut reports, mut checked) = (0, 0);
-    let mut check_reports = |cw: &mut Connwatch| {
-        let lines = cw.stdout.drain(Duration::from_millis(100));
-        for line in lines.get(checked..).unwrap_or_default() {
-            checked += 1;
-            if let Ok(r) = serde_json::from_str::<serde_json::Value>(line) {
-                reports += 1;
-                if let Err(e) = agree(&r) {
-                    panic!("report {reports}: {e}");
-                }
+    let mut reports = 0;
+    // Waits for `n` more reports, each checked: the churn is paced by the reports.
+    let mut check_reports = |cw: &mut Connwatch, n: usize| {
+        for _ in 0..n {
+            let line = cw
+                .stdout
+                .wait_for("the next report", |l| l.starts_with('{'));
+            let r: serde_json::Value = serde_json::from_str(&line).unwrap();
+            reports += 1;
+            if let Err(e) = agree(&r) {
+                panic!("report {reports}: {e}");
             }
         }
     };
@@ -282,12 +283,10 @@ fn states_and_tables_agree_during_namespace_churn() {
         if live.len() > 2 {
             drop(live.pop_front());
         }
-        std::thread::sleep(Duration::from_millis(700));
-        check_reports(&mut cw);
+        check_reports(&mut cw, 1);
     }
     drop(live);
-    std::thread::sleep(Duration::from_millis(1500));
-    check_reports(&mut cw);
+    check_reports(&mut cw, 3);
     assert!(reports >= 8, "{reports} reports");
 }
 

@@ -130,7 +130,13 @@ impl Live {
             } else {
                 Duration::from_millis(50)
             }),
-            tw_poll: interval(tw_poll),
+            // The seed has just observed every timewait socket: the first poll is one
+            // period away, not now.
+            tw_poll: {
+                let mut t = interval(tw_poll);
+                t.reset();
+                t
+            },
             report_tick,
         })
     }
