@@ -1,7 +1,7 @@
 //! `connwatch trace` output: one line per transition, as aligned columns or JSON lines.
 use std::{
     io::{self, Write},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
 };
 
 use serde::Serialize;
@@ -176,57 +176,53 @@ impl<T: std::fmt::Display> Serialize for AsStr<T> {
     }
 }
 
-/// The JSON-lines record. Key names and order are a public interface: scripts read them.
-#[derive(Serialize)]
-pub struct JsonRow<'a> {
-    pub time: AsStr<humantime::Rfc3339Timestamp>,
-    pub family: &'static str,
-    pub saddr: IpAddr,
-    pub sport: u16,
-    pub daddr: IpAddr,
-    pub dport: u16,
-    pub old: AsStr<TcpState>,
-    pub new: AsStr<TcpState>,
-    pub duration_ms: Option<f64>,
-    pub pid: Option<u32>,
-    pub comm: Option<&'a str>,
-    pub owner_source: &'static str,
-    /// Present (true) on rows connwatch inferred by polling rather than saw.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub synthetic: bool,
-    /// How a TIME_WAIT ended: `expired` or `early`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub end: Option<&'static str>,
-}
+/// A row as its JSON-lines record: the row itself, serialized with the clock that
+/// turns its time into wall-clock time (no second row type to fill). Key names and
+/// order are a public interface: scripts read them.
+pub struct Json<'r, 'a>(pub &'r Row<'a>, pub &'r WallClock);
 
-pub fn json_row<'a>(t: &Row<'a>, clock: &WallClock) -> JsonRow<'a> {
-    JsonRow {
-        time: AsStr(humantime::format_rfc3339_micros(clock.wall(t.ts_ns))),
-        family: if t.local.is_ipv6() { "ipv6" } else { "ipv4" },
-        saddr: t.local.ip(),
-        sport: t.local.port(),
-        daddr: t.remote.ip(),
-        dport: t.remote.port(),
-        old: AsStr(t.old),
-        new: AsStr(t.new),
+impl Serialize for Json<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let Self(t, clock) = self;
+        let mut m = ser.serialize_struct("Row", 14)?;
+        m.serialize_field(
+            "time",
+            &AsStr(humantime::format_rfc3339_micros(clock.wall(t.ts_ns))),
+        )?;
+        m.serialize_field("family", if t.local.is_ipv6() { "ipv6" } else { "ipv4" })?;
+        m.serialize_field("saddr", &t.local.ip())?;
+        m.serialize_field("sport", &t.local.port())?;
+        m.serialize_field("daddr", &t.remote.ip())?;
+        m.serialize_field("dport", &t.remote.port())?;
+        m.serialize_field("old", &AsStr(t.old))?;
+        m.serialize_field("new", &AsStr(t.new))?;
         // Rounded to the microsecond: nanoseconds are noise in a JSON float.
-        duration_ms: duration_ms(t).map(|ms| (ms * 1000.0).round() / 1000.0),
-        pid: t.pid,
-        comm: t.comm,
-        owner_source: t.owner_source.as_str(),
-        synthetic: t.synthetic,
-        end: t.end,
+        let ms = duration_ms(t).map(|ms| (ms * 1000.0).round() / 1000.0);
+        m.serialize_field("duration_ms", &ms)?;
+        m.serialize_field("pid", &t.pid)?;
+        m.serialize_field("comm", &t.comm)?;
+        m.serialize_field("owner_source", t.owner_source.as_str())?;
+        // Present (true) only on rows connwatch inferred rather than saw.
+        if t.synthetic {
+            m.serialize_field("synthetic", &true)?;
+        }
+        // How a TIME_WAIT ended: `expired` or `early`.
+        if let Some(end) = t.end {
+            m.serialize_field("end", end)?;
+        }
+        m.end()
     }
 }
 
 pub fn json_line(t: &Row, clock: &WallClock) -> String {
     // A struct of strings and numbers always serializes.
-    serde_json::to_string(&json_row(t, clock)).unwrap_or_default()
+    serde_json::to_string(&Json(t, clock)).unwrap_or_default()
 }
 
 /// `json_line` and a newline, serialized straight into `w`.
 pub fn write_json_line(w: &mut impl Write, t: &Row, clock: &WallClock) -> io::Result<()> {
-    serde_json::to_writer(&mut *w, &json_row(t, clock)).map_err(io::Error::other)?;
+    serde_json::to_writer(&mut *w, &Json(t, clock)).map_err(io::Error::other)?;
     writeln!(w)
 }
 
