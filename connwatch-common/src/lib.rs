@@ -263,7 +263,10 @@ pub struct Event {
     /// For FIN_WAIT2/CLOSING -> CLOSE, what the socket left behind (`timewait_birth`);
     /// 0 for every other transition.
     pub timewait: u8,
-    pub _pad: [u8; 2],
+    /// 1 when the transition ran in a task that is exiting (`PF_EXITING`): its files
+    /// are being closed by the kernel, not by a close() of the program's own.
+    pub task_exiting: u8,
+    pub _pad: u8,
     /// Local and remote address: IPv4 in the first 4 bytes, IPv6 in all 16.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
@@ -326,6 +329,8 @@ pub struct Offsets {
     /// for a socket file.
     pub task_tgid: u32,
     pub inode_mode: u32,
+    /// `task_struct.flags`: `PF_EXITING` tells a close by exit from a close() call.
+    pub task_flags: u32,
     /// `net.ipv4.tcp_death_row.tw_refcount` (1 + timewait sockets) and
     /// `.sysctl_max_tw_buckets`: a close at the namespace's timewait cap may have left
     /// no timewait socket (`TcpExtTCPTimeWaitOverflow`), so its birth is not told.
@@ -359,6 +364,7 @@ impl Offsets {
             skc_flags: u,
             task_tgid: u,
             inode_mode: u,
+            task_flags: u,
             net_tw_refcount: u,
             net_max_tw_buckets: u,
         }
@@ -386,7 +392,7 @@ mod user {
 // The wire layout is fixed: a change here must be a deliberate one on both sides.
 const _: () = assert!(core::mem::size_of::<Event>() == 120);
 const _: () = assert!(core::mem::size_of::<SockState>() == 32);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 23 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 24 * 4);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8 + 16 + 32 + 8);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SocketFd>() == 16);

@@ -23,7 +23,10 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_buf,
-        generated::{bpf_get_current_comm, bpf_seq_write, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
+        generated::{
+            bpf_get_current_comm, bpf_get_current_task, bpf_seq_write, bpf_sk_storage_get,
+            bpf_skc_to_tcp_sock,
+        },
     },
     macros::{btf_map, btf_tracepoint, map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -472,6 +475,13 @@ fn emit<K: Kernel>(task: &Task, netns: u32, owned: &Owned, s: &Scratch) {
     } else {
         0
     };
+    // A close in the context of an exiting task is the kernel closing its files, not a
+    // close() of the program: userspace must not count it as one.
+    let exiting = if task.in_context && new == tcp_state::LAST_ACK {
+        task_exiting()
+    } else {
+        0
+    };
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         bump(counter::DROPPED);
         return;
@@ -496,7 +506,8 @@ fn emit<K: Kernel>(task: &Task, netns: u32, owned: &Owned, s: &Scratch) {
         (*e).newstate = new;
         (*e).owner_source = owned.source;
         (*e).timewait = timewait;
-        (*e)._pad = [0; 2];
+        (*e).task_exiting = exiting;
+        (*e)._pad = 0;
         (*e).saddr = t.saddr;
         (*e).daddr = t.daddr;
         (*e).owner_comm = s.state.owner_comm;
@@ -714,6 +725,21 @@ unsafe fn timewait_birth_at_close<K: Kernel>(sk: *const u8, old: u8) -> u8 {
         (Some(refs), Some(max)) if refs - 1 >= max => timewait_birth::UNKNOWN,
         _ => birth,
     }
+}
+
+/// `PF_EXITING` of `task_struct.flags`.
+const PF_EXITING: u32 = 0x4;
+
+/// 1 when the current task is exiting (0 when its flags cannot be read).
+#[inline(always)]
+fn task_exiting() -> u8 {
+    // SAFETY: the helper returns the current task's address; the field is copied out
+    // by bpf_probe_read_kernel, which fails cleanly.
+    let flags = unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        Copied::read::<u32>(task, off!(task_flags)).unwrap_or(0)
+    };
+    u8::from(flags & PF_EXITING != 0)
 }
 
 /// The inode of the socket's file, as in /proc/PID/fd (0 without a file: not accepted).

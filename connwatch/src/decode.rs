@@ -21,6 +21,7 @@ impl TcpState {
     pub const TIME_WAIT: Self = Self(tcp_state::TIME_WAIT);
     pub const CLOSE: Self = Self(tcp_state::CLOSE);
     pub const CLOSING: Self = Self(tcp_state::CLOSING);
+    pub const LAST_ACK: Self = Self(tcp_state::LAST_ACK);
     pub const SYN_RECV: Self = Self(tcp_state::SYN_RECV);
 
     /// The kernel's spelling (`include/trace/events/sock.h`), `None` for unknown numbers.
@@ -108,6 +109,9 @@ pub struct Transition {
     pub task_comm: CompactString,
     /// For FIN_WAIT2/CLOSING -> CLOSE, what the socket left behind as the probe told.
     pub leaves: Leaves,
+    /// The transition ran in a task that is exiting: the kernel closing its files, not a
+    /// close() of the program (told for CLOSE_WAIT -> LAST_ACK).
+    pub exiting: bool,
 }
 
 /// What a FIN_WAIT2/CLOSING -> CLOSE left behind (`connwatch_common::timewait_birth`).
@@ -230,6 +234,7 @@ pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
         } else {
             Leaves::Unknown
         },
+        exiting: ev.task_exiting != 0,
     })
 }
 

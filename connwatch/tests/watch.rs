@@ -258,3 +258,58 @@ fn a_failed_write_is_an_error() {
         );
     }
 }
+
+/// Only a close() by the program is a close: a CLOSE_WAIT ended by a reset, or by the
+/// exit of the process holding it, is not "slow to call close()" (`close_wait_slow`
+/// would send the engineer to a close() that never ran).
+#[test]
+fn resets_and_exits_are_not_slow_closes() {
+    require_root();
+    let mut cw = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "500ms",
+        "--close-wait-age",
+        "1s",
+    ]);
+    // One leaker whose peers reset its CLOSE_WAIT sockets, one that is killed.
+    let mut reset = Peer::spawn(&["leaker", "127.0.0.1:0", "3"]);
+    let port: u16 = reset.expect("port").parse().unwrap();
+    let mut resetters = Peer::spawn(&["resetclients", &addr("127.0.0.1", port), "3"]);
+    resetters.expect("shut");
+    reset.expect("accepted");
+    let mut killed = Peer::spawn(&["leaker", "127.0.0.1:0", "3"]);
+    let port: u16 = killed.expect("port").parse().unwrap();
+    let mut clients = Peer::spawn(&["clients", &addr("127.0.0.1", port), "3"]);
+    clients.expect("closed");
+    killed.expect("accepted");
+    let (reset_pid, killed_pid) = (reset.pid(), killed.pid());
+    wait_report(&mut cw, "both leakers flagged", |r| {
+        [reset_pid, killed_pid]
+            .iter()
+            .all(|&pid| process(r, pid).is_some_and(|p| has_flag(p, "close_wait_leak")))
+    });
+    resetters.send("reset");
+    resetters.expect("reset");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(killed_pid as i32, libc::SIGKILL) };
+    let _ = killed.child.wait();
+    let start = Instant::now();
+    wait_report(
+        &mut cw,
+        "3 s of reports after the reset and the kill",
+        |r| {
+            for pid in [reset_pid, killed_pid] {
+                if let Some(p) = process(r, pid) {
+                    assert!(!has_flag(p, "close_wait_slow"), "called a slow close: {p}");
+                    assert_eq!(p["close_wait_closed"]["count"], 0, "counted as closes: {p}");
+                }
+            }
+            let gone = [reset_pid, killed_pid]
+                .iter()
+                .all(|&pid| process(r, pid).is_none_or(|p| p["close_wait"] == 0));
+            gone && start.elapsed() > Duration::from_secs(3)
+        },
+    );
+}

@@ -238,6 +238,9 @@ pub struct Table {
     pub untracked: u64,
     /// CLOSE_WAIT closes recorded so far (for consumers that take new ones).
     pub closed_total: u64,
+    /// CLOSE_WAIT sockets that ended without a close() of the program: reset, timed
+    /// out, or closed by the exit of the process holding them.
+    pub ended_without_close: u64,
     own_netns: u32,
     /// Reconciliations so far (the mark of the current one; wraps harmlessly).
     reconciles: u32,
@@ -407,6 +410,14 @@ impl Table {
                 }
                 return;
             };
+            // Only a close() (or shutdown()) by the program is a close: a reset or a
+            // timeout (CLOSE_WAIT -> CLOSE, e.g. keepalive probes unanswered) ends the
+            // state without one, and so does the exit of the process holding it (the
+            // kernel closes its files in its context). Neither is a slow close().
+            if t.new != TcpState::LAST_ACK || t.exiting {
+                self.ended_without_close += 1;
+                return;
+            }
             // The closer: the process whose close() ran now, else whoever held the fd.
             let (pid, comm) = match (&t.owner.source, &entry) {
                 (OwnerSource::Context, _) => {
@@ -638,6 +649,7 @@ pub(crate) mod tests {
             task_pid: 1,
             task_comm: "bystander".into(),
             leaves: Default::default(),
+            exiting: false,
         }
     }
 
@@ -676,6 +688,7 @@ pub(crate) mod tests {
     const L: &str = "127.0.0.1:8080";
     const R1: &str = "127.0.0.1:40001";
     const R2: &str = "127.0.0.1:40002";
+    const R3: &str = "127.0.0.1:40003";
 
     #[test]
     fn leak_stays_with_observed_age() {
@@ -870,17 +883,24 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn closer_falls_back_to_fd_holder() {
+    fn resets_and_exits_are_not_closes() {
         let mut t = Table::new(NS);
         t.apply(&enter_cw(10.0, L, R1, 77));
-        // Reset by the peer: ->CLOSE in softirq, no context owner; pids 31 and 32 hold
-        // inode 77.
-        t.apply_with(&tr(13.0, CLOSE_WAIT, CLOSE, L, R1), |inode| {
-            (inode == 77).then_some(31)
-        });
-        let c = t.closed_since(0).next().unwrap();
-        assert_eq!(c.pid, Some(31));
-        assert_eq!(c.lifetime_ns, 3 * SEC);
+        t.apply(&enter_cw(10.0, L, R2, 78));
+        t.apply(&enter_cw(10.0, L, R3, 79));
+        // Reset by the peer or timed out by keepalive: ->CLOSE in softirq.
+        t.apply(&tr(13.0, CLOSE_WAIT, CLOSE, L, R1));
+        // The process holding it exits: the kernel closes its files in its context.
+        let mut exit = close_cw(14.0, L, R2, 4242);
+        exit.exiting = true;
+        t.apply(&exit);
+        assert_eq!(t.close_wait().count(), 1);
+        assert_eq!(t.closed_since(0).count(), 0, "neither is a close()");
+        assert_eq!(t.ended_without_close, 2);
+        // A close() by the program is one.
+        t.apply(&close_cw(15.0, L, R3, 4242));
+        assert_eq!(t.closed_since(0).count(), 1);
+        assert_eq!(t.untracked, 0);
     }
 
     #[test]

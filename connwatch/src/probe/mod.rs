@@ -124,8 +124,9 @@ fn tp_btf_blocker(
 fn degraded(resolved: Option<&offsets::Resolved>) -> Vec<&'static str> {
     let mut degraded = resolved.map_or_else(|| vec!["kernel BTF"], |r| r.missing_optional.clone());
     degraded.retain(|f| {
-        let slower =
-            offsets::TIMEWAIT_FIELDS.contains(f) || offsets::SOCKET_FD_ONLY_FIELDS.contains(f);
+        let slower = offsets::TIMEWAIT_FIELDS.contains(f)
+            || offsets::SOCKET_FD_ONLY_FIELDS.contains(f)
+            || offsets::EXIT_FIELDS.contains(f);
         if slower {
             log::debug!("{f} not in kernel BTF: done the slower way");
         }

@@ -84,7 +84,7 @@ const REQUIRED: [Field; 8] = [
 
 /// Fields whose absence blanks netns/inode in events, rules out `--cgroup`, or leaves
 /// TIME_WAIT births to be confirmed by polling.
-const OPTIONAL: [Field; 15] = [
+const OPTIONAL: [Field; 16] = [
     Field {
         name: "skc_net",
         root: "sock",
@@ -158,6 +158,12 @@ const OPTIONAL: [Field; 15] = [
         slot: |o| &mut o.inode_mode,
     },
     Field {
+        name: "task_struct.flags",
+        root: "task_struct",
+        path: &["flags"],
+        slot: |o| &mut o.task_flags,
+    },
+    Field {
         name: "tcp_death_row.tw_refcount",
         root: "net",
         path: &["ipv4", "tcp_death_row", "tw_refcount"],
@@ -225,6 +231,10 @@ pub const SOCKET_FD_FIELDS: [&str; 4] = [
 
 /// Of those, the ones nothing else reads.
 pub const SOCKET_FD_ONLY_FIELDS: [&str; 2] = ["task_struct.tgid", "inode.i_mode"];
+
+/// The field the probe reads to tell a close by exit from a close() call (present in
+/// every BTF kernel; without it an exit counts as a close, as before).
+pub const EXIT_FIELDS: [&str; 1] = ["task_struct.flags"];
 
 /// Fields the probe reads to match `--cgroup` against a socket's cgroup.
 pub const CGROUP_FIELDS: [&str; 3] = ["sk_cgrp_data.cgroup", "cgroup.kn", "kernfs_node.id"];

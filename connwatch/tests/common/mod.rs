@@ -417,6 +417,32 @@ pub fn peer_main(role: &str) {
             drop(held);
             return;
         }
+        ["resetclients", addr, n] => {
+            // Connects N times and shuts down its sending side (the server's sockets
+            // go CLOSE_WAIT); on `reset`, closes each with SO_LINGER 0: an RST ends the
+            // server's CLOSE_WAIT without any close() of the server's.
+            let n: usize = n.parse().unwrap();
+            let held: Vec<TcpStream> = (0..n)
+                .map(|_| {
+                    let c = TcpStream::connect(addr.parse::<SocketAddr>().unwrap()).unwrap();
+                    c.shutdown(std::net::Shutdown::Write).unwrap();
+                    c
+                })
+                .collect();
+            say(format!("shut {n}"));
+            while let Some(Ok(cmd)) = stdin.next() {
+                if cmd == "reset" {
+                    break;
+                }
+            }
+            for c in held {
+                socket2::SockRef::from(&c)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                drop(c);
+            }
+            say(format!("reset {n}"));
+        }
         ["shutclients", addr, n] => {
             // Connects N times and shuts down its sending side, keeping each socket: they
             // wait in FIN_WAIT2 for a peer that never closes.
