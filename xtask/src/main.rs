@@ -156,6 +156,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             setup::ensure_all()?;
+            setup::ensure_test_peers()?;
             let packaging = args.is_empty();
             if packaging {
                 // The lint policy is part of the test: a warning fails CI.

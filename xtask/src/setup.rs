@@ -26,6 +26,42 @@ const APT_PACKAGES: &[&str] = &[
     "buildah",
     "systemd",
 ];
+/// Real software the root tests run connwatch against (`cargo xtask test` only): servers
+/// that close idle clients or share a port, and the clients and libraries that leak.
+const APT_TEST_PACKAGES: &[&str] = &["redis-server", "postgresql", "nginx-light", "curl"];
+/// Python client libraries of those tests (imported by their names below).
+const PYPI_TEST_PACKAGES: &[(&str, &str)] = &[("redis", "redis"), ("psycopg2-binary", "psycopg2")];
+
+/// What the root tests drive: Debian's servers and PyPI's client libraries.
+pub fn ensure_test_peers() -> Result<()> {
+    ensure_apt_packages(APT_TEST_PACKAGES)?;
+    let missing: Vec<&str> = PYPI_TEST_PACKAGES
+        .iter()
+        .filter(|(_, module)| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        say("python test libraries already installed");
+        return Ok(());
+    }
+    say(&format!("installing {} with pip", missing.join(" ")));
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(&missing))
+}
+
 /// The target of the static release binary (`cargo xtask dist`).
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 const BPF_LINKER_VERSION: &str = "0.13.0";

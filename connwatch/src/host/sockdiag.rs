@@ -37,6 +37,11 @@ pub struct DiagSocket {
     pub last_ack_recv_ms: Option<u32>,
     /// `tcpi_last_data_recv`: ms since the last data from the peer (with `Info`).
     pub last_data_recv_ms: Option<u32>,
+    /// `tcpi_last_data_sent`: ms since we last sent data (with `Info`).
+    pub last_data_sent_ms: Option<u32>,
+    /// `tcpi_bytes_received`: bytes the peer sent over the connection's life (with
+    /// `Info`, Linux 4.1+), the FIN perhaps counted as one.
+    pub bytes_received: Option<u64>,
 }
 
 /// What to dump.
@@ -267,9 +272,11 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const INET_DIAG_MSG_LEN: usize = 72;
 const INET_DIAG_INFO: u16 = 2;
 const TIMER_TIMEWAIT: u8 = 3;
-/// Offsets of `tcpi_last_data_recv` and `tcpi_last_ack_recv` in `struct tcp_info`.
+/// Offsets of fields of `struct tcp_info` (include/uapi/linux/tcp.h).
+const TCPI_LAST_DATA_SENT: usize = 44;
 const TCPI_LAST_DATA_RECV: usize = 52;
 const TCPI_LAST_ACK_RECV: usize = 56;
+const TCPI_BYTES_RECEIVED: usize = 128;
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(b.get(off..off + 2)?.try_into().ok()?))
@@ -295,6 +302,7 @@ fn parse_inet_diag(p: &[u8]) -> Option<DiagSocket> {
     };
     let (src, dst) = (addr(8)?, addr(24)?);
     let (mut last_ack_recv_ms, mut last_data_recv_ms) = (None, None);
+    let (mut last_data_sent_ms, mut bytes_received) = (None, None);
     let mut attrs = p.get(INET_DIAG_MSG_LEN..).unwrap_or_default();
     while attrs.len() >= 4 {
         let alen = usize::from(u16_at(attrs, 0)?);
@@ -306,6 +314,11 @@ fn parse_inet_diag(p: &[u8]) -> Option<DiagSocket> {
             let info = attrs.get(4..alen).unwrap_or_default();
             last_ack_recv_ms = u32_at(info, TCPI_LAST_ACK_RECV);
             last_data_recv_ms = u32_at(info, TCPI_LAST_DATA_RECV);
+            last_data_sent_ms = u32_at(info, TCPI_LAST_DATA_SENT);
+            bytes_received = info
+                .get(TCPI_BYTES_RECEIVED..TCPI_BYTES_RECEIVED + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_ne_bytes);
         }
         attrs = attrs.get((alen + 3) & !3..).unwrap_or(&[]);
     }
@@ -321,6 +334,8 @@ fn parse_inet_diag(p: &[u8]) -> Option<DiagSocket> {
         expires_ms: if timer != 0 { u32_at(p, 52)? } else { 0 },
         last_ack_recv_ms,
         last_data_recv_ms,
+        last_data_sent_ms,
+        bytes_received,
     })
 }
 

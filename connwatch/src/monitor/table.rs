@@ -141,6 +141,9 @@ pub struct CloseWait {
     from_reconcile: bool,
     /// Consecutive reconciliations that did not list the socket.
     missed: u8,
+    /// The unread bytes are the peer's goodbye (see `goodbye`), not a reply the program
+    /// never read.
+    pub goodbye: bool,
     /// The reconciliation that last listed it (mark and sweep, no per-dump key set).
     listed_in: u32,
 }
@@ -157,6 +160,27 @@ impl CloseWait {
     /// Evidence `fill_evidence` has yet to ask a dump for.
     fn wants_evidence(&self) -> bool {
         self.inode == 0 || self.idle_ms == IDLE_UNKNOWN
+    }
+}
+
+/// A spell without data this long marks a connection that sat idle: a quiet spell
+/// before the peer's FIN with nothing unread (pooled connections that the server's
+/// keep-alive timeout closed), or between our last request and the peer's unread data.
+pub const QUIET_SPELL_MS: u32 = 1000;
+
+/// Whether the unread bytes of a CLOSE_WAIT socket are the peer's goodbye: the program
+/// had read what came before (more bytes arrived over the connection's life than sit
+/// unread, the FIN aside), and the unread data came a quiet spell after the program
+/// last sent anything, not in answer to it: a server's parting notice on an idle
+/// session (PostgreSQL's idle_session_timeout). Unread data that came in answer to a
+/// request, or that is all the peer ever sent, is a reply the program never read.
+fn goodbye(s: &DiagSocket) -> bool {
+    let unread = u64::from(unread(s));
+    match (s.last_data_sent_ms, s.last_data_recv_ms, s.bytes_received) {
+        (Some(sent), Some(recv), Some(received)) => {
+            unread > 0 && received > unread + 1 && sent.saturating_sub(recv) >= QUIET_SPELL_MS
+        }
+        _ => false,
     }
 }
 
@@ -309,6 +333,7 @@ impl Table {
             }
             if e.idle_ms == IDLE_UNKNOWN {
                 e.idle_ms = idle_before_fin(s, now_ns.saturating_sub(e.since_ns));
+                e.goodbye = goodbye(s);
             }
             e.recv_q = unread(s);
         }
@@ -456,6 +481,7 @@ impl Table {
                     inode: t.inode,
                     recv_q: 0,
                     idle_ms: IDLE_UNKNOWN,
+                    goodbye: false,
                     from_reconcile: false,
                     missed: 0,
                     listed_in: 0,
@@ -614,6 +640,7 @@ fn estimated(s: &DiagSocket, now_ns: u64, from_reconcile: bool) -> CloseWait {
         } else {
             IDLE_UNKNOWN
         },
+        goodbye: goodbye(s),
         from_reconcile,
         missed: 0,
         listed_in: 0,
@@ -682,6 +709,8 @@ pub(crate) mod tests {
             expires_ms: 0,
             last_ack_recv_ms: Some(lastack_ms),
             last_data_recv_ms: None,
+            last_data_sent_ms: None,
+            bytes_received: None,
         }
     }
 
@@ -880,6 +909,30 @@ pub(crate) mod tests {
         let cap = busy.capacity();
         shrink_idle(&mut busy);
         assert_eq!(busy.capacity(), cap);
+    }
+
+    #[test]
+    fn a_goodbye_is_told_from_a_reply_never_read() {
+        let sock = |recv_q: u32, received: u64, sent_ms: u32, recv_ms: u32| {
+            let mut d = diag(CLOSE_WAIT, L, R1, 77, recv_ms);
+            d.recv_q = recv_q;
+            d.bytes_received = Some(received);
+            d.last_data_sent_ms = Some(sent_ms);
+            d.last_data_recv_ms = Some(recv_ms);
+            d
+        };
+        // PostgreSQL's idle_session_timeout: answers read, then 3 s of quiet, then its
+        // FATAL notice with the FIN.
+        assert!(goodbye(&sock(101, 600, 5_000, 2_000)));
+        // Go's unclosed resp.Body: the reply is all the peer ever sent.
+        assert!(!goodbye(&sock(301, 301, 3_000, 2_990)));
+        // A second request's answer never read: it came right after the request.
+        assert!(!goodbye(&sock(301, 900, 4_000, 3_990)));
+        // A server that never reads a client's request (nothing of ours was sent).
+        assert!(!goodbye(&sock(101, 101, u32::MAX, 1_000)));
+        // Nothing unread, or no tcp_info: no goodbye to tell.
+        assert!(!goodbye(&sock(1, 600, 5_000, 2_000)));
+        assert!(!goodbye(&diag(CLOSE_WAIT, L, R1, 77, 0)));
     }
 
     #[test]

@@ -206,6 +206,8 @@ pub struct Evidence {
     /// spell with nothing unread.
     pub cw_unread: u64,
     pub cw_idle: u64,
+    /// Of `cw_idle`, those whose unread bytes are the peer's goodbye.
+    pub cw_goodbye: u64,
 }
 
 /// A peer that has not closed connections we closed, long after we did.
@@ -947,6 +949,60 @@ mod tests {
         );
         assert!(r.processes[0].flags.is_empty(), "{:?}", r.processes[0]);
         assert_eq!(r.processes[0].fin_wait2, 12);
+    }
+
+    /// Both ends on this host: the closer's connections wait in FIN_WAIT2 on CLOSE_WAIT
+    /// sockets that a process connwatch names holds. That process is the leaker; the
+    /// closer is not flagged for it.
+    #[test]
+    fn a_local_peer_that_never_closes_is_blamed_not_the_closer() {
+        use crate::decode::{Owner, OwnerSource};
+        let procs = procs();
+        let mut t = Table::new(NS);
+        for i in 0..12u16 {
+            let mut e = enter_cw(
+                10.0,
+                "127.0.0.1:40000",
+                &format!("127.0.0.1:{}", 8080 + i),
+                0,
+            );
+            e.owner = Owner {
+                pid: Some(4242),
+                comm: Some("python3".into()),
+                source: OwnerSource::Carried,
+            };
+            t.apply(&e);
+        }
+        let tw = polled(FIN_WAIT2, 12, L, "127.0.0.1:40000", true, 7);
+        let cfg = ReportConfig {
+            fin_wait2_age: Duration::from_secs(10),
+            ..cfg()
+        };
+        let r = build(
+            &Snapshot {
+                timewait: &tw,
+                ..inputs(&t, 30, &procs)
+            },
+            &cfg,
+            &mut Growth::default(),
+        );
+        let closer = r.processes.iter().find(|p| p.pid == 7).unwrap();
+        assert_eq!(closer.fin_wait2, 12);
+        assert!(closer.flags.is_empty(), "{closer:?}");
+        let leaker = r.processes.iter().find(|p| p.pid == 4242).unwrap();
+        assert_eq!(leaker.close_wait, 12);
+        // The same FIN_WAIT2 sockets towards a peer nobody here names: flagged.
+        let stranger = polled(FIN_WAIT2, 12, L, "127.0.0.1:40500", true, 7);
+        let r = build(
+            &Snapshot {
+                timewait: &stranger,
+                ..inputs(&t, 30, &procs)
+            },
+            &cfg,
+            &mut Growth::default(),
+        );
+        let closer = r.processes.iter().find(|p| p.pid == 7).unwrap();
+        assert_eq!(closer.flags, [flag::PEER_NOT_CLOSING.name]);
     }
 
     /// Three workers of one program, 4 leaked sockets each.

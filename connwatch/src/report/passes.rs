@@ -8,7 +8,7 @@ use rustc_hash::FxHashMap;
 use super::{GroupBy, Snapshot, Unattributed, key::counting_holders, round3};
 use crate::{
     decode::{OwnerSource, TcpState},
-    monitor::table::{AgeSource, Endpoint, SockKey},
+    monitor::table::{AgeSource, Endpoint, QUIET_SPELL_MS, SockKey},
 };
 
 /// What one process accumulates over the passes.
@@ -38,8 +38,11 @@ pub(super) struct Acc {
     /// CLOSE_WAIT sockets the peer closed after a quiet spell with nothing unread
     /// (pooled connections timed out by the server's keep-alive).
     pub cw_idle: u64,
-    /// CLOSE_WAIT sockets with unread bytes.
+    /// CLOSE_WAIT sockets with unread bytes that the program never read (a reply,
+    /// or all the peer sent).
     pub cw_unread: u64,
+    /// Of `cw_idle`, those whose unread bytes are the peer's goodbye.
+    pub cw_goodbye: u64,
 }
 
 pub(super) type Accs = BTreeMap<u32, Acc>;
@@ -77,6 +80,7 @@ impl Acc {
         self.closed.extend(o.closed);
         self.cw_idle += o.cw_idle;
         self.cw_unread += o.cw_unread;
+        self.cw_goodbye += o.cw_goodbye;
         if self.comm.is_none() {
             self.comm = o.comm;
         }
@@ -97,11 +101,6 @@ pub struct Pressure {
     pub tw_reuse: Option<u32>,
     pub pct: f64,
 }
-
-/// A quiet spell before the peer's FIN at least this long, with nothing unread, is the
-/// mark of a pooled connection closed by the server's keep-alive timeout (a server that
-/// closes after its response sends data and FIN together).
-const IDLE_SPELL_MS: u32 = 1000;
 
 /// CLOSE_WAIT sockets, counted for every process holding them (a socket shared after
 /// fork counts for each holder), or for the owner the probe saw.
@@ -135,11 +134,15 @@ pub(super) fn close_wait(
                 a.oldest_ns = Some((age_ns, cw.age_source));
             }
             a.recv_q += u64::from(cw.recv_q);
-            if cw.recv_q > 0 {
+            if cw.goodbye {
+                // The peer's parting notice on an idle session: the idle-pool cause.
+                a.cw_idle += 1;
+                a.cw_goodbye += 1;
+            } else if cw.recv_q > 0 {
                 a.cw_unread += 1;
             } else if cw
                 .idle_before_fin_ms()
-                .is_some_and(|ms| ms >= IDLE_SPELL_MS)
+                .is_some_and(|ms| ms >= QUIET_SPELL_MS)
             {
                 a.cw_idle += 1;
             }
@@ -212,6 +215,15 @@ pub(super) fn time_wait(
 /// ones for the processes holding them, and per peer address those that waited longer
 /// than `fin_wait2_age_ns` (the peer's program is not closing its sockets).
 pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: &mut Accs) {
+    let local_peers = named_close_waits(s);
+    // Waiting on a peer that is a CLOSE_WAIT socket on this host whose holder connwatch
+    // names: that process is the one not closing, and its own row says so; the one that
+    // closed properly is not blamed for it.
+    let peer_is_named_here = |key: &SockKey| {
+        local_peers
+            .get(&(key.remote, key.local))
+            .is_some_and(|nss| nss.contains(&key.netns) || !key.remote.ip().is_loopback())
+    };
     for (key, tw) in s.timewait.tracked() {
         if tw.substate != TcpState::FIN_WAIT2 {
             continue;
@@ -225,7 +237,7 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
         a.fw2_oldest_ns = Some(a.fw2_oldest_ns.map_or(age, |o| o.max(age)));
         a.peers.entry(peer_addr(key, s.listening)).or_default()[2] += 1;
         a.sources.insert(tw.owner_source.as_str());
-        if age > fin_wait2_age_ns {
+        if age > fin_wait2_age_ns && !peer_is_named_here(key) {
             let w = a.fw2_waiting.entry(key.remote.ip()).or_insert((0, 0));
             w.0 += 1;
             w.1 = w.1.max(age);
@@ -238,6 +250,7 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
     // its fd waits.
     for (key, inode, since) in s.table.held_fin_wait2() {
         let age = s.now_ns.saturating_sub(since);
+        let waits_on_stranger = !peer_is_named_here(key);
         let peer = peer_addr(key, s.listening);
         let holders = s.holders.holders(inode);
         let counting = counting_holders(holders, by, s.procs);
@@ -250,13 +263,28 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
             a.fw2_oldest_ns = Some(a.fw2_oldest_ns.map_or(age, |o| o.max(age)));
             a.peers.entry(peer).or_default()[2] += 1;
             a.sources.insert(OwnerSource::Fd.as_str());
-            if age > fin_wait2_age_ns {
+            if age > fin_wait2_age_ns && waits_on_stranger {
                 let w = a.fw2_waiting.entry(key.remote.ip()).or_insert((0, 0));
                 w.0 += 1;
                 w.1 = w.1.max(age);
             }
         }
     }
+}
+
+/// The CLOSE_WAIT sockets on this host whose holder connwatch names (a process holding
+/// the fd, or the owner the probe saw), by (local, remote), with their namespaces.
+fn named_close_waits(s: &Snapshot) -> HashMap<(Endpoint, Endpoint), Vec<u32>> {
+    let mut named: HashMap<(Endpoint, Endpoint), Vec<u32>> = HashMap::new();
+    for (key, cw) in s.table.close_wait() {
+        if !s.holders.holders(cw.inode).is_empty() || s.table.probe_owner(key).is_some() {
+            named
+                .entry((key.local, key.remote))
+                .or_default()
+                .push(key.netns);
+        }
+    }
+    named
 }
 
 /// Port pressure: every process with TIME_WAITs to a destination whose count is over

@@ -118,6 +118,7 @@ fn evidence(a: &mut Acc, cfg: &ReportConfig) -> Evidence {
             }),
         cw_unread: a.cw_unread,
         cw_idle: a.cw_idle,
+        cw_goodbye: a.cw_goodbye,
     }
 }
 

@@ -64,8 +64,9 @@ fn sentences(r: &ProcessRow, ev: &Evidence) -> Vec<String> {
 }
 
 /// The classic cause the evidence points to, when it points to one: most of the
-/// sockets hold unread data, or most were closed by the peer after a quiet spell with
-/// nothing unread.
+/// sockets hold data the program never read (a reply, or all the peer sent), or most
+/// were closed by the peer after a quiet spell, with nothing unread or only the peer's
+/// goodbye (a server's idle timeout closing a pool's idle connections).
 fn likely_cause(r: &ProcessRow, ev: &Evidence) -> Option<String> {
     let most = |n: u64| n > 0 && n * 2 >= r.close_wait;
     if most(ev.cw_unread) {
@@ -75,8 +76,16 @@ fn likely_cause(r: &ProcessRow, ev: &Evidence) -> Option<String> {
         ));
     }
     if ev.cw_unread == 0 && most(ev.cw_idle) {
+        let unread = if ev.cw_goodbye > 0 {
+            format!(
+                ", {} with only the server's parting message unread",
+                ev.cw_goodbye
+            )
+        } else {
+            ", with nothing unread".to_string()
+        };
         return Some(format!(
-            "{} of them were closed by the peer after a quiet spell, with nothing unread: a pool keeps connections that the server's keep-alive timeout already closed; make the pool's idle timeout shorter than the server's.",
+            "{} of them were closed by the peer after a quiet spell{unread}: a pool keeps connections that the server's idle timeout already closed; make the pool's idle timeout shorter than the server's.",
             ev.cw_idle
         ));
     }

@@ -1,0 +1,391 @@
+//! Root tests against software nobody here wrote: Debian's redis-server and PostgreSQL
+//! with the Python clients people pool them with (redis-py, psycopg2), and
+//! `python3 -m http.server` with a client that never reads its reply. `cargo xtask test`
+//! installs them; a server or client that cannot start fails the test, loudly.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+mod common;
+
+use std::{
+    io::Write as _,
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, ChildStdin, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+/// A port the kernel had free a moment ago (servers here take a port number).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A server started for a test and killed with it.
+struct Server {
+    child: Child,
+    what: &'static str,
+}
+
+impl Server {
+    /// Starts `cmd` and waits until it accepts connections on `port`.
+    fn start(what: &'static str, cmd: &mut Command, port: u16) -> Self {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e} (cargo xtask test installs it)"));
+        let mut server = Self { child, what };
+        let end = Instant::now() + DEADLINE;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(st) = server.child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = server.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                panic!("{what} exited before listening ({st}): {err}");
+            }
+            assert!(Instant::now() < end, "{what} did not listen on port {port}");
+            thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        eprintln!("stopped {}", self.what);
+    }
+}
+
+/// A Python client: a script that says `ready` once its connections are set up, and
+/// keeps them until its stdin closes.
+struct Client {
+    child: Child,
+    _stdin: ChildStdin,
+    out: Lines,
+}
+
+impl Client {
+    fn start(script: &str, args: &[&str]) -> Self {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3");
+        let stdin = child.stdin.take().unwrap();
+        let mut out = Lines::new(child.stdout.take().unwrap());
+        out.wait_for("the client to be ready", |l| l == "ready");
+        Self {
+            child,
+            _stdin: stdin,
+            out,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = &self.out;
+    }
+}
+
+fn reason(p: &Value) -> String {
+    p["reason"].as_str().unwrap_or_default().to_string()
+}
+
+/// Reads reports until `pid` has carried `flag` with a reason satisfying `cause` for
+/// `hold`, checking `every` report on the way; returns the last report.
+fn flagged_for(
+    cw: &mut Connwatch,
+    pid: u32,
+    flag: &str,
+    cause: impl Fn(&str) -> bool,
+    hold: Duration,
+    mut every: impl FnMut(&Value),
+) -> Value {
+    let mut since: Option<Instant> = None;
+    wait_report(cw, &format!("pid {pid} flagged {flag} for {hold:?}"), |r| {
+        every(r);
+        let hit = process(r, pid).is_some_and(|p| has_flag(p, flag) && cause(&reason(p)));
+        match (hit, since) {
+            (true, None) => since = Some(Instant::now()),
+            (false, _) => since = None,
+            _ => {}
+        }
+        since.is_some_and(|t| t.elapsed() >= hold)
+    })
+}
+
+const REDIS_POOL: &str = r#"
+import sys, redis
+pool = redis.ConnectionPool(host="127.0.0.1", port=int(sys.argv[1]), max_connections=10)
+def get():
+    try:
+        return pool.get_connection()
+    except TypeError:  # redis-py before 5.3 wants a command name
+        return pool.get_connection("PING")
+conns = [get() for _ in range(10)]
+for c in conns:
+    c.send_command("PING")
+    c.read_response()
+for c in conns:
+    pool.release(c)
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+/// `redis-server --timeout 2` closes the idle connections of a redis-py pool of 10:
+/// python holds 10 CLOSE_WAIT sockets (the leak, an idle pool), redis-server's closed
+/// connections wait in FIN_WAIT2 for python. Both ends are local and python is named:
+/// python is flagged with the idle-pool cause; redis-server, which closed properly, is
+/// never flagged (`peer_not_closing` would send the engineer to the wrong program).
+#[test]
+fn redis_idle_pool_blames_the_client_not_redis() {
+    require_root();
+    let port = free_port();
+    let redis = Server::start(
+        "redis-server",
+        Command::new("redis-server").args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--timeout",
+            "2",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+        ]),
+        port,
+    );
+    let mut cw = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "500ms",
+        "--close-wait-age",
+        "3s",
+        "--fin-wait2-age",
+        "2s",
+    ]);
+    let client = Client::start(REDIS_POOL, &[&port.to_string()]);
+    let r = flagged_for(
+        &mut cw,
+        client.pid(),
+        "close_wait_leak",
+        |reason| reason.contains("pool"),
+        Duration::from_secs(3),
+        |r| {
+            if let Some(p) = process(r, redis.pid()) {
+                assert!(
+                    p["flags"].as_array().is_none_or(Vec::is_empty),
+                    "redis-server blamed: {p}"
+                );
+            }
+        },
+    );
+    let py = process(&r, client.pid()).unwrap();
+    assert_eq!(py["close_wait"], 10, "{py}");
+    assert!(!reason(py).contains("stopped reading"), "{py}");
+}
+
+const PG_POOL: &str = r#"
+import sys, psycopg2.pool
+pool = psycopg2.pool.SimpleConnectionPool(5, 5, host="127.0.0.1", port=int(sys.argv[1]),
+                                          user="postgres", dbname="postgres")
+conns = [pool.getconn() for _ in range(5)]
+for c in conns:
+    cur = c.cursor()
+    cur.execute("SELECT 1")
+    cur.fetchall()
+    c.commit()
+for c in conns:
+    pool.putconn(c)
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+/// A PostgreSQL cluster in a directory of the test's, run as the `postgres` user.
+fn postgres(port: u16, idle_timeout: &str) -> (Server, PathBuf) {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed (cargo xtask test installs it)")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .find(|p| p.join("postgres").exists())
+        .expect("no postgres binary under /usr/lib/postgresql");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("pg-{port}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let st = Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let as_postgres = |program: PathBuf| {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--reset-env",
+        ])
+        .arg(program);
+        c
+    };
+    let data = dir.join("data");
+    let out = as_postgres(bin.join("initdb"))
+        .args(["--auth=trust", "--username=postgres", "--no-sync", "-D"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = Server::start(
+        "postgres",
+        as_postgres(bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&dir)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                &format!("idle_session_timeout={idle_timeout}"),
+                "-c",
+                "fsync=off",
+            ]),
+        port,
+    );
+    (server, dir)
+}
+
+/// PostgreSQL's `idle_session_timeout` ends a psycopg2 pool's idle sessions with a
+/// FATAL notice sent with its FIN: those unread bytes are the server's goodbye, not a
+/// reply the program never read. The cause is the idle pool, as with redis.
+#[test]
+fn postgres_goodbye_is_an_idle_pool_not_unread_data() {
+    require_root();
+    let port = free_port();
+    let (_pg, dir) = postgres(port, "2s");
+    let mut cw = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "500ms",
+        "--close-wait-age",
+        "3s",
+    ]);
+    let client = Client::start(PG_POOL, &[&port.to_string()]);
+    let r = flagged_for(
+        &mut cw,
+        client.pid(),
+        "close_wait_leak",
+        |reason| reason.contains("pool"),
+        Duration::from_secs(1),
+        |r| {
+            if let Some(p) = process(r, client.pid()) {
+                assert!(
+                    !reason(p).contains("stopped reading"),
+                    "the server's goodbye taken for unread data: {p}"
+                );
+            }
+        },
+    );
+    let py = process(&r, client.pid()).unwrap();
+    assert_eq!(py["close_wait"], 5, "{py}");
+    assert!(reason(py).contains("parting message"), "{py}");
+    assert!(py["close_wait_recv_q_bytes"].as_u64() > Some(0), "{py}");
+    drop(cw);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+const NEVER_READS: &str = r#"
+import sys, socket
+conns = []
+for _ in range(3):
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+    conns.append(s)
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+/// The other side of the rule: a client that sends requests and never reads the
+/// replies (Go's unclosed `resp.Body`) holds them unread when `python3 -m http.server`
+/// closes: that is the program's bug, "stopped reading", whatever came after.
+#[test]
+fn a_reply_never_read_is_still_unread_data() {
+    require_root();
+    let port = free_port();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("www-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::File::create(dir.join("index.html"))
+        .unwrap()
+        .write_all(&[b'x'; 300])
+        .unwrap();
+    let _server = Server::start(
+        "python3 -m http.server",
+        Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+            .arg(&dir)
+            .arg(port.to_string()),
+        port,
+    );
+    let mut cw = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "500ms",
+        "--close-wait-age",
+        "2s",
+    ]);
+    let client = Client::start(NEVER_READS, &[&port.to_string()]);
+    let r = flagged_for(
+        &mut cw,
+        client.pid(),
+        "close_wait_leak",
+        |reason| reason.contains("stopped reading"),
+        Duration::ZERO,
+        |_| {},
+    );
+    let py = process(&r, client.pid()).unwrap();
+    assert!(!reason(py).contains("pool"), "{py}");
+    let _ = std::fs::remove_dir_all(dir);
+}
