@@ -243,7 +243,14 @@ fn states_and_tables_agree_during_namespace_churn() {
                 .iter()
                 .map(|p| p[key].as_u64().unwrap())
                 .sum::<u64>()
-                + r["unattributed"][key].as_u64().unwrap();
+                + r["unattributed"][key].as_u64().unwrap()
+                // Exited processes' TIME_WAITs are counted in their quiet line.
+                + r["quiet"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|q| q[key].as_u64().unwrap_or(0))
+                    .sum::<u64>();
             let counted = r["states"][state].as_u64().unwrap_or(0);
             if held != counted {
                 return Err(format!(

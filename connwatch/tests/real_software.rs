@@ -389,3 +389,136 @@ fn a_reply_never_read_is_still_unread_data() {
     assert!(!reason(py).contains("pool"), "{py}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// nginx (Debian's nginx-light) in a directory of the test's: `workers` worker
+/// processes on `port`, `listen` options as given (e.g. `reuseport`), keep-alive on or
+/// off. Returns the server (the master) and the directory.
+fn nginx(port: u16, workers: u32, listen: &str, keepalive: bool) -> (Server, PathBuf) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("nginx-{port}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes {workers};\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log;\nevents {{ worker_connections 512; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
+         proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+         uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         keepalive_timeout {};\n  server {{\n    listen 127.0.0.1:{port} {listen};\n\
+         location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+        if keepalive { "60s" } else { "0" }
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let server = Server::start(
+        "nginx",
+        Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(&dir)
+            .args(["-e", "stderr"]),
+        port,
+    );
+    (server, dir)
+}
+
+fn curl(url: &str, times: usize) {
+    for _ in 0..times {
+        let st = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "--max-time", "5", url])
+            .status()
+            .expect("curl (cargo xtask test installs it)");
+        assert!(st.success(), "curl {url}: {st}");
+    }
+}
+
+/// 200 separate curl runs against nginx with keep-alive: each curl closes first and
+/// exits, leaving one TIME_WAIT behind. However many exited curls there are, and
+/// whenever they exited, they fold into one quiet line that counts their TIME_WAITs,
+/// with no curl row beside it.
+#[test]
+fn exited_short_lived_clients_fold_with_their_time_waits() {
+    require_root();
+    let port = free_port();
+    let (_nginx, dir) = nginx(port, 1, "", true);
+    let mut cw = Connwatch::start(&["watch", "--json", "--interval", "500ms"]);
+    curl(&format!("http://127.0.0.1:{port}/"), 200);
+    let mut checked = 0;
+    let r = wait_report(&mut cw, "the curls folded, over 4 reports", |r| {
+        let rows: Vec<&Value> = r["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["comm"] == "curl")
+            .collect();
+        assert!(rows.is_empty(), "curl rows beside the quiet line: {rows:?}");
+        let folded = r["quiet"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q["comm"] == "curl" && q["processes"].as_u64() >= Some(1));
+        if folded {
+            checked += 1;
+        }
+        checked >= 4
+    });
+    let q = r["quiet"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["comm"] == "curl")
+        .unwrap();
+    assert!(q["time_wait"].as_u64() >= Some(150), "{q}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+const REUSEPORT_WORKER: &str = r#"
+import sys, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(128)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+    c.close()
+"#;
+
+/// Two worker processes, each with its own socket on one port (SO_REUSEPORT, as
+/// gunicorn `--reuse-port`, Go or Envoy workers do), answer curl and close first: each
+/// is a listener of that port, so each is flagged `active_closer` for its own
+/// TIME_WAIT sockets, and together they hold them all.
+#[test]
+fn reuseport_workers_are_each_active_closers() {
+    require_root();
+    let port = free_port();
+    let workers = [
+        Client::start(REUSEPORT_WORKER, &[&port.to_string()]),
+        Client::start(REUSEPORT_WORKER, &[&port.to_string()]),
+    ];
+    let mut cw = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "500ms",
+        "--time-wait-min",
+        "5",
+    ]);
+    // The kernel spreads connections from many source ports over both sockets.
+    curl(&format!("http://127.0.0.1:{port}/"), 120);
+    let credited = |r: &Value, pid: u32| {
+        process(r, pid)
+            .is_some_and(|p| has_flag(p, "active_closer") && p["time_wait"].as_u64() >= Some(5))
+    };
+    let last = wait_report(
+        &mut cw,
+        "both workers credited with their TIME_WAITs",
+        |r| workers.iter().all(|w| credited(r, w.pid())),
+    );
+    for w in &workers {
+        let p = process(&last, w.pid()).unwrap();
+        assert!(has_flag(p, "active_closer"), "a worker not credited: {p}");
+    }
+}

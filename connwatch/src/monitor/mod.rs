@@ -163,8 +163,8 @@ impl Monitor {
             })
         };
         let mut ports: BTreeSet<(u32, u16)> = BTreeSet::new();
-        for (&(ns, port), &inode) in self.namespaces.listeners() {
-            if selected(inode) {
+        for (&(ns, port), inodes) in self.namespaces.listeners() {
+            if inodes.iter().any(|&inode| selected(inode)) {
                 ports.insert((ns, port));
             }
         }
@@ -270,14 +270,14 @@ impl Monitor {
 
     /// Owners of the listening ports found so far: (netns, port, pid).
     pub fn listener_owners(&mut self) -> Vec<(u32, u16, u32)> {
-        let listeners = self.namespaces.listeners();
-        self.index.ensure(listeners.values().copied());
-        listeners
-            .iter()
-            .filter_map(|(&(ns, port), &inode)| {
-                Some((ns, port, *self.index.holders(inode).first()?))
-            })
-            .collect()
+        self.index.ensure(self.namespaces.listener_inodes());
+        let mut owners = Vec::new();
+        for (&(ns, port), inodes) in self.namespaces.listeners() {
+            for &pid in inodes.iter().flat_map(|&i| self.index.holders(i)) {
+                owners.push((ns, port, pid));
+            }
+        }
+        owners
     }
 
     pub fn apply(&mut self, t: &Transition) {
@@ -483,9 +483,7 @@ impl Monitor {
             // and those of the CLOSE_WAIT sockets just seeded, in one /proc scan.
             let inodes: Vec<u64> = self
                 .namespaces
-                .listeners()
-                .values()
-                .copied()
+                .listener_inodes()
                 .chain(self.table.close_wait().map(|(_, cw)| cw.inode))
                 .collect();
             if let Some(prescan) = self.prescan.take() {
@@ -510,7 +508,7 @@ impl Monitor {
                 }
                 let owner = listeners
                     .get(&(*ns, port))
-                    .and_then(|inode| index.holders(*inode).first().copied())
+                    .and_then(|inodes| sole_holder(index, inodes))
                     .map(|pid| TwOwner {
                         pid,
                         comm: owners::proc_info(pid)
@@ -631,7 +629,7 @@ impl Monitor {
                 .close_wait()
                 .map(|(_, cw)| cw.inode)
                 .chain(self.table.held_fin_wait2().map(|(_, inode, _)| inode))
-                .chain(self.namespaces.listeners().values().copied()),
+                .chain(self.namespaces.listener_inodes()),
         );
         self.poll_ns += started.elapsed().as_nanos() as u64;
         let window_start = now.saturating_sub(self.window.as_nanos() as u64);
@@ -640,7 +638,15 @@ impl Monitor {
             .namespaces
             .listeners()
             .iter()
-            .map(|(k, inode)| (*k, self.index.holders(*inode).to_vec()))
+            .map(|(k, inodes)| {
+                let mut pids: Vec<u32> = inodes
+                    .iter()
+                    .flat_map(|&i| self.index.holders(i).iter().copied())
+                    .collect();
+                pids.sort_unstable();
+                pids.dedup();
+                (*k, pids)
+            })
             .collect();
 
         // Fx: one insert per followed socket, tens of thousands on a busy host.
@@ -714,13 +720,29 @@ impl Monitor {
             .chain(self.tw.sizes())
             .collect();
         entries.insert("fd_index", self.index.len() as u64);
-        entries.insert("listeners", self.namespaces.listeners().len() as u64);
+        entries.insert(
+            "listeners",
+            self.namespaces.listener_inodes().count() as u64,
+        );
         entries.insert("namespaces", self.namespaces.len() as u64);
         Footprint {
             rss_bytes: owners::own_rss_bytes(),
             entries,
         }
     }
+}
+
+/// The process a timewait socket found by a poll on a listening port is most likely
+/// owned by: the listeners' holder when they are all held by one process (the first
+/// holder, as for a listener shared after fork), none when several processes listen on
+/// the port with SO_REUSEPORT (which of them closed it is not known: no guess).
+fn sole_holder(index: &FdIndex, inodes: &[u64]) -> Option<u32> {
+    let first = *index.holders(*inodes.first()?).first()?;
+    let others = inodes
+        .iter()
+        .skip(1)
+        .filter_map(|&i| index.holders(i).first());
+    others.into_iter().all(|&p| p == first).then_some(first)
 }
 
 /// Hands the memory a large dump used back to the kernel: glibc keeps freed heap pages,

@@ -34,7 +34,7 @@ pub struct Namespaces {
     /// TIME_WAIT settings of each namespace, from the last full visit.
     kernel: BTreeMap<u32, KernelInfo>,
     /// Listening sockets: (netns, port) → socket inode.
-    listeners: HashMap<(u32, u16), u64>,
+    listeners: HashMap<(u32, u16), Vec<u64>>,
     /// A transition came from a namespace not listed yet: list them again.
     rediscover: bool,
     /// Namespaces where a TIME_WAIT was born since their listeners were last listed.
@@ -268,13 +268,27 @@ impl Namespaces {
         self.listeners_wanted.remove(&visit.ns);
         self.listeners.retain(|(n, _), _| *n != visit.ns);
         for s in visit.sockets.iter().filter(|s| s.state == TcpState::LISTEN) {
-            self.listeners.insert((visit.ns, s.local.port()), s.inode);
+            // Several sockets share a port with SO_REUSEPORT (nginx `reuseport`,
+            // gunicorn `--reuse-port`, Go and Envoy workers): each is a listener.
+            let inodes = self
+                .listeners
+                .entry((visit.ns, s.local.port()))
+                .or_default();
+            if !inodes.contains(&s.inode) {
+                inodes.push(s.inode);
+            }
         }
     }
 
-    /// Listening sockets: (netns, port) → socket inode.
-    pub fn listeners(&self) -> &HashMap<(u32, u16), u64> {
+    /// Listening sockets: (netns, port) → the inodes of the sockets listening there
+    /// (several with SO_REUSEPORT).
+    pub fn listeners(&self) -> &HashMap<(u32, u16), Vec<u64>> {
         &self.listeners
+    }
+
+    /// The inodes of every listening socket.
+    pub fn listener_inodes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.listeners.values().flatten().copied()
     }
 
     /// TIME_WAIT settings per namespace.

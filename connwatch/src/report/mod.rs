@@ -145,13 +145,17 @@ pub struct ProcessRow {
     pub fin_wait2_oldest_s: Option<f64>,
 }
 
-/// Processes whose only data are CLOSE_WAIT sockets they closed promptly, folded into
-/// one line per command (short-lived clients, health checks, cron jobs).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// Unflagged processes folded into one line per command (short-lived clients, health
+/// checks, cron jobs): those that hold nothing (their only data are CLOSE_WAIT sockets
+/// they closed promptly), and those that exited leaving only TIME_WAIT sockets behind.
+/// What makes a process fold is what it is, never how many of them there are.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct QuietRow {
     pub comm: String,
     pub processes: u64,
     pub close_wait_closed: ClosedStats,
+    /// TIME_WAIT sockets its exited processes left behind (counted here, not in a row).
+    pub time_wait: u64,
 }
 
 /// How TIME_WAIT sockets ended within the window.
@@ -285,10 +289,14 @@ pub fn build(s: &Snapshot, cfg: &ReportConfig, growth: &mut Growth) -> Report {
         .collect();
     growth.record(s.now_ns, &counts, cfg.window);
     let mut processes = Vec::new();
-    let mut quiet: BTreeMap<String, (u64, Vec<u64>)> = BTreeMap::new();
+    let mut quiet: BTreeMap<String, (u64, Vec<u64>, u64)> = BTreeMap::new();
     for (key, g) in groups {
         let held = g.acc.close_wait + g.acc.time_wait + g.acc.fin_wait2;
-        let lifetimes = (held == 0).then(|| g.acc.closed.clone());
+        // Exited, leaving only TIME_WAITs: nothing left to fix in the process itself.
+        let exited = g.pids.iter().all(|pid| !s.procs.contains_key(pid));
+        let only_time_wait = g.acc.close_wait == 0 && g.acc.fin_wait2 == 0;
+        let folds = held == 0 || (exited && only_time_wait);
+        let lifetimes = folds.then(|| g.acc.closed.clone());
         let n = g.pids.len() as u64;
         let r = row::row(&key, g, s, cfg, growth);
         match lifetimes {
@@ -296,6 +304,7 @@ pub fn build(s: &Snapshot, cfg: &ReportConfig, growth: &mut Growth) -> Report {
                 let q = quiet.entry(r.comm).or_default();
                 q.0 += n;
                 q.1.extend(lifetimes);
+                q.2 += r.time_wait;
             }
             _ => processes.push(r),
         }
@@ -332,13 +341,14 @@ pub fn build(s: &Snapshot, cfg: &ReportConfig, growth: &mut Growth) -> Report {
 }
 
 /// One entry per command, most processes first.
-fn quiet_rows(quiet: BTreeMap<String, (u64, Vec<u64>)>) -> Vec<QuietRow> {
+fn quiet_rows(quiet: BTreeMap<String, (u64, Vec<u64>, u64)>) -> Vec<QuietRow> {
     let mut rows: Vec<QuietRow> = quiet
         .into_iter()
-        .map(|(comm, (processes, mut lifetimes))| QuietRow {
+        .map(|(comm, (processes, mut lifetimes, time_wait))| QuietRow {
             comm,
             processes,
             close_wait_closed: passes::closed_stats(&mut lifetimes),
+            time_wait,
         })
         .collect();
     rows.sort_by(|a, b| b.processes.cmp(&a.processes).then(a.comm.cmp(&b.comm)));
@@ -866,7 +876,17 @@ mod tests {
         let t = Table::new(NS);
         // 6 TIME_WAITs from ephemeral ports 40000.. to one destination.
         let tw = timewaits(6, "127.0.0.1:40000", "127.0.0.1:8080", true, 42);
-        let procs = procs();
+        // A client that is still running (one that exited folds into a quiet line).
+        let mut procs = procs();
+        procs.insert(
+            42,
+            ProcInfo {
+                comm: "client".into(),
+                fds: 5,
+                fd_limit: Some(1024),
+                cgroup: None,
+            },
+        );
         let kernel = BTreeMap::from([(
             NS,
             KernelInfo {
@@ -1003,6 +1023,41 @@ mod tests {
         );
         let closer = r.processes.iter().find(|p| p.pid == 7).unwrap();
         assert_eq!(closer.flags, [flag::PEER_NOT_CLOSING.name]);
+    }
+
+    /// Folding goes by what a process is: one that exited leaving only TIME_WAITs folds
+    /// into its command's quiet line, which counts them; a live one keeps its row.
+    #[test]
+    fn exited_processes_with_only_time_waits_fold() {
+        let t = Table::new(NS);
+        let procs = procs();
+        // pid 42 exited (not in procs) leaving 6 TIME_WAITs; pid 7 (nginx) is alive.
+        let gone = timewaits(6, "127.0.0.1:40000", "127.0.0.1:9999", true, 42);
+        let r = build(
+            &Snapshot {
+                timewait: &gone,
+                ..inputs(&t, 20, &procs)
+            },
+            &cfg(),
+            &mut Growth::default(),
+        );
+        assert!(r.processes.iter().all(|p| p.pid != 42), "{:?}", r.processes);
+        let q = r.quiet.iter().find(|q| q.time_wait == 6).unwrap();
+        assert_eq!(q.processes, 1);
+        let alive = timewaits(6, "127.0.0.1:40000", "127.0.0.1:9999", true, 7);
+        let r = build(
+            &Snapshot {
+                timewait: &alive,
+                ..inputs(&t, 20, &procs)
+            },
+            &cfg(),
+            &mut Growth::default(),
+        );
+        assert_eq!(
+            r.processes.iter().find(|p| p.pid == 7).unwrap().time_wait,
+            6
+        );
+        assert!(r.quiet.is_empty(), "{:?}", r.quiet);
     }
 
     /// Three workers of one program, 4 leaked sockets each.

@@ -142,7 +142,11 @@ fn register_processes(registry: &mut Registry, report: &Report, top: usize, cgro
             flagged.get_or_create(&l).set(1);
         }
     }
-    if ranked.len() > top {
+    // TIME_WAITs that exited processes left, folded into quiet lines: in "other", so
+    // that the series still add up to what the host holds.
+    let quiet_tw: i64 = report.quiet.iter().map(|q| q.time_wait as i64).sum();
+    other_tw += quiet_tw;
+    if ranked.len() > top || quiet_tw > 0 {
         let labels = other_labels(report.by, cgroup_label);
         close_wait.get_or_create(&labels).set(other_cw);
         time_wait.get_or_create(&labels).set(other_tw);

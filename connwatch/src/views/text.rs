@@ -60,15 +60,33 @@ fn quiet_line(q: &QuietRow) -> String {
         q.comm,
         if q.processes == 1 { "" } else { "es" }
     );
-    match (c.count, c.p50_s, c.p99_s) {
-        (0, _, _) => format!("{who}, nothing held\n"),
-        (n, Some(a), Some(b)) => format!(
-            "{who} closed {n} CLOSE_WAIT socket{} promptly (p50 {}, p99 {})\n",
+    let closed = match (c.count, c.p50_s, c.p99_s) {
+        (0, _, _) => None,
+        (n, Some(a), Some(b)) => Some(format!(
+            " closed {n} CLOSE_WAIT socket{} promptly (p50 {}, p99 {})",
             plural(n),
             fmt_age(a),
             fmt_age(b)
+        )),
+        (n, _, _) => Some(format!(
+            " closed {n} CLOSE_WAIT socket{} promptly",
+            plural(n)
+        )),
+    };
+    let left = (q.time_wait > 0).then(|| {
+        format!(
+            " (exited, {} TIME_WAIT socket{} left)",
+            q.time_wait,
+            plural(q.time_wait)
+        )
+    });
+    match (closed, left) {
+        (None, None) => format!("{who}, nothing held\n"),
+        (closed, left) => format!(
+            "{who}{}{}\n",
+            closed.unwrap_or_default(),
+            left.unwrap_or_default()
         ),
-        (n, _, _) => format!("{who} closed {n} CLOSE_WAIT socket{} promptly\n", plural(n)),
     }
 }
 
@@ -318,11 +336,19 @@ mod tests {
                     p99_s: Some(0.002),
                     max_s: Some(0.002),
                 },
+                ..QuietRow::default()
             },
             QuietRow {
                 comm: "cron".into(),
                 processes: 1,
                 close_wait_closed: ClosedStats::default(),
+                time_wait: 0,
+            },
+            QuietRow {
+                comm: "wget".into(),
+                processes: 200,
+                time_wait: 200,
+                ..QuietRow::default()
             },
         ];
         let text = human(&r);
@@ -332,6 +358,10 @@ mod tests {
         );
         assert!(
             text.contains("quiet: 1 cron process, nothing held\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("quiet: 200 wget processes (exited, 200 TIME_WAIT sockets left)\n"),
             "{text}"
         );
     }
