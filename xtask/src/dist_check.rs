@@ -65,8 +65,14 @@ fn man_pages(binary: &Path) -> Result<()> {
     crate::install_man_pages(binary)?;
     let out = output(Command::new("man").args(["-w", "connwatch-watch"]))?;
     ensure!(out.status.success(), "man -w connwatch-watch found no page");
-    let found = String::from_utf8_lossy(&out.stdout);
-    ensure!(found.contains(crate::MAN_DIR), "man found {found}");
+    // Debian links /usr/local/man to /usr/local/share/man: compare real paths.
+    let found = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let real = |p: &str| fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p));
+    ensure!(
+        real(&found).starts_with(real(crate::MAN_DIR)),
+        "man found {found}, not the page in {}",
+        crate::MAN_DIR
+    );
     let filler = fs::read_dir(crate::MAN_DIR)?
         .filter_map(|e| e.ok())
         .any(|e| {
