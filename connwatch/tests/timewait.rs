@@ -507,3 +507,49 @@ fn closes_over_the_timewait_cap_are_not_time_waits() {
         assert!(n <= kept, "{n} TIME_WAITs reported, the kernel has {kept}");
     }
 }
+
+/// `watch` does not follow connection starts, yet agrees with `ss` within one interval
+/// when a TIME_WAIT ends early because its 4-tuple is reused: a server closes first on
+/// three connections, then one client connects again from the same port (the new
+/// connection waits in the server's accept queue).
+#[test]
+fn watch_sees_a_reused_four_tuple_within_one_interval() {
+    require_root();
+    let mut cw = Connwatch::start(&["watch", "--json", "--interval", "1s"]);
+    let mut server = Peer::spawn(&["firstcloser", "127.0.0.1:0", "3"]);
+    let port: u16 = server.expect("port").parse().unwrap();
+    let target: SocketAddr = addr("127.0.0.1", port).parse().unwrap();
+    let connect_from = |local: SocketAddr| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&local.into()).unwrap();
+        s.connect(&target.into()).unwrap();
+        let c: TcpStream = s.into();
+        c
+    };
+    let mut cports = Vec::new();
+    for _ in 0..3 {
+        let mut c = connect_from("127.0.0.1:0".parse().unwrap());
+        c.set_read_timeout(Some(DEADLINE)).unwrap();
+        assert_eq!(c.read(&mut [0u8; 8]).unwrap(), 0, "the server closes first");
+        cports.push(c.local_addr().unwrap().port());
+    }
+    server.expect("closed");
+    let server_tw =
+        |r: &Value| process(r, server.pid()).map_or(0, |p| p["time_wait"].as_u64().unwrap());
+    wait_report(&mut cw, "the server's 3 TIME_WAITs", |r| server_tw(r) == 3);
+    let _again = connect_from(format!("127.0.0.1:{}", cports[0]).parse().unwrap());
+    let reused = Instant::now();
+    let r = wait_report(&mut cw, "2 TIME_WAITs, as ss says", |r| server_tw(r) == 2);
+    let took = reused.elapsed();
+    assert!(
+        took <= Duration::from_millis(2500),
+        "watch agreed with the kernel {took:?} after the reuse (interval 1s): {}",
+        r["time_wait_ends"]
+    );
+    assert!(
+        r["time_wait_ends"]["early"].as_u64() >= Some(1),
+        "{}",
+        r["time_wait_ends"]
+    );
+}

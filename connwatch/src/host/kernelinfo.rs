@@ -43,6 +43,24 @@ impl KernelInfo {
     }
 }
 
+/// The timewait sockets (both substates) the kernel holds in a network namespace, from
+/// the `tw` field of its /proc/net/sockstat, given the path the namespace is entered
+/// by: `/proc/self/ns/net` or `/proc/PID/ns/net` (None for a namespace with no process,
+/// kept by a bind mount: it would have to be entered).
+pub fn timewait_count(netns_path: &std::path::Path) -> Option<u64> {
+    let proc_dir = netns_path.parent()?.parent()?;
+    let text = std::fs::read_to_string(proc_dir.join("net/sockstat")).ok()?;
+    sockstat_timewait(&text)
+}
+
+/// `tw` of the `TCP:` line of /proc/net/sockstat.
+pub fn sockstat_timewait(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == "tw")?;
+    words.next()?.parse().ok()
+}
+
 pub fn parse_port_range(s: &str) -> Option<[u16; 2]> {
     let mut it = s.split_whitespace().map(str::parse::<u16>);
     let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
@@ -62,6 +80,16 @@ pub fn netstat_counter(text: &str, group: &str, name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timewait_count_from_sockstat() {
+        let text = "sockets: used 312\nTCP: inuse 21 orphan 0 tw 14000 alloc 57 mem 3\n";
+        assert_eq!(sockstat_timewait(text), Some(14_000));
+        assert_eq!(sockstat_timewait("UDP: inuse 4 mem 2\n"), None);
+        let own = timewait_count(std::path::Path::new("/proc/self/ns/net"));
+        assert!(own.is_some(), "this host's /proc/self/net/sockstat");
+        assert_eq!(timewait_count(std::path::Path::new("/run/netns/x")), None);
+    }
 
     #[test]
     fn parses_netstat_and_range() {

@@ -69,6 +69,10 @@ const POLL_BUDGET: u32 = 50;
 /// for; between dumps the tables follow events, so a dump every few seconds suffices.
 const REFRESH_BUDGET: u32 = 400;
 
+/// A followed TIME_WAIT this close to its timer may be gone from the kernel already:
+/// not a sign that it ended early.
+const SETTLE_NS: u64 = 2_000_000_000;
+
 /// Timewait sockets of every namespace are listed at least this often: the rare
 /// reconciliation that catches what neither events nor timers tell.
 const TW_RECONCILE: Duration = Duration::from_secs(60);
@@ -309,6 +313,7 @@ impl Monitor {
             self.discover_namespaces();
         }
         self.tw.expire_due(monotonic_ns());
+        self.recheck_early_ends(monotonic_ns());
         let mut rows = if let Some(scope) = self.timewait_poll_scope() {
             let started = std::time::Instant::now();
             let loss = self.loss_seen;
@@ -343,6 +348,36 @@ impl Monitor {
         let window_start = now.saturating_sub(self.window.as_nanos() as u64);
         self.table.prune_closed(window_start);
         self.tw.prune(window_start);
+    }
+
+    /// Notices TIME_WAITs that ended early without an event connwatch sees (a new
+    /// connection on the same 4-tuple while `watch` does not follow connection starts,
+    /// an RST), at the poll after: where the kernel holds fewer timewait sockets
+    /// (/proc/PID/net/sockstat) than connwatch follows there, far from their timers,
+    /// that namespace's timewait sockets are listed again now. A cheap read per
+    /// namespace holding followed TIME_WAITs; births still in flight only make the
+    /// kernel's count higher, and sockets near their timer are left to it.
+    fn recheck_early_ends(&mut self, now: u64) {
+        if !self.tw_seeded {
+            return;
+        }
+        let mut short = Vec::new();
+        for (&ns, &followed) in self.tw.followed_per_ns() {
+            let Some(held) = self
+                .namespaces
+                .path(ns)
+                .and_then(crate::host::kernelinfo::timewait_count)
+            else {
+                continue;
+            };
+            if held < followed && held < self.tw.settled_in(ns, now, SETTLE_NS) {
+                short.push(ns);
+            }
+        }
+        for ns in short {
+            log::debug!("netns {ns}: fewer timewait sockets than followed: listing them");
+            self.tw.recheck(ns);
+        }
     }
 
     /// Lists the listeners of the namespaces where a TIME_WAIT was born since they were

@@ -291,6 +291,11 @@ impl Namespaces {
         self.listeners.values().flatten().copied()
     }
 
+    /// The path a namespace is entered by (`/proc/PID/ns/net`, or a bind mount).
+    pub fn path(&self, ns: u32) -> Option<&std::path::Path> {
+        self.paths.get(&ns).map(PathBuf::as_path)
+    }
+
     /// TIME_WAIT settings per namespace.
     pub fn kernel(&self) -> &BTreeMap<u32, KernelInfo> {
         &self.kernel

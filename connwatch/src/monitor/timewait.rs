@@ -164,8 +164,11 @@ pub struct Tracker {
     wanting: Option<std::collections::BTreeMap<u32, Listed>>,
     /// No TIME_WAIT is due before this (0: unknown, scan).
     next_expiry_ns: u64,
-    /// Namespaces to poll for every timewait socket (their inode number was reused).
+    /// Namespaces to poll for every timewait socket (their inode number was reused, or
+    /// the kernel holds fewer than are followed there).
     recheck: std::collections::BTreeSet<u32>,
+    /// Followed timewait sockets per namespace (kept with `tracked`).
+    per_ns: HashMap<u32, u64>,
     /// How much history (`created`, `ended`) is kept: older entries go as new ones
     /// come, so memory is bounded even where no report prunes (`trace`: 0). `None`:
     /// until `prune`.
@@ -214,6 +217,12 @@ impl Tracker {
                 });
             }
             return;
+        }
+        // Another close on a followed 4-tuple: a new connection took the old timewait
+        // socket's place (unseen where connection starts are not followed), so the old
+        // one ended early, before this close; it is not overwritten.
+        if self.tracked.contains_key(&key) {
+            self.end(key, End::Early, t.ts_ns);
         }
         match t.leaves {
             Leaves::Nothing => {
@@ -388,7 +397,7 @@ impl Tracker {
             let pid = p.owner.as_ref().map(|o| o.pid);
             note_created(&mut self.created, self.window_ns, p.ts_ns, pid);
         }
-        self.tracked.insert(
+        self.track(
             key,
             TimeWait {
                 substate: state,
@@ -432,7 +441,7 @@ impl Tracker {
         } else {
             now_ns
         };
-        self.tracked.insert(
+        self.track(
             key,
             TimeWait {
                 substate: s.state,
@@ -536,6 +545,12 @@ impl Tracker {
         let Some(tw) = self.tracked.remove(&key) else {
             return;
         };
+        if let Some(n) = self.per_ns.get_mut(&key.netns) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_ns.remove(&key.netns);
+            }
+        }
         let at = at_ns.max(tw.entered_ns);
         let lifetime = at - tw.entered_ns;
         self.queued.push(Synthetic {
@@ -670,6 +685,30 @@ impl Tracker {
             ("time_wait_created", self.created.len() as u64),
             ("time_wait_over_limit", self.over_limit.len() as u64),
         ]
+    }
+
+    /// Follows a timewait socket (replacing what the key held).
+    fn track(&mut self, key: SockKey, tw: TimeWait) {
+        if self.tracked.insert(key, tw).is_none() {
+            *self.per_ns.entry(key.netns).or_insert(0) += 1;
+        }
+    }
+
+    /// Namespaces where timewait sockets are followed, with how many.
+    pub fn followed_per_ns(&self) -> &HashMap<u32, u64> {
+        &self.per_ns
+    }
+
+    /// Of the timewait sockets followed in `netns`, those that must still exist in the
+    /// kernel unless they ended early: confirmed, and not within `margin_ns` of their
+    /// timer (the kernel's timer wheel may fire a little before or after it).
+    pub fn settled_in(&self, netns: u32, now_ns: u64, margin_ns: u64) -> u64 {
+        self.tracked
+            .iter()
+            .filter(|(k, t)| {
+                k.netns == netns && !t.provisional && t.due_ns > now_ns.saturating_add(margin_ns)
+            })
+            .count() as u64
     }
 
     /// Whether the socket is followed (a timewait socket, or a close awaiting one).
@@ -1208,6 +1247,21 @@ mod tests {
         }
         assert_eq!(t.tracked().count(), 2);
         assert_eq!(t.untracked(), 3);
+    }
+
+    #[test]
+    fn a_second_close_on_a_followed_tuple_ends_the_first_early() {
+        let mut t = Tracker::default();
+        let tw = Leaves::Timewait(TcpState::TIME_WAIT);
+        t.on_transition(key(C, S), &told(FIN_WAIT2, 10.0, tw));
+        // The 4-tuple reused (its start unseen), closed again at 20 s.
+        t.on_transition(key(C, S), &told(FIN_WAIT2, 20.0, tw));
+        let rows = t.take_queued();
+        let ends: Vec<_> = rows.iter().filter(|r| r.end.is_some()).collect();
+        assert_eq!(ends.len(), 1, "{rows:?}");
+        assert_eq!((ends[0].end, ends[0].ts_ns), (Some(End::Early), 20 * SEC));
+        assert_eq!(t.counts(), (1, 0), "one TIME_WAIT, the new one");
+        assert_eq!(t.followed_per_ns().get(&NS), Some(&1));
     }
 
     fn told(old: u8, ts_s: f64, leaves: Leaves) -> Transition {
