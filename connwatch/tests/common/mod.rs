@@ -179,7 +179,7 @@ impl Drop for Connwatch {
 /// A peer process: this test binary re-executed in a role (see `peer_main`).
 pub struct Peer {
     pub child: Child,
-    stdin: ChildStdin,
+    stdin: Option<ChildStdin>,
     pub out: Lines,
 }
 
@@ -229,7 +229,7 @@ impl Peer {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn peer");
-        let stdin = child.stdin.take().unwrap();
+        let stdin = child.stdin.take();
         let out = Lines::new(child.stdout.take().unwrap());
         Self { child, stdin, out }
     }
@@ -248,8 +248,25 @@ impl Peer {
     }
 
     pub fn send(&mut self, cmd: &str) {
-        writeln!(self.stdin, "{cmd}").unwrap();
-        self.stdin.flush().unwrap();
+        let stdin = self.stdin.as_mut().expect("the peer's stdin is open");
+        writeln!(stdin, "{cmd}").unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
+impl Peer {
+    /// Ends the peer the way a program ends on its own: its stdin closes, it drops what
+    /// it holds (close() on its sockets) and exits; killed (on drop) only if it has not
+    /// after the deadline.
+    pub fn finish(mut self) {
+        drop(self.stdin.take());
+        let end = Instant::now() + DEADLINE;
+        while Instant::now() < end {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
