@@ -313,3 +313,54 @@ fn resets_and_exits_are_not_slow_closes() {
         },
     );
 }
+
+/// A leaker the way the kubelet places a container (cgroupfs driver: the cgroup
+/// `/kubepods/besteffort/pod<uid>/<container id>`): its row names the container and the
+/// pod's uid; a host process beside it has `container` and `k8s` null.
+#[test]
+fn a_container_leaker_is_named_by_its_cgroup() {
+    require_root();
+    let id = format!("{:064x}", 0xc0ffee_u64 + u64::from(std::process::id()));
+    let uid = format!("0000abcd-0000-4000-8000-{:012x}", std::process::id());
+    // The memory controller's v1 hierarchy where the host has one, else cgroup v2.
+    let root = [
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+    ]
+    .into_iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.join("cgroup.procs").exists())
+    .expect("a cgroup hierarchy");
+    let pod = root.join(format!("kubepods/besteffort/pod{uid}"));
+    let dir = pod.join(&id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cw = Connwatch::start(&["watch", "--json", "--interval", "500ms"]);
+    let mut leaker = Peer::spawn_with(None, &["leaker", "127.0.0.1:0", "2"], true);
+    leaker.expect("ready");
+    std::fs::write(dir.join("cgroup.procs"), leaker.pid().to_string()).unwrap();
+    leaker.send("go");
+    let port: u16 = leaker.expect("port").parse().unwrap();
+    let mut clients = Peer::spawn(&["clients", &addr("127.0.0.1", port), "2"]);
+    clients.expect("closed");
+    leaker.expect("accepted");
+    let r = wait_report(&mut cw, "the leaker's row with its container", |r| {
+        process(r, leaker.pid()).is_some_and(|p| p["close_wait"] == 2 && !p["container"].is_null())
+    });
+    let p = process(&r, leaker.pid()).unwrap();
+    assert_eq!(p["container"]["id"], id, "{p}");
+    assert_eq!(p["container"]["runtime"], "containerd", "{p}");
+    assert_eq!(p["k8s"]["pod_uid"], uid, "{p}");
+    // The clients run on the host.
+    if let Some(c) = process(&r, clients.pid()) {
+        assert!(c["container"].is_null() && c["k8s"].is_null(), "{c}");
+    }
+    drop((leaker, clients, cw));
+    let end = Instant::now() + DEADLINE;
+    for d in [&dir, &pod, &pod.parent().unwrap().to_path_buf()] {
+        while std::fs::remove_dir(d).is_err() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = std::fs::remove_dir(root.join("kubepods"));
+}

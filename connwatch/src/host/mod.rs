@@ -2,6 +2,7 @@
 //! network namespace), who holds them (/proc or the probe's socket-fd iterator), the
 //! namespaces themselves, and the kernel's TCP settings.
 pub mod cgroup;
+pub mod container;
 pub mod kernelinfo;
 pub mod netns;
 pub mod owners;

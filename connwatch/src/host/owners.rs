@@ -29,6 +29,8 @@ pub struct ProcInfo {
     pub fd_limit: Option<u64>,
     /// cgroup v2 path (the container or service it runs in).
     pub cgroup: Option<String>,
+    /// The container and pod its cgroup paths name.
+    pub identity: crate::host::container::Identity,
 }
 
 /// The processes holding each socket, by inode, in 16 bytes an entry: one or two pids
@@ -384,11 +386,15 @@ pub fn proc_info(pid: u32) -> Option<ProcInfo> {
             procfs::process::LimitValue::Value(v) => Some(v),
             procfs::process::LimitValue::Unlimited => None,
         });
+    // One read of /proc/PID/cgroup for both: the v2 path, and the container and pod
+    // that any of its lines name (cgroup v1 hosts name them in the v1 lines).
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
     Some(ProcInfo {
         comm,
         fds,
         fd_limit,
-        cgroup: crate::host::cgroup::cgroup_of(pid),
+        cgroup: crate::host::cgroup::parse_cgroup(&cgroups),
+        identity: crate::host::container::identity_cached(&cgroups),
     })
 }
 

@@ -143,6 +143,32 @@ pub struct ProcessRow {
     /// Connections it closed whose peer has not closed yet (FIN_WAIT2 orphans).
     pub fin_wait2: u64,
     pub fin_wait2_oldest_s: Option<f64>,
+    /// The container its processes run in; null outside containers (or when a group's
+    /// processes run in different ones).
+    pub container: Option<ContainerRow>,
+    /// Where it runs in Kubernetes; null outside it.
+    pub k8s: Option<K8sRow>,
+}
+
+/// A row's container, as its cgroup path names it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ContainerRow {
+    /// The full id.
+    pub id: String,
+    pub runtime: crate::host::container::Runtime,
+    /// The runtime's name for it; null until the runtime tells it.
+    pub name: Option<String>,
+}
+
+/// A row's place in Kubernetes: the pod uid from the kubelet's cgroup path; names
+/// (namespace, pod, container) come from the container runtime, null until it tells
+/// them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct K8sRow {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub pod_uid: String,
+    pub container: Option<String>,
 }
 
 /// Unflagged processes folded into one line per command (short-lived clients, health
@@ -446,6 +472,7 @@ mod tests {
                     fds: 60,
                     fd_limit: Some(1024),
                     cgroup: None,
+                    ..ProcInfo::default()
                 },
             ),
             (
@@ -455,6 +482,7 @@ mod tests {
                     fds: 10,
                     fd_limit: Some(1024),
                     cgroup: None,
+                    ..ProcInfo::default()
                 },
             ),
         ])
@@ -629,6 +657,7 @@ mod tests {
                 fds: 60,
                 fd_limit: Some(1024),
                 cgroup: None,
+                ..ProcInfo::default()
             },
         );
         let snapshot = Snapshot {
@@ -738,6 +767,55 @@ mod tests {
         assert_eq!(v["loss"]["sockets_untracked"], 0);
         assert_eq!(v["unattributed"]["close_wait"], 0);
         assert_eq!(p["close_wait_closed"]["count"], 0);
+    }
+
+    /// A process in a pod's container carries `container` and `k8s`; a host process
+    /// carries null for both.
+    #[test]
+    fn rows_name_the_container_and_pod_their_cgroup_gives() {
+        use crate::host::container::identity;
+        let id = "ab".repeat(32);
+        let uid = "12345678-9abc-def0-1234-56789abcdef0";
+        let mut t = Table::new(NS);
+        t.apply(&enter_cw(1.0, L, "127.0.0.1:40000", 55));
+        t.apply(&enter_cw(1.0, L, "127.0.0.1:40001", 56));
+        let idx = hold(&t, |inode| vec![if inode == 55 { 4242 } else { 7 }]);
+        let mut procs = procs();
+        procs.get_mut(&4242).unwrap().identity = identity(&format!(
+            "4:memory:/kubepods/besteffort/pod{uid}/{id}\n0::/\n"
+        ));
+        let r = build(
+            &Snapshot {
+                holders: &idx,
+                ..inputs(&t, 100, &procs)
+            },
+            &cfg(),
+            &mut Growth::default(),
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        let row = |pid: u32| {
+            v["processes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["pid"] == pid)
+                .unwrap()
+                .clone()
+        };
+        let pod = row(4242);
+        assert_eq!(
+            pod["container"],
+            serde_json::json!({"id": id, "runtime": "containerd", "name": null})
+        );
+        assert_eq!(
+            pod["k8s"],
+            serde_json::json!({"namespace": null, "pod": null, "pod_uid": uid, "container": null})
+        );
+        let host = row(7);
+        assert!(
+            host["container"].is_null() && host["k8s"].is_null(),
+            "{host}"
+        );
     }
 
     #[test]
@@ -885,6 +963,7 @@ mod tests {
                 fds: 5,
                 fd_limit: Some(1024),
                 cgroup: None,
+                ..ProcInfo::default()
             },
         );
         let kernel = BTreeMap::from([(
@@ -1072,6 +1151,7 @@ mod tests {
                     fds: 20 + pid as u64,
                     fd_limit: Some(1024),
                     cgroup: Some("/system.slice/app.service".into()),
+                    ..ProcInfo::default()
                 },
             );
             for i in 0..4 {

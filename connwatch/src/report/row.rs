@@ -1,7 +1,8 @@
 //! One row's accumulated evidence (a process, or a group of them) turned into its row:
 //! figures, flags and reason.
 use super::{
-    Evidence, GroupKey, Growth, NotClosing, Peer, ProcessRow, ReportConfig, Snapshot, flag,
+    ContainerRow, Evidence, GroupKey, Growth, K8sRow, NotClosing, Peer, ProcessRow, ReportConfig,
+    Snapshot, flag,
     group::Group,
     key::comm_of,
     passes::{Acc, closed_stats},
@@ -32,6 +33,7 @@ pub(super) fn row(
     let cgroup = pids
         .iter()
         .find_map(|p| s.procs.get(p).and_then(|i| i.cgroup.clone()));
+    let (container, k8s) = placement(&pids, s);
     // A group runs out of fds where its tightest process does.
     let info = tightest(&pids, s);
     let growth_per_min = growth.per_min(key).filter(|_| a.close_wait > 0);
@@ -72,6 +74,8 @@ pub(super) fn row(
         time_wait_created_per_s: tw_rate,
         fin_wait2: a.fin_wait2,
         fin_wait2_oldest_s: a.fw2_oldest_ns.map(|ns| round3(ns as f64 / 1e9)),
+        container,
+        k8s,
     };
     let raised: Vec<&flag::Flag> = flag::ALL
         .into_iter()
@@ -94,6 +98,33 @@ fn fill(i: &ProcInfo) -> f64 {
     i.fd_limit
         .filter(|l| *l > 0)
         .map_or(0.0, |l| i.fds as f64 / l as f64)
+}
+
+/// The container and pod of a row: those its live processes share (none when they
+/// differ, or none of them is alive to tell).
+fn placement(pids: &[u32], s: &Snapshot) -> (Option<ContainerRow>, Option<K8sRow>) {
+    let mut ids = pids
+        .iter()
+        .filter_map(|p| s.procs.get(p))
+        .map(|i| &i.identity);
+    let Some(first) = ids.next() else {
+        return (None, None);
+    };
+    if ids.any(|i| i != first) {
+        return (None, None);
+    }
+    let container = first.container.as_ref().map(|c| ContainerRow {
+        id: c.id.clone(),
+        runtime: c.runtime,
+        name: None,
+    });
+    let k8s = first.pod_uid.as_ref().map(|uid| K8sRow {
+        namespace: None,
+        pod: None,
+        pod_uid: uid.clone(),
+        container: None,
+    });
+    (container, k8s)
 }
 
 /// What the flags need beyond the row's own figures.
