@@ -53,14 +53,17 @@ pub struct Filter {
     pub cgroup_id: u64,
 }
 
-/// Key of the listener map: the owner of a listening port, so that sockets accepted
+/// Key of the listener map: a process listening on a port, so that sockets accepted
 /// from it (whose transitions run in softirq) can be matched to a process by `--pid`.
+/// The pid is part of the key: with SO_REUSEPORT several processes listen on one port,
+/// each with a socket of its own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListenKey {
     pub netns: u32,
     pub port: u16,
     pub _pad: u16,
+    pub pid: u32,
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
@@ -394,5 +397,5 @@ const _: () = assert!(core::mem::size_of::<Event>() == 120);
 const _: () = assert!(core::mem::size_of::<SockState>() == 32);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 24 * 4);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8 + 16 + 32 + 8);
-const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ListenKey>() == 12);
 const _: () = assert!(core::mem::size_of::<SocketFd>() == 16);

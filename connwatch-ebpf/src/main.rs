@@ -69,10 +69,11 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Owner of each listening port, so that `--pid` matches the sockets accepted from it
-/// (their transitions run in softirq, with no owner of their own until close()).
+/// The processes listening on each port, so that `--pid` matches the sockets accepted
+/// from them (their transitions run in softirq, with no owner of their own until
+/// close()); keyed by (netns, port, pid), as SO_REUSEPORT siblings share a port.
 #[map]
-static LISTENERS: LruHashMap<ListenKey, u32> = LruHashMap::with_max_entries(1 << 14, 0);
+static LISTENERS: LruHashMap<ListenKey, u8> = LruHashMap::with_max_entries(1 << 14, 0);
 
 /// Bytes waiting in EVENTS from which a submit wakes the reader (an eighth of the ring),
 /// set before load.
@@ -435,8 +436,9 @@ fn finish<K: Kernel>(task: &Task, s: &Scratch, owned: &Owned) {
         netns,
         port: t.sport,
         _pad: 0,
+        pid: s.state.owner_pid,
     };
-    update_listeners(old, new, &listen_key, s.state.owner_pid);
+    update_listeners(old, new, &listen_key);
     if !passes::<K>(t, old, new, &listen_key, s.state.owner_pid, sk) {
         return;
     }
@@ -444,11 +446,12 @@ fn finish<K: Kernel>(task: &Task, s: &Scratch, owned: &Owned) {
     emit::<K>(task, netns, owned, s);
 }
 
-/// Keeps the owner of every listening port, for `--pid` on accepted sockets.
+/// Keeps the processes listening on every port, for `--pid` on accepted sockets: the
+/// one calling listen() is added, the one closing the listener removed.
 #[inline(always)]
-fn update_listeners(old: u8, new: u8, key: &ListenKey, owner: u32) {
+fn update_listeners(old: u8, new: u8, key: &ListenKey) {
     if new == tcp_state::LISTEN {
-        let _ = LISTENERS.insert(key, &owner, 0);
+        let _ = LISTENERS.insert(key, &1, 0);
     } else if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
         let _ = LISTENERS.remove(key);
     }
@@ -566,16 +569,19 @@ fn passes<K: Kernel>(
     }
     let npids = filt!(npids) as usize;
     if npids != 0 {
-        let pid = if owner != 0 {
-            owner
-        } else {
-            // SAFETY: a map value, copied out at once.
-            unsafe { LISTENERS.get(listen_key).copied().unwrap_or(0) }
-        };
         let mut hit = false;
         for i in 0..FILTER_MAX {
-            if i < npids && pid != 0 && filt!(pids[i]) == pid {
-                hit = true;
+            if i < npids {
+                let pid = filt!(pids[i]);
+                hit |= if owner != 0 {
+                    owner == pid
+                } else {
+                    // Not owned yet (accepted, before close): a selected process
+                    // listening on its port.
+                    let key = ListenKey { pid, ..*listen_key };
+                    // SAFETY: a map value pointer, only tested for presence.
+                    unsafe { LISTENERS.get(&key).is_some() }
+                };
             }
         }
         if !hit {

@@ -263,3 +263,77 @@ fn pid_filter_is_not_counted_as_loss() {
     let me = process(&r, mine.pid()).unwrap();
     assert_eq!(me["close_wait"], 2, "{me}");
 }
+
+const REUSEPORT_LEAKER: &str = r#"
+import sys, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(128)
+print("ready", flush=True)
+held = []
+while True:
+    c, _ = s.accept()
+    held.append(c)
+"#;
+
+/// `--pid` on one of two workers sharing a port with SO_REUSEPORT: the sockets the
+/// kernel hands to that worker are followed from their own transitions (the listener
+/// map keeps every process listening on a port), none taken for a missed one.
+#[test]
+fn pid_filter_follows_one_reuseport_sibling() {
+    require_root();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    /// A worker, killed with the test (a panic included).
+    struct Worker(std::process::Child);
+    impl Drop for Worker {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let start = |script: &str| {
+        let mut child = Worker(
+            Command::new("python3")
+                .args(["-c", script, &port.to_string()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3"),
+        );
+        let mut out = Lines::new(child.0.stdout.take().unwrap());
+        out.wait_for("the worker to listen", |l| l == "ready");
+        (child, out)
+    };
+    let (first, _out1) = start(REUSEPORT_LEAKER);
+    let pid = first.0.id().to_string();
+    let mut cw = Connwatch::start(&["watch", "--json", "--interval", "500ms", "--pid", &pid]);
+    // The sibling listens after connwatch started: the kernel sees its listen().
+    let (_second, _out2) = start(REUSEPORT_LEAKER);
+    let mut clients = Peer::spawn(&["clients", &addr("127.0.0.1", port), "40"]);
+    clients.expect("closed");
+    let first_pid = first.0.id();
+    let started = Instant::now();
+    let r = wait_report(&mut cw, "the first worker's CLOSE_WAITs, 3 s on", |r| {
+        assert_eq!(
+            r["loss"]["sockets_untracked"], 0,
+            "the selected sibling's sockets taken for missed ones: {}",
+            r["loss"]
+        );
+        started.elapsed() > Duration::from_secs(3)
+            && process(r, first_pid).is_some_and(|p| p["close_wait"].as_u64() >= Some(1))
+    });
+    let mine = process(&r, first_pid).unwrap()["close_wait"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        r["states"]["CLOSE_WAIT"].as_u64(),
+        Some(mine),
+        "{}",
+        r["states"]
+    );
+}

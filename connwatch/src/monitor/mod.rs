@@ -140,8 +140,8 @@ impl Monitor {
     /// (and every listener: they name owners), as the probe keeps only their events:
     /// other processes' sockets are not ours to count, neither in the header nor as
     /// sockets whose transitions were missed. A socket is selected when a selected
-    /// process holds its fd; without an fd (timewait, not yet accepted), when a
-    /// selected process holds the listener on its port; and in any case when
+    /// process holds its fd; without a known holder (timewait, not yet accepted), when
+    /// a selected process holds a listener on its port; and in any case when
     /// connwatch already follows it from that process's own transitions.
     fn keep_selected(&mut self, visits: &mut [Visit]) {
         if !self.filter.selects_processes() {
@@ -188,9 +188,13 @@ impl Monitor {
                     local: s.local.into(),
                     remote: s.remote.into(),
                 };
+                // A socket some process holds is that process's: by its holders (with
+                // SO_REUSEPORT another process's sockets share the selected one's
+                // port). Without a known holder, by the listener on its port.
+                let held = s.inode != 0 && !index.holders(s.inode).is_empty();
                 s.state == TcpState::LISTEN
-                    || (s.inode != 0 && selected(s.inode))
-                    || ports.contains(&(ns, s.local.port()))
+                    || (held && selected(s.inode))
+                    || (!held && ports.contains(&(ns, s.local.port())))
                     || table.follows(&key)
                     || tw.follows(&key)
             });
@@ -738,13 +742,36 @@ impl Monitor {
                 states.insert(state.to_string(), n);
             }
         };
-        set("CLOSE_WAIT", self.table.close_wait_count());
+        set("CLOSE_WAIT", self.close_wait_selected());
         if self.tw_seeded {
             let (time_wait, fin_wait2) = self.tw.counts();
             set("TIME_WAIT", time_wait);
             set("FIN_WAIT2_TW", fin_wait2);
         }
         states
+    }
+
+    /// CLOSE_WAIT sockets followed, less (with `--pid`/`--cgroup`) those held only by
+    /// processes not selected: the kernel's filter cannot tell which SO_REUSEPORT
+    /// sibling an accepted socket went to, so a sibling's sockets may be followed too.
+    fn close_wait_selected(&self) -> u64 {
+        if !self.filter.selects_processes() {
+            return self.table.close_wait_count();
+        }
+        let mut verdicts: HashMap<u32, bool> = HashMap::new();
+        let filter = &self.filter;
+        self.table
+            .close_wait()
+            .filter(|(_, cw)| {
+                let holders = self.index.holders(cw.inode);
+                holders.is_empty()
+                    || holders.iter().any(|&pid| {
+                        *verdicts.entry(pid).or_insert_with(|| {
+                            filter.process(pid, crate::host::cgroup::cgroup_of(pid).as_deref())
+                        })
+                    })
+            })
+            .count() as u64
     }
 
     fn footprint(&self) -> Footprint {

@@ -355,14 +355,15 @@ impl Probe {
         let map = ebpf
             .map_mut(MAP_LISTENERS)
             .context("the probe's listener map is missing")?;
-        let mut listeners = aya::maps::HashMap::<_, ListenKey, u32>::try_from(map)?;
+        let mut listeners = aya::maps::HashMap::<_, ListenKey, u8>::try_from(map)?;
         for &(netns, port, pid) in owners {
             let key = ListenKey {
                 netns,
                 port,
                 _pad: 0,
+                pid,
             };
-            listeners.insert(key, pid, 0)?;
+            listeners.insert(key, 1, 0)?;
         }
         Ok(())
     }
