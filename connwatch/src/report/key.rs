@@ -1,5 +1,6 @@
-//! What a report row stands for: a process, a command (all its workers), or a systemd
-//! unit / container named by the cgroup v2 path (`--by`).
+//! What a report row stands for: a process, a command (all its workers), a systemd
+//! unit / container named by the cgroup v2 path, a Kubernetes pod or a container
+//! (`--by`).
 use clap::ValueEnum;
 
 use crate::host::owners::ProcInfo;
@@ -14,6 +15,12 @@ pub enum GroupBy {
     Command,
     /// One row per systemd unit or container (from the cgroup v2 path), else per cgroup.
     Unit,
+    /// One row per Kubernetes pod (all its containers together); a process outside
+    /// pods, one row per command.
+    Pod,
+    /// One row per container (its processes together); a process outside containers,
+    /// one row per command.
+    Container,
 }
 
 impl GroupBy {
@@ -22,6 +29,8 @@ impl GroupBy {
             Self::Process => "process",
             Self::Command => "command",
             Self::Unit => "unit",
+            Self::Pod => "pod",
+            Self::Container => "container",
         }
     }
 }
@@ -32,6 +41,10 @@ pub enum GroupKey {
     Pid(u32),
     Comm(String),
     Unit(String),
+    /// A pod, by uid.
+    Pod(String),
+    /// A container, by id.
+    Container(String),
 }
 
 /// The comm of a process: from /proc while it lives, else what the probe saw.
@@ -64,6 +77,17 @@ pub(super) fn key_of(
                 .and_then(|i| i.cgroup.as_deref())
                 .map_or_else(|| "?".into(), unit_of),
         ),
+        GroupBy::Pod => procs
+            .get(&pid)
+            .and_then(|i| i.identity.pod_uid.clone())
+            .map_or_else(|| GroupKey::Comm(comm_of(pid, comm, procs)), GroupKey::Pod),
+        GroupBy::Container => procs
+            .get(&pid)
+            .and_then(|i| i.identity.container.as_ref())
+            .map_or_else(
+                || GroupKey::Comm(comm_of(pid, comm, procs)),
+                |c| GroupKey::Container(c.id.clone()),
+            ),
     }
 }
 

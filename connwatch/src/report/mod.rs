@@ -818,6 +818,64 @@ mod tests {
         );
     }
 
+    /// `--by pod` sums a pod's containers into one row (with `k8s`, no `container`);
+    /// `--by container` one row per container; a host process stays a row of its
+    /// command either way.
+    #[test]
+    fn rows_by_pod_and_by_container() {
+        use crate::host::container::identity;
+        let uid = "12345678-9abc-def0-1234-56789abcdef0";
+        let (c1, c2) = ("a1".repeat(32), "b2".repeat(32));
+        let mut t = Table::new(NS);
+        let mut procs = procs();
+        let placed = [(101u32, Some(&c1)), (102, Some(&c2)), (103, None)];
+        for (i, (pid, id)) in placed.into_iter().enumerate() {
+            procs.insert(
+                pid,
+                ProcInfo {
+                    comm: "app".into(),
+                    identity: id.map_or_else(Default::default, |id| {
+                        identity(&format!("0::/kubepods/besteffort/pod{uid}/{id}\n"))
+                    }),
+                    ..ProcInfo::default()
+                },
+            );
+            t.apply(&enter_cw(
+                1.0,
+                L,
+                &format!("127.0.0.1:{}", 41000 + i),
+                pid.into(),
+            ));
+        }
+        let idx = hold(&t, |inode| vec![inode as u32]);
+        let snapshot = Snapshot {
+            holders: &idx,
+            ..inputs(&t, 100, &procs)
+        };
+        let by = |by: GroupBy| {
+            build(
+                &snapshot,
+                &ReportConfig { by, ..cfg() },
+                &mut Growth::default(),
+            )
+        };
+        let pods = by(GroupBy::Pod);
+        assert_eq!(pods.processes.len(), 2, "{:?}", pods.processes);
+        let pod = pods.processes.iter().find(|p| p.k8s.is_some()).unwrap();
+        assert_eq!((pod.close_wait, pod.pids.clone()), (2, vec![101, 102]));
+        assert_eq!(pod.k8s.as_ref().unwrap().pod_uid, uid);
+        assert!(pod.container.is_none());
+        let containers = by(GroupBy::Container);
+        assert_eq!(containers.processes.len(), 3);
+        let ids: Vec<Option<&str>> = containers
+            .processes
+            .iter()
+            .map(|p| p.container.as_ref().map(|c| c.id.as_str()))
+            .collect();
+        assert!(ids.contains(&Some(c1.as_str())) && ids.contains(&Some(c2.as_str())));
+        assert!(ids.contains(&None), "the host process: {ids:?}");
+    }
+
     #[test]
     fn state_histogram_separates_timewait_fin_wait2() {
         let mut tw_fw2 = diag(FIN_WAIT2, L, "1.2.3.4:5", 0, 0);

@@ -33,7 +33,11 @@ pub(super) fn row(
     let cgroup = pids
         .iter()
         .find_map(|p| s.procs.get(p).and_then(|i| i.cgroup.clone()));
-    let (container, k8s) = placement(&pids, s);
+    let (mut container, k8s) = placement(&pids, s);
+    if matches!(key, GroupKey::Pod(_)) {
+        // A pod's row stands for all its containers.
+        container = None;
+    }
     // A group runs out of fds where its tightest process does.
     let info = tightest(&pids, s);
     let growth_per_min = growth.per_min(key).filter(|_| a.close_wait > 0);
@@ -100,30 +104,36 @@ fn fill(i: &ProcInfo) -> f64 {
         .map_or(0.0, |l| i.fds as f64 / l as f64)
 }
 
-/// The container and pod of a row: those its live processes share (none when they
-/// differ, or none of them is alive to tell).
+/// The container and pod of a row: those its live processes share (each none when
+/// they differ, or none of them is alive to tell). A pod's row shares the pod, not
+/// the container.
 fn placement(pids: &[u32], s: &Snapshot) -> (Option<ContainerRow>, Option<K8sRow>) {
-    let mut ids = pids
+    let ids: Vec<&crate::host::container::Identity> = pids
         .iter()
         .filter_map(|p| s.procs.get(p))
-        .map(|i| &i.identity);
-    let Some(first) = ids.next() else {
-        return (None, None);
+        .map(|i| &i.identity)
+        .collect();
+    let shared = |of: &dyn Fn(&crate::host::container::Identity) -> bool| {
+        !ids.is_empty() && ids.iter().all(|i| of(i))
     };
-    if ids.any(|i| i != first) {
-        return (None, None);
-    }
-    let container = first.container.as_ref().map(|c| ContainerRow {
-        id: c.id.clone(),
-        runtime: c.runtime,
-        name: None,
-    });
-    let k8s = first.pod_uid.as_ref().map(|uid| K8sRow {
-        namespace: None,
-        pod: None,
-        pod_uid: uid.clone(),
-        container: None,
-    });
+    let first = ids.first();
+    let container = first
+        .and_then(|i| i.container.as_ref())
+        .filter(|c| shared(&|i| i.container.as_ref() == Some(c)))
+        .map(|c| ContainerRow {
+            id: c.id.clone(),
+            runtime: c.runtime,
+            name: None,
+        });
+    let k8s = first
+        .and_then(|i| i.pod_uid.as_ref())
+        .filter(|uid| shared(&|i| i.pod_uid.as_ref() == Some(uid)))
+        .map(|uid| K8sRow {
+            namespace: None,
+            pod: None,
+            pod_uid: uid.clone(),
+            container: None,
+        });
     (container, k8s)
 }
 

@@ -190,6 +190,21 @@ fn row_labels(by: &str, p: &ProcessRow, cgroup_label: bool) -> Labels {
     match by {
         "process" => labels.push(("pid".into(), p.pid.to_string())),
         "unit" => labels.push(("unit".into(), p.unit.clone().unwrap_or_default())),
+        // Until the runtime names them: the pod's uid, the container's id.
+        "pod" => labels.push((
+            "pod_uid".into(),
+            p.k8s
+                .as_ref()
+                .map(|k| k.pod_uid.clone())
+                .unwrap_or_default(),
+        )),
+        "container" => labels.push((
+            "container_id".into(),
+            p.container
+                .as_ref()
+                .map(|c| c.id.clone())
+                .unwrap_or_default(),
+        )),
         _ => {}
     }
     if cgroup_label {
@@ -204,6 +219,8 @@ fn other_labels(by: &str, cgroup_label: bool) -> Labels {
     match by {
         "process" => labels.push(("pid".into(), String::new())),
         "unit" => labels.push(("unit".into(), String::new())),
+        "pod" => labels.push(("pod_uid".into(), String::new())),
+        "container" => labels.push(("container_id".into(), String::new())),
         _ => {}
     }
     if cgroup_label {
