@@ -67,10 +67,22 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// Stops the server the way its service manager would (SIGTERM: nginx's master
+    /// then stops its workers, which a SIGKILL would orphan), killing it after a while.
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if self.child.try_wait().ok().flatten().is_some() {
+                eprintln!("stopped {}", self.what);
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        eprintln!("stopped {}", self.what);
+        eprintln!("killed {}", self.what);
     }
 }
 

@@ -32,7 +32,16 @@ fn top_shows_the_leak_and_quits_on_q() {
     leaker.expect("accepted");
     drop(clients);
 
-    let session = format!("cwtop{}", std::process::id());
+    /// The tmux session, killed with the test (a failed assertion included), so that
+    /// no connwatch is left running.
+    struct Session(String);
+    impl Drop for Session {
+        fn drop(&mut self) {
+            let _ = tmux(&["kill-session", "-t", &self.0]);
+        }
+    }
+    let guard = Session(format!("cwtop{}", std::process::id()));
+    let session = guard.0.clone();
     let cmd = format!("{CONNWATCH} top --interval 300ms --close-wait-age 1s");
     let out = tmux(&[
         "new-session",
@@ -63,7 +72,6 @@ fn top_shows_the_leak_and_quits_on_q() {
             break shot;
         }
         if Instant::now() > end {
-            let _ = tmux(&["kill-session", "-t", &session]);
             panic!("no leak row for pid {pid} on screen:\n{shot}");
         }
         std::thread::sleep(Duration::from_millis(100));
