@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::host::cgroup::{cgroup2_root, is_cgroup2};
+use crate::host::cgroup::{cgroup_of, cgroup2_root, is_cgroup2};
 use clap::{Args, ValueEnum};
 use connwatch_common::{AF_INET, AF_INET6, FILTER_MAX};
 
@@ -121,6 +121,35 @@ impl Filter {
     /// Whether rows must be checked with `process` (pid or cgroup conditions).
     pub fn selects_processes(&self) -> bool {
         !self.pids.is_empty() || self.cgroup.is_some()
+    }
+}
+
+/// `Filter::process` asked of live processes by pid (their cgroup read from /proc),
+/// each pid answered once: a dump or a table asks it of every socket.
+pub struct Selection<'a> {
+    filter: &'a Filter,
+    verdicts: std::collections::HashMap<u32, bool>,
+}
+
+impl<'a> Selection<'a> {
+    pub fn new(filter: &'a Filter) -> Self {
+        Self {
+            filter,
+            verdicts: std::collections::HashMap::new(),
+        }
+    }
+
+    pub fn pid(&mut self, pid: u32) -> bool {
+        let filter = self.filter;
+        *self
+            .verdicts
+            .entry(pid)
+            .or_insert_with(|| filter.process(pid, cgroup_of(pid).as_deref()))
+    }
+
+    /// Whether any of a socket's holders is selected.
+    pub fn any(&mut self, holders: &[u32]) -> bool {
+        holders.iter().any(|&pid| self.pid(pid))
     }
 }
 

@@ -19,7 +19,7 @@ use crate::{
     budget::Budget,
     clock::{WallClock, monotonic_ns},
     decode::{Leaves, TcpState, Transition},
-    filter::Filter,
+    filter::{Filter, Selection},
     host::owners::{self, FdIndex, ProcInfo},
     host::sockdiag::Query,
     monitor::namespaces::{Namespaces, Visit},
@@ -156,16 +156,9 @@ impl Monitor {
             self.index.adopt(prescan, inodes.iter().copied());
         }
         self.index.ensure(inodes);
-        let filter = &self.filter;
         let index = &self.index;
-        let mut verdicts: HashMap<u32, bool> = HashMap::new();
-        let mut selected = |inode: u64| -> bool {
-            index.holders(inode).iter().any(|&pid| {
-                *verdicts.entry(pid).or_insert_with(|| {
-                    filter.process(pid, crate::host::cgroup::cgroup_of(pid).as_deref())
-                })
-            })
-        };
+        let mut selection = Selection::new(&self.filter);
+        let mut selected = |inode: u64| selection.any(index.holders(inode));
         let mut ports: BTreeSet<(u32, u16)> = BTreeSet::new();
         for (&(ns, port), inodes) in self.namespaces.listeners() {
             if inodes.iter().any(|&inode| selected(inode)) {
@@ -413,12 +406,8 @@ impl Monitor {
     /// Keeps the inferred rows of the processes `--pid`/`--cgroup` select.
     fn select(&self, rows: &mut Vec<Synthetic>) {
         if self.filter.selects_processes() {
-            let filter = &self.filter;
-            rows.retain(|r| {
-                r.owner.as_ref().is_some_and(|o| {
-                    filter.process(o.pid, crate::host::cgroup::cgroup_of(o.pid).as_deref())
-                })
-            });
+            let mut selection = Selection::new(&self.filter);
+            rows.retain(|r| r.owner.as_ref().is_some_and(|o| selection.pid(o.pid)));
         }
     }
 
@@ -758,18 +747,12 @@ impl Monitor {
         if !self.filter.selects_processes() {
             return self.table.close_wait_count();
         }
-        let mut verdicts: HashMap<u32, bool> = HashMap::new();
-        let filter = &self.filter;
+        let mut selection = Selection::new(&self.filter);
         self.table
             .close_wait()
             .filter(|(_, cw)| {
                 let holders = self.index.holders(cw.inode);
-                holders.is_empty()
-                    || holders.iter().any(|&pid| {
-                        *verdicts.entry(pid).or_insert_with(|| {
-                            filter.process(pid, crate::host::cgroup::cgroup_of(pid).as_deref())
-                        })
-                    })
+                holders.is_empty() || selection.any(holders)
             })
             .count() as u64
     }
