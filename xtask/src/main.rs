@@ -149,42 +149,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Task::Test { args } => {
-            if !setup::is_root() {
-                bail!(
-                    "the integration tests load the real probe: run as root (sudo -E cargo xtask test)"
-                );
-            }
-            setup::ensure_all()?;
-            setup::ensure_test_peers()?;
-            let packaging = args.is_empty();
-            if packaging {
-                // The lint policy is part of the test: a warning fails CI.
-                status(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-            }
-            // default-members leave out the eBPF crate (built by connwatch/build.rs).
-            let code = exit_code(cargo().args(["test", "--no-fail-fast"]).args(args))?;
-            if !packaging {
-                return Ok(code);
-            }
-            // The saturation test again in release, where the product's bound holds (a
-            // report at most one interval late); in debug it only checks that reports
-            // keep coming.
-            let release = exit_code(cargo().args([
-                "test",
-                "--release",
-                "--package",
-                "connwatch",
-                "--test",
-                "saturation",
-            ]))?;
-            let code = if release == ExitCode::SUCCESS {
-                code
-            } else {
-                ExitCode::FAILURE
-            };
-            Ok(if package()? { code } else { ExitCode::FAILURE })
-        }
+        Task::Test { args } => test(args),
         Task::Package => {
             setup::ensure_all()?;
             Ok(if package()? {
@@ -194,6 +159,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// Every test tier: clippy, unit and root tests, the saturation test in release, the
+/// packaging tier; with extra arguments, only `cargo test` with them.
+fn test(args: Vec<String>) -> Result<ExitCode> {
+    if !setup::is_root() {
+        bail!("the integration tests load the real probe: run as root (sudo -E cargo xtask test)");
+    }
+    setup::ensure_all()?;
+    setup::ensure_test_peers()?;
+    let packaging = args.is_empty();
+    if packaging {
+        // The lint policy is part of the test: a warning fails CI.
+        status(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    // default-members leave out the eBPF crate (built by connwatch/build.rs).
+    let code = exit_code(cargo().args(["test", "--no-fail-fast"]).args(args))?;
+    if !packaging {
+        return Ok(code);
+    }
+    // The saturation test again in release, where the product's bound holds (a
+    // report at most one interval late); in debug it only checks that reports
+    // keep coming.
+    let release = exit_code(cargo().args([
+        "test",
+        "--release",
+        "--package",
+        "connwatch",
+        "--test",
+        "saturation",
+    ]))?;
+    let code = if release == ExitCode::SUCCESS {
+        code
+    } else {
+        ExitCode::FAILURE
+    };
+    Ok(if package()? { code } else { ExitCode::FAILURE })
 }
 
 /// Where `man` finds pages of programs built from source.
