@@ -14,10 +14,6 @@ common::peer_entry!();
 
 const LIMIT: u64 = 1024;
 
-fn untracked(r: &serde_json::Value) -> u64 {
-    r["loss"]["sockets_untracked"].as_u64().unwrap()
-}
-
 /// The classic tracepoint keeps per-socket state in an LRU map of `--max-sockets`
 /// entries: 1,500 open connections (3,000 sockets) against 1,024 entries make it evict,
 /// and every socket whose state it evicted is counted as untracked (once).
@@ -25,12 +21,7 @@ fn untracked(r: &serde_json::Value) -> u64 {
 fn tracepoint_map_evictions_are_counted() {
     require_root();
     const OPEN: u64 = 1500;
-    let lim = libc::rlimit {
-        rlim_cur: 16_384,
-        rlim_max: 16_384,
-    };
-    // SAFETY: setrlimit reads one struct, which `lim` is.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    raise_fd_limit(16_384);
     let mut cw = Connwatch::start(&[
         "watch",
         "--json",

@@ -18,10 +18,6 @@ common::peer_entry!();
 const LIMIT: u64 = 1024;
 const HELD: u64 = 3000;
 
-fn untracked(r: &serde_json::Value) -> u64 {
-    r["loss"]["sockets_untracked"].as_u64().unwrap()
-}
-
 /// 3,000 CLOSE_WAIT sockets that never change, over a limit of 1,024: the untracked
 /// count settles at no more than one per socket and stays there for 30 s, while
 /// `states` still counts every CLOSE_WAIT socket.
@@ -29,12 +25,7 @@ fn untracked(r: &serde_json::Value) -> u64 {
 fn overflow_is_counted_once_per_socket() {
     require_root();
     // The leaker and its clients inherit the limit: 3,000 sockets each side.
-    let lim = libc::rlimit {
-        rlim_cur: 16_384,
-        rlim_max: 16_384,
-    };
-    // SAFETY: setrlimit reads one struct, which `lim` is.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    raise_fd_limit(16_384);
     let mut cw = Connwatch::start(&[
         "watch",
         "--json",

@@ -683,3 +683,19 @@ pub fn wait_report(
     });
     serde_json::from_str(&line).unwrap_or_default()
 }
+
+/// `loss.sockets_untracked` of a JSON report.
+pub fn untracked(r: &serde_json::Value) -> u64 {
+    r["loss"]["sockets_untracked"].as_u64().unwrap()
+}
+
+/// Raises this process's fd limit (its peers inherit it), for tests that hold thousands
+/// of sockets.
+pub fn raise_fd_limit(n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: setrlimit reads one struct, which `lim` is.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+}
