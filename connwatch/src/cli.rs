@@ -6,6 +6,7 @@ use crate::units::{parse_duration, parse_interval};
 use clap::{Args, Parser, Subcommand};
 
 pub use crate::filter::{Family, FilterArgs};
+use crate::host::runtime::RuntimeArgs;
 use crate::probe::HookChoice;
 
 const EXAMPLES: &str = "\
@@ -109,6 +110,9 @@ pub struct TopArgs {
     pub thresholds: ReportConfig,
 
     #[command(flatten)]
+    pub runtime: RuntimeArgs,
+
+    #[command(flatten)]
     pub filter: FilterArgs,
 
     #[command(flatten)]
@@ -133,6 +137,9 @@ pub struct ReportArgs {
 
     #[command(flatten)]
     pub thresholds: ReportConfig,
+
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -165,6 +172,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub thresholds: ReportConfig,
+
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 
     #[command(flatten)]
     pub filter: FilterArgs,

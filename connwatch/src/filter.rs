@@ -1,5 +1,8 @@
 //! `--pid`, `--port`, `--family`, `--cgroup`: applied in the kernel (load-time globals,
 //! so unwanted events never reach userspace) and to what sock_diag adds in userspace.
+//! `--pod` and `--k8s-namespace` in userspace: a pod's name is the runtime's to tell,
+//! and may be told after its first sockets (narrow the kernel's share with `--cgroup`
+//! on the pod's cgroup v2 directory).
 use std::{
     net::SocketAddr,
     os::unix::fs::MetadataExt,
@@ -8,7 +11,11 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::host::cgroup::{cgroup_of, cgroup2_root, is_cgroup2};
+use crate::host::{
+    cgroup::{cgroup2_root, is_cgroup2, parse_cgroup},
+    container::identity_cached,
+    runtime::{self, K8sNames, RuntimeArgs},
+};
 use clap::{Args, ValueEnum};
 use connwatch_common::{AF_INET, AF_INET6, FILTER_MAX};
 
@@ -48,6 +55,18 @@ pub struct Filter {
     pub family: Option<Family>,
     /// cgroup path relative to the cgroup2 root (as in /proc/PID/cgroup) and its id.
     pub cgroup: Option<(String, u64)>,
+    /// `--pod` names and `--k8s-namespace` namespaces.
+    pub pods: Vec<String>,
+    pub k8s_namespaces: Vec<String>,
+}
+
+/// Whether a workload is selected, as far as the runtime has said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Yes,
+    No,
+    /// In a container the runtime has not named yet.
+    Unknown,
 }
 
 impl Filter {
@@ -69,7 +88,37 @@ impl Filter {
             ports: args.port.clone(),
             family: args.family,
             cgroup,
+            ..Self::default()
         })
+    }
+
+    /// With `--pod` and `--k8s-namespace`.
+    pub fn with_workloads(mut self, runtime: &RuntimeArgs) -> Self {
+        self.pods.clone_from(&runtime.pod);
+        self.k8s_namespaces.clone_from(&runtime.k8s_namespace);
+        self
+    }
+
+    /// `--pod`/`--k8s-namespace` on a process's pod (`k8s`, as the runtime named it),
+    /// `in_container` telling whether it runs in a container at all.
+    pub fn workload(&self, k8s: Option<&K8sNames>, in_container: bool) -> Verdict {
+        if self.pods.is_empty() && self.k8s_namespaces.is_empty() {
+            return Verdict::Yes;
+        }
+        match k8s {
+            Some(k) => {
+                let pod_ok = self.pods.is_empty() || self.pods.contains(&k.pod);
+                let ns_ok =
+                    self.k8s_namespaces.is_empty() || self.k8s_namespaces.contains(&k.namespace);
+                if pod_ok && ns_ok {
+                    Verdict::Yes
+                } else {
+                    Verdict::No
+                }
+            }
+            None if in_container => Verdict::Unknown,
+            None => Verdict::No,
+        }
     }
 
     pub fn kernel(&self) -> connwatch_common::Filter {
@@ -118,9 +167,12 @@ impl Filter {
         pid_ok && cgroup_ok
     }
 
-    /// Whether rows must be checked with `process` (pid or cgroup conditions).
+    /// Whether rows must be checked with `process` (pid, cgroup or pod conditions).
     pub fn selects_processes(&self) -> bool {
-        !self.pids.is_empty() || self.cgroup.is_some()
+        !self.pids.is_empty()
+            || self.cgroup.is_some()
+            || !self.pods.is_empty()
+            || !self.k8s_namespaces.is_empty()
     }
 }
 
@@ -139,12 +191,22 @@ impl<'a> Selection<'a> {
         }
     }
 
+    /// Whether a live process is selected; one in a container not named yet is kept
+    /// (its sockets are followed until the runtime says whose they are; its rows wait
+    /// for the name).
     pub fn pid(&mut self, pid: u32) -> bool {
         let filter = self.filter;
-        *self
-            .verdicts
-            .entry(pid)
-            .or_insert_with(|| filter.process(pid, cgroup_of(pid).as_deref()))
+        *self.verdicts.entry(pid).or_insert_with(|| {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            let in_cgroup = filter.process(pid, parse_cgroup(&text).as_deref());
+            if !in_cgroup || (filter.pods.is_empty() && filter.k8s_namespaces.is_empty()) {
+                return in_cgroup;
+            }
+            let identity = identity_cached(&text);
+            let names = identity.container.as_ref().and_then(runtime::lookup);
+            let k8s = names.as_ref().and_then(|n| n.k8s.as_ref());
+            filter.workload(k8s, identity.container.is_some()) != Verdict::No
+        })
     }
 
     /// Whether any of a socket's holders is selected.
@@ -199,6 +261,7 @@ mod tests {
             ports: vec![8080],
             family: Some(Family::Ipv4),
             cgroup: Some(("/system.slice/x.service".into(), 77)),
+            ..Filter::default()
         }
     }
 
@@ -221,6 +284,37 @@ mod tests {
         assert!(!f.process(42, Some("/user.slice")));
         assert!(!f.process(42, None));
         assert!(Filter::default().process(1, None));
+    }
+
+    #[test]
+    fn pods_and_namespaces() {
+        let k = |ns: &str, pod: &str| K8sNames {
+            namespace: ns.into(),
+            pod: pod.into(),
+            ..Default::default()
+        };
+        let none = Filter::default();
+        assert_eq!(none.workload(None, false), Verdict::Yes);
+        let f = Filter {
+            pods: vec!["checkout".into()],
+            k8s_namespaces: vec!["shop".into()],
+            ..Filter::default()
+        };
+        assert!(f.selects_processes());
+        assert_eq!(f.workload(Some(&k("shop", "checkout")), true), Verdict::Yes);
+        assert_eq!(f.workload(Some(&k("dev", "checkout")), true), Verdict::No);
+        assert_eq!(f.workload(Some(&k("shop", "cart")), true), Verdict::No);
+        // Not named yet: kept until the runtime says; a host process never matches.
+        assert_eq!(f.workload(None, true), Verdict::Unknown);
+        assert_eq!(f.workload(None, false), Verdict::No);
+        let ns_only = Filter {
+            k8s_namespaces: vec!["shop".into()],
+            ..Filter::default()
+        };
+        assert_eq!(
+            ns_only.workload(Some(&k("shop", "any")), true),
+            Verdict::Yes
+        );
     }
 
     #[test]

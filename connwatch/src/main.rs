@@ -10,6 +10,7 @@ use connwatch::{
     cli::{Cli, Command, ProbeArgs},
     cmd::{serve, top, trace, watch},
     filter::Filter,
+    host::runtime,
     probe::{self, ProbeOptions},
 };
 
@@ -67,19 +68,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             trace::run(args, opts, filter).await
         }
         Command::Watch(args) => {
-            let filter = Filter::from_args(&args.filter)?;
+            let filter = Filter::from_args(&args.filter)?.with_workloads(&args.report.runtime);
+            runtime::start(&args.report.runtime);
             let mut opts = probe_options(&args.probe, &filter, cli.verbose);
             opts.filter.lifecycle_only = 1;
             watch::watch(args, opts, filter).await
         }
         Command::Serve(args) => {
-            let filter = Filter::from_args(&args.filter)?;
+            let filter = Filter::from_args(&args.filter)?.with_workloads(&args.runtime);
+            runtime::start(&args.runtime);
             let mut opts = probe_options(&args.probe, &filter, cli.verbose);
             opts.filter.lifecycle_only = 1;
             serve::serve(args, opts, filter).await
         }
         Command::Top(args) => {
-            let filter = Filter::from_args(&args.filter)?;
+            let filter = Filter::from_args(&args.filter)?.with_workloads(&args.runtime);
+            runtime::start(&args.runtime);
             let mut opts = probe_options(&args.probe, &filter, cli.verbose);
             opts.filter.lifecycle_only = 1;
             top::top(args, opts, filter).await
@@ -89,7 +93,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Snapshot(args) => {
-            let filter = Filter::from_args(&args.filter)?;
+            let filter = Filter::from_args(&args.filter)?.with_workloads(&args.report.runtime);
+            runtime::start(&args.report.runtime);
+            // A one-shot report: the containers already running are named in it.
+            runtime::wait_primed(std::time::Duration::from_secs(5));
             watch::snapshot(args, filter)
         }
     }

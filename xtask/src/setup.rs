@@ -13,11 +13,14 @@ use anyhow::{Context as _, Result, bail};
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Build toolchain (LLVM 22 for bpf-linker), the peers that tests and benchmarks run
 /// against (promtool/prometheus, tcpstates from libbpf-tools, bpftool, bpftrace for the
-/// benchmark's cost floor, tmux for the terminal test of `connwatch top`) and the packaging tools: buildah builds the OCI
-/// image without a daemon or registry; systemd-analyze verifies the unit.
+/// benchmark's cost floor, tmux for the terminal test of `connwatch top`) and the
+/// packaging tools: buildah builds the OCI image without a daemon or registry;
+/// systemd-analyze verifies the unit. protoc compiles containerd's API (the
+/// containerd-client crate generates its gRPC client when it builds).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libclang-22-dev",
+    "protobuf-compiler",
     "prometheus",
     "libbpf-tools",
     "bpftool",
@@ -27,8 +30,19 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
 ];
 /// Real software the root tests run connwatch against (`cargo xtask test` only): servers
-/// that close idle clients or share a port, and the clients and libraries that leak.
-const APT_TEST_PACKAGES: &[&str] = &["redis-server", "postgresql", "nginx-light", "curl"];
+/// that close idle clients or share a port, the clients and libraries that leak, and
+/// the container runtimes whose containers connwatch names (containerd and runc; Docker;
+/// gcc builds the static programs of their FROM-scratch images).
+const APT_TEST_PACKAGES: &[&str] = &[
+    "redis-server",
+    "postgresql",
+    "nginx-light",
+    "curl",
+    "containerd",
+    "runc",
+    "docker.io",
+    "gcc",
+];
 /// Python client libraries of those tests (imported by their names below).
 const PYPI_TEST_PACKAGES: &[(&str, &str)] = &[("redis", "redis"), ("psycopg2-binary", "psycopg2")];
 

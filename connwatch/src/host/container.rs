@@ -17,7 +17,7 @@ use std::{cell::RefCell, collections::HashMap};
 use serde::Serialize;
 
 /// The container runtime that made a container.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Runtime {
     #[serde(rename = "containerd")]
     Containerd,
@@ -27,6 +27,17 @@ pub enum Runtime {
     Docker,
     #[serde(rename = "podman")]
     Podman,
+}
+
+impl Runtime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Containerd => "containerd",
+            Self::CriO => "cri-o",
+            Self::Docker => "docker",
+            Self::Podman => "podman",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

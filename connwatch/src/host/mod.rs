@@ -6,4 +6,5 @@ pub mod container;
 pub mod kernelinfo;
 pub mod netns;
 pub mod owners;
+pub mod runtime;
 pub mod sockdiag;

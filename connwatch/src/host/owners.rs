@@ -31,6 +31,29 @@ pub struct ProcInfo {
     pub cgroup: Option<String>,
     /// The container and pod its cgroup paths name.
     pub identity: crate::host::container::Identity,
+    /// What the container's runtime calls them (once it has said).
+    pub names: Option<Arc<crate::host::runtime::Names>>,
+}
+
+impl ProcInfo {
+    /// Its pod's uid: from the kubelet's cgroup path, else the CRI's label.
+    pub fn pod_uid(&self) -> Option<&str> {
+        self.identity.pod_uid.as_deref().or_else(|| {
+            self.names
+                .as_ref()
+                .and_then(|n| n.k8s.as_ref())
+                .and_then(|k| k.pod_uid.as_deref())
+        })
+    }
+
+    /// Its pod's namespace and name, once the runtime has said them.
+    pub fn pod(&self) -> Option<&crate::host::runtime::K8sNames> {
+        self.names.as_ref().and_then(|n| n.k8s.as_ref())
+    }
+
+    pub fn container_id(&self) -> Option<&str> {
+        self.identity.container.as_ref().map(|c| c.id.as_str())
+    }
 }
 
 /// The processes holding each socket, by inode, in 16 bytes an entry: one or two pids
@@ -389,12 +412,17 @@ pub fn proc_info(pid: u32) -> Option<ProcInfo> {
     // One read of /proc/PID/cgroup for both: the v2 path, and the container and pod
     // that any of its lines name (cgroup v1 hosts name them in the v1 lines).
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let identity = crate::host::container::identity_cached(&cgroups);
     Some(ProcInfo {
         comm,
         fds,
         fd_limit,
         cgroup: crate::host::cgroup::parse_cgroup(&cgroups),
-        identity: crate::host::container::identity_cached(&cgroups),
+        names: identity
+            .container
+            .as_ref()
+            .and_then(crate::host::runtime::lookup),
+        identity,
     })
 }
 

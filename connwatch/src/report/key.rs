@@ -39,7 +39,9 @@ impl GroupBy {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum GroupKey {
     Pid(u32),
-    Comm(String),
+    /// A command, in one container (`None`: on the host): the same program in a hundred
+    /// pods is a hundred rows.
+    Comm(String, Option<String>),
     Unit(String),
     /// A pod, by uid.
     Pod(String),
@@ -70,7 +72,7 @@ pub(super) fn key_of(
 ) -> GroupKey {
     match by {
         GroupBy::Process => GroupKey::Pid(pid),
-        GroupBy::Command => GroupKey::Comm(comm_of(pid, comm, procs)),
+        GroupBy::Command => command_key(pid, comm, procs),
         GroupBy::Unit => GroupKey::Unit(
             procs
                 .get(&pid)
@@ -79,16 +81,29 @@ pub(super) fn key_of(
         ),
         GroupBy::Pod => procs
             .get(&pid)
-            .and_then(|i| i.identity.pod_uid.clone())
-            .map_or_else(|| GroupKey::Comm(comm_of(pid, comm, procs)), GroupKey::Pod),
-        GroupBy::Container => procs
-            .get(&pid)
-            .and_then(|i| i.identity.container.as_ref())
-            .map_or_else(
-                || GroupKey::Comm(comm_of(pid, comm, procs)),
-                |c| GroupKey::Container(c.id.clone()),
-            ),
+            .and_then(|i| {
+                i.pod_uid()
+                    .map(String::from)
+                    .or_else(|| i.pod().map(|k| format!("{}/{}", k.namespace, k.pod)))
+            })
+            .map_or_else(|| command_key(pid, comm, procs), GroupKey::Pod),
+        GroupBy::Container => procs.get(&pid).and_then(|i| i.container_id()).map_or_else(
+            || command_key(pid, comm, procs),
+            |id| GroupKey::Container(id.to_string()),
+        ),
     }
+}
+
+fn command_key(
+    pid: u32,
+    comm: Option<&str>,
+    procs: &std::collections::HashMap<u32, ProcInfo>,
+) -> GroupKey {
+    let container = procs
+        .get(&pid)
+        .and_then(|i| i.container_id())
+        .map(String::from);
+    GroupKey::Comm(comm_of(pid, comm, procs), container)
 }
 
 /// The holders of one socket that count it: all of them per process (a socket shared

@@ -167,8 +167,38 @@ pub struct ContainerRow {
 pub struct K8sRow {
     pub namespace: Option<String>,
     pub pod: Option<String>,
-    pub pod_uid: String,
+    /// From the kubelet's cgroup path, else the CRI's label.
+    pub pod_uid: Option<String>,
     pub container: Option<String>,
+}
+
+impl ProcessRow {
+    /// Where the row runs, as an engineer names it: `namespace/pod/container` in
+    /// Kubernetes (`namespace/pod` for a pod's row), the runtime's container name
+    /// elsewhere; until the runtime has named them, the pod's uid and the container's
+    /// short id. `None` on the host.
+    pub fn place(&self) -> Option<String> {
+        let short = |id: &str, n: usize| id.get(..n).unwrap_or(id).to_string();
+        let container = self
+            .container
+            .as_ref()
+            .map(|c| c.name.clone().unwrap_or_else(|| short(&c.id, 12)));
+        match &self.k8s {
+            Some(k) => {
+                let pod = match (&k.namespace, &k.pod, &k.pod_uid) {
+                    (Some(ns), Some(pod), _) => format!("{ns}/{pod}"),
+                    (_, _, Some(uid)) => format!("pod {}", short(uid, 8)),
+                    _ => "pod ?".into(),
+                };
+                let container = k.container.clone().or(container);
+                Some(match container {
+                    Some(c) => format!("{pod}/{c}"),
+                    None => pod,
+                })
+            }
+            None => container,
+        }
+    }
 }
 
 /// Unflagged processes folded into one line per command (short-lived clients, health
@@ -273,13 +303,23 @@ impl Reporter {
         }
     }
 
-    /// The report of one snapshot, with the rows `--pid`/`--cgroup` select.
+    /// The report of one snapshot, with the rows `--pid`/`--cgroup`/`--pod`/
+    /// `--k8s-namespace` select (a row in a pod not named yet waits for its name).
     pub fn build(&mut self, s: &Snapshot) -> Report {
         let mut report = build(s, &self.cfg, &mut self.growth);
         if s.filter.selects_processes() {
-            report
-                .processes
-                .retain(|p| s.filter.process(p.pid, p.cgroup.as_deref()));
+            report.processes.retain(|p| {
+                let k8s = p.k8s.as_ref().and_then(|k| {
+                    Some(crate::host::runtime::K8sNames {
+                        namespace: k.namespace.clone()?,
+                        pod: k.pod.clone()?,
+                        ..Default::default()
+                    })
+                });
+                s.filter.process(p.pid, p.cgroup.as_deref())
+                    && s.filter.workload(k8s.as_ref(), p.container.is_some())
+                        == crate::filter::Verdict::Yes
+            });
         }
         report
             .footprint
@@ -441,6 +481,8 @@ mod tests {
         ports: Vec::new(),
         family: None,
         cgroup: None,
+        pods: Vec::new(),
+        k8s_namespaces: Vec::new(),
     };
 
     fn inputs<'a>(t: &'a Table, now_s: u64, procs: &'a HashMap<u32, ProcInfo>) -> Snapshot<'a> {
@@ -863,7 +905,7 @@ mod tests {
         assert_eq!(pods.processes.len(), 2, "{:?}", pods.processes);
         let pod = pods.processes.iter().find(|p| p.k8s.is_some()).unwrap();
         assert_eq!((pod.close_wait, pod.pids.clone()), (2, vec![101, 102]));
-        assert_eq!(pod.k8s.as_ref().unwrap().pod_uid, uid);
+        assert_eq!(pod.k8s.as_ref().unwrap().pod_uid.as_deref(), Some(uid));
         assert!(pod.container.is_none());
         let containers = by(GroupBy::Container);
         assert_eq!(containers.processes.len(), 3);
@@ -874,6 +916,86 @@ mod tests {
             .collect();
         assert!(ids.contains(&Some(c1.as_str())) && ids.contains(&Some(c2.as_str())));
         assert!(ids.contains(&None), "the host process: {ids:?}");
+    }
+
+    /// Names from the runtime reach the rows: `container.name`, `k8s` with namespace,
+    /// pod and container, the table's place and the reason sentence; `--by command`
+    /// keeps one program in two pods apart.
+    #[test]
+    fn rows_carry_the_runtimes_names() {
+        use crate::host::{
+            container::identity,
+            runtime::{K8sNames, Names},
+        };
+        let uid = |n: u8| format!("{n}2345678-9abc-def0-1234-56789abcdef0");
+        let mut t = Table::new(NS);
+        let mut procs = procs();
+        for (i, pod) in ["checkout-7f9c", "checkout-8d2e"].into_iter().enumerate() {
+            let pid = 201 + i as u32;
+            let id = format!("{i}").repeat(64);
+            let uid = uid(i as u8 + 1);
+            procs.insert(
+                pid,
+                ProcInfo {
+                    comm: "app".into(),
+                    identity: identity(&format!("0::/kubepods/besteffort/pod{uid}/{id}\n")),
+                    names: Some(std::sync::Arc::new(Names {
+                        name: Some("app".into()),
+                        k8s: Some(K8sNames {
+                            namespace: "shop".into(),
+                            pod: pod.into(),
+                            pod_uid: Some(uid.clone()),
+                            container: Some("app".into()),
+                        }),
+                    })),
+                    ..ProcInfo::default()
+                },
+            );
+            t.apply(&enter_cw(
+                1.0,
+                L,
+                &format!("127.0.0.1:{}", 42000 + i),
+                pid.into(),
+            ));
+        }
+        let idx = hold(&t, |inode| vec![inode as u32]);
+        let snapshot = Snapshot {
+            holders: &idx,
+            ..inputs(&t, 100, &procs)
+        };
+        let r = build(
+            &snapshot,
+            &ReportConfig {
+                by: GroupBy::Command,
+                ..cfg()
+            },
+            &mut Growth::default(),
+        );
+        assert_eq!(r.processes.len(), 2, "one row per pod: {:?}", r.processes);
+        let row = r.processes.iter().find(|p| p.pid == 201).unwrap();
+        let v = serde_json::to_value(row).unwrap();
+        assert_eq!(v["container"]["name"], "app");
+        assert_eq!(
+            v["k8s"],
+            serde_json::json!({"namespace": "shop", "pod": "checkout-7f9c", "pod_uid": uid(1), "container": "app"})
+        );
+        assert_eq!(row.place().as_deref(), Some("shop/checkout-7f9c/app"));
+        let reason = row.reason.as_deref().unwrap();
+        assert!(
+            reason.starts_with("app[201] in shop/checkout-7f9c/app holds 1 CLOSE_WAIT"),
+            "{reason}"
+        );
+        let pods = build(
+            &snapshot,
+            &ReportConfig {
+                by: GroupBy::Pod,
+                ..cfg()
+            },
+            &mut Growth::default(),
+        );
+        let pod = pods.processes.iter().find(|p| p.pid == 202).unwrap();
+        assert_eq!(pod.place().as_deref(), Some("shop/checkout-8d2e"));
+        assert_eq!(pod.k8s.as_ref().unwrap().container, None);
     }
 
     #[test]

@@ -27,16 +27,19 @@ pub(super) fn row(
     pids.sort_unstable();
     let pid = pids.first().copied().unwrap_or(0);
     let comm = match key {
-        GroupKey::Comm(c) => c.clone(),
+        GroupKey::Comm(c, _) => c.clone(),
         _ => comm_of(pid, a.comm.as_deref(), s.procs),
     };
     let cgroup = pids
         .iter()
         .find_map(|p| s.procs.get(p).and_then(|i| i.cgroup.clone()));
-    let (mut container, k8s) = placement(&pids, s);
+    let (mut container, mut k8s) = placement(&pids, s);
     if matches!(key, GroupKey::Pod(_)) {
         // A pod's row stands for all its containers.
         container = None;
+        if let Some(k) = k8s.as_mut() {
+            k.container = None;
+        }
     }
     // A group runs out of fds where its tightest process does.
     let info = tightest(&pids, s);
@@ -105,35 +108,38 @@ fn fill(i: &ProcInfo) -> f64 {
 }
 
 /// The container and pod of a row: those its live processes share (each none when
-/// they differ, or none of them is alive to tell). A pod's row shares the pod, not
-/// the container.
+/// they differ, or none of them is alive to tell), named as the runtime names them. A
+/// pod's row shares the pod, not the container.
 fn placement(pids: &[u32], s: &Snapshot) -> (Option<ContainerRow>, Option<K8sRow>) {
-    let ids: Vec<&crate::host::container::Identity> = pids
-        .iter()
-        .filter_map(|p| s.procs.get(p))
-        .map(|i| &i.identity)
-        .collect();
-    let shared = |of: &dyn Fn(&crate::host::container::Identity) -> bool| {
-        !ids.is_empty() && ids.iter().all(|i| of(i))
-    };
-    let first = ids.first();
+    let infos: Vec<&ProcInfo> = pids.iter().filter_map(|p| s.procs.get(p)).collect();
+    let first = infos.first();
+    let shared =
+        |same: &dyn Fn(&ProcInfo) -> bool| !infos.is_empty() && infos.iter().all(|i| same(i));
     let container = first
-        .and_then(|i| i.container.as_ref())
-        .filter(|c| shared(&|i| i.container.as_ref() == Some(c)))
-        .map(|c| ContainerRow {
+        .and_then(|f| f.identity.container.as_ref().map(|c| (f, c)))
+        .filter(|(_, c)| shared(&|i| i.identity.container.as_ref() == Some(c)))
+        .map(|(f, c)| ContainerRow {
             id: c.id.clone(),
             runtime: c.runtime,
-            name: None,
+            name: f.names.as_ref().and_then(|n| n.name.clone()),
         });
-    let k8s = first
-        .and_then(|i| i.pod_uid.as_ref())
-        .filter(|uid| shared(&|i| i.pod_uid.as_ref() == Some(uid)))
-        .map(|uid| K8sRow {
-            namespace: None,
-            pod: None,
-            pod_uid: uid.clone(),
-            container: None,
-        });
+    let pod_uid = first
+        .and_then(|f| f.pod_uid())
+        .filter(|uid| shared(&|i| i.pod_uid() == Some(uid)));
+    let names = first.and_then(|f| f.pod()).filter(|k| {
+        shared(&|i| {
+            i.pod()
+                .is_some_and(|o| (&o.namespace, &o.pod) == (&k.namespace, &k.pod))
+        })
+    });
+    let k8s = (pod_uid.is_some() || names.is_some()).then(|| K8sRow {
+        namespace: names.map(|k| k.namespace.clone()),
+        pod: names.map(|k| k.pod.clone()),
+        pod_uid: pod_uid.map(String::from),
+        container: names
+            .and_then(|k| k.container.clone())
+            .filter(|_| container.is_some()),
+    });
     (container, k8s)
 }
 

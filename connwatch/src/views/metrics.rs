@@ -183,29 +183,38 @@ fn register_processes(registry: &mut Registry, report: &Report, top: usize, cgro
 }
 
 /// Labels of a row's series: `comm`, and `pid` with --by process or `unit` with --by
-/// unit (`cgroup` too with --cgroup-label). Without `pid`, a restarted process keeps
-/// its series.
+/// unit (`cgroup` too with --cgroup-label); a row in a container or pod adds
+/// `namespace`, `pod` and `container`, named as kube-state-metrics and cAdvisor name
+/// them (empty where they do not apply: a pod's row has no container, a Docker
+/// container no pod). Until the runtime has named them, `pod` holds the pod's uid and
+/// `container` the short container id. Without `pid`, a restarted process keeps its
+/// series.
 fn row_labels(by: &str, p: &ProcessRow, cgroup_label: bool) -> Labels {
     let mut labels: Labels = vec![("comm".into(), p.comm.clone())];
     match by {
         "process" => labels.push(("pid".into(), p.pid.to_string())),
         "unit" => labels.push(("unit".into(), p.unit.clone().unwrap_or_default())),
-        // Until the runtime names them: the pod's uid, the container's id.
-        "pod" => labels.push((
-            "pod_uid".into(),
-            p.k8s
-                .as_ref()
-                .map(|k| k.pod_uid.clone())
-                .unwrap_or_default(),
-        )),
-        "container" => labels.push((
-            "container_id".into(),
-            p.container
-                .as_ref()
-                .map(|c| c.id.clone())
-                .unwrap_or_default(),
-        )),
         _ => {}
+    }
+    if p.k8s.is_some() || p.container.is_some() {
+        let k8s = p.k8s.as_ref();
+        let container = k8s
+            .and_then(|k| k.container.clone())
+            .or_else(|| {
+                p.container.as_ref().map(|c| {
+                    c.name
+                        .clone()
+                        .unwrap_or_else(|| c.id.get(..12).unwrap_or(&c.id).to_string())
+                })
+            })
+            .unwrap_or_default();
+        let pod = k8s
+            .and_then(|k| k.pod.clone().or_else(|| k.pod_uid.clone()))
+            .unwrap_or_default();
+        let namespace = k8s.and_then(|k| k.namespace.clone()).unwrap_or_default();
+        labels.push(("namespace".into(), namespace));
+        labels.push(("pod".into(), pod));
+        labels.push(("container".into(), container));
     }
     if cgroup_label {
         labels.push(("cgroup".into(), p.cgroup.clone().unwrap_or_default()));
@@ -219,8 +228,6 @@ fn other_labels(by: &str, cgroup_label: bool) -> Labels {
     match by {
         "process" => labels.push(("pid".into(), String::new())),
         "unit" => labels.push(("unit".into(), String::new())),
-        "pod" => labels.push(("pod_uid".into(), String::new())),
-        "container" => labels.push(("container_id".into(), String::new())),
         _ => {}
     }
     if cgroup_label {
@@ -450,6 +457,38 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"cgroup="/svc""#));
+    }
+
+    /// A row in a pod carries namespace, pod and container; a host row does not.
+    #[test]
+    fn pods_are_labelled_by_name() {
+        let mut r = report(2);
+        r.by = "command";
+        r.processes[0].k8s = Some(crate::report::K8sRow {
+            namespace: Some("shop".into()),
+            pod: Some("checkout-7f9c".into()),
+            pod_uid: Some("u".into()),
+            container: Some("app".into()),
+        });
+        r.processes[1].container = Some(crate::report::ContainerRow {
+            id: "0123456789abcdef".repeat(4),
+            runtime: crate::host::container::Runtime::Docker,
+            name: None,
+        });
+        let text = render(&r, &Persistent::default(), 10, false);
+        assert!(
+            text.contains(
+                r#"connwatch_close_wait_sockets{comm="p1",namespace="shop",pod="checkout-7f9c",container="app"} 1"#
+            ),
+            "{text}"
+        );
+        // Not named by its runtime: the short id, so two containers stay two series.
+        assert!(
+            text.contains(
+                r#"connwatch_close_wait_sockets{comm="p2",namespace="",pod="",container="0123456789ab"} 2"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -145,6 +145,13 @@ fn summary(report: Option<&Report>) -> String {
 
 /// The process table, flagged rows in bold red.
 fn table<'a>(rows: &[&ProcessRow], by: &str) -> Table<'a> {
+    // The name column widens for `namespace/pod/container`, up to a point.
+    let name_width = rows
+        .iter()
+        .filter_map(|p| p.place().map(|place| p.comm.len() + place.len() + 3))
+        .max()
+        .unwrap_or(0)
+        .clamp(16, 56) as u16;
     let rows: Vec<Row> = rows
         .iter()
         .map(|p| {
@@ -160,6 +167,10 @@ fn table<'a>(rows: &[&ProcessRow], by: &str) -> Table<'a> {
             let name = match (by, &p.unit) {
                 ("unit", Some(unit)) => unit.clone(),
                 _ => p.comm.clone(),
+            };
+            let name = match p.place() {
+                Some(place) => format!("{name} ({place})"),
+                None => name,
             };
             Row::new(vec![
                 Cell::from(pid),
@@ -181,7 +192,7 @@ fn table<'a>(rows: &[&ProcessRow], by: &str) -> Table<'a> {
         rows,
         [
             Constraint::Length(8),
-            Constraint::Length(16),
+            Constraint::Length(name_width),
             Constraint::Length(11),
             Constraint::Length(8),
             Constraint::Length(10),

@@ -90,11 +90,6 @@ fn quiet_line(q: &QuietRow) -> String {
     }
 }
 
-/// The first `n` characters of an id.
-fn short(id: &str, n: usize) -> &str {
-    id.get(..n).unwrap_or(id)
-}
-
 fn process_table(r: &Report) -> Table {
     let mut t = Table::new();
     t.load_style(NOTHING);
@@ -124,18 +119,9 @@ fn process_table(r: &Report) -> Table {
         {
             cell.clone_from(unit);
         }
-        // What the row stands for, beside the command: the pod's uid, the container's
-        // id (short, as `docker ps` and `crictl ps` show it).
-        let beside = match r.by {
-            "pod" => p
-                .k8s
-                .as_ref()
-                .map(|k| format!("pod {}", short(&k.pod_uid, 8))),
-            "container" => p.container.as_ref().map(|c| short(&c.id, 12).to_string()),
-            _ => None,
-        };
-        if let (Some(beside), Some(cell)) = (beside, cells.get_mut(1)) {
-            *cell = format!("{cell} ({beside})");
+        // Where it runs, beside the command: namespace/pod/container.
+        if let (Some(place), Some(cell)) = (p.place(), cells.get_mut(1)) {
+            *cell = format!("{cell} ({place})");
         }
         if fin_wait2 {
             let fw2 = match (p.fin_wait2, p.fin_wait2_oldest_s) {

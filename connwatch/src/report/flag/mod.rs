@@ -38,10 +38,16 @@ impl Flag {
 }
 
 /// `comm[pid]`, or for a grouped row `comm (N processes)`.
+/// The row's processes as a sentence names them, with where they run (`app[18937] in
+/// shop/checkout-7f9c/app`).
 pub(crate) fn who(r: &ProcessRow) -> String {
-    match r.pids.len() {
+    let who = match r.pids.len() {
         0 | 1 => format!("{}[{}]", r.comm, r.pid),
         n => format!("{} ({n} processes)", r.comm),
+    };
+    match r.place() {
+        Some(place) => format!("{who} in {place}"),
+        None => who,
     }
 }
 

@@ -1,0 +1,435 @@
+//! The names of containers, from the runtime that made them, read-only over its local
+//! socket: containerd's own API (every namespace, `k8s.io` among them, with the labels
+//! the CRI gave each container) and the Docker Engine API. No Kubernetes API server is
+//! needed: the kubelet's CRI labels on each container carry its pod, namespace and
+//! container name.
+//!
+//! The cgroup path (`host::container`) says which container a process runs in; this
+//! module says what the container is called. Names are asked for in a thread of their
+//! own, so a slow or absent runtime never holds up events or reports: a lookup that
+//! misses returns at once and queues the id; the thread lists the runtime's containers
+//! (all of them, in one call, so a host's containers are named together) at most once
+//! a second while ids are waiting, and a container started after connwatch is named by
+//! the next report. A runtime that is absent or refuses is said once on stderr; rows
+//! keep the ids. CRI-O and podman containers keep their ids (no client for them yet).
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Condvar, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use super::container::{Container, Runtime};
+
+mod containerd;
+mod docker;
+
+/// What the runtime says about a container.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Names {
+    /// The runtime's name for it: Docker's name; for a Kubernetes container, the name
+    /// in its pod spec; nerdctl's name.
+    pub name: Option<String>,
+    /// Its pod, from the CRI's labels; `None` outside Kubernetes.
+    pub k8s: Option<K8sNames>,
+}
+
+/// A container's place in Kubernetes, as the CRI labelled it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct K8sNames {
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: Option<String>,
+    /// `None` for the pod's sandbox (pause) container.
+    pub container: Option<String>,
+}
+
+/// The labels the kubelet's CRI puts on every container it makes.
+pub const POD_NAME: &str = "io.kubernetes.pod.name";
+pub const POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+pub const POD_UID: &str = "io.kubernetes.pod.uid";
+pub const CONTAINER_NAME: &str = "io.kubernetes.container.name";
+
+impl Names {
+    /// A container's names from the runtime's own name for it (if any) and its labels.
+    /// The CRI labels name the pod whatever runtime ran it (containerd, or Docker
+    /// through cri-dockerd).
+    pub fn from_labels(name: Option<String>, labels: &HashMap<String, String>) -> Self {
+        let label = |k: &str| labels.get(k).filter(|v| !v.is_empty()).cloned();
+        let k8s = match (label(POD_NAMESPACE), label(POD_NAME)) {
+            (Some(namespace), Some(pod)) => Some(K8sNames {
+                namespace,
+                pod,
+                pod_uid: label(POD_UID),
+                container: label(CONTAINER_NAME),
+            }),
+            _ => None,
+        };
+        let name = name
+            .filter(|n| !n.is_empty())
+            .or_else(|| k8s.as_ref().and_then(|k| k.container.clone()))
+            .or_else(|| label("nerdctl/name"));
+        Self { name, k8s }
+    }
+}
+
+/// Containers and pods: which to report on (`--pod`, `--k8s-namespace`), and where the
+/// runtimes that name them listen.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Containers and pods")]
+pub struct RuntimeArgs {
+    /// Only rows of this Kubernetes pod, by name (repeatable). Names come from the
+    /// container runtime: a pod's rows appear once it has named the pod.
+    #[arg(long, value_name = "NAME")]
+    pub pod: Vec<String>,
+
+    /// Only rows of pods in this Kubernetes namespace (repeatable).
+    #[arg(long, value_name = "NS")]
+    pub k8s_namespace: Vec<String>,
+
+    /// containerd's API socket, asked for the names of containerd and Kubernetes
+    /// containers (k3s: /run/k3s/containerd/containerd.sock).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub containerd_socket: PathBuf,
+
+    /// The Docker Engine API socket, asked for the names of Docker containers.
+    #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
+    pub docker_socket: PathBuf,
+}
+
+/// One list call per runtime at most this often while ids wait for names.
+const MIN_GAP: Duration = Duration::from_secs(1);
+/// How long an id is asked for before it counts as one its runtime does not know (a
+/// container gone, or made by another runtime).
+const GIVE_UP: Duration = Duration::from_secs(10);
+/// After a runtime fails, how long before it is asked again.
+const BACKOFF: Duration = Duration::from_secs(30);
+/// Bound of each table (cleared when it grows past it: only a host churning through
+/// thousands of containers reaches it).
+const TABLE_MAX: usize = 8192;
+
+#[derive(Default)]
+struct Table {
+    known: HashMap<String, Arc<Names>>,
+    /// Ids asked for and not found yet: their runtime and when first asked.
+    wanted: HashMap<String, (Runtime, Instant)>,
+    /// Ids their runtime did not list within `GIVE_UP`.
+    unknown: std::collections::HashSet<String>,
+}
+
+struct Resolver {
+    table: Mutex<Table>,
+    wake: Condvar,
+    /// Set once the first listing of every runtime present is done.
+    primed: Mutex<bool>,
+    primed_cv: Condvar,
+}
+
+static RESOLVER: OnceLock<Arc<Resolver>> = OnceLock::new();
+
+/// Starts asking the runtimes for names (once per process; later calls do nothing).
+pub fn start(args: &RuntimeArgs) {
+    let mut started = false;
+    let resolver = RESOLVER.get_or_init(|| {
+        started = true;
+        Arc::new(Resolver {
+            table: Mutex::new(Table::default()),
+            wake: Condvar::new(),
+            primed: Mutex::new(false),
+            primed_cv: Condvar::new(),
+        })
+    });
+    if started {
+        let (resolver, args) = (resolver.clone(), args.clone());
+        let spawned = std::thread::Builder::new()
+            .name("runtime-names".into())
+            .spawn(move || ask_loop(&resolver, &args));
+        if let Err(e) = spawned {
+            eprintln!(
+                "connwatch: cannot start asking container runtimes for names ({e}): rows keep container ids"
+            );
+        }
+    }
+}
+
+/// Waits (up to `limit`) for the first listing of the runtimes present, so that a
+/// one-shot report names the containers that already run.
+pub fn wait_primed(limit: Duration) {
+    let Some(resolver) = RESOLVER.get() else {
+        return;
+    };
+    if let Ok(primed) = resolver.primed.lock() {
+        let _ = resolver
+            .primed_cv
+            .wait_timeout_while(primed, limit, |p| !*p);
+    }
+}
+
+/// The names of a container if its runtime has told them; else `None` at once, and the
+/// id is asked for (names arrive by a later report). `None` too before `start`.
+pub fn lookup(c: &Container) -> Option<Arc<Names>> {
+    let resolver = RESOLVER.get()?;
+    let mut t = resolver.table.lock().ok()?;
+    if let Some(n) = t.known.get(&c.id) {
+        return Some(n.clone());
+    }
+    if t.unknown.contains(&c.id) || t.wanted.contains_key(&c.id) {
+        return None;
+    }
+    if t.wanted.len() >= TABLE_MAX {
+        t.wanted.clear();
+    }
+    t.wanted.insert(c.id.clone(), (c.runtime, Instant::now()));
+    resolver.wake.notify_one();
+    None
+}
+
+/// The thread that asks: waits for wanted ids, lists the runtimes they belong to.
+fn ask_loop(resolver: &Resolver, args: &RuntimeArgs) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!(
+                "connwatch: cannot ask container runtimes for names ({e}): rows keep container ids"
+            );
+            return;
+        }
+    };
+    let mut asker = Asker::new(args);
+    // First, every runtime whose socket is there, before anything is wanted: the
+    // containers already running are named by the first report.
+    let primed = rt.block_on(asker.prime());
+    if let Ok(mut t) = resolver.table.lock() {
+        t.known
+            .extend(primed.into_iter().map(|(id, n)| (id, Arc::new(n))));
+    }
+    if let Ok(mut p) = resolver.primed.lock() {
+        *p = true;
+        resolver.primed_cv.notify_all();
+    }
+    loop {
+        let wanted: Vec<(String, Runtime)> = {
+            let Ok(mut t) = resolver.table.lock() else {
+                return;
+            };
+            while t.wanted.is_empty() {
+                t = match resolver.wake.wait(t) {
+                    Ok(t) => t,
+                    Err(_) => return,
+                };
+            }
+            t.wanted
+                .iter()
+                .map(|(id, (r, _))| (id.clone(), *r))
+                .collect()
+        };
+        let found = rt.block_on(asker.ask(&wanted));
+        if let Ok(mut t) = resolver.table.lock() {
+            if t.known.len() + found.len() > TABLE_MAX {
+                t.known.clear();
+            }
+            for (id, names) in found {
+                t.wanted.remove(&id);
+                t.known.insert(id, Arc::new(names));
+            }
+            let now = Instant::now();
+            let expired: Vec<String> = t
+                .wanted
+                .iter()
+                .filter(|(_, (_, asked))| now.duration_since(*asked) >= GIVE_UP)
+                .map(|(id, _)| id.clone())
+                .collect();
+            if t.unknown.len() + expired.len() > TABLE_MAX {
+                t.unknown.clear();
+            }
+            for id in expired {
+                t.wanted.remove(&id);
+                t.unknown.insert(id);
+            }
+        }
+        std::thread::sleep(MIN_GAP);
+    }
+}
+
+/// The runtimes' clients, with what each has said.
+struct Asker {
+    containerd: PathBuf,
+    docker: PathBuf,
+    /// Runtimes that failed, and when they may be asked again.
+    backoff: HashMap<Runtime, Instant>,
+    /// Runtimes whose failure was already said on stderr.
+    warned: std::collections::HashSet<Runtime>,
+}
+
+impl Asker {
+    fn new(args: &RuntimeArgs) -> Self {
+        Self {
+            containerd: args.containerd_socket.clone(),
+            docker: args.docker_socket.clone(),
+            backoff: HashMap::new(),
+            warned: Default::default(),
+        }
+    }
+
+    /// Every container of the runtimes whose sockets are there (quietly: a runtime not
+    /// running here is said only when one of its containers is seen).
+    async fn prime(&mut self) -> HashMap<String, Names> {
+        let mut found = HashMap::new();
+        for (runtime, socket) in [
+            (Runtime::Containerd, self.containerd.clone()),
+            (Runtime::Docker, self.docker.clone()),
+        ] {
+            if socket.exists()
+                && let Some(listed) = self.list(runtime, true).await
+            {
+                found.extend(listed);
+            }
+        }
+        found
+    }
+
+    /// Lists every runtime that a wanted id belongs to and returns the names of every
+    /// container listed. An id of the kubelet's cgroupfs layout is taken for a
+    /// containerd one; where containerd does not know it, Docker is asked as well
+    /// (cri-dockerd places Docker's containers the same way).
+    async fn ask(&mut self, wanted: &[(String, Runtime)]) -> HashMap<String, Names> {
+        let mut found = HashMap::new();
+        let mut asked = Vec::new();
+        for runtime in [
+            Runtime::Containerd,
+            Runtime::Docker,
+            Runtime::CriO,
+            Runtime::Podman,
+        ] {
+            if !wanted.iter().any(|(_, r)| *r == runtime) {
+                continue;
+            }
+            if let Some(listed) = self.list(runtime, true).await {
+                found.extend(listed);
+            }
+            asked.push(runtime);
+        }
+        let missing = wanted.iter().any(|(id, _)| !found.contains_key(id));
+        if missing
+            && !asked.contains(&Runtime::Docker)
+            && self.docker.exists()
+            && let Some(listed) = self.list(Runtime::Docker, false).await
+        {
+            found.extend(listed);
+        }
+        found
+    }
+
+    /// One runtime's containers; `None` when it cannot be asked (said once on stderr
+    /// when `say`).
+    async fn list(&mut self, runtime: Runtime, say: bool) -> Option<HashMap<String, Names>> {
+        if self
+            .backoff
+            .get(&runtime)
+            .is_some_and(|t| Instant::now() < *t)
+        {
+            return None;
+        }
+        let timeout = Duration::from_secs(3);
+        let result = match runtime {
+            Runtime::Containerd => {
+                tokio::time::timeout(timeout, containerd::list(&self.containerd)).await
+            }
+            Runtime::Docker => tokio::time::timeout(timeout, docker::list(&self.docker)).await,
+            Runtime::CriO | Runtime::Podman => {
+                if say && self.warned.insert(runtime) {
+                    eprintln!(
+                        "connwatch: {} containers are not asked for their names (no client for {} yet): their rows keep container ids",
+                        runtime.as_str(),
+                        runtime.as_str()
+                    );
+                }
+                return None;
+            }
+        };
+        let error = match result {
+            Ok(Ok(listed)) => {
+                self.backoff.remove(&runtime);
+                return Some(listed);
+            }
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => format!("no answer within {}s", timeout.as_secs()),
+        };
+        self.backoff.insert(runtime, Instant::now() + BACKOFF);
+        if say && self.warned.insert(runtime) {
+            let (socket, flag) = match runtime {
+                Runtime::Docker => (&self.docker, "--docker-socket"),
+                _ => (&self.containerd, "--containerd-socket"),
+            };
+            eprintln!(
+                "connwatch: cannot ask {} at {} for container names ({error}): rows keep container ids (give its socket with {flag})",
+                runtime.as_str(),
+                socket.display(),
+            );
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn cri_labels_name_the_pod() {
+        let l = labels(&[
+            (POD_NAME, "checkout-7f9c"),
+            (POD_NAMESPACE, "shop"),
+            (POD_UID, "12345678-9abc-def0-1234-56789abcdef0"),
+            (CONTAINER_NAME, "app"),
+        ]);
+        let n = Names::from_labels(None, &l);
+        assert_eq!(n.name.as_deref(), Some("app"));
+        let k = n.k8s.unwrap();
+        assert_eq!(
+            (k.namespace.as_str(), k.pod.as_str(), k.container.as_deref()),
+            ("shop", "checkout-7f9c", Some("app"))
+        );
+        assert_eq!(
+            k.pod_uid.as_deref(),
+            Some("12345678-9abc-def0-1234-56789abcdef0")
+        );
+    }
+
+    #[test]
+    fn outside_kubernetes_only_the_runtimes_name() {
+        let compose = labels(&[("com.docker.compose.service", "web")]);
+        let n = Names::from_labels(Some("shop-web-1".into()), &compose);
+        assert_eq!((n.name.as_deref(), n.k8s), (Some("shop-web-1"), None));
+        // A pod name without its namespace is not a place in Kubernetes.
+        let half = labels(&[(POD_NAME, "x")]);
+        assert_eq!(Names::from_labels(None, &half), Names::default());
+        let nerdctl = labels(&[("nerdctl/name", "db")]);
+        assert_eq!(
+            Names::from_labels(None, &nerdctl).name.as_deref(),
+            Some("db")
+        );
+    }
+
+    #[test]
+    fn a_sandbox_names_its_pod_not_a_container() {
+        let l = labels(&[(POD_NAME, "p"), (POD_NAMESPACE, "ns")]);
+        let n = Names::from_labels(None, &l);
+        assert_eq!(n.name, None);
+        assert_eq!(n.k8s.unwrap().container, None);
+    }
+}
