@@ -12,7 +12,7 @@ mod common;
 
 use std::{
     io::Write as _,
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::PathBuf,
     process::{Child, ChildStdin, Command, Stdio},
     thread,
@@ -21,15 +21,6 @@ use std::{
 
 use common::*;
 use serde_json::Value;
-
-/// A port the kernel had free a moment ago (servers here take a port number).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A server started for a test and killed with it.
 struct Server {

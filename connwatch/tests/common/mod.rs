@@ -699,3 +699,41 @@ pub fn raise_fd_limit(n: u64) {
     // SAFETY: setrlimit reads one struct, which `lim` is.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
 }
+
+/// A port the kernel had free a moment ago (for servers that take a port number).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Plain HTTP/1.0 GET on loopback: (status, body).
+pub fn get(port: u16, path: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// A program a test drives, which the test command installs: missing is a failure.
+pub fn tool(path: &str, package: &str) -> String {
+    assert!(
+        std::path::Path::new(path).exists(),
+        "{path} is missing: `cargo xtask test` installs it (Debian package {package})"
+    );
+    path.to_string()
+}

@@ -1,0 +1,530 @@
+//! Root integration tests with real container runtimes, each started for the test with
+//! its own root, state and socket: Debian's containerd (with runc) running a
+//! FROM-scratch image the way the kubelet's CRI runs containers (the CRI's labels, the
+//! kubelet's cgroup path, the host network), and Debian's Docker. The image holds one
+//! static program (`support/leaker.c`) that connects and never closes. A runtime that
+//! cannot start fails the test: these tests never skip.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+mod common;
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+const NS: &str = "shop";
+const POD: &str = "checkout-7f9c";
+
+/// A directory of the test's own, removed with it.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("cw-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+}
+
+impl Drop for Dir {
+    /// Unmounts what the runtimes left mounted under it (dockerd's netns bind mount),
+    /// then removes it.
+    fn drop(&mut self) {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for target in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if Path::new(target).starts_with(&self.0) {
+                let c = std::ffi::CString::new(target).unwrap();
+                // SAFETY: umount2 reads one NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The static leaker, and a FROM-scratch image of it (built by buildah, no daemon) as
+/// an OCI archive (for containerd) and a Docker archive.
+struct Image {
+    binary: PathBuf,
+    oci: PathBuf,
+    docker: PathBuf,
+}
+
+const IMAGE: &str = "connwatch-test/leaker:1";
+
+fn build_image(dir: &Path) -> Image {
+    let source = dir.join("leaker.c");
+    std::fs::write(&source, include_str!("support/leaker.c")).unwrap();
+    let binary = dir.join("leaker");
+    run(Command::new(tool("/usr/bin/gcc", "gcc"))
+        .args(["-static", "-O2", "-o"])
+        .arg(&binary)
+        .arg(&source));
+    let buildah = || {
+        let mut c = Command::new(tool("/usr/bin/buildah", "buildah"));
+        c.arg("--root")
+            .arg(dir.join("buildah/root"))
+            .arg("--runroot")
+            .arg(dir.join("buildah/run"))
+            .args(["--storage-driver", "vfs"]);
+        c
+    };
+    let out = run(buildah().args(["from", "scratch"]));
+    let container = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    run(buildah()
+        .args(["copy", &container])
+        .arg(&binary)
+        .arg("/leaker"));
+    let (oci, docker) = (dir.join("leaker.oci.tar"), dir.join("leaker.docker.tar"));
+    for (kind, path) in [("oci-archive", &oci), ("docker-archive", &docker)] {
+        run(buildah()
+            .args(["commit", "--quiet", &container])
+            .arg(format!("{kind}:{}:{IMAGE}", path.display())));
+    }
+    run(buildah().args(["rm", &container]));
+    Image {
+        binary,
+        oci,
+        docker,
+    }
+}
+
+/// A listener that accepts connections and closes each at once: every client that never
+/// closes its end holds a CLOSE_WAIT socket.
+fn closing_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    port
+}
+
+/// A daemon started for a test, stopped with it (SIGTERM, then SIGKILL).
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(cmd: &mut Command, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        Self { child, log }
+    }
+
+    /// Waits until `ready` answers, failing loudly (with the daemon's log) if it never does.
+    fn wait_ready(&mut self, what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+        let end = Instant::now() + limit;
+        while !ready() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("{what} exited ({st}) at start: {tail:#?}");
+            }
+            assert!(
+                Instant::now() < end,
+                "{what} did not start within {limit:?}: {tail:#?}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Debian's containerd with its own root, state and socket (the CRI plugin off: the
+/// containers are made as the CRI makes them, with `ctr`).
+struct Containerd {
+    socket: PathBuf,
+    /// (container id, pod uid) of the containers run.
+    containers: Vec<(String, String)>,
+    daemon: Daemon,
+}
+
+impl Containerd {
+    fn start(dir: &Path, image: &Image) -> Self {
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+        )
+        .unwrap();
+        let socket = dir.join("containerd.sock");
+        let mut daemon = Daemon::start(
+            Command::new(tool("/usr/bin/containerd", "containerd"))
+                .arg("--config")
+                .arg(&config)
+                .arg("--root")
+                .arg(dir.join("containerd/root"))
+                .arg("--state")
+                .arg(dir.join("containerd/state"))
+                .arg("--address")
+                .arg(&socket),
+            dir.join("containerd.log"),
+        );
+        daemon.wait_ready("containerd", Duration::from_secs(20), || {
+            ctr(&socket)
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        let c = Self {
+            socket,
+            containers: Vec::new(),
+            daemon,
+        };
+        run(c
+            .ctr()
+            .args(["images", "import", "--snapshotter", "native"])
+            .arg(&image.oci));
+        c
+    }
+
+    fn ctr(&self) -> Command {
+        ctr(&self.socket)
+    }
+
+    /// Runs the leaker as container `name` of pod `pod` (namespace NS), with the CRI's
+    /// labels and the kubelet's cgroupfs path; returns the container id.
+    fn run_in_pod(&mut self, pod: &str, uid: &str, name: &str, args: &[String]) -> String {
+        let id = format!("{:064x}", rand_u128(name) ^ u128::from(std::process::id()));
+        let id = id.get(..64).unwrap().to_string();
+        run(self
+            .ctr()
+            .args(["run", "-d", "--snapshotter", "native", "--net-host"])
+            .arg("--cgroup")
+            .arg(format!("/kubepods/besteffort/pod{uid}/{id}"))
+            .args(["--label", &format!("io.kubernetes.pod.name={pod}")])
+            .args(["--label", &format!("io.kubernetes.pod.namespace={NS}")])
+            .args(["--label", &format!("io.kubernetes.pod.uid={uid}")])
+            .args(["--label", &format!("io.kubernetes.container.name={name}")])
+            .args([IMAGE, &id, "/leaker"])
+            .args(args));
+        self.containers.push((id.clone(), uid.to_string()));
+        id
+    }
+}
+
+/// `ctr` on a containerd's socket, in the kubelet's namespace.
+fn ctr(socket: &Path) -> Command {
+    let mut c = Command::new(tool("/usr/bin/ctr", "containerd"));
+    c.arg("--address").arg(socket).args(["-n", "k8s.io"]);
+    c
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for (id, _) in &self.containers {
+            let _ = self.ctr().args(["task", "kill", "-s", "KILL", id]).output();
+        }
+        for (id, _) in &self.containers {
+            let end = Instant::now() + Duration::from_secs(10);
+            while !self
+                .ctr()
+                .args(["task", "delete", id])
+                .output()
+                .is_ok_and(|o| o.status.success())
+                && Instant::now() < end
+            {
+                thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.ctr().args(["container", "delete", id]).output();
+        }
+        // runc removes the containers' cgroups; the kubelet-style pod directories are ours.
+        for (_, uid) in &self.containers {
+            if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+                for h in hierarchies.flatten() {
+                    let _ =
+                        std::fs::remove_dir(h.path().join(format!("kubepods/besteffort/pod{uid}")));
+                }
+            }
+        }
+    }
+}
+
+/// 128 bits from a name and the clock: distinct container ids and pod uids per run.
+fn rand_u128(name: &str) -> u128 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    name.hash(&mut h);
+    let a = h.finish();
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    (name, a).hash(&mut h);
+    (u128::from(a) << 64) | u128::from(h.finish())
+}
+
+fn pod_uid(name: &str) -> String {
+    let hex = format!("{:032x}", rand_u128(name));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// The row of a report whose container is `id`.
+fn container_row<'a>(r: &'a Value, id: &str) -> Option<&'a Value> {
+    r["processes"]
+        .as_array()?
+        .iter()
+        .find(|p| p["container"]["id"] == id)
+}
+
+fn snapshot(args: &[&str]) -> Value {
+    let out = run(Command::new(CONNWATCH)
+        .args(["snapshot", "--json"])
+        .args(args));
+    stderr_lines(&out);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A pod's leaking container is named by namespace/pod/container in `watch` (started
+/// before the container: named within an interval of its first row), in `snapshot`
+/// (JSON and table), summed with its sibling by `--by pod`, and selected by `--pod` and
+/// `--k8s-namespace`; a host process carries `container` and `k8s` null.
+#[test]
+fn containerd_pod_is_named_by_namespace_pod_and_container() {
+    require_root();
+    let dir = Dir::new("containerd");
+    let image = build_image(&dir.0);
+    let mut containerd = Containerd::start(&dir.0, &image);
+    let socket = containerd.socket.display().to_string();
+    let port = closing_server().to_string();
+
+    let mut cw = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "1s",
+        "--containerd-socket",
+        &socket,
+    ]);
+    wait_report(&mut cw, "a first report", |_| true);
+    let uid = pod_uid(POD);
+    let app = containerd.run_in_pod(POD, &uid, "app", &[port.clone(), "3".into()]);
+    let mut unnamed = 0;
+    let report = wait_report(&mut cw, "the container's row, named", |r| {
+        let Some(row) = container_row(r, &app) else {
+            return false;
+        };
+        if row["k8s"]["pod"].is_null() {
+            unnamed += 1;
+        }
+        row["close_wait"] == 3 && row["k8s"]["pod"] == POD
+    });
+    assert!(unnamed <= 1, "named {unnamed} reports after its first row");
+    let row = container_row(&report, &app).unwrap();
+    assert_eq!(row["comm"], "leaker");
+    assert_eq!(
+        row["container"],
+        serde_json::json!({"id": app, "runtime": "containerd", "name": "app"})
+    );
+    assert_eq!(
+        row["k8s"],
+        serde_json::json!({"namespace": NS, "pod": POD, "pod_uid": uid, "container": "app"})
+    );
+    drop(cw);
+
+    // A sidecar in the same pod, and the same program on the host.
+    let sidecar = containerd.run_in_pod(POD, &uid, "sidecar", &[port.clone(), "2".into()]);
+    let mut host = Command::new(&image.binary)
+        .args([&port, "1"])
+        .spawn()
+        .unwrap();
+    let host_pid = host.id();
+    let end = Instant::now() + DEADLINE;
+    let r = loop {
+        let r = snapshot(&["--containerd-socket", &socket]);
+        let ready = container_row(&r, &sidecar).is_some_and(|p| p["close_wait"] == 2)
+            && process(&r, host_pid).is_some_and(|p| p["close_wait"] == 1);
+        if ready || Instant::now() > end {
+            break r;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let side = container_row(&r, &sidecar).expect("the sidecar's row");
+    assert_eq!(side["k8s"]["container"], "sidecar", "{side}");
+    let on_host = process(&r, host_pid).expect("the host process's row");
+    assert!(
+        on_host["container"].is_null() && on_host["k8s"].is_null(),
+        "{on_host}"
+    );
+
+    let by_pod = snapshot(&["--containerd-socket", &socket, "--by", "pod"]);
+    let pod_rows: Vec<&Value> = by_pod["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["k8s"]["pod"] == POD)
+        .collect();
+    assert_eq!(pod_rows.len(), 1, "{by_pod}");
+    assert_eq!(pod_rows[0]["close_wait"], 5, "app's 3 and the sidecar's 2");
+    assert_eq!(
+        pod_rows[0]["k8s"],
+        serde_json::json!({"namespace": NS, "pod": POD, "pod_uid": uid, "container": null})
+    );
+    assert!(pod_rows[0]["container"].is_null());
+
+    let only_pod = snapshot(&["--containerd-socket", &socket, "--pod", POD]);
+    let comms: Vec<&Value> = only_pod["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["k8s"]["pod"])
+        .collect();
+    assert_eq!(comms.len(), 2, "app and sidecar only: {only_pod}");
+    assert!(comms.iter().all(|p| *p == POD));
+    let other_ns = snapshot(&["--containerd-socket", &socket, "--k8s-namespace", "other"]);
+    assert_eq!(other_ns["processes"], serde_json::json!([]), "{other_ns}");
+
+    let table = run(Command::new(CONNWATCH).args(["snapshot", "--containerd-socket", &socket]));
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains(&format!("leaker ({NS}/{POD}/app)")),
+        "the table names the pod: {text}"
+    );
+    let _ = host.kill();
+    let _ = host.wait();
+}
+
+/// A runtime that is not there is said once on stderr, and rows keep the ids.
+#[test]
+fn an_absent_runtime_is_said_once_and_rows_keep_ids() {
+    require_root();
+    let dir = Dir::new("containerd-gone");
+    let image = build_image(&dir.0);
+    let mut containerd = Containerd::start(&dir.0, &image);
+    let port = closing_server().to_string();
+    let uid = pod_uid("gone");
+    let id = containerd.run_in_pod("gone", &uid, "app", &[port, "2".into()]);
+    let missing = dir.0.join("no-such.sock");
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let out = run(Command::new(CONNWATCH)
+            .args(["snapshot", "--json", "--containerd-socket"])
+            .arg(&missing));
+        let err = stderr_lines(&out);
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(row) = container_row(&r, &id) {
+            assert_eq!(
+                row["k8s"],
+                serde_json::json!({"namespace": null, "pod": null, "pod_uid": uid, "container": null})
+            );
+            assert!(row["container"]["name"].is_null(), "{row}");
+            let said: Vec<&String> = err
+                .iter()
+                .filter(|l| l.contains("cannot ask containerd"))
+                .collect();
+            assert_eq!(said.len(), 1, "{err:?}");
+            assert!(said[0].contains("--containerd-socket"), "{said:?}");
+            break;
+        }
+        assert!(Instant::now() < end, "no row for the container: {r}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Debian's Docker (its own data root and socket, no iptables, no bridge): a
+/// container's row carries Docker's name for it, and no pod.
+#[test]
+fn docker_container_is_named() {
+    require_root();
+    let dir = Dir::new("docker");
+    let image = build_image(&dir.0);
+    let socket = dir.0.join("docker.sock");
+    let host = format!("unix://{}", socket.display());
+    let docker = || {
+        let mut c = Command::new(tool("/usr/bin/docker", "docker.io"));
+        c.args(["-H", &host]);
+        c
+    };
+    let mut daemon = Daemon::start(
+        Command::new(tool("/usr/sbin/dockerd", "docker.io"))
+            .arg("--data-root")
+            .arg(dir.0.join("data"))
+            .arg("--exec-root")
+            .arg(dir.0.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.0.join("dockerd.pid"))
+            .args(["--host", &host, "--iptables=false", "--bridge=none"]),
+        dir.0.join("dockerd.log"),
+    );
+    daemon.wait_ready("dockerd", Duration::from_secs(60), || {
+        docker()
+            .arg("info")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    run(docker().arg("load").arg("-i").arg(&image.docker));
+    let port = closing_server().to_string();
+    let name = format!("shop-web-{}", std::process::id());
+    let out = run(docker()
+        .args(["run", "-d", "--network", "host", "--name", &name])
+        .args(["--label", "com.docker.compose.project=shop"])
+        .args(["--label", "com.docker.compose.service=web"])
+        .args([IMAGE, "/leaker", &port, "2"]));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let socket_arg = socket.display().to_string();
+    let end = Instant::now() + DEADLINE;
+    let row = loop {
+        let r = snapshot(&["--docker-socket", &socket_arg, "--by", "container"]);
+        if let Some(row) = container_row(&r, &id).filter(|p| p["close_wait"] == 2) {
+            break row.clone();
+        }
+        assert!(Instant::now() < end, "no row for the container: {r}");
+        thread::sleep(Duration::from_millis(200));
+    };
+    let _ = docker().args(["rm", "-f", &name]).output();
+    assert_eq!(
+        row["container"],
+        serde_json::json!({"id": id, "runtime": "docker", "name": name})
+    );
+    assert!(row["k8s"].is_null(), "{row}");
+}
