@@ -182,7 +182,8 @@ struct Containerd {
     socket: PathBuf,
     /// (container id, pod uid) of the containers run.
     containers: Vec<(String, String)>,
-    daemon: Daemon,
+    /// Stopped after the containers (fields drop after `drop`).
+    _daemon: Daemon,
 }
 
 impl Containerd {
@@ -215,7 +216,7 @@ impl Containerd {
         let c = Self {
             socket,
             containers: Vec::new(),
-            daemon,
+            _daemon: daemon,
         };
         run(c
             .ctr()
@@ -286,15 +287,12 @@ impl Drop for Containerd {
     }
 }
 
-/// 128 bits from a name and the clock: distinct container ids and pod uids per run.
+/// 128 random bits (seeded from a name): distinct container ids and pod uids per run.
 fn rand_u128(name: &str) -> u128 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    name.hash(&mut h);
-    let a = h.finish();
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    (name, a).hash(&mut h);
-    (u128::from(a) << 64) | u128::from(h.finish())
+    use std::hash::BuildHasher;
+    let a = std::collections::hash_map::RandomState::new().hash_one(name);
+    let b = std::collections::hash_map::RandomState::new().hash_one((name, a));
+    (u128::from(a) << 64) | u128::from(b)
 }
 
 fn pod_uid(name: &str) -> String {
