@@ -526,3 +526,106 @@ fn docker_container_is_named() {
     );
     assert!(row["k8s"].is_null(), "{row}");
 }
+
+/// The project's own alert fires in a real Prometheus (Debian's) for the leaking pod by
+/// name: `serve` on loopback, scraped every second, deploy/alerts.yml evaluated every
+/// second with its `for:` waits cut to 0s (the expressions and labels are the
+/// shipped ones; waiting five minutes is not the test's business).
+#[test]
+fn prometheus_fires_the_leak_alert_for_the_pod_by_name() {
+    require_root();
+    let prometheus = tool("/usr/bin/prometheus", "prometheus");
+    let dir = Dir::new("prom-pod");
+    let image = build_image(&dir.0);
+    let mut containerd = Containerd::start(&dir.0, &image);
+    let port = closing_server().to_string();
+    let uid = pod_uid(POD);
+    containerd.run_in_pod(POD, &uid, "app", &[port, "2".into()]);
+    let socket = containerd.socket.display().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _cw = Connwatch::start(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--interval",
+        "1s",
+        "--close-wait-age",
+        "1s",
+        "--containerd-socket",
+        &socket,
+    ]);
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/alerts.yml"))
+            .unwrap();
+    let rules: String = shipped
+        .lines()
+        .map(|l| match l.split_once("for: ") {
+            Some((indent, _)) if indent.trim().is_empty() => format!("{indent}for: 0s\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(dir.0.join("alerts.yml"), rules).unwrap();
+    let config = dir.0.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - alerts.yml\nscrape_configs:\n  - job_name: connwatch\n    static_configs:\n      - targets: ['{listen}']\n"
+        ),
+    )
+    .unwrap();
+    let web = free_port();
+    let _prom = Daemon::start(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{web}")),
+        dir.0.join("prometheus.log"),
+    );
+    let end = Instant::now() + Duration::from_secs(60);
+    let alert = loop {
+        let answer = std::net::TcpStream::connect(("127.0.0.1", web))
+            .ok()
+            .map(|_| get(web, "/api/v1/alerts"));
+        if let Some((200, body)) = answer
+            && let Ok(v) = serde_json::from_str::<Value>(&body)
+            && let Some(a) = v["data"]["alerts"].as_array().and_then(|alerts| {
+                alerts
+                    .iter()
+                    .find(|a| a["labels"]["alertname"] == "CloseWaitLeak" && a["state"] == "firing")
+            })
+        {
+            break a.clone();
+        }
+        assert!(
+            Instant::now() < end,
+            "CloseWaitLeak never fired; log: {}",
+            std::fs::read_to_string(dir.0.join("prometheus.log")).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(250));
+    };
+    let labels = &alert["labels"];
+    assert_eq!(
+        (
+            &labels["namespace"],
+            &labels["pod"],
+            &labels["container"],
+            &labels["comm"]
+        ),
+        (
+            &Value::from(NS),
+            &Value::from(POD),
+            &Value::from("app"),
+            &Value::from("leaker")
+        ),
+        "{alert}"
+    );
+    assert_eq!(labels["instance"], listen.as_str());
+    let summary = alert["annotations"]["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with(&format!("pod {NS}/{POD} (container app, leaker)")),
+        "{summary}"
+    );
+}

@@ -1,6 +1,6 @@
 //! Root integration tests of `connwatch serve`: the live /metrics passes promtool, a real
 //! Prometheus server scrapes it and sees a CLOSE_WAIT leak's series with the right comm,
-//! and the example alert rules are valid.
+//! and the alert rules are valid and pass their unit tests.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -131,6 +131,24 @@ fn alert_rules_are_valid() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS"));
+}
+
+/// The alert rules' own unit tests (deploy/alerts_test.yml): one alert per leaking pod,
+/// named by namespace, pod and container; a host process named by its command.
+#[test]
+fn alert_rules_pass_their_unit_tests() {
+    let promtool = tool("promtool");
+    let tests = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/alerts_test.yml");
+    let out = Command::new(promtool)
+        .args(["test", "rules", tests])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A real Prometheus scrapes connwatch on loopback and can query the leak.
