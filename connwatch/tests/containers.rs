@@ -368,6 +368,22 @@ fn containerd_pod_is_named_by_namespace_pod_and_container() {
         row["k8s"],
         serde_json::json!({"namespace": NS, "pod": POD, "pod_uid": uid, "container": "app"})
     );
+    // This test closed its ends first (the closing server): its row's peer is the pod's
+    // process, named with its pod.
+    let me = std::process::id();
+    let r = wait_report(&mut cw, "our FIN_WAIT2 peer named", |r| {
+        process(r, me).is_some_and(|p| p["peers"][0]["process"]["pod"] == POD)
+    });
+    let peer = &process(&r, me).unwrap()["peers"][0]["process"];
+    assert_eq!(
+        (&peer["comm"], &peer["namespace"], &peer["container"]),
+        (
+            &Value::from("leaker"),
+            &Value::from(NS),
+            &Value::from("app")
+        ),
+        "{peer}"
+    );
     drop(cw);
 
     // A sidecar in the same pod, and the same program on the host.

@@ -251,6 +251,9 @@ fn held_fin_wait2_sockets_are_counted_and_the_local_peer_blamed() {
     assert_eq!(p["fin_wait2"], 4, "{p}");
     assert_eq!(p["owner_sources"], serde_json::json!(["fd"]), "{p}");
     assert_eq!(p["peers"][0]["addr"], format!("127.0.0.1:{port}"), "{p}");
+    // Both ends here: the peer entry names the process that is not closing.
+    assert_eq!(p["peers"][0]["process"]["pid"], server.pid(), "{p}");
+    assert_eq!(p["peers"][0]["process"]["comm"], "cwsilent", "{p}");
 }
 
 /// The leak's reason names the likely cause where the evidence shows one: data left

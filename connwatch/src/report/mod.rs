@@ -96,6 +96,19 @@ pub struct Peer {
     pub time_wait: u64,
     /// Connections to it that we closed and it has not (FIN_WAIT2).
     pub fin_wait2: u64,
+    /// The process at the other end when it runs on this host and holds those
+    /// connections in CLOSE_WAIT (the one not closing); null otherwise.
+    pub process: Option<PeerProcess>,
+}
+
+/// A peer process on this host, with its pod.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeerProcess {
+    pub pid: u32,
+    pub comm: String,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
 }
 
 /// Lifetimes of CLOSE_WAIT sockets that ended within the window.
@@ -1236,7 +1249,17 @@ mod tests {
     #[test]
     fn a_local_peer_that_never_closes_is_blamed_not_the_closer() {
         use crate::decode::{Owner, OwnerSource};
-        let procs = procs();
+        use crate::host::runtime::{K8sNames, Names};
+        let mut procs = procs();
+        procs.get_mut(&4242).unwrap().names = Some(std::sync::Arc::new(Names {
+            name: Some("app".into()),
+            k8s: Some(K8sNames {
+                namespace: "shop".into(),
+                pod: "checkout-7f9c".into(),
+                pod_uid: None,
+                container: Some("app".into()),
+            }),
+        }));
         let mut t = Table::new(NS);
         for i in 0..12u16 {
             let mut e = enter_cw(
@@ -1268,6 +1291,12 @@ mod tests {
         let closer = r.processes.iter().find(|p| p.pid == 7).unwrap();
         assert_eq!(closer.fin_wait2, 12);
         assert!(closer.flags.is_empty(), "{closer:?}");
+        // Its peer entry names the process at the other end, and its pod.
+        assert_eq!(
+            serde_json::to_value(&closer.peers[0]).unwrap()["process"],
+            serde_json::json!({"pid": 4242, "comm": "python3", "namespace": "shop", "pod": "checkout-7f9c", "container": "app"}),
+            "{closer:?}"
+        );
         let leaker = r.processes.iter().find(|p| p.pid == 4242).unwrap();
         assert_eq!(leaker.close_wait, 12);
         // The same FIN_WAIT2 sockets towards a peer nobody here names: flagged.
@@ -1282,6 +1311,7 @@ mod tests {
         );
         let closer = r.processes.iter().find(|p| p.pid == 7).unwrap();
         assert_eq!(closer.flags, [flag::PEER_NOT_CLOSING.name]);
+        assert_eq!(closer.peers[0].process, None);
     }
 
     /// Folding goes by what a process is: one that exited leaving only TIME_WAITs folds

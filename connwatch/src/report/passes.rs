@@ -30,6 +30,9 @@ pub(super) struct Acc {
     pub fw2_waiting: HashMap<std::net::IpAddr, (u64, u64)>,
     /// Per peer: CLOSE_WAIT, TIME_WAIT and FIN_WAIT2 sockets.
     pub peers: FxHashMap<PeerKey, [u64; 3]>,
+    /// Peers on this host: the process holding the other end (a CLOSE_WAIT socket
+    /// connwatch names), per peer.
+    pub peer_pids: FxHashMap<PeerKey, u32>,
     pub sources: BTreeSet<&'static str>,
     /// Lifetimes of its CLOSE_WAIT sockets closed within the window.
     pub closed: Vec<u64>,
@@ -75,6 +78,9 @@ impl Acc {
             for (mine, theirs) in e.iter_mut().zip(counts) {
                 *mine += theirs;
             }
+        }
+        for (peer, pid) in o.peer_pids {
+            self.peer_pids.entry(peer).or_insert(pid);
         }
         self.sources.extend(o.sources);
         self.closed.extend(o.closed);
@@ -218,11 +224,14 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
     let local_peers = named_close_waits(s);
     // Waiting on a peer that is a CLOSE_WAIT socket on this host whose holder connwatch
     // names: that process is the one not closing, and its own row says so; the one that
-    // closed properly is not blamed for it.
-    let peer_is_named_here = |key: &SockKey| {
-        local_peers
-            .get(&(key.remote, key.local))
-            .is_some_and(|nss| nss.contains(&key.netns) || !key.remote.ip().is_loopback())
+    // closed properly is not blamed for it, and its `peers` name that process. (A
+    // loopback peer is the same socket only in the same namespace.)
+    let local_holder = |key: &SockKey| {
+        local_peers.get(&(key.remote, key.local)).and_then(|ends| {
+            ends.iter()
+                .find(|(ns, _)| *ns == key.netns || !key.remote.ip().is_loopback())
+                .map(|(_, pid)| *pid)
+        })
     };
     for (key, tw) in s.timewait.tracked() {
         if tw.substate != TcpState::FIN_WAIT2 {
@@ -235,9 +244,14 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
         a.fin_wait2 += 1;
         let age = s.now_ns.saturating_sub(tw.entered_ns);
         a.fw2_oldest_ns = Some(a.fw2_oldest_ns.map_or(age, |o| o.max(age)));
-        a.peers.entry(peer_addr(key, s.listening)).or_default()[2] += 1;
+        let peer = peer_addr(key, s.listening);
+        a.peers.entry(peer).or_default()[2] += 1;
         a.sources.insert(tw.owner_source.as_str());
-        if age > fin_wait2_age_ns && !peer_is_named_here(key) {
+        let holder = local_holder(key);
+        if let Some(pid) = holder {
+            a.peer_pids.entry(peer).or_insert(pid);
+        }
+        if age > fin_wait2_age_ns && holder.is_none() {
             let w = a.fw2_waiting.entry(key.remote.ip()).or_insert((0, 0));
             w.0 += 1;
             w.1 = w.1.max(age);
@@ -250,7 +264,7 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
     // its fd waits.
     for (key, inode, since) in s.table.held_fin_wait2() {
         let age = s.now_ns.saturating_sub(since);
-        let waits_on_stranger = !peer_is_named_here(key);
+        let holder = local_holder(key);
         let peer = peer_addr(key, s.listening);
         let holders = s.holders.holders(inode);
         let counting = counting_holders(holders, by, s.procs);
@@ -263,7 +277,10 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
             a.fw2_oldest_ns = Some(a.fw2_oldest_ns.map_or(age, |o| o.max(age)));
             a.peers.entry(peer).or_default()[2] += 1;
             a.sources.insert(OwnerSource::Fd.as_str());
-            if age > fin_wait2_age_ns && waits_on_stranger {
+            if let Some(pid) = holder {
+                a.peer_pids.entry(peer).or_insert(pid);
+            }
+            if age > fin_wait2_age_ns && holder.is_none() {
                 let w = a.fw2_waiting.entry(key.remote.ip()).or_insert((0, 0));
                 w.0 += 1;
                 w.1 = w.1.max(age);
@@ -273,15 +290,22 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
 }
 
 /// The CLOSE_WAIT sockets on this host whose holder connwatch names (a process holding
-/// the fd, or the owner the probe saw), by (local, remote), with their namespaces.
-fn named_close_waits(s: &Snapshot) -> HashMap<(Endpoint, Endpoint), Vec<u32>> {
-    let mut named: HashMap<(Endpoint, Endpoint), Vec<u32>> = HashMap::new();
+/// the fd, or the owner the probe saw), by (local, remote), with their namespace and
+/// holder.
+fn named_close_waits(s: &Snapshot) -> HashMap<(Endpoint, Endpoint), Vec<(u32, u32)>> {
+    let mut named: HashMap<(Endpoint, Endpoint), Vec<(u32, u32)>> = HashMap::new();
     for (key, cw) in s.table.close_wait() {
-        if !s.holders.holders(cw.inode).is_empty() || s.table.probe_owner(key).is_some() {
+        let holder = s
+            .holders
+            .holders(cw.inode)
+            .first()
+            .copied()
+            .or_else(|| s.table.probe_owner(key).map(|o| o.pid));
+        if let Some(pid) = holder {
             named
                 .entry((key.local, key.remote))
                 .or_default()
-                .push(key.netns);
+                .push((key.netns, pid));
         }
     }
     named

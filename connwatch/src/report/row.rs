@@ -1,8 +1,8 @@
 //! One row's accumulated evidence (a process, or a group of them) turned into its row:
 //! figures, flags and reason.
 use super::{
-    ContainerRow, Evidence, GroupKey, Growth, K8sRow, NotClosing, Peer, ProcessRow, ReportConfig,
-    Snapshot, flag,
+    ContainerRow, Evidence, GroupKey, Growth, K8sRow, NotClosing, Peer, PeerProcess, ProcessRow,
+    ReportConfig, Snapshot, flag,
     group::Group,
     key::comm_of,
     passes::{Acc, closed_stats},
@@ -55,7 +55,7 @@ pub(super) fn row(
     let span_s = cfg.window.as_secs_f64().min(s.elapsed_s);
     let tw_rate = (span_s > 0.0 && a.tw_created > 0).then(|| round3(a.tw_created as f64 / span_s));
     let ev = evidence(&mut a, cfg);
-    let peers = top_peers(&mut a);
+    let peers = top_peers(&mut a, s);
 
     let mut row = ProcessRow {
         pid,
@@ -170,11 +170,13 @@ fn evidence(a: &mut Acc, cfg: &ReportConfig) -> Evidence {
 }
 
 /// The peers with the most sockets (at most `TOP_PEERS`).
-fn top_peers(a: &mut Acc) -> Vec<Peer> {
+fn top_peers(a: &mut Acc, s: &Snapshot) -> Vec<Peer> {
+    let named = std::mem::take(&mut a.peer_pids);
     let mut peers: Vec<Peer> = a
         .peers
         .drain()
         .map(|(addr, [cw, tw, fw2])| Peer {
+            process: named.get(&addr).map(|&pid| peer_process(pid, s)),
             addr: addr.to_string(),
             close_wait: cw,
             time_wait: tw,
@@ -188,4 +190,20 @@ fn top_peers(a: &mut Acc) -> Vec<Peer> {
     });
     peers.truncate(TOP_PEERS);
     peers
+}
+
+/// The process at the other end of a connection on this host, with its pod.
+fn peer_process(pid: u32, s: &Snapshot) -> PeerProcess {
+    let info = s.procs.get(&pid);
+    let k8s = info.and_then(ProcInfo::pod);
+    PeerProcess {
+        pid,
+        comm: info.map_or_else(|| "?".into(), |i| i.comm.clone()),
+        namespace: k8s.map(|k| k.namespace.clone()),
+        pod: k8s.map(|k| k.pod.clone()),
+        container: k8s.and_then(|k| k.container.clone()).or_else(|| {
+            info.and_then(|i| i.names.as_ref())
+                .and_then(|n| n.name.clone())
+        }),
+    }
 }

@@ -156,7 +156,15 @@ fn row_cells(p: &ProcessRow) -> [String; 11] {
         _ => "-".into(),
     };
     let peer = p.peers.first().map_or("-".into(), |x| {
-        format!("{} ({})", x.addr, x.close_wait + x.time_wait + x.fin_wait2)
+        let n = x.close_wait + x.time_wait + x.fin_wait2;
+        // A peer on this host: who holds the other end.
+        match &x.process {
+            Some(pp) => match (&pp.namespace, &pp.pod) {
+                (Some(ns), Some(pod)) => format!("{} ({n}) {ns}/{pod}", x.addr),
+                _ => format!("{} ({n}) {}[{}]", x.addr, pp.comm, pp.pid),
+            },
+            None => format!("{} ({n})", x.addr),
+        }
     });
     let tw = match (p.time_wait, p.time_wait_created_per_s) {
         (0, None) => "-".to_string(),
