@@ -69,21 +69,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Watch(args) => {
             let filter = Filter::from_args(&args.filter)?.with_workloads(&args.report.runtime);
-            runtime::start(&args.report.runtime);
+            start_runtime(&args.report.runtime);
             let mut opts = probe_options(&args.probe, &filter, cli.verbose);
             opts.filter.lifecycle_only = 1;
             watch::watch(args, opts, filter).await
         }
         Command::Serve(args) => {
             let filter = Filter::from_args(&args.filter)?.with_workloads(&args.runtime);
-            runtime::start(&args.runtime);
+            start_runtime(&args.runtime);
             let mut opts = probe_options(&args.probe, &filter, cli.verbose);
             opts.filter.lifecycle_only = 1;
             serve::serve(args, opts, filter).await
         }
         Command::Top(args) => {
             let filter = Filter::from_args(&args.filter)?.with_workloads(&args.runtime);
-            runtime::start(&args.runtime);
+            start_runtime(&args.runtime);
             let mut opts = probe_options(&args.probe, &filter, cli.verbose);
             opts.filter.lifecycle_only = 1;
             top::top(args, opts, filter).await
@@ -94,12 +94,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Snapshot(args) => {
             let filter = Filter::from_args(&args.filter)?.with_workloads(&args.report.runtime);
-            runtime::start(&args.report.runtime);
-            // A one-shot report: the containers already running are named in it.
-            runtime::wait_primed(std::time::Duration::from_secs(5));
+            start_runtime(&args.report.runtime);
             watch::snapshot(args, filter)
         }
     }
+}
+
+/// Starts asking the container runtimes for names, and waits for the first listing of
+/// those present (a few ms; bounded) so that the first report names the containers
+/// already running.
+fn start_runtime(args: &runtime::RuntimeArgs) {
+    runtime::start(args);
+    runtime::wait_primed(std::time::Duration::from_secs(6));
 }
 
 fn probe_options(args: &ProbeArgs, filter: &Filter, verbose: bool) -> ProbeOptions {

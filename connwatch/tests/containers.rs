@@ -13,7 +13,6 @@
 mod common;
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
@@ -22,6 +21,8 @@ use std::{
 
 use common::*;
 use serde_json::Value;
+
+common::peer_entry!();
 
 const NS: &str = "shop";
 const POD: &str = "checkout-7f9c";
@@ -112,17 +113,13 @@ fn build_image(dir: &Path) -> Image {
     }
 }
 
-/// A listener that accepts connections and closes each at once: every client that never
-/// closes its end holds a CLOSE_WAIT socket.
-fn closing_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    thread::spawn(move || {
-        for c in l.incoming() {
-            drop(c);
-        }
-    });
-    port
+/// A process that accepts connections and closes each at once (every client that never
+/// closes its end holds a CLOSE_WAIT socket), and its port. A process of its own per
+/// test: the tests of this file run in parallel.
+fn closing_server() -> (Peer, String) {
+    let mut closer = Peer::spawn_named(None, "cwcloser", &["closer", "127.0.0.1:0"]);
+    let port = closer.expect("port");
+    (closer, port)
 }
 
 /// A daemon started for a test, stopped with it (SIGTERM, then SIGKILL).
@@ -334,7 +331,7 @@ fn containerd_pod_is_named_by_namespace_pod_and_container() {
     let image = build_image(&dir.0);
     let mut containerd = Containerd::start(&dir.0, &image);
     let socket = containerd.socket.display().to_string();
-    let port = closing_server().to_string();
+    let (closer, port) = closing_server();
 
     let mut cw = Connwatch::start(&[
         "watch",
@@ -368,13 +365,12 @@ fn containerd_pod_is_named_by_namespace_pod_and_container() {
         row["k8s"],
         serde_json::json!({"namespace": NS, "pod": POD, "pod_uid": uid, "container": "app"})
     );
-    // This test closed its ends first (the closing server): its row's peer is the pod's
-    // process, named with its pod.
-    let me = std::process::id();
-    let r = wait_report(&mut cw, "our FIN_WAIT2 peer named", |r| {
-        process(r, me).is_some_and(|p| p["peers"][0]["process"]["pod"] == POD)
+    // The closing server closed its ends first: its row's peer is the pod's process,
+    // named with its pod.
+    let r = wait_report(&mut cw, "the closer's FIN_WAIT2 peer named", |r| {
+        process(r, closer.pid()).is_some_and(|p| p["peers"][0]["process"]["pod"] == POD)
     });
-    let peer = &process(&r, me).unwrap()["peers"][0]["process"];
+    let peer = &process(&r, closer.pid()).unwrap()["peers"][0]["process"];
     assert_eq!(
         (&peer["comm"], &peer["namespace"], &peer["container"]),
         (
@@ -389,7 +385,7 @@ fn containerd_pod_is_named_by_namespace_pod_and_container() {
     // A sidecar in the same pod, and the same program on the host.
     let sidecar = containerd.run_in_pod(POD, &uid, "sidecar", &[port.clone(), "2".into()]);
     let mut host = Command::new(&image.binary)
-        .args([&port, "1"])
+        .args([port.as_str(), "1"])
         .spawn()
         .unwrap();
     let host_pid = host.id();
@@ -455,7 +451,7 @@ fn an_absent_runtime_is_said_once_and_rows_keep_ids() {
     let dir = Dir::new("containerd-gone");
     let image = build_image(&dir.0);
     let mut containerd = Containerd::start(&dir.0, &image);
-    let port = closing_server().to_string();
+    let (_closer, port) = closing_server();
     let uid = pod_uid("gone");
     let id = containerd.run_in_pod("gone", &uid, "app", &[port, "2".into()]);
     let missing = dir.0.join("no-such.sock");
@@ -517,7 +513,7 @@ fn docker_container_is_named() {
             .is_ok_and(|o| o.status.success())
     });
     run(docker().arg("load").arg("-i").arg(&image.docker));
-    let port = closing_server().to_string();
+    let (_closer, port) = closing_server();
     let name = format!("shop-web-{}", std::process::id());
     let out = run(docker()
         .args(["run", "-d", "--network", "host", "--name", &name])
@@ -554,7 +550,7 @@ fn prometheus_fires_the_leak_alert_for_the_pod_by_name() {
     let dir = Dir::new("prom-pod");
     let image = build_image(&dir.0);
     let mut containerd = Containerd::start(&dir.0, &image);
-    let port = closing_server().to_string();
+    let (_closer, port) = closing_server();
     let uid = pod_uid(POD);
     containerd.run_in_pod(POD, &uid, "app", &[port, "2".into()]);
     let socket = containerd.socket.display().to_string();
@@ -608,16 +604,19 @@ fn prometheus_fires_the_leak_alert_for_the_pod_by_name() {
         if let Some((200, body)) = answer
             && let Ok(v) = serde_json::from_str::<Value>(&body)
             && let Some(a) = v["data"]["alerts"].as_array().and_then(|alerts| {
-                alerts
-                    .iter()
-                    .find(|a| a["labels"]["alertname"] == "CloseWaitLeak" && a["state"] == "firing")
+                alerts.iter().find(|a| {
+                    a["labels"]["alertname"] == "CloseWaitLeak"
+                        && a["state"] == "firing"
+                        && a["labels"]["pod"] == POD
+                })
             })
         {
             break a.clone();
         }
         assert!(
             Instant::now() < end,
-            "CloseWaitLeak never fired; log: {}",
+            "CloseWaitLeak never fired for pod {POD}; alerts: {:?}; log: {}",
+            get(web, "/api/v1/alerts").1,
             std::fs::read_to_string(dir.0.join("prometheus.log")).unwrap_or_default()
         );
         thread::sleep(Duration::from_millis(250));

@@ -615,7 +615,13 @@ pub fn bench(opts: &Options) -> Result<()> {
     let probe_ratio = if ts_ns > 0.0 { cw_ns / ts_ns } else { 0.0 };
     let rss_per_socket = per_cw.max(per_tw);
     let last = format!(
-        "bench: probe_ns={cw_ns:.1} floor_ns={floor_ns:.1} tcpstates_ns={ts_ns:.1} probe_ratio={probe_ratio:.3} tax_pct={tax:.2} trace_tax_pct={trace_tax:.2} tcpstates_tax_pct={ts_tax:.2} uncounted_loss={uncounted} rss_per_socket_b={rss_per_socket:.0} startup_ms={startup_ms:.0} ss_poll_cpu_ratio={poll_ratio:.3} kernel_mem_b={kernel_mem} tw_idle_cpu_pct={tw_idle_cpu_pct:.2}"
+        "bench: probe_ns={cw_ns:.1} floor_ns={floor_ns:.1} tcpstates_ns={ts_ns:.1} probe_ratio={probe_ratio:.3} tax_pct={:.2} tax_pct_range={} trace_tax_pct={:.2} trace_tax_pct_range={} tcpstates_tax_pct={:.2} tcpstates_tax_pct_range={} uncounted_loss={uncounted} rss_per_socket_b={rss_per_socket:.0} startup_ms={startup_ms:.0} ss_poll_cpu_ratio={poll_ratio:.3} kernel_mem_b={kernel_mem} tw_idle_cpu_pct={tw_idle_cpu_pct:.2}",
+        tax.median,
+        tax.range(),
+        trace_tax.median,
+        trace_tax.range(),
+        ts_tax.median,
+        ts_tax.range(),
     );
     print!("{out}");
     println!("{last}");
@@ -819,9 +825,34 @@ fn probe_costs(
     Ok((cw_ns, ts_ns, floor_ns))
 }
 
+/// A figure over rounds: its median, and the spread of the rounds.
+#[derive(Clone, Copy, Debug)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(v: &[f64]) -> Self {
+        Self {
+            median: median(v.to_vec()),
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        }
+    }
+
+    /// `5.3-8.3`: the rounds' range, as the bench line prints it beside the median.
+    fn range(&self) -> String {
+        format!("{:.1}-{:.1}", self.min, self.max)
+    }
+}
+
 /// Workload tax (% of connections/s lost) of connwatch and tcpstates: interleaved runs
-/// at saturation, medians.
-fn workload_tax(cw: &Path, ns: &Arc<Netns>, q: bool, out: &mut String) -> Result<[f64; 3]> {
+/// at saturation, each round's tax against that round's run without a tracer (so a
+/// drift of the machine's speed between rounds does not count as tax); the median of
+/// the rounds, with their range.
+fn workload_tax(cw: &Path, ns: &Arc<Netns>, q: bool, out: &mut String) -> Result<[Spread; 3]> {
     let rounds = if q { 3 } else { 5 };
     let per = if q { 2.0 } else { 4.0 };
     let mut runs: [Vec<f64>; 4] = Default::default();
@@ -847,16 +878,28 @@ fn workload_tax(cw: &Path, ns: &Arc<Netns>, q: bool, out: &mut String) -> Result
             }
         }
     }
-    let [none, with_cw, with_ts, with_trace] = runs.map(median);
-    let tax = |m: f64| (1.0 - m / none) * 100.0;
+    let [none, with_cw, with_ts, with_trace] = &runs;
+    let taxes = |with: &[f64]| -> Spread {
+        let per_round: Vec<f64> = with
+            .iter()
+            .zip(none)
+            .map(|(w, n)| (1.0 - w / n) * 100.0)
+            .collect();
+        Spread::of(&per_round)
+    };
+    let (cw_tax, ts_tax, trace_tax) = (taxes(with_cw), taxes(with_ts), taxes(with_trace));
     writeln!(
         out,
-        "tax: no tracer {none:.0} conn/s, connwatch watch {with_cw:.0} ({:.1}%), tcpstates {with_ts:.0} ({:.1}%), connwatch trace {with_trace:.0} ({:.1}%)",
-        tax(with_cw),
-        tax(with_ts),
-        tax(with_trace)
+        "tax: no tracer {:.0} conn/s; connwatch watch {:.1}% (rounds {}), tcpstates {:.1}% (rounds {}), connwatch trace {:.1}% (rounds {})",
+        median(none.clone()),
+        cw_tax.median,
+        cw_tax.range(),
+        ts_tax.median,
+        ts_tax.range(),
+        trace_tax.median,
+        trace_tax.range()
     )?;
-    Ok([tax(with_cw), tax(with_ts), tax(with_trace)])
+    Ok([cw_tax, ts_tax, trace_tax])
 }
 
 /// Kernel memory (memlock) of the maps of a `watch` with default flags on an idle host.
@@ -985,7 +1028,7 @@ fn children_cpu() -> f64 {
 const METHOD: &str = "## How each figure is taken
 
 - **probe_ns**, **tcpstates_ns**, **floor_ns**: `run_time_ns / run_cnt` of each tracer's programs (`kernel.bpf_stats_enabled=1`, restored after), under the same fixed-rate churn (half of saturation): `connwatch watch`, `tcpstates`, and the floor, `bpftrace -e 'tracepoint:sock:inet_sock_set_state { @c = count(); }'`.
-- **tax_pct**, **tcpstates_tax_pct**, **trace_tax_pct**: saturating loopback churn (4 client threads, connect / 1-byte exchange / close) with no tracer, with `connwatch watch`, with `tcpstates`, with `connwatch trace` (output to /dev/null), interleaved rounds; medians, as % of the no-tracer throughput.
+- **tax_pct**, **tcpstates_tax_pct**, **trace_tax_pct**: saturating loopback churn (4 client threads, connect / 1-byte exchange / close) with no tracer, with `connwatch watch`, with `tcpstates`, with `connwatch trace` (output to /dev/null), interleaved rounds; each round's tax as % of that round's no-tracer throughput, the median of the rounds, and beside it (`_range`) the lowest and highest round, so that a target grazed shows as such.
 - **kernel_mem_b**: `bytes_memlock` summed over the maps a `connwatch watch` with default flags creates on an idle host (`bpftool map show`).
 - **tw_idle_cpu_pct**: CPU time of `connwatch watch` (default flags) over 30 s while N TIME_WAIT sockets exist and nothing else happens, as % of one CPU.
 - **uncounted_loss**: events the probe produced minus received minus counted as dropped, at saturation and with the reader stopped (SIGSTOP) for 5 s.

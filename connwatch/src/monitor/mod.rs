@@ -770,6 +770,7 @@ impl Monitor {
             self.namespaces.listener_inodes().count() as u64,
         );
         entries.insert("namespaces", self.namespaces.len() as u64);
+        entries.insert("container_names", crate::host::runtime::known_len() as u64);
         Footprint {
             rss_bytes: owners::own_rss_bytes(),
             entries,

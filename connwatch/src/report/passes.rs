@@ -31,8 +31,9 @@ pub(super) struct Acc {
     /// Per peer: CLOSE_WAIT, TIME_WAIT and FIN_WAIT2 sockets.
     pub peers: FxHashMap<PeerKey, [u64; 3]>,
     /// Peers on this host: the process holding the other end (a CLOSE_WAIT socket
-    /// connwatch names), per peer.
-    pub peer_pids: FxHashMap<PeerKey, u32>,
+    /// connwatch names), per peer; `None` where the peer's sockets are held by several
+    /// (a server's peer `addr:*` groups every client on that address).
+    pub peer_pids: FxHashMap<PeerKey, Option<u32>>,
     pub sources: BTreeSet<&'static str>,
     /// Lifetimes of its CLOSE_WAIT sockets closed within the window.
     pub closed: Vec<u64>,
@@ -51,6 +52,15 @@ pub(super) struct Acc {
 pub(super) type Accs = BTreeMap<u32, Acc>;
 
 impl Acc {
+    /// Records that `pid` holds the other end of a connection to `peer` (`None`: one
+    /// that several processes hold): named only while it is the only one.
+    pub fn peer_holder(&mut self, peer: PeerKey, pid: Option<u32>) {
+        let e = self.peer_pids.entry(peer).or_insert(pid);
+        if *e != pid {
+            *e = None;
+        }
+    }
+
     /// Adds another process's evidence (rows grouped by command or unit).
     pub fn merge(&mut self, o: Acc) {
         self.close_wait += o.close_wait;
@@ -80,7 +90,7 @@ impl Acc {
             }
         }
         for (peer, pid) in o.peer_pids {
-            self.peer_pids.entry(peer).or_insert(pid);
+            self.peer_holder(peer, pid);
         }
         self.sources.extend(o.sources);
         self.closed.extend(o.closed);
@@ -248,9 +258,7 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
         a.peers.entry(peer).or_default()[2] += 1;
         a.sources.insert(tw.owner_source.as_str());
         let holder = local_holder(key);
-        if let Some(pid) = holder {
-            a.peer_pids.entry(peer).or_insert(pid);
-        }
+        a.peer_holder(peer, holder);
         if age > fin_wait2_age_ns && holder.is_none() {
             let w = a.fw2_waiting.entry(key.remote.ip()).or_insert((0, 0));
             w.0 += 1;
@@ -277,9 +285,7 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
             a.fw2_oldest_ns = Some(a.fw2_oldest_ns.map_or(age, |o| o.max(age)));
             a.peers.entry(peer).or_default()[2] += 1;
             a.sources.insert(OwnerSource::Fd.as_str());
-            if let Some(pid) = holder {
-                a.peer_pids.entry(peer).or_insert(pid);
-            }
+            a.peer_holder(peer, holder);
             if age > fin_wait2_age_ns && holder.is_none() {
                 let w = a.fw2_waiting.entry(key.remote.ip()).or_insert((0, 0));
                 w.0 += 1;

@@ -176,7 +176,11 @@ fn top_peers(a: &mut Acc, s: &Snapshot) -> Vec<Peer> {
         .peers
         .drain()
         .map(|(addr, [cw, tw, fw2])| Peer {
-            process: named.get(&addr).map(|&pid| peer_process(pid, s)),
+            process: named
+                .get(&addr)
+                .copied()
+                .flatten()
+                .map(|pid| peer_process(pid, s)),
             addr: addr.to_string(),
             close_wait: cw,
             time_wait: tw,

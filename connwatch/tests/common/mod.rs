@@ -312,6 +312,15 @@ pub fn peer_main(role: &str) {
         std::io::stdout().flush().unwrap();
     };
     match args.as_slice() {
+        // Accepts connections and closes each at once: a client that never closes its
+        // end holds a CLOSE_WAIT socket, and this process the FIN_WAIT2 end.
+        ["closer", addr] => {
+            let l = TcpListener::bind(addr.parse::<SocketAddr>().unwrap()).unwrap();
+            say(format!("port {}", l.local_addr().unwrap().port()));
+            for conn in l.incoming() {
+                drop(conn);
+            }
+        }
         ["server", addr] => {
             let l = TcpListener::bind(addr.parse::<SocketAddr>().unwrap()).unwrap();
             say(format!("port {}", l.local_addr().unwrap().port()));

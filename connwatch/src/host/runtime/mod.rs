@@ -107,7 +107,9 @@ const MIN_GAP: Duration = Duration::from_secs(1);
 /// container gone, or made by another runtime).
 const GIVE_UP: Duration = Duration::from_secs(10);
 /// After a runtime fails, how long before it is asked again.
-const BACKOFF: Duration = Duration::from_secs(30);
+const BACKOFF: Duration = Duration::from_secs(5);
+/// How long one runtime may take to list its containers.
+const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound of each table (cleared when it grows past it: only a host churning through
 /// thousands of containers reaches it).
 const TABLE_MAX: usize = 8192;
@@ -154,6 +156,14 @@ pub fn start(args: &RuntimeArgs) {
             );
         }
     }
+}
+
+/// Containers named so far (bounded by `TABLE_MAX`), for the report's footprint.
+pub fn known_len() -> usize {
+    RESOLVER
+        .get()
+        .and_then(|r| r.table.lock().ok().map(|t| t.known.len()))
+        .unwrap_or(0)
 }
 
 /// Waits (up to `limit`) for the first listing of the runtimes present, so that a
@@ -230,7 +240,7 @@ fn ask_loop(resolver: &Resolver, args: &RuntimeArgs) {
                 .map(|(id, (r, _))| (id.clone(), *r))
                 .collect()
         };
-        let found = rt.block_on(asker.ask(&wanted));
+        let (found, answered) = rt.block_on(asker.ask(&wanted));
         if let Ok(mut t) = resolver.table.lock() {
             if t.known.len() + found.len() > TABLE_MAX {
                 t.known.clear();
@@ -239,11 +249,15 @@ fn ask_loop(resolver: &Resolver, args: &RuntimeArgs) {
                 t.wanted.remove(&id);
                 t.known.insert(id, Arc::new(names));
             }
+            // Given up on only where the runtime answered without it: while a runtime
+            // cannot be asked, its ids wait.
             let now = Instant::now();
             let expired: Vec<String> = t
                 .wanted
                 .iter()
-                .filter(|(_, (_, asked))| now.duration_since(*asked) >= GIVE_UP)
+                .filter(|(_, (runtime, asked))| {
+                    answered.contains(runtime) && now.duration_since(*asked) >= GIVE_UP
+                })
                 .map(|(id, _)| id.clone())
                 .collect();
             if t.unknown.len() + expired.len() > TABLE_MAX {
@@ -299,9 +313,14 @@ impl Asker {
     /// container listed. An id of the kubelet's cgroupfs layout is taken for a
     /// containerd one; where containerd does not know it, Docker is asked as well
     /// (cri-dockerd places Docker's containers the same way).
-    async fn ask(&mut self, wanted: &[(String, Runtime)]) -> HashMap<String, Names> {
+    /// Also returns the runtimes that answered.
+    async fn ask(
+        &mut self,
+        wanted: &[(String, Runtime)],
+    ) -> (HashMap<String, Names>, std::collections::HashSet<Runtime>) {
         let mut found = HashMap::new();
         let mut asked = Vec::new();
+        let mut answered = std::collections::HashSet::new();
         for runtime in [
             Runtime::Containerd,
             Runtime::Docker,
@@ -311,8 +330,13 @@ impl Asker {
             if !wanted.iter().any(|(_, r)| *r == runtime) {
                 continue;
             }
+            if matches!(runtime, Runtime::CriO | Runtime::Podman) {
+                // Nothing to ask: their ids are given up on like unknown ones.
+                answered.insert(runtime);
+            }
             if let Some(listed) = self.list(runtime, true).await {
                 found.extend(listed);
+                answered.insert(runtime);
             }
             asked.push(runtime);
         }
@@ -324,7 +348,7 @@ impl Asker {
         {
             found.extend(listed);
         }
-        found
+        (found, answered)
     }
 
     /// One runtime's containers; `None` when it cannot be asked (said once on stderr
@@ -337,7 +361,7 @@ impl Asker {
         {
             return None;
         }
-        let timeout = Duration::from_secs(3);
+        let timeout = LIST_TIMEOUT;
         let result = match runtime {
             Runtime::Containerd => {
                 tokio::time::timeout(timeout, containerd::list(&self.containerd)).await
