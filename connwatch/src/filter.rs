@@ -14,7 +14,7 @@ use anyhow::{Result, bail};
 use crate::host::{
     cgroup::{cgroup2_root, is_cgroup2, parse_cgroup},
     container::identity_cached,
-    runtime::{self, K8sNames, RuntimeArgs},
+    runtime::{self, RuntimeArgs},
 };
 use clap::{Args, ValueEnum};
 use connwatch_common::{AF_INET, AF_INET6, FILTER_MAX};
@@ -99,17 +99,17 @@ impl Filter {
         self
     }
 
-    /// `--pod`/`--k8s-namespace` on a process's pod (`k8s`, as the runtime named it),
-    /// `in_container` telling whether it runs in a container at all.
-    pub fn workload(&self, k8s: Option<&K8sNames>, in_container: bool) -> Verdict {
+    /// `--pod`/`--k8s-namespace` on a process's pod (`(namespace, pod)`, as the
+    /// runtime named it), `in_container` telling whether it runs in a container at all.
+    pub fn workload(&self, pod: Option<(&str, &str)>, in_container: bool) -> Verdict {
         if self.pods.is_empty() && self.k8s_namespaces.is_empty() {
             return Verdict::Yes;
         }
-        match k8s {
-            Some(k) => {
-                let pod_ok = self.pods.is_empty() || self.pods.contains(&k.pod);
-                let ns_ok =
-                    self.k8s_namespaces.is_empty() || self.k8s_namespaces.contains(&k.namespace);
+        match pod {
+            Some((namespace, pod)) => {
+                let pod_ok = self.pods.is_empty() || self.pods.iter().any(|p| p == pod);
+                let ns_ok = self.k8s_namespaces.is_empty()
+                    || self.k8s_namespaces.iter().any(|n| n == namespace);
                 if pod_ok && ns_ok {
                     Verdict::Yes
                 } else {
@@ -204,8 +204,11 @@ impl<'a> Selection<'a> {
             }
             let identity = identity_cached(&text);
             let names = identity.container.as_ref().and_then(runtime::lookup);
-            let k8s = names.as_ref().and_then(|n| n.k8s.as_ref());
-            filter.workload(k8s, identity.container.is_some()) != Verdict::No
+            let pod = names
+                .as_ref()
+                .and_then(|n| n.k8s.as_ref())
+                .map(|k| (k.namespace.as_str(), k.pod.as_str()));
+            filter.workload(pod, identity.container.is_some()) != Verdict::No
         })
     }
 
@@ -288,11 +291,7 @@ mod tests {
 
     #[test]
     fn pods_and_namespaces() {
-        let k = |ns: &str, pod: &str| K8sNames {
-            namespace: ns.into(),
-            pod: pod.into(),
-            ..Default::default()
-        };
+        let k = |ns, pod| (ns, pod);
         let none = Filter::default();
         assert_eq!(none.workload(None, false), Verdict::Yes);
         let f = Filter {
@@ -301,9 +300,9 @@ mod tests {
             ..Filter::default()
         };
         assert!(f.selects_processes());
-        assert_eq!(f.workload(Some(&k("shop", "checkout")), true), Verdict::Yes);
-        assert_eq!(f.workload(Some(&k("dev", "checkout")), true), Verdict::No);
-        assert_eq!(f.workload(Some(&k("shop", "cart")), true), Verdict::No);
+        assert_eq!(f.workload(Some(k("shop", "checkout")), true), Verdict::Yes);
+        assert_eq!(f.workload(Some(k("dev", "checkout")), true), Verdict::No);
+        assert_eq!(f.workload(Some(k("shop", "cart")), true), Verdict::No);
         // Not named yet: kept until the runtime says; a host process never matches.
         assert_eq!(f.workload(None, true), Verdict::Unknown);
         assert_eq!(f.workload(None, false), Verdict::No);
@@ -311,10 +310,7 @@ mod tests {
             k8s_namespaces: vec!["shop".into()],
             ..Filter::default()
         };
-        assert_eq!(
-            ns_only.workload(Some(&k("shop", "any")), true),
-            Verdict::Yes
-        );
+        assert_eq!(ns_only.workload(Some(k("shop", "any")), true), Verdict::Yes);
     }
 
     #[test]

@@ -322,16 +322,12 @@ impl Reporter {
         let mut report = build(s, &self.cfg, &mut self.growth);
         if s.filter.selects_processes() {
             report.processes.retain(|p| {
-                let k8s = p.k8s.as_ref().and_then(|k| {
-                    Some(crate::host::runtime::K8sNames {
-                        namespace: k.namespace.clone()?,
-                        pod: k.pod.clone()?,
-                        ..Default::default()
-                    })
-                });
+                let pod = p
+                    .k8s
+                    .as_ref()
+                    .and_then(|k| Some((k.namespace.as_deref()?, k.pod.as_deref()?)));
                 s.filter.process(p.pid, p.cgroup.as_deref())
-                    && s.filter.workload(k8s.as_ref(), p.container.is_some())
-                        == crate::filter::Verdict::Yes
+                    && s.filter.workload(pod, p.container.is_some()) == crate::filter::Verdict::Yes
             });
         }
         report

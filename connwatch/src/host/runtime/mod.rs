@@ -121,6 +121,33 @@ struct Table {
     wanted: HashMap<String, (Runtime, Instant)>,
     /// Ids their runtime did not list within `GIVE_UP`.
     unknown: std::collections::HashSet<String>,
+    /// Runtimes whose socket was not there at start, with the line that says so (said
+    /// when one of their containers is first seen, by the thread that sees it).
+    absent: HashMap<Runtime, String>,
+    /// Runtimes already said on stderr to be out of reach.
+    said: std::collections::HashSet<Runtime>,
+}
+
+impl Table {
+    /// Says a runtime's trouble on stderr, once per runtime.
+    fn say_once(&mut self, runtime: Runtime, line: &str) {
+        if self.said.insert(runtime) {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// The line that says a runtime cannot be asked, and what to do.
+fn cannot_ask(runtime: Runtime, socket: &std::path::Path, error: &str) -> String {
+    let flag = match runtime {
+        Runtime::Docker => "--docker-socket",
+        _ => "--containerd-socket",
+    };
+    format!(
+        "connwatch: cannot ask {} at {} for container names ({error}): rows keep container ids (give its socket with {flag})",
+        runtime.as_str(),
+        socket.display(),
+    )
 }
 
 struct Resolver {
@@ -149,7 +176,7 @@ pub fn start(args: &RuntimeArgs) {
         let (resolver, args) = (resolver.clone(), args.clone());
         let spawned = std::thread::Builder::new()
             .name("runtime-names".into())
-            .spawn(move || ask_loop(&resolver, &args));
+            .spawn(move || ask_loop(resolver, &args));
         if let Err(e) = spawned {
             eprintln!(
                 "connwatch: cannot start asking container runtimes for names ({e}): rows keep container ids"
@@ -190,6 +217,23 @@ pub fn lookup(c: &Container) -> Option<Arc<Names>> {
     if t.unknown.contains(&c.id) || t.wanted.contains_key(&c.id) {
         return None;
     }
+    if matches!(c.runtime, Runtime::CriO | Runtime::Podman) {
+        let r = c.runtime.as_str();
+        t.say_once(
+            c.runtime,
+            &format!(
+                "connwatch: {r} containers are not asked for their names (no client for {r} yet): their rows keep container ids"
+            ),
+        );
+        if t.unknown.len() >= TABLE_MAX {
+            t.unknown.clear();
+        }
+        t.unknown.insert(c.id.clone());
+        return None;
+    }
+    if let Some(line) = t.absent.get(&c.runtime).cloned() {
+        t.say_once(c.runtime, &line);
+    }
     if t.wanted.len() >= TABLE_MAX {
         t.wanted.clear();
     }
@@ -199,7 +243,7 @@ pub fn lookup(c: &Container) -> Option<Arc<Names>> {
 }
 
 /// The thread that asks: waits for wanted ids, lists the runtimes they belong to.
-fn ask_loop(resolver: &Resolver, args: &RuntimeArgs) {
+fn ask_loop(resolver: Arc<Resolver>, args: &RuntimeArgs) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -212,7 +256,7 @@ fn ask_loop(resolver: &Resolver, args: &RuntimeArgs) {
             return;
         }
     };
-    let mut asker = Asker::new(args);
+    let mut asker = Asker::new(args, resolver.clone());
     // First, every runtime whose socket is there, before anything is wanted: the
     // containers already running are named by the first report.
     let primed = rt.block_on(asker.prime());
@@ -278,17 +322,17 @@ struct Asker {
     docker: PathBuf,
     /// Runtimes that failed, and when they may be asked again.
     backoff: HashMap<Runtime, Instant>,
-    /// Runtimes whose failure was already said on stderr.
-    warned: std::collections::HashSet<Runtime>,
+    /// Where failures are said (once per runtime, with the lookups' sayings).
+    resolver: Arc<Resolver>,
 }
 
 impl Asker {
-    fn new(args: &RuntimeArgs) -> Self {
+    fn new(args: &RuntimeArgs, resolver: Arc<Resolver>) -> Self {
         Self {
             containerd: args.containerd_socket.clone(),
             docker: args.docker_socket.clone(),
             backoff: HashMap::new(),
-            warned: Default::default(),
+            resolver,
         }
     }
 
@@ -300,9 +344,14 @@ impl Asker {
             (Runtime::Containerd, self.containerd.clone()),
             (Runtime::Docker, self.docker.clone()),
         ] {
-            if socket.exists()
-                && let Some(listed) = self.list(runtime, true).await
-            {
+            if !socket.exists() {
+                if let Ok(mut t) = self.resolver.table.lock() {
+                    t.absent
+                        .insert(runtime, cannot_ask(runtime, &socket, "no socket there"));
+                }
+                continue;
+            }
+            if let Some(listed) = self.list(runtime, true).await {
                 found.extend(listed);
             }
         }
@@ -367,16 +416,8 @@ impl Asker {
                 tokio::time::timeout(timeout, containerd::list(&self.containerd)).await
             }
             Runtime::Docker => tokio::time::timeout(timeout, docker::list(&self.docker)).await,
-            Runtime::CriO | Runtime::Podman => {
-                if say && self.warned.insert(runtime) {
-                    eprintln!(
-                        "connwatch: {} containers are not asked for their names (no client for {} yet): their rows keep container ids",
-                        runtime.as_str(),
-                        runtime.as_str()
-                    );
-                }
-                return None;
-            }
+            // Said by `lookup`, which never queues their ids.
+            Runtime::CriO | Runtime::Podman => return None,
         };
         let error = match result {
             Ok(Ok(listed)) => {
@@ -387,16 +428,12 @@ impl Asker {
             Err(_) => format!("no answer within {}s", timeout.as_secs()),
         };
         self.backoff.insert(runtime, Instant::now() + BACKOFF);
-        if say && self.warned.insert(runtime) {
-            let (socket, flag) = match runtime {
-                Runtime::Docker => (&self.docker, "--docker-socket"),
-                _ => (&self.containerd, "--containerd-socket"),
+        if say && let Ok(mut t) = self.resolver.table.lock() {
+            let socket = match runtime {
+                Runtime::Docker => &self.docker,
+                _ => &self.containerd,
             };
-            eprintln!(
-                "connwatch: cannot ask {} at {} for container names ({error}): rows keep container ids (give its socket with {flag})",
-                runtime.as_str(),
-                socket.display(),
-            );
+            t.say_once(runtime, &cannot_ask(runtime, socket, &error));
         }
         None
     }
