@@ -195,6 +195,19 @@ mod tests {
         assert_eq!(identity(&g).pod_uid.as_deref(), Some(UID));
     }
 
+    /// connwatch in a pod of its own (hostPID, a private cgroup namespace): other
+    /// processes' paths are relative to its cgroup, and climb out of it with `..`.
+    #[test]
+    fn paths_seen_from_inside_a_cgroup_namespace() {
+        let uid_ = UID.replace('-', "_");
+        let text =
+            format!("0::/../../kubepods-besteffort-pod{uid_}.slice/cri-containerd-{ID}.scope\n");
+        assert_eq!(container(&text), Some((ID.into(), Runtime::Containerd)));
+        assert_eq!(identity(&text).pod_uid.as_deref(), Some(UID));
+        let docker = format!("0::/../../docker-{ID}.scope\n");
+        assert_eq!(container(&docker), Some((ID.into(), Runtime::Docker)));
+    }
+
     #[test]
     fn every_runtime_is_told_apart() {
         let cases = [
