@@ -50,7 +50,26 @@ pub const POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 pub const POD_UID: &str = "io.kubernetes.pod.uid";
 pub const CONTAINER_NAME: &str = "io.kubernetes.container.name";
 
+/// Adds one runtime's listing to what others said: a container two runtimes list (a
+/// Docker container also sits, unlabelled, in containerd's `moby` namespace) keeps the
+/// listing that names it.
+pub fn merge(into: &mut HashMap<String, Names>, listed: HashMap<String, Names>) {
+    for (id, names) in listed {
+        match into.get(&id) {
+            Some(have) if have.is_named() && !names.is_named() => {}
+            _ => {
+                into.insert(id, names);
+            }
+        }
+    }
+}
+
 impl Names {
+    /// Whether it says anything beyond the id.
+    pub fn is_named(&self) -> bool {
+        self.name.is_some() || self.k8s.is_some()
+    }
+
     /// A container's names from the runtime's own name for it (if any) and its labels.
     /// The CRI labels name the pod whatever runtime ran it (containerd, or Docker
     /// through cri-dockerd).
@@ -352,7 +371,7 @@ impl Asker {
                 continue;
             }
             if let Some(listed) = self.list(runtime, true).await {
-                found.extend(listed);
+                merge(&mut found, listed);
             }
         }
         found
@@ -384,18 +403,22 @@ impl Asker {
                 answered.insert(runtime);
             }
             if let Some(listed) = self.list(runtime, true).await {
-                found.extend(listed);
+                merge(&mut found, listed);
                 answered.insert(runtime);
             }
             asked.push(runtime);
         }
-        let missing = wanted.iter().any(|(id, _)| !found.contains_key(id));
+        // Not listed, or listed without a name (cri-dockerd's containers sit unlabelled
+        // in containerd's `moby` namespace, and the kubelet's path names no runtime).
+        let missing = wanted
+            .iter()
+            .any(|(id, _)| !found.get(id).is_some_and(Names::is_named));
         if missing
             && !asked.contains(&Runtime::Docker)
             && self.docker.exists()
             && let Some(listed) = self.list(Runtime::Docker, false).await
         {
-            found.extend(listed);
+            merge(&mut found, listed);
         }
         (found, answered)
     }
@@ -484,6 +507,26 @@ mod tests {
             Names::from_labels(None, &nerdctl).name.as_deref(),
             Some("db")
         );
+    }
+
+    #[test]
+    fn the_listing_that_names_a_container_wins() {
+        let pod = labels(&[(POD_NAME, "p"), (POD_NAMESPACE, "ns")]);
+        let named = Names::from_labels(Some("web".into()), &pod);
+        let mut found = HashMap::from([("a".to_string(), named.clone())]);
+        // containerd's unlabelled copy after Docker's named one, and before.
+        merge(
+            &mut found,
+            HashMap::from([("a".to_string(), Names::default())]),
+        );
+        assert_eq!(found["a"], named);
+        let mut found = HashMap::from([("a".to_string(), Names::default())]);
+        merge(
+            &mut found,
+            HashMap::from([("a".to_string(), named.clone())]),
+        );
+        assert_eq!(found["a"], named);
+        assert!(!Names::default().is_named());
     }
 
     #[test]
