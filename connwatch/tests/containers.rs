@@ -531,12 +531,56 @@ fn docker_container_is_named() {
         assert!(Instant::now() < end, "no row for the container: {r}");
         thread::sleep(Duration::from_millis(200));
     };
-    let _ = docker().args(["rm", "-f", &name]).output();
     assert_eq!(
         row["container"],
         serde_json::json!({"id": id, "runtime": "docker", "name": name})
     );
     assert!(row["k8s"].is_null(), "{row}");
+
+    // A pod's container made by Docker the way cri-dockerd makes it: the kubelet's
+    // cgroupfs path (which names no runtime) and the CRI's labels. containerd (dockerd's
+    // own, asked too) lists it without a name in its `moby` namespace; Docker names it.
+    let uid = pod_uid("docker-pod");
+    let pod_name = format!("k8s_app_{POD}_{NS}_{uid}_0");
+    let out = run(docker()
+        .args(["run", "-d", "--network", "host", "--name", &pod_name])
+        .arg(format!("--cgroup-parent=/kubepods/besteffort/pod{uid}"))
+        .args(["--label", &format!("io.kubernetes.pod.name={POD}")])
+        .args(["--label", &format!("io.kubernetes.pod.namespace={NS}")])
+        .args(["--label", &format!("io.kubernetes.pod.uid={uid}")])
+        .args(["--label", "io.kubernetes.container.name=app"])
+        .args([IMAGE, "/leaker", &port, "1"]));
+    let pod_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let containerd_socket = dir.0.join("exec/containerd/containerd.sock");
+    assert!(
+        containerd_socket.exists(),
+        "dockerd's containerd socket is not at {}",
+        containerd_socket.display()
+    );
+    let containerd_arg = containerd_socket.display().to_string();
+    let end = Instant::now() + DEADLINE;
+    let row = loop {
+        let r = snapshot(&[
+            "--docker-socket",
+            &socket_arg,
+            "--containerd-socket",
+            &containerd_arg,
+        ]);
+        if let Some(row) = container_row(&r, &pod_id).filter(|p| p["close_wait"] == 1) {
+            break row.clone();
+        }
+        assert!(Instant::now() < end, "no row for the pod's container: {r}");
+        thread::sleep(Duration::from_millis(200));
+    };
+    let _ = docker().args(["rm", "-f", &name, &pod_name]).output();
+    assert_eq!(
+        row["k8s"],
+        serde_json::json!({"namespace": NS, "pod": POD, "pod_uid": uid, "container": "app"}),
+        "{row}"
+    );
+    // Docker's name for it, and Docker as its runtime (the path alone said containerd).
+    assert_eq!(row["container"]["name"], pod_name.as_str(), "{row}");
+    assert_eq!(row["container"]["runtime"], "docker", "{row}");
 }
 
 /// The project's own alert fires in a real Prometheus (Debian's) for the leaking pod by

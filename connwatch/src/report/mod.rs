@@ -949,6 +949,7 @@ mod tests {
                     comm: "app".into(),
                     identity: identity(&format!("0::/kubepods/besteffort/pod{uid}/{id}\n")),
                     names: Some(std::sync::Arc::new(Names {
+                        runtime: None,
                         name: Some("app".into()),
                         k8s: Some(K8sNames {
                             namespace: "shop".into(),
@@ -1248,6 +1249,7 @@ mod tests {
         use crate::host::runtime::{K8sNames, Names};
         let mut procs = procs();
         procs.get_mut(&4242).unwrap().names = Some(std::sync::Arc::new(Names {
+            runtime: None,
             name: Some("app".into()),
             k8s: Some(K8sNames {
                 namespace: "shop".into(),

@@ -120,7 +120,12 @@ fn placement(pids: &[u32], s: &Snapshot) -> (Option<ContainerRow>, Option<K8sRow
         .filter(|(_, c)| shared(&|i| i.identity.container.as_ref() == Some(c)))
         .map(|(f, c)| ContainerRow {
             id: c.id.clone(),
-            runtime: c.runtime,
+            // The runtime that listed it, where the cgroup path could only guess.
+            runtime: f
+                .names
+                .as_ref()
+                .and_then(|n| n.runtime)
+                .unwrap_or(c.runtime),
             name: f.names.as_ref().and_then(|n| n.name.clone()),
         });
     let pod_uid = first

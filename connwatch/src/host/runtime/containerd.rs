@@ -14,6 +14,7 @@ use containerd_client::{
 };
 
 use super::Names;
+use crate::host::container::Runtime;
 
 /// Every container containerd holds, by id, with its names.
 pub(super) async fn list(socket: &Path) -> Result<HashMap<String, Names>> {
@@ -39,7 +40,8 @@ pub(super) async fn list(socket: &Path) -> Result<HashMap<String, Names>> {
             .into_inner()
             .containers;
         for c in containers {
-            names.insert(c.id, Names::from_labels(None, &c.labels));
+            let listed = Names::from_labels(None, &c.labels).listed_by(Runtime::Containerd);
+            names.insert(c.id, listed);
         }
     }
     Ok(names)

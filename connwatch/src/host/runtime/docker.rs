@@ -9,6 +9,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
 use super::Names;
+use crate::host::container::Runtime;
 
 #[derive(Deserialize)]
 struct Listed {
@@ -58,7 +59,8 @@ pub(super) async fn list(socket: &Path) -> Result<HashMap<String, Names>> {
                 .names
                 .first()
                 .map(|n| n.trim_start_matches('/').to_string());
-            let names = Names::from_labels(name, &c.labels.unwrap_or_default());
+            let names =
+                Names::from_labels(name, &c.labels.unwrap_or_default()).listed_by(Runtime::Docker);
             (c.id, names)
         })
         .collect())

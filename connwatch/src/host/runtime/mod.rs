@@ -32,6 +32,9 @@ pub struct Names {
     pub name: Option<String>,
     /// Its pod, from the CRI's labels; `None` outside Kubernetes.
     pub k8s: Option<K8sNames>,
+    /// The runtime that listed it (the kubelet's cgroupfs path names none: a pod's
+    /// container there may be Docker's, through cri-dockerd).
+    pub runtime: Option<Runtime>,
 }
 
 /// A container's place in Kubernetes, as the CRI labelled it.
@@ -88,7 +91,19 @@ impl Names {
             .filter(|n| !n.is_empty())
             .or_else(|| k8s.as_ref().and_then(|k| k.container.clone()))
             .or_else(|| label("nerdctl/name"));
-        Self { name, k8s }
+        Self {
+            name,
+            k8s,
+            runtime: None,
+        }
+    }
+
+    /// The same, as listed by `runtime`.
+    pub fn listed_by(self, runtime: Runtime) -> Self {
+        Self {
+            runtime: Some(runtime),
+            ..self
+        }
     }
 }
 
