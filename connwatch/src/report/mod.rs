@@ -869,12 +869,23 @@ mod tests {
         );
     }
 
+    /// Process `app` in container `id` of pod `uid`, as the kubelet's cgroupfs path
+    /// places it.
+    fn in_pod(uid: &str, id: &str) -> ProcInfo {
+        ProcInfo {
+            comm: "app".into(),
+            identity: crate::host::container::identity(&format!(
+                "0::/kubepods/besteffort/pod{uid}/{id}\n"
+            )),
+            ..ProcInfo::default()
+        }
+    }
+
     /// `--by pod` sums a pod's containers into one row (with `k8s`, no `container`);
     /// `--by container` one row per container; a host process stays a row of its
     /// command either way.
     #[test]
     fn rows_by_pod_and_by_container() {
-        use crate::host::container::identity;
         let uid = "12345678-9abc-def0-1234-56789abcdef0";
         let (c1, c2) = ("a1".repeat(32), "b2".repeat(32));
         let mut t = Table::new(NS);
@@ -883,13 +894,13 @@ mod tests {
         for (i, (pid, id)) in placed.into_iter().enumerate() {
             procs.insert(
                 pid,
-                ProcInfo {
-                    comm: "app".into(),
-                    identity: id.map_or_else(Default::default, |id| {
-                        identity(&format!("0::/kubepods/besteffort/pod{uid}/{id}\n"))
-                    }),
-                    ..ProcInfo::default()
-                },
+                id.map_or_else(
+                    || ProcInfo {
+                        comm: "app".into(),
+                        ..ProcInfo::default()
+                    },
+                    |id| in_pod(uid, id),
+                ),
             );
             t.apply(&enter_cw(
                 1.0,
@@ -932,10 +943,7 @@ mod tests {
     /// keeps one program in two pods apart.
     #[test]
     fn rows_carry_the_runtimes_names() {
-        use crate::host::{
-            container::identity,
-            runtime::{K8sNames, Names},
-        };
+        use crate::host::runtime::{K8sNames, Names};
         let uid = |n: u8| format!("{n}2345678-9abc-def0-1234-56789abcdef0");
         let mut t = Table::new(NS);
         let mut procs = procs();
@@ -946,8 +954,6 @@ mod tests {
             procs.insert(
                 pid,
                 ProcInfo {
-                    comm: "app".into(),
-                    identity: identity(&format!("0::/kubepods/besteffort/pod{uid}/{id}\n")),
                     names: Some(std::sync::Arc::new(Names {
                         runtime: None,
                         name: Some("app".into()),
@@ -958,7 +964,7 @@ mod tests {
                             container: Some("app".into()),
                         }),
                     })),
-                    ..ProcInfo::default()
+                    ..in_pod(&uid, &id)
                 },
             );
             t.apply(&enter_cw(
