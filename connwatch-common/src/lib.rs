@@ -16,6 +16,66 @@ pub const GLOBAL_FILTER: &str = "FILTER";
 pub const GLOBAL_WAKE_AT: &str = "WAKE_AT";
 pub const MAP_LISTENERS: &str = "LISTENERS";
 pub const PROG_SOCKET_FDS: &str = "connwatch_socket_fds";
+pub const MAP_STACKS: &str = "STACKS";
+pub const MAP_STACK_PIDS: &str = "STACK_PIDS";
+pub const MAP_STACK_CTL: &str = "STACK_CTL";
+/// The syscall programs of stack capture (classic tracepoints under `syscalls/`): one
+/// program attached to every syscall of its kind.
+pub const PROG_FD_ENTER: &str = "connwatch_fd_enter";
+pub const PROG_EOF_EXIT: &str = "connwatch_eof_exit";
+pub const PROG_ACCEPT_EXIT: &str = "connwatch_accept_exit";
+
+/// Where a user stack was captured: the two moments of a socket that can end in
+/// CLOSE_WAIT (where it was made, where the process learnt of the hang-up).
+pub mod stack_at {
+    /// connect(): the CLOSE -> SYN_SENT transition, in the caller's syscall.
+    pub const CONNECT: u8 = 1;
+    /// accept()/accept4() returning the socket's fd.
+    pub const ACCEPT: u8 = 2;
+    /// read()/recvfrom() returning 0 (the peer's FIN) on the socket.
+    pub const EOF: u8 = 3;
+}
+
+/// Which processes stacks are captured for (`STACK_CTL[0]`).
+pub mod stack_mode {
+    pub const OFF: u32 = 0;
+    /// The tgids in `STACK_PIDS`.
+    pub const LISTED: u32 = 1;
+    /// Every process (`--stacks` without `--pid`).
+    pub const ALL: u32 = 2;
+}
+
+/// Return addresses the kernel's frame-pointer walk keeps per stack.
+pub const STACK_FRAMES: usize = 64;
+/// Bytes of the user stack copied from the stack pointer up, for userspace to unwind
+/// the first frames with the binaries' unwind tables (`.eh_frame`).
+pub const STACK_COPY: usize = 8192;
+
+/// One captured user stack (ring `STACKS`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StackRecord {
+    pub ts_ns: u64,
+    /// The socket's inode, as in `socket:[N]`.
+    pub inode: u64,
+    /// User registers at the syscall: instruction, stack and frame pointer (0 where
+    /// the kernel's `pt_regs` layout is unknown).
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// `stack_at`.
+    pub at: u8,
+    pub _pad: [u8; 3],
+    /// Frames the kernel's frame-pointer walk filled in `frames`.
+    pub nframes: u32,
+    /// Bytes of `stack` copied (0 when the copy failed).
+    pub stack_len: u32,
+    pub _pad2: u32,
+    pub frames: [u64; STACK_FRAMES],
+    pub stack: [u8; STACK_COPY],
+}
 
 /// One record of the socket-fd iterator: a process holding a socket file.
 #[repr(C)]
@@ -203,7 +263,10 @@ pub mod counter {
     /// live`).
     pub const SOCKET_INSERTED: u32 = 3;
     pub const SOCKET_REMOVED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// User stacks captured, and lost because their ring was full.
+    pub const STACKS_CAPTURED: u32 = 5;
+    pub const STACKS_DROPPED: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Record layout of the classic tracepoint `sock/inet_sock_set_state` (stable since
@@ -339,6 +402,19 @@ pub struct Offsets {
     /// no timewait socket (`TcpExtTCPTimeWaitOverflow`), so its birth is not told.
     pub net_tw_refcount: u32,
     pub net_max_tw_buckets: u32,
+    /// `task_struct.files` -> `files_struct.fdt` -> `fdtable.{max_fds, fd}`: the file
+    /// behind an fd a syscall returned or was given (stack capture).
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    /// `file.private_data` (a socket file's `struct socket`) -> `socket.sk`.
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    /// `pt_regs.{ip, sp, bp}`: the user registers at a syscall, for unwinding.
+    pub pt_regs_ip: u32,
+    pub pt_regs_sp: u32,
+    pub pt_regs_bp: u32,
 }
 
 impl Offsets {
@@ -370,6 +446,15 @@ impl Offsets {
             task_flags: u,
             net_tw_refcount: u,
             net_max_tw_buckets: u,
+            task_files: u,
+            files_fdt: u,
+            fdtable_max_fds: u,
+            fdtable_fd: u,
+            file_private_data: u,
+            socket_sk: u,
+            pt_regs_ip: u,
+            pt_regs_sp: u,
+            pt_regs_bp: u,
         }
     }
 }
@@ -390,12 +475,15 @@ mod user {
     unsafe impl aya::Pod for super::ListenKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::SocketFd {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::StackRecord {}
 }
 
 // The wire layout is fixed: a change here must be a deliberate one on both sides.
 const _: () = assert!(core::mem::size_of::<Event>() == 120);
 const _: () = assert!(core::mem::size_of::<SockState>() == 32);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 24 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 33 * 4);
+const _: () = assert!(core::mem::size_of::<StackRecord>() == 64 + STACK_FRAMES * 8 + STACK_COPY);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8 + 16 + 32 + 8);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 12);
 const _: () = assert!(core::mem::size_of::<SocketFd>() == 16);

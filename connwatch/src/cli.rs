@@ -257,6 +257,15 @@ pub struct ProbeArgs {
     /// within this cap). At least 1024, at most 16777216.
     #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
+
+    /// Capture user stacks from the start, for every selected process (only those of
+    /// --pid when given): where each socket was made (connect, accept) and where its EOF
+    /// was read, to name the code behind leaked sockets (`leak_sites`; with `trace
+    /// --json`, a `stack` on transitions into CLOSE_WAIT). Without it, watch, top and
+    /// serve start capturing a process by themselves once it is flagged
+    /// close_wait_leak.
+    #[arg(long)]
+    pub stacks: bool,
 }
 
 /// `HOST:PORT`, checked for its form here; the name is resolved when binding.

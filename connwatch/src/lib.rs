@@ -18,5 +18,6 @@ pub mod host;
 pub mod monitor;
 pub mod probe;
 pub mod report;
+pub mod stacks;
 pub mod units;
 pub mod views;

@@ -116,6 +116,7 @@ fn probe_options(args: &ProbeArgs, filter: &Filter, verbose: bool) -> ProbeOptio
         max_sockets: args.max_sockets,
         btf_path: probe::default_btf_path(),
         verbose,
+        stacks: args.stacks,
     }
 }
 

@@ -28,6 +28,7 @@ fn probe() -> Probe {
         btf_path: default_btf_path(),
         verbose: false,
         filter: Default::default(),
+        stacks: false,
     })
     .expect("load the probe")
 }

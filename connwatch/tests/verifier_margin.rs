@@ -59,25 +59,34 @@ fn stack_figures(text: &str) -> Vec<(String, u32)> {
         .collect()
 }
 
+/// The programs of stack capture, which `--stacks` loads at once.
+const STACK_PROGRAMS: [&str; 3] = [
+    "connwatch_fd_enter",
+    "connwatch_eof_exit",
+    "connwatch_accept_exit",
+];
+
 fn margin_under(hook: &str, program: &str) {
     require_root();
     let stats = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("stack_{hook}.txt"));
     let _ = std::fs::remove_file(&stats);
     let out = run_with_shim(
         hook,
-        &["trace", "--hook", hook, "--duration", "1s"],
+        &["trace", "--hook", hook, "--stacks", "--duration", "1s"],
         &[("CONNWATCH_SHIM_STATS", stats.to_str().unwrap())],
     );
     let err = stderr_lines(&out);
     assert!(out.status.success(), "trace --hook {hook} failed: {err:?}");
     let text = std::fs::read_to_string(&stats).unwrap_or_default();
     let figures = stack_figures(&text);
-    assert!(
-        figures
-            .iter()
-            .any(|(name, _)| program.starts_with(name.as_str())),
-        "no verifier figure for {program}: {text:?} (stderr {err:?})"
-    );
+    for program in std::iter::once(program).chain(STACK_PROGRAMS) {
+        assert!(
+            figures
+                .iter()
+                .any(|(name, _)| program.starts_with(name.as_str())),
+            "no verifier figure for {program}: {text:?} (stderr {err:?})"
+        );
+    }
     for (name, total) in &figures {
         assert!(
             *total <= MARGIN_BYTES,

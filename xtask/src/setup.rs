@@ -32,7 +32,8 @@ const APT_PACKAGES: &[&str] = &[
 /// Real software the root tests run connwatch against (`cargo xtask test` only): servers
 /// that close idle clients or share a port, the clients and libraries that leak, and
 /// the container runtimes whose containers connwatch names (containerd and runc; Docker;
-/// gcc builds the static programs of their FROM-scratch images).
+/// gcc builds the static programs of their FROM-scratch images), and the compilers of
+/// the leak-site tests' C and Go programs (gcc, golang-go).
 const APT_TEST_PACKAGES: &[&str] = &[
     "redis-server",
     "postgresql",
@@ -42,6 +43,7 @@ const APT_TEST_PACKAGES: &[&str] = &[
     "runc",
     "docker.io",
     "gcc",
+    "golang-go",
 ];
 /// Python client libraries of those tests (imported by their names below).
 const PYPI_TEST_PACKAGES: &[(&str, &str)] = &[("redis", "redis"), ("psycopg2-binary", "psycopg2")];

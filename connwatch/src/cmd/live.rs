@@ -19,6 +19,7 @@ use crate::{
     monitor::timewait::Synthetic,
     probe::{Probe, ProbeOptions},
     report::{Report, ReportConfig, Reporter},
+    stacks::{self, Stacks},
 };
 
 /// Where transitions go as they are applied. A sink's error ends the loop.
@@ -64,16 +65,24 @@ pub struct Live {
     drain_tick: Interval,
     tw_poll: Interval,
     report_tick: Interval,
+    /// Stack capture, where it may run (`--stacks`, or the report commands' capture of
+    /// flagged processes).
+    stacks: Option<Stacks>,
+}
+
+/// What `attach` starts.
+pub struct Attached {
+    pub probe: Probe,
+    pub monitor: Monitor,
+    pub ring: AsyncFd<RingBuf<MapData>>,
+    pub stacks: Option<Stacks>,
 }
 
 /// The start-up shared by every command that loads the probe, in its order: the monitor
 /// first (its /proc scan runs while the probe loads), then the probe, the seeding, the
-/// listeners for `--pid`, and the capabilities dropped before "attached" is announced.
-pub fn attach(
-    opts: &ProbeOptions,
-    window: Duration,
-    filter: Filter,
-) -> Result<(Probe, Monitor, AsyncFd<RingBuf<MapData>>)> {
+/// listeners for `--pid`, stack capture, and the capabilities dropped before "attached"
+/// is announced (from then on, every socket is seen, and with `--stacks` its stacks).
+pub fn attach(opts: &ProbeOptions, window: Duration, filter: Filter) -> Result<Attached> {
     let mut monitor = Monitor::new(window, filter).with_limit(opts.max_sockets as usize);
     // Without kernel BTF there is no socket-fd iterator: /proc is walked while the
     // probe loads.
@@ -89,11 +98,20 @@ pub fn attach(
     if opts.filter.npids > 0 {
         probe.seed_listeners(&monitor.listener_owners())?;
     }
+    let stacks = start_stacks(&mut probe, opts)?;
+    if let Some(s) = &stacks {
+        monitor.use_sites(s.book());
+    }
     // Before announcing: "attached" means the capabilities are already dropped.
     crate::probe::drop_capabilities();
     crate::probe::announce(&probe);
     let ring = crate::probe::readable(ring).context("cannot poll the probe's ring buffer")?;
-    Ok((probe, monitor, ring))
+    Ok(Attached {
+        probe,
+        monitor,
+        ring,
+        stacks,
+    })
 }
 
 fn interval(every: Duration) -> Interval {
@@ -112,7 +130,12 @@ impl Live {
         every: Duration,
         tw_poll: Duration,
     ) -> Result<Self> {
-        let (probe, monitor, ring) = attach(opts, cfg.window, filter)?;
+        let Attached {
+            probe,
+            monitor,
+            ring,
+            stacks,
+        } = attach(opts, cfg.window, filter)?;
         let mut report_tick = interval(every);
         report_tick.tick().await; // the first tick is immediate: skip it
         Ok(Self {
@@ -138,7 +161,13 @@ impl Live {
                 t
             },
             report_tick,
+            stacks,
         })
+    }
+
+    /// The leak sites captured so far (`None` where stacks are not captured).
+    pub fn sites(&self) -> Option<std::sync::Arc<std::sync::Mutex<stacks::Book>>> {
+        self.stacks.as_ref().map(Stacks::book)
     }
 
     /// Keeps the table current until a report is due (the report commands).
@@ -163,6 +192,14 @@ impl Live {
                     }
                     drained?;
                     tokio::task::yield_now().await;
+                }
+                ready = stack_ring(&mut self.stacks) => {
+                    let mut guard = ready?;
+                    guard.clear_ready();
+                    drop(guard);
+                    if let Some(s) = &mut self.stacks {
+                        s.drain();
+                    }
                 }
                 _ = self.drain_tick.tick() => self.drain(sink)?,
                 _ = self.tw_poll.tick() => {
@@ -192,6 +229,7 @@ impl Live {
     /// Applies one batch of what is queued in the ring buffer (at saturation the ring
     /// never empties: draining "until empty" would hold the loop for good).
     pub fn drain(&mut self, sink: &mut impl Sink) -> Result<()> {
+        self.settle_stacks();
         drain(
             self.ring.get_mut(),
             &mut self.monitor,
@@ -214,6 +252,7 @@ impl Live {
     /// `stop`, handing the last transitions to `sink`.
     pub fn stop_into(&mut self, sink: &mut impl Sink) -> Result<()> {
         self.probe.detach();
+        self.settle_stacks();
         drain(
             self.ring.get_mut(),
             &mut self.monitor,
@@ -243,23 +282,75 @@ impl Live {
         Ok(s)
     }
 
-    /// Applies what is queued, reconciles with sock_diag and builds a report.
+    /// Stacks captured before the events now queued are filed first, so that a
+    /// transition into CLOSE_WAIT finds where its socket was made.
+    fn settle_stacks(&mut self) {
+        if let Some(s) = &mut self.stacks {
+            s.settle();
+        }
+    }
+
+    /// Applies what is queued, reconciles with sock_diag and builds a report; then
+    /// starts capturing the stacks of processes it flags `close_wait_leak`.
     pub fn report(&mut self, is_final: bool) -> Result<Report> {
         self.drain(&mut NoSink)?;
         self.monitor.refresh()?;
         let c = self.probe.counters()?;
+        let lost = crate::report::Loss {
+            events_dropped: c.dropped,
+            sockets_untracked: c.sockets_lost() + self.undecodable,
+            stacks_dropped: c.stacks_dropped + self.stacks.as_ref().map_or(0, |s| s.lost()),
+        };
         let reporter = &mut self.reporter;
-        Ok(self.monitor.with_snapshot(
-            is_final,
-            c.dropped,
-            c.sockets_lost() + self.undecodable,
-            |s| reporter.build(s),
-        ))
+        let report = self
+            .monitor
+            .with_snapshot(is_final, lost, |s| reporter.build(s));
+        if let Some(s) = &mut self.stacks {
+            s.follow(
+                report
+                    .processes
+                    .iter()
+                    .filter(|p| p.flags.contains(&crate::report::flag::CLOSE_WAIT_LEAK.name))
+                    .flat_map(|p| p.pids.iter().copied()),
+            );
+        }
+        Ok(report)
     }
 
     /// Events the probe produced so far (received or dropped).
     pub fn events_seen(&self) -> Result<u64> {
         Ok(self.probe.counters()?.seen)
+    }
+}
+
+/// Stack capture for `opts`: from the start with `--stacks` (the `--pid` processes, or
+/// all), else for the processes a report flags (the report commands only).
+fn start_stacks(probe: &mut Probe, opts: &ProbeOptions) -> Result<Option<Stacks>> {
+    let reports = opts.filter.lifecycle_only != 0;
+    let mode = match (opts.stacks, opts.filter.npids) {
+        (true, 0) => stacks::Mode::All,
+        (true, _) => stacks::Mode::Pids,
+        (false, _) if reports => stacks::Mode::Flagged,
+        (false, _) => return Ok(None),
+    };
+    let Some(control) = probe.take_stacks() else {
+        return Ok(None);
+    };
+    let pids = opts
+        .filter
+        .pids
+        .get(..usize::from(opts.filter.npids))
+        .unwrap_or_default();
+    Stacks::start(control, mode, pids).map(Some)
+}
+
+/// The stack ring's readiness; never, where stacks are not captured.
+async fn stack_ring(
+    stacks: &mut Option<Stacks>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>> {
+    match stacks {
+        Some(s) => s.ring().readable_mut().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -3,6 +3,7 @@
 use std::{
     io::{self, BufWriter, StdoutLock, Write},
     process::ExitCode,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -13,11 +14,12 @@ use crate::{
     clock::WallClock,
     cmd::live::{Live, Sink, SinkError},
     cmd::shutdown::Shutdown,
-    decode::Transition,
+    decode::{TcpState, Transition},
     filter::Filter,
     monitor::timewait::Synthetic,
     probe::ProbeOptions,
     report::ReportConfig,
+    stacks::Book,
     views::transitions::{self as view, Row},
 };
 
@@ -44,6 +46,7 @@ pub async fn run(args: TraceArgs, opts: ProbeOptions, filter: Filter) -> Result<
         clock: WallClock::new(),
         json: args.json,
         order: view::InOrder::default(),
+        sites: if opts.stacks { live.sites() } else { None },
     };
     let result: Result<()> = async {
         if !args.json {
@@ -79,6 +82,8 @@ struct Rows<'a> {
     json: bool,
     /// Keeps the stream's times in order.
     order: view::InOrder,
+    /// `--stacks`: where sockets were made.
+    sites: Option<Arc<Mutex<Book>>>,
 }
 
 impl Rows<'_> {
@@ -94,7 +99,18 @@ impl Rows<'_> {
 
 impl Sink for Rows<'_> {
     fn transition(&mut self, t: &Transition) -> io::Result<()> {
-        self.row(Row::from(t))
+        let mut row = Row::from(t);
+        if t.new == TcpState::CLOSE_WAIT
+            && let Some(book) = &self.sites
+        {
+            // The stored site: the transition itself runs in softirq, on whatever task
+            // was interrupted, so a stack taken now would name a bystander.
+            let book = book
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            row.stack = book.of(t.inode).made.and_then(|id| book.site(id).cloned());
+        }
+        self.row(row)
     }
 
     fn inferred(&mut self, rows: &[Synthetic]) -> io::Result<()> {

@@ -56,7 +56,7 @@ pub fn snapshot(args: SnapshotArgs, filter: Filter) -> Result<ExitCode> {
     let mut monitor = Monitor::new(reporter.cfg.window, filter).with_prescan();
     monitor.seed()?;
     monitor.refresh()?;
-    let report = monitor.with_snapshot(true, 0, 0, |s| reporter.build(s));
+    let report = monitor.with_snapshot(true, Default::default(), |s| reporter.build(s));
     if !written(Output::new(args.report.json).print(&report))? {
         return Ok(ExitCode::SUCCESS);
     }

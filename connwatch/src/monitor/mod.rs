@@ -12,6 +12,8 @@ use std::{
     time::Duration,
 };
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::Result;
 
 use self::snapshot::{Footprint, Loss, Snapshot};
@@ -56,6 +58,12 @@ pub struct Monitor {
     loss_polled: u64,
     /// The /proc scan started with the monitor, taken over at the first seeding.
     prescan: Option<owners::Prescan>,
+    /// Leak sites, where stacks are captured.
+    sites: Option<Arc<Mutex<crate::stacks::Book>>>,
+}
+
+fn lock_book(b: &Mutex<crate::stacks::Book>) -> std::sync::MutexGuard<'_, crate::stacks::Book> {
+    b.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Timewait polls may use at most 1/POLL_BUDGET of a CPU: with very many timewait
@@ -104,7 +112,14 @@ impl Monitor {
             loss_seen: 0,
             loss_polled: 0,
             prescan: None,
+            sites: None,
         }
+    }
+
+    /// Counts CLOSE_WAIT sockets per leak site from `book` in reports, and forgets the
+    /// sites of sockets gone from full dumps.
+    pub fn use_sites(&mut self, book: Arc<Mutex<crate::stacks::Book>>) {
+        self.sites = Some(book);
     }
 
     /// Starts walking /proc for the fd index now, on a thread of its own, to overlap
@@ -579,6 +594,22 @@ impl Monitor {
         rows
     }
 
+    /// Forgets the sites of sockets that a full dump (begun at `now`) no longer lists;
+    /// those captured since it began may simply be too new for it.
+    fn prune_sites(&self, visits: &[Visit], now: u64) {
+        let Some(book) = &self.sites else { return };
+        let mut book = lock_book(book);
+        if book.sockets() == 0 {
+            return;
+        }
+        let live: rustc_hash::FxHashSet<u64> = visits
+            .iter()
+            .flat_map(|v| v.sockets.iter().map(|s| s.inode))
+            .filter(|&i| i != 0)
+            .collect();
+        book.prune(|inode| live.contains(&inode), now);
+    }
+
     /// A full dump of every namespace: the state histogram, the CLOSE_WAIT table
     /// reconciled, settings, listeners, and `with_timewait` (the dump lists TIME_WAIT
     /// sockets) timewait sockets observed.
@@ -589,6 +620,7 @@ impl Monitor {
         with_timewait: bool,
     ) -> Result<Vec<Synthetic>> {
         self.states.clear();
+        self.prune_sites(&visits, now);
         for v in &visits {
             for (state, n) in snapshot::state_counts(&v.sockets) {
                 *self.states.entry(state).or_insert(0) += n;
@@ -642,11 +674,11 @@ impl Monitor {
 
     /// Resolves holders and process facts, and hands `build` a snapshot of it all (a
     /// report is built from it: `report::Reporter`).
+    /// `lost`: what the probe and the reader lost, besides what the monitor did.
     pub fn with_snapshot<R>(
         &mut self,
         is_final: bool,
-        events_dropped: u64,
-        untracked_extra: u64,
+        lost: Loss,
         build: impl FnOnce(&Snapshot) -> R,
     ) -> R {
         let now = monotonic_ns();
@@ -696,6 +728,7 @@ impl Monitor {
             .into_iter()
             .filter_map(|pid| Some((pid, owners::proc_info(pid)?)))
             .collect();
+        let sites = self.sites.as_ref().map(|b| lock_book(b));
         let snapshot = Snapshot {
             table: &self.table,
             time: humantime::format_rfc3339_micros(self.clock.wall(now)).to_string(),
@@ -710,11 +743,12 @@ impl Monitor {
             kernel: self.namespaces.kernel(),
             own_netns: self.namespaces.own(),
             loss: Loss {
-                events_dropped,
-                sockets_untracked: self.untracked() + untracked_extra,
+                sockets_untracked: self.untracked() + lost.sockets_untracked,
+                ..lost
             },
             filter: &self.filter,
-            footprint: self.footprint(),
+            footprint: self.footprint(sites.as_deref()),
+            sites: sites.as_deref(),
         };
         build(&snapshot)
     }
@@ -757,7 +791,7 @@ impl Monitor {
             .count() as u64
     }
 
-    fn footprint(&self) -> Footprint {
+    fn footprint(&self, sites: Option<&crate::stacks::Book>) -> Footprint {
         let mut entries: BTreeMap<&'static str, u64> = self
             .table
             .sizes()
@@ -771,6 +805,10 @@ impl Monitor {
         );
         entries.insert("namespaces", self.namespaces.len() as u64);
         entries.insert("container_names", crate::host::runtime::known_len() as u64);
+        if let Some(b) = sites {
+            entries.insert("stack_sites", b.sites() as u64);
+            entries.insert("stack_sockets", b.sockets() as u64);
+        }
         Footprint {
             rss_bytes: owners::own_rss_bytes(),
             entries,

@@ -40,6 +40,8 @@ pub struct Snapshot<'a> {
     pub filter: &'a Filter,
     /// connwatch's own memory and table sizes.
     pub footprint: Footprint,
+    /// Leak sites of sockets, where stacks are captured.
+    pub sites: Option<&'a crate::stacks::Book>,
 }
 
 /// Loss counters shown in every report.
@@ -47,6 +49,8 @@ pub struct Snapshot<'a> {
 pub struct Loss {
     pub events_dropped: u64,
     pub sockets_untracked: u64,
+    /// User stacks lost: their ring was full, or nothing of them could be read.
+    pub stacks_dropped: u64,
 }
 
 /// connwatch's resident memory and the entries in each of its tables. Every table is

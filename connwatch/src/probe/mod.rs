@@ -12,6 +12,7 @@
 mod offsets;
 mod preflight;
 mod socket_fds;
+mod stacks;
 mod tracefs;
 
 use std::{
@@ -34,6 +35,7 @@ pub use preflight::{
     Abilities, check_kernel, check_privileges, drop_capabilities, warn_missing_optional,
 };
 pub use socket_fds::SocketFds;
+pub use stacks::StackControl;
 pub use tracefs::layout_mismatches;
 
 /// Which kernel hook to attach.
@@ -59,6 +61,8 @@ pub struct ProbeOptions {
     pub verbose: bool,
     /// Load-time event filter.
     pub filter: connwatch_common::Filter,
+    /// `--stacks`: capture stacks from the start.
+    pub stacks: bool,
 }
 
 /// The attached probe. Dropping it detaches every program (links are owned by the
@@ -68,6 +72,8 @@ pub struct Probe {
     ebpf: Arc<Mutex<Ebpf>>,
     /// The socket-fd iterator, where the kernel has what it needs.
     socket_fds: Option<SocketFds>,
+    /// Stack capture's switches (taken by the stack reader).
+    stacks: Option<StackControl>,
     pub attached: &'static str,
     /// Optional fields that could not be resolved (netns/inode then read as 0).
     pub degraded: Vec<&'static str>,
@@ -86,6 +92,9 @@ pub struct Counters {
     /// Per-socket state the classic tracepoint's LRU map evicted to make room: those
     /// sockets' owners and entry times are lost.
     pub evicted: u64,
+    /// User stacks captured, and lost because their ring was full.
+    pub stacks_captured: u64,
+    pub stacks_dropped: u64,
 }
 
 impl Counters {
@@ -126,7 +135,9 @@ fn degraded(resolved: Option<&offsets::Resolved>) -> Vec<&'static str> {
     degraded.retain(|f| {
         let slower = offsets::TIMEWAIT_FIELDS.contains(f)
             || offsets::SOCKET_FD_ONLY_FIELDS.contains(f)
-            || offsets::EXIT_FIELDS.contains(f);
+            || offsets::EXIT_FIELDS.contains(f)
+            || offsets::STACK_FD_FIELDS.contains(f)
+            || offsets::STACK_REG_FIELDS.contains(f);
         if slower {
             log::debug!("{f} not in kernel BTF: done the slower way");
         }
@@ -311,6 +322,10 @@ impl Probe {
             _ => None,
         };
         lap("socket-fd iterator loaded");
+        let fd_capable = resolved
+            .as_ref()
+            .is_some_and(|r| r.has_all(&offsets::STACK_FD_FIELDS));
+        let stacks = Some(StackControl::new(Arc::clone(&ebpf), fd_capable));
         let lru_capacity = if attached == TRACEPOINT_NAME {
             lru_entries(opts.max_sockets)
         } else {
@@ -319,6 +334,7 @@ impl Probe {
         Ok(Self {
             ebpf,
             socket_fds,
+            stacks,
             attached,
             degraded,
             lru_capacity,
@@ -330,6 +346,11 @@ impl Probe {
     /// kernel lacks it).
     pub fn take_socket_fds(&mut self) -> Option<SocketFds> {
         self.socket_fds.take()
+    }
+
+    /// Stack capture's switches (once).
+    pub fn take_stacks(&mut self) -> Option<StackControl> {
+        self.stacks.take()
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Ebpf>> {
@@ -397,6 +418,8 @@ impl Probe {
             dropped: sum(counter::DROPPED)?,
             socket_store_failed: sum(counter::SOCKET_STORE_FAILED)?,
             evicted: self.evicted(&ebpf, stored),
+            stacks_captured: sum(counter::STACKS_CAPTURED)?,
+            stacks_dropped: sum(counter::STACKS_DROPPED)?,
         })
     }
 

@@ -84,7 +84,7 @@ const REQUIRED: [Field; 8] = [
 
 /// Fields whose absence blanks netns/inode in events, rules out `--cgroup`, or leaves
 /// TIME_WAIT births to be confirmed by polling.
-const OPTIONAL: [Field; 16] = [
+const OPTIONAL: [Field; 25] = [
     Field {
         name: "skc_net",
         root: "sock",
@@ -181,6 +181,60 @@ const OPTIONAL: [Field; 16] = [
         path: &["__sk_common", "skc_flags"],
         slot: |o| &mut o.skc_flags,
     },
+    Field {
+        name: "task_struct.files",
+        root: "task_struct",
+        path: &["files"],
+        slot: |o| &mut o.task_files,
+    },
+    Field {
+        name: "files_struct.fdt",
+        root: "files_struct",
+        path: &["fdt"],
+        slot: |o| &mut o.files_fdt,
+    },
+    Field {
+        name: "fdtable.max_fds",
+        root: "fdtable",
+        path: &["max_fds"],
+        slot: |o| &mut o.fdtable_max_fds,
+    },
+    Field {
+        name: "fdtable.fd",
+        root: "fdtable",
+        path: &["fd"],
+        slot: |o| &mut o.fdtable_fd,
+    },
+    Field {
+        name: "file.private_data",
+        root: "file",
+        path: &["private_data"],
+        slot: |o| &mut o.file_private_data,
+    },
+    Field {
+        name: "socket.sk",
+        root: "socket",
+        path: &["sk"],
+        slot: |o| &mut o.socket_sk,
+    },
+    Field {
+        name: "pt_regs.ip",
+        root: "pt_regs",
+        path: &["ip"],
+        slot: |o| &mut o.pt_regs_ip,
+    },
+    Field {
+        name: "pt_regs.sp",
+        root: "pt_regs",
+        path: &["sp"],
+        slot: |o| &mut o.pt_regs_sp,
+    },
+    Field {
+        name: "pt_regs.bp",
+        root: "pt_regs",
+        path: &["bp"],
+        slot: |o| &mut o.pt_regs_bp,
+    },
 ];
 
 impl Resolved {
@@ -235,6 +289,23 @@ pub const SOCKET_FD_ONLY_FIELDS: [&str; 2] = ["task_struct.tgid", "inode.i_mode"
 /// The field the probe reads to tell a close by exit from a close() call (present in
 /// every BTF kernel; without it an exit counts as a close, as before).
 pub const EXIT_FIELDS: [&str; 1] = ["task_struct.flags"];
+
+/// Fields stack capture reads at accept() and at a read that returned EOF, to find the
+/// socket behind the syscall's fd (connect() needs none of them).
+pub const STACK_FD_FIELDS: [&str; 8] = [
+    "task_struct.files",
+    "files_struct.fdt",
+    "fdtable.max_fds",
+    "fdtable.fd",
+    "file.private_data",
+    "socket.sk",
+    "file.f_inode",
+    "inode.i_mode",
+];
+
+/// User registers copied with a stack, for unwinding its first frames in userspace
+/// (without them only the frame-pointer walk is there).
+pub const STACK_REG_FIELDS: [&str; 3] = ["pt_regs.ip", "pt_regs.sp", "pt_regs.bp"];
 
 /// Fields the probe reads to match `--cgroup` against a socket's cgroup.
 pub const CGROUP_FIELDS: [&str; 3] = ["sk_cgrp_data.cgroup", "cgroup.kn", "kernfs_node.id"];

@@ -161,6 +161,26 @@ pub struct ProcessRow {
     pub container: Option<ContainerRow>,
     /// Where it runs in Kubernetes; null outside it.
     pub k8s: Option<K8sRow>,
+    /// The code behind its CLOSE_WAIT sockets, where stacks were captured: the sites
+    /// where they were made and where their EOF was read, most sockets first.
+    pub leak_sites: Vec<LeakSite>,
+}
+
+/// A place in the code, with the CLOSE_WAIT sockets of a row captured there.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LeakSite {
+    pub sockets: u64,
+    pub at: crate::stacks::At,
+    /// `function (file:line)`, innermost first.
+    pub stack: Vec<String>,
+    /// The stack does not reach the program's first frame, or names none of its own
+    /// code: the site may lie deeper.
+    pub truncated: bool,
+    /// What would give a whole stack, when it is truncated.
+    pub hint: Option<&'static str>,
+    /// The site in one line (`made at f (file.c:17) ← main (file.c:30)`).
+    #[serde(skip)]
+    pub summary: String,
 }
 
 /// A row's container, as its cgroup path names it.
@@ -511,6 +531,7 @@ mod tests {
             loss: Loss::default(),
             filter: &NO_FILTER,
             footprint: Footprint::default(),
+            sites: None,
         }
     }
 
@@ -665,6 +686,83 @@ mod tests {
                 .unwrap()
                 .contains("slow to call close()")
         );
+    }
+
+    /// Each CLOSE_WAIT socket counts at the site where it was made and where its EOF
+    /// was read; the polite twin's site (a socket since closed) is never listed, and
+    /// the reason names the EOF site first.
+    #[test]
+    fn leaked_sockets_are_counted_per_site_and_named_in_the_reason() {
+        use crate::stacks::{At, Book, Site};
+        let site = |at, f: &str| Site {
+            at,
+            stack: vec!["__libc_read".into(), f.into(), "main (s.c:40)".into()],
+            truncated: false,
+            hint: None,
+            own: 1,
+        };
+        let mut t = Table::new(NS);
+        for i in 0..3 {
+            t.apply(&enter_cw(
+                1.0,
+                L,
+                &format!("127.0.0.1:{}", 40000 + i),
+                55 + i,
+            ));
+        }
+        let mut book = Book::default();
+        let made = book.add_site(4242, vec![1], site(At::Accept, "main (s.c:38)"));
+        let leaky = book.add_site(4242, vec![2], site(At::Eof, "leaky (s.c:14)"));
+        let polite = book.add_site(4242, vec![3], site(At::Eof, "polite (s.c:21)"));
+        for inode in 55..58 {
+            book.record(inode, At::Accept, made, 1);
+        }
+        // Only two EOFs were captured (capture began late for the first socket).
+        book.record(56, At::Eof, leaky, 1);
+        book.record(57, At::Eof, leaky, 1);
+        book.record(99, At::Eof, polite, 1);
+        let idx = hold(&t, |_| vec![4242]);
+        let procs = procs();
+        let r = build(
+            &Snapshot {
+                holders: &idx,
+                sites: Some(&book),
+                ..inputs(&t, 100, &procs)
+            },
+            &cfg(),
+            &mut Growth::default(),
+        );
+        let p = &r.processes[0];
+        let got: Vec<(u64, At, &str)> = p
+            .leak_sites
+            .iter()
+            .map(|s| (s.sockets, s.at, s.stack[1].as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (3, At::Accept, "main (s.c:38)"),
+                (2, At::Eof, "leaky (s.c:14)")
+            ]
+        );
+        let reason = p.reason.as_deref().unwrap();
+        assert!(
+            reason.ends_with(
+                "Leak site: 2 of them read EOF at leaky (s.c:14) ← main (s.c:40); 3 of them made at main (s.c:38) ← main (s.c:40)."
+            ),
+            "{reason}"
+        );
+        // Without stacks, the list is there and empty.
+        let r = build(
+            &Snapshot {
+                holders: &idx,
+                ..inputs(&t, 100, &procs)
+            },
+            &cfg(),
+            &mut Growth::default(),
+        );
+        assert_eq!(r.processes[0].close_wait, 3);
+        assert!(r.processes[0].leak_sites.is_empty());
     }
 
     #[test]

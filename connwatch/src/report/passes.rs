@@ -47,6 +47,8 @@ pub(super) struct Acc {
     pub cw_unread: u64,
     /// Of `cw_idle`, those whose unread bytes are the peer's goodbye.
     pub cw_goodbye: u64,
+    /// CLOSE_WAIT sockets per leak site (where made, where EOF was read).
+    pub sites: FxHashMap<crate::stacks::SiteId, u64>,
 }
 
 pub(super) type Accs = BTreeMap<u32, Acc>;
@@ -97,6 +99,9 @@ impl Acc {
         self.cw_idle += o.cw_idle;
         self.cw_unread += o.cw_unread;
         self.cw_goodbye += o.cw_goodbye;
+        for (site, n) in o.sites {
+            *self.sites.entry(site).or_insert(0) += n;
+        }
         if self.comm.is_none() {
             self.comm = o.comm;
         }
@@ -138,6 +143,7 @@ pub(super) fn close_wait(
             continue;
         };
         let peer = peer_addr(key, s.listening);
+        let sites = s.sites.map(|b| b.of(cw.inode)).unwrap_or_default();
         let counting = counting_holders(pids, by, s.procs);
         for &pid in pids.iter().filter(|p| !counting.contains(p)) {
             // In its row already, through another holder: listed, not counted twice.
@@ -168,6 +174,9 @@ pub(super) fn close_wait(
                 a.peers.insert(peer, [1, 0, 0]);
             }
             a.sources.insert(source);
+            for site in sites.made.into_iter().chain(sites.eof) {
+                *a.sites.entry(site).or_insert(0) += 1;
+            }
             if a.comm.is_none() {
                 a.comm = s.table.probe_owner(key).map(|o| o.comm.clone());
             }

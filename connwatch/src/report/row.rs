@@ -1,8 +1,8 @@
 //! One row's accumulated evidence (a process, or a group of them) turned into its row:
 //! figures, flags and reason.
 use super::{
-    ContainerRow, Evidence, GroupKey, Growth, K8sRow, NotClosing, Peer, PeerProcess, ProcessRow,
-    ReportConfig, Snapshot, flag,
+    ContainerRow, Evidence, GroupKey, Growth, K8sRow, LeakSite, NotClosing, Peer, PeerProcess,
+    ProcessRow, ReportConfig, Snapshot, flag,
     group::Group,
     key::comm_of,
     passes::{Acc, closed_stats},
@@ -56,6 +56,7 @@ pub(super) fn row(
     let tw_rate = (span_s > 0.0 && a.tw_created > 0).then(|| round3(a.tw_created as f64 / span_s));
     let ev = evidence(&mut a, cfg);
     let peers = top_peers(&mut a, s);
+    let leak_sites = leak_sites(&a, s);
 
     let mut row = ProcessRow {
         pid,
@@ -83,6 +84,7 @@ pub(super) fn row(
         fin_wait2_oldest_s: a.fw2_oldest_ns.map(|ns| round3(ns as f64 / 1e9)),
         container,
         k8s,
+        leak_sites,
     };
     let raised: Vec<&flag::Flag> = flag::ALL
         .into_iter()
@@ -92,6 +94,40 @@ pub(super) fn row(
     row.flags = raised.iter().map(|f| f.name).collect();
     row.reason = (!sentences.is_empty()).then(|| sentences.join(" "));
     row
+}
+
+/// Sites listed per row at most.
+const LEAK_SITES_MAX: usize = 8;
+
+/// The row's CLOSE_WAIT sockets per leak site, most first; on a tie, the site where
+/// EOF was read first (where the program went on without closing).
+fn leak_sites(a: &Acc, s: &Snapshot) -> Vec<LeakSite> {
+    let Some(book) = s.sites else {
+        return Vec::new();
+    };
+    let mut sites: Vec<LeakSite> = a
+        .sites
+        .iter()
+        .filter_map(|(&id, &n)| {
+            let site = book.site(id)?;
+            Some(LeakSite {
+                sockets: n,
+                at: site.at,
+                stack: site.stack.clone(),
+                truncated: site.truncated,
+                hint: site.hint,
+                summary: site.summary(),
+            })
+        })
+        .collect();
+    sites.sort_by(|x, y| {
+        y.sockets
+            .cmp(&x.sockets)
+            .then(x.at.made().cmp(&y.at.made()))
+            .then(x.stack.cmp(&y.stack))
+    });
+    sites.truncate(LEAK_SITES_MAX);
+    sites
 }
 
 /// The member process nearest its fd limit (the only one for a process row).

@@ -235,10 +235,12 @@ fn details<'a>(p: &ProcessRow) -> Vec<Line<'a>> {
             format!("{} ({} CW, {} TW{fw2})", x.addr, x.close_wait, x.time_wait)
         })
         .collect();
-    vec![
-        Line::from(reason),
-        Line::from(format!("peers: {}", peers.join(", "))),
-    ]
+    let mut lines = vec![Line::from(reason)];
+    if let Some(site) = p.leak_sites.first().filter(|_| !p.flags.is_empty()) {
+        lines.push(Line::from(site.summary.clone()));
+    }
+    lines.push(Line::from(format!("peers: {}", peers.join(", "))));
+    lines
 }
 
 #[cfg(test)]

@@ -34,8 +34,15 @@ pub fn human(r: &Report) -> String {
             out += line.trim_end();
             out.push('\n');
         }
-        for reason in r.processes.iter().filter_map(|p| p.reason.as_deref()) {
+        for p in &r.processes {
+            let Some(reason) = p.reason.as_deref() else {
+                continue;
+            };
             out += &format!("  * {reason}\n");
+            // The code to look at first, on a line of its own.
+            if let Some(site) = p.leak_sites.first() {
+                out += &format!("    {}\n", site.summary);
+            }
         }
     }
     for q in &r.quiet {
@@ -282,6 +289,7 @@ mod tests {
             loss: Loss {
                 events_dropped: dropped,
                 sockets_untracked: 0,
+                stacks_dropped: 0,
             },
             time_wait_ends: Default::default(),
             kernel: None,

@@ -26,6 +26,9 @@ pub struct Row<'a> {
     pub owner_source: OwnerSource,
     pub synthetic: bool,
     pub end: Option<&'static str>,
+    /// `trace --stacks`: for a transition into CLOSE_WAIT, the stack where the socket
+    /// was made.
+    pub stack: Option<std::sync::Arc<crate::stacks::Site>>,
 }
 
 /// Stamps each row no earlier than the rows before it, so that the stream's times never
@@ -59,6 +62,7 @@ impl<'a> From<&'a Transition> for Row<'a> {
             owner_source: t.owner.source,
             synthetic: false,
             end: None,
+            stack: None,
         }
     }
 }
@@ -77,6 +81,7 @@ impl<'a> From<&'a Synthetic> for Row<'a> {
             owner_source: s.owner_source,
             synthetic: true,
             end: s.end.map(|e| e.as_str()),
+            stack: None,
         }
     }
 }
@@ -210,6 +215,11 @@ impl Serialize for Json<'_, '_> {
         // How a TIME_WAIT ended: `expired` or `early`.
         if let Some(end) = t.end {
             m.serialize_field("end", end)?;
+        }
+        // Present only with --stacks, on transitions into CLOSE_WAIT whose socket's
+        // making was captured.
+        if let Some(site) = &t.stack {
+            m.serialize_field("stack", &site.stack)?;
         }
         m.end()
     }
@@ -426,6 +436,7 @@ mod tests {
                 let synthetic = Row {
                     synthetic: true,
                     end: [None, Some("early")][i % 2],
+                    stack: None,
                     ..Row::from(&t)
                 };
                 assert_eq!(

@@ -60,7 +60,23 @@ fn sentences(r: &ProcessRow, ev: &Evidence) -> Vec<String> {
         s += " ";
         s += &cause;
     }
+    if let Some(sites) = sites(r) {
+        s += " ";
+        s += &sites;
+    }
     vec![s]
+}
+
+/// Where the code made its leaked sockets and read their EOF: the top site of each.
+fn sites(r: &ProcessRow) -> Option<String> {
+    let made = r.leak_sites.iter().find(|s| s.at.made());
+    let eof = r.leak_sites.iter().find(|s| !s.at.made());
+    let parts: Vec<String> = [eof, made]
+        .into_iter()
+        .flatten()
+        .map(|s| format!("{} of them {}", s.sockets, s.summary))
+        .collect();
+    (!parts.is_empty()).then(|| format!("Leak site: {}.", parts.join("; ")))
 }
 
 /// The classic cause the evidence points to, when it points to one: most of the
