@@ -373,4 +373,10 @@ fn a_flagged_leak_gets_its_sites_without_stacks() {
     // Only sockets leaked since capture began have a site.
     assert!(eof["sockets"].as_u64().unwrap() < found["close_wait"].as_u64().unwrap());
     never_names(&found, "polite_handler");
+    // The leaker gone, nothing is captured any more.
+    drop(server);
+    cw.stdout.wait_for("capture to stop", |l| {
+        serde_json::from_str::<Value>(l)
+            .is_ok_and(|r| r["footprint"]["entries"]["stack_processes"] == 0)
+    });
 }

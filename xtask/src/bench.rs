@@ -378,21 +378,51 @@ fn prog_stats(ids: &[u64]) -> Result<(u64, u64)> {
 
 /// ns per event of the tracer's programs under a fixed-rate load.
 fn probe_cost(tracer: &Tracer, ns: &Arc<Netns>, rate: f64, secs: f64) -> Result<(f64, u64)> {
+    let [cost] = probe_cost_of([&tracer.progs], ns, rate, secs)?;
+    Ok(cost)
+}
+
+/// ns per run, and runs, of each group of programs under one fixed-rate load.
+fn probe_cost_of<const N: usize>(
+    groups: [&[u64]; N],
+    ns: &Arc<Netns>,
+    rate: f64,
+    secs: f64,
+) -> Result<[(f64, u64); N]> {
     let load = Load::start(ns, 2, Some(rate))?;
     thread::sleep(Duration::from_millis(300));
-    let (t0, c0) = prog_stats(&tracer.progs)?;
+    let before = groups.map(prog_stats);
     thread::sleep(Duration::from_secs_f64(secs));
-    let (t1, c1) = prog_stats(&tracer.progs)?;
+    let after = groups.map(prog_stats);
     load.stop();
-    let runs = c1 - c0;
-    Ok((
-        if runs > 0 {
-            (t1 - t0) as f64 / runs as f64
-        } else {
-            0.0
-        },
-        runs,
-    ))
+    let mut costs = [(0.0, 0); N];
+    for ((cost, b), a) in costs.iter_mut().zip(before).zip(after) {
+        let ((t0, c0), (t1, c1)) = (b?, a?);
+        let runs = c1 - c0;
+        *cost = (
+            if runs > 0 {
+                (t1 - t0) as f64 / runs as f64
+            } else {
+                0.0
+            },
+            runs,
+        );
+    }
+    Ok(costs)
+}
+
+/// Of `ids`, the programs whose name (as the kernel keeps it: 15 characters) begins
+/// one of `names`.
+fn progs_named(ids: &[u64], names: &[&str]) -> Result<Vec<u64>> {
+    Ok(bpftool_progs()?
+        .iter()
+        .filter(|p| {
+            let name = p["name"].as_str().unwrap_or("");
+            !name.is_empty() && names.iter().any(|n| n.starts_with(name))
+        })
+        .filter_map(|p| p["id"].as_u64())
+        .filter(|id| ids.contains(id))
+        .collect())
 }
 
 /// Sockets held for a measurement; released on drop.
@@ -586,7 +616,13 @@ pub fn bench(opts: &Options) -> Result<()> {
     let held = held_figures(cw, &ns, n, q, &mut out)?;
     timewait_poll_cost(cw, q, &mut out)?;
     let fixed = saturation(&ns, q, &mut out)?;
-    let (cw_ns, ts_ns, floor_ns) = probe_costs(cw, &ns, fixed, q, &mut out)?;
+    let ProbeCosts {
+        cw_ns,
+        ts_ns,
+        floor_ns,
+        stacks_ns,
+        capture_ns,
+    } = probe_costs(cw, &ns, fixed, q, &mut out)?;
     let [tax, ts_tax, trace_tax] = workload_tax(cw, &ns, q, &mut out)?;
     let uncounted = loss_accounting(cw, &ns, q, &mut out)?;
     let kernel_mem = kernel_memory(cw, &mut out)?;
@@ -615,7 +651,7 @@ pub fn bench(opts: &Options) -> Result<()> {
     let probe_ratio = if ts_ns > 0.0 { cw_ns / ts_ns } else { 0.0 };
     let rss_per_socket = per_cw.max(per_tw);
     let last = format!(
-        "bench: probe_ns={cw_ns:.1} floor_ns={floor_ns:.1} tcpstates_ns={ts_ns:.1} probe_ratio={probe_ratio:.3} tax_pct={:.2} tax_pct_range={} trace_tax_pct={:.2} trace_tax_pct_range={} tcpstates_tax_pct={:.2} tcpstates_tax_pct_range={} uncounted_loss={uncounted} rss_per_socket_b={rss_per_socket:.0} startup_ms={startup_ms:.0} ss_poll_cpu_ratio={poll_ratio:.3} kernel_mem_b={kernel_mem} tw_idle_cpu_pct={tw_idle_cpu_pct:.2}",
+        "bench: probe_ns={cw_ns:.1} floor_ns={floor_ns:.1} tcpstates_ns={ts_ns:.1} probe_ratio={probe_ratio:.3} stacks_probe_ns={stacks_ns:.1} stack_capture_ns={capture_ns:.0} tax_pct={:.2} tax_pct_range={} trace_tax_pct={:.2} trace_tax_pct_range={} tcpstates_tax_pct={:.2} tcpstates_tax_pct_range={} uncounted_loss={uncounted} rss_per_socket_b={rss_per_socket:.0} startup_ms={startup_ms:.0} ss_poll_cpu_ratio={poll_ratio:.3} kernel_mem_b={kernel_mem} tw_idle_cpu_pct={tw_idle_cpu_pct:.2}",
         tax.median,
         tax.range(),
         trace_tax.median,
@@ -793,6 +829,17 @@ fn saturation(ns: &Arc<Netns>, q: bool, out: &mut String) -> Result<f64> {
     Ok(fixed)
 }
 
+/// ns per event of each probe, and of one captured stack.
+struct ProbeCosts {
+    cw_ns: f64,
+    ts_ns: f64,
+    floor_ns: f64,
+    /// connwatch's state program with `--stacks`.
+    stacks_ns: f64,
+    /// One captured stack.
+    capture_ns: f64,
+}
+
 /// Probe cost (ns per run, from bpf_stats) of connwatch and tcpstates under the same
 /// fixed-rate load.
 fn probe_costs(
@@ -801,13 +848,23 @@ fn probe_costs(
     fixed: f64,
     q: bool,
     out: &mut String,
-) -> Result<(f64, f64, f64)> {
+) -> Result<ProbeCosts> {
     let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")?;
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")?;
     let secs = if q { 4.0 } else { 10.0 };
     say("probe cost: connwatch");
     let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "2s"])?;
     let (cw_ns, cw_runs) = probe_cost(&t, ns, fixed, secs)?;
+    t.finish();
+    // With --stacks every process is captured: the state program pays for a stack at
+    // each connect(), and each accept() of the load's server captures one
+    // (connwatch_accept_exit's ns per run: the cost of one captured stack).
+    say("probe cost: connwatch --stacks");
+    let t = Tracer::connwatch(cw, &["watch", "--stacks", "--json", "--interval", "2s"])?;
+    let state = progs_named(&t.progs, &["connwatch_tp_btf", "connwatch_tracepoint"])?;
+    let accept = progs_named(&t.progs, &["connwatch_accept_exit"])?;
+    let [(stacks_ns, stacks_runs), (capture_ns, captures)] =
+        probe_cost_of([&state, &accept], ns, fixed, secs)?;
     t.finish();
     say("probe cost: tcpstates");
     let t = Tracer::tcpstates()?;
@@ -822,7 +879,17 @@ fn probe_costs(
         out,
         "probe: connwatch {cw_ns:.0} ns/event ({cw_runs} runs), tcpstates {ts_ns:.0} ns/event ({ts_runs} runs), floor {floor_ns:.0} ns/event ({floor_runs} runs)"
     )?;
-    Ok((cw_ns, ts_ns, floor_ns))
+    writeln!(
+        out,
+        "probe with --stacks: {stacks_ns:.0} ns/event ({stacks_runs} runs); one captured stack (accept): {capture_ns:.0} ns ({captures} captures)"
+    )?;
+    Ok(ProbeCosts {
+        cw_ns,
+        ts_ns,
+        floor_ns,
+        stacks_ns,
+        capture_ns,
+    })
 }
 
 /// A figure over rounds: its median, and the spread of the rounds.
@@ -1028,6 +1095,7 @@ fn children_cpu() -> f64 {
 const METHOD: &str = "## How each figure is taken
 
 - **probe_ns**, **tcpstates_ns**, **floor_ns**: `run_time_ns / run_cnt` of each tracer's programs (`kernel.bpf_stats_enabled=1`, restored after), under the same fixed-rate churn (half of saturation): `connwatch watch`, `tcpstates`, and the floor, `bpftrace -e 'tracepoint:sock:inet_sock_set_state { @c = count(); }'`.
+- **stacks_probe_ns**: connwatch's state program (`connwatch_tp_btf`, or `connwatch_tracepoint` where it falls back), ns per event, under `watch --stacks` (every process captured: a stack at each connect()), in the same churn as probe_ns. **stack_capture_ns**: ns per run of `connwatch_accept_exit` in that run, each run one accept() of the load's server whose stack it captures: the cost of one captured stack (a frame-pointer walk of up to 64 frames, the user registers and an 8 KiB copy of the stack into the stack ring). The default path's probe_ns is measured without `--stacks`, when no process is captured.
 - **tax_pct**, **tcpstates_tax_pct**, **trace_tax_pct**: saturating loopback churn (4 client threads, connect / 1-byte exchange / close) with no tracer, with `connwatch watch`, with `tcpstates`, with `connwatch trace` (output to /dev/null), interleaved rounds; each round's tax as % of that round's no-tracer throughput, the median of the rounds, and beside it (`_range`) the lowest and highest round, so that a target grazed shows as such.
 - **kernel_mem_b**: `bytes_memlock` summed over the maps a `connwatch watch` with default flags creates on an idle host (`bpftool map show`).
 - **tw_idle_cpu_pct**: CPU time of `connwatch watch` (default flags) over 30 s while N TIME_WAIT sockets exist and nothing else happens, as % of one CPU.

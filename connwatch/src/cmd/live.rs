@@ -182,6 +182,7 @@ impl Live {
         loop {
             tokio::select! {
                 ready = self.ring.readable_mut() => {
+                    settle(&mut self.stacks);
                     let mut guard = ready?;
                     let ring = guard.get_inner_mut();
                     let drained = drain(ring, &mut self.monitor, sink, &mut self.received, &mut self.undecodable, BATCH);
@@ -279,15 +280,20 @@ impl Live {
         if c.dropped > 0 {
             s += " (the ring buffer was full: raise --ring-size)";
         }
+        if let Some(st) = &self.stacks
+            && c.stacks_captured + c.stacks_dropped > 0
+        {
+            s += &format!(
+                "; {} stacks captured, {} dropped",
+                c.stacks_captured,
+                c.stacks_dropped + st.lost()
+            );
+        }
         Ok(s)
     }
 
-    /// Stacks captured before the events now queued are filed first, so that a
-    /// transition into CLOSE_WAIT finds where its socket was made.
     fn settle_stacks(&mut self) {
-        if let Some(s) = &mut self.stacks {
-            s.settle();
-        }
+        settle(&mut self.stacks);
     }
 
     /// Applies what is queued, reconciles with sock_diag and builds a report; then
@@ -302,7 +308,7 @@ impl Live {
             stacks_dropped: c.stacks_dropped + self.stacks.as_ref().map_or(0, |s| s.lost()),
         };
         let reporter = &mut self.reporter;
-        let report = self
+        let mut report = self
             .monitor
             .with_snapshot(is_final, lost, |s| reporter.build(s));
         if let Some(s) = &mut self.stacks {
@@ -313,6 +319,11 @@ impl Live {
                     .filter(|p| p.flags.contains(&crate::report::flag::CLOSE_WAIT_LEAK.name))
                     .flat_map(|p| p.pids.iter().copied()),
             );
+            // Processes captured by pid from now on (none: no syscall program attached).
+            report
+                .footprint
+                .entries
+                .insert("stack_processes", s.wanted() as u64);
         }
         Ok(report)
     }
@@ -342,6 +353,14 @@ fn start_stacks(probe: &mut Probe, opts: &ProbeOptions) -> Result<Option<Stacks>
         .get(..usize::from(opts.filter.npids))
         .unwrap_or_default();
     Stacks::start(control, mode, pids).map(Some)
+}
+
+/// Stacks captured before the events now queued are filed first, so that a transition
+/// into CLOSE_WAIT finds where its socket was made.
+fn settle(stacks: &mut Option<Stacks>) {
+    if let Some(s) = stacks {
+        s.settle();
+    }
 }
 
 /// The stack ring's readiness; never, where stacks are not captured.

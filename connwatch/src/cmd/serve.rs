@@ -126,6 +126,7 @@ impl State {
                 events: live.events_seen()?,
                 dropped: report.loss.events_dropped,
                 untracked: report.loss.sockets_untracked,
+                stacks_dropped: report.loss.stacks_dropped,
                 poll_ns: live.monitor.poll_ns,
             },
             &cw,

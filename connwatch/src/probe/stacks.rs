@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::TracePoint,
+    programs::{TracePoint, trace_point::TracePointLinkId},
 };
 use connwatch_common::{
     MAP_STACK_CTL, MAP_STACK_PIDS, MAP_STACKS, PROG_ACCEPT_EXIT, PROG_EOF_EXIT, PROG_FD_ENTER,
@@ -36,13 +36,15 @@ pub struct StackControl {
     /// EOF can be captured.
     fd_capable: bool,
     syscalls: Attached,
+    /// The syscall programs were loaded (once; attached and detached as needed).
+    loaded: bool,
     pids: BTreeSet<u32>,
     mode: u32,
 }
 
 enum Attached {
     No,
-    Yes,
+    Yes(Vec<(&'static str, TracePointLinkId)>),
     /// Attaching failed; said once, not tried again.
     Failed,
 }
@@ -53,6 +55,7 @@ impl StackControl {
             ebpf,
             fd_capable,
             syscalls: Attached::No,
+            loaded: false,
             pids: BTreeSet::new(),
             mode: stack_mode::OFF,
         }
@@ -102,10 +105,11 @@ impl StackControl {
         Ok(true)
     }
 
-    /// Stops capturing processes that are gone (their pids may be reused).
+    /// Stops capturing processes that are gone (their pids may be reused); with none
+    /// left, the syscall programs are detached.
     pub fn forget(&mut self, gone: impl Fn(u32) -> bool) -> Result<()> {
-        let drop: Vec<u32> = self.pids.iter().copied().filter(|p| gone(*p)).collect();
-        if drop.is_empty() {
+        let gone: Vec<u32> = self.pids.iter().copied().filter(|p| gone(*p)).collect();
+        if gone.is_empty() {
             return Ok(());
         }
         let shared = Arc::clone(&self.ebpf);
@@ -114,11 +118,35 @@ impl StackControl {
             .map_mut(MAP_STACK_PIDS)
             .context("the probe's stack pid map is missing")?;
         let mut map = HashMap::<_, u32, u8>::try_from(map)?;
-        for pid in drop {
+        for pid in gone {
             let _ = map.remove(&pid);
             self.pids.remove(&pid);
         }
+        drop(ebpf);
+        if self.pids.is_empty() && self.mode == stack_mode::LISTED {
+            self.set_mode(stack_mode::OFF)?;
+            self.detach_syscalls();
+        }
         Ok(())
+    }
+
+    /// Whether the syscall programs are attached now.
+    pub fn syscalls_attached(&self) -> bool {
+        matches!(self.syscalls, Attached::Yes(_))
+    }
+
+    fn detach_syscalls(&mut self) {
+        let Attached::Yes(links) = std::mem::replace(&mut self.syscalls, Attached::No) else {
+            return;
+        };
+        let Ok(mut ebpf) = self.lock() else { return };
+        for (name, link) in links {
+            if let Some(p) = ebpf.program_mut(name)
+                && let Ok(p) = <&mut TracePoint>::try_from(p)
+            {
+                let _ = p.detach(link);
+            }
+        }
     }
 
     pub fn wanted(&self) -> usize {
@@ -151,7 +179,7 @@ impl StackControl {
             return;
         }
         self.syscalls = match self.try_attach() {
-            Ok(()) => Attached::Yes,
+            Ok(links) => Attached::Yes(links),
             Err(e) => {
                 eprintln!(
                     "connwatch: stacks at accept() and at EOF are not available: {e:#}; stacks at connect() are"
@@ -161,22 +189,29 @@ impl StackControl {
         };
     }
 
-    fn try_attach(&self) -> Result<()> {
+    fn try_attach(&mut self) -> Result<Vec<(&'static str, TracePointLinkId)>> {
         let mount = tracefs::ensure_event("syscalls", "sys_exit_read")?;
-        let mut ebpf = self.lock()?;
+        let shared = Arc::clone(&self.ebpf);
+        let mut ebpf = shared.lock().map_err(|_| anyhow!("probe lock poisoned"))?;
+        let mut links = Vec::new();
         for (name, events) in ATTACH {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("the probe has no program {name}"))?
                 .try_into()?;
-            prog.load()
-                .map_err(|e| super::verifier_error(name, e, false))?;
+            if !self.loaded {
+                prog.load()
+                    .map_err(|e| super::verifier_error(name, e, false))?;
+            }
             for event in events {
-                prog.attach("syscalls", event)
+                let link = prog
+                    .attach("syscalls", event)
                     .with_context(|| format!("cannot attach syscalls/{event}"))?;
+                links.push((name, link));
             }
         }
+        self.loaded = true;
         drop(mount);
-        Ok(())
+        Ok(links)
     }
 }

@@ -66,8 +66,10 @@ pub struct Stacks {
     pub undecodable: u64,
 }
 
-/// How long a report waits for the stacks already captured to be symbolized.
-const SETTLE: Duration = Duration::from_millis(500);
+/// How long the event loop waits for the stacks already captured to be filed (the
+/// first stack of a binary parses its symbols: a large Go binary's take a few hundred
+/// ms on a busy host), so that what follows them finds them.
+const SETTLE: Duration = Duration::from_secs(2);
 
 impl Stacks {
     /// Starts the thread and sets the probe's switches for `mode` (`pids`: `--pid`).
@@ -151,10 +153,10 @@ impl Stacks {
         if self.mode != Mode::Flagged {
             return;
         }
-        let _ = self
-            .control
-            .forget(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
-        for pid in flagged {
+        let gone = |pid: u32| !std::path::Path::new(&format!("/proc/{pid}")).exists();
+        let _ = self.control.forget(gone);
+        // A row may outlive its process by a report (its sockets not yet seen gone).
+        for pid in flagged.into_iter().filter(|&p| !gone(p)) {
             match self.control.want(pid) {
                 Ok(true) => {}
                 Ok(false) => log::debug!("stack capture: pid map full, {pid} not captured"),
@@ -218,7 +220,14 @@ fn file(c: &record::Capture, addrs: Vec<u64>, symbols: &symbolize::Symbols, shar
         }
     }
     // Symbolized without the book's lock: the first stack of a binary parses it.
+    let started = std::time::Instant::now();
     let frames = symbols.frames(c.pid, &addrs);
+    log::debug!(
+        "stack of {} symbolized in {:?} ({} frames)",
+        c.pid,
+        started.elapsed(),
+        frames.len()
+    );
     let exe = std::fs::read_link(format!("/proc/{}/exe", c.pid))
         .map(|p| p.display().to_string())
         .unwrap_or_default();

@@ -24,10 +24,11 @@ pub struct Persistent {
     events: Counter,
     dropped: Counter,
     untracked: Counter,
+    stacks_dropped: Counter,
     poll_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     close_wait_lifetime: Histogram,
     time_wait_lifetime: Histogram,
-    last: (u64, u64, u64, u64),
+    last: Totals,
 }
 
 impl Default for Persistent {
@@ -36,19 +37,22 @@ impl Default for Persistent {
             events: Counter::default(),
             dropped: Counter::default(),
             untracked: Counter::default(),
+            stacks_dropped: Counter::default(),
             poll_seconds: Counter::default(),
             close_wait_lifetime: Histogram::new(LIFETIME_BUCKETS),
             time_wait_lifetime: Histogram::new(LIFETIME_BUCKETS),
-            last: (0, 0, 0, 0),
+            last: Totals::default(),
         }
     }
 }
 
 /// Running totals handed in at each refresh (counters follow them).
+#[derive(Clone, Copy, Default)]
 pub struct Totals {
     pub events: u64,
     pub dropped: u64,
     pub untracked: u64,
+    pub stacks_dropped: u64,
     pub poll_ns: u64,
 }
 
@@ -59,13 +63,16 @@ impl Persistent {
         close_wait_lifetimes: &[f64],
         time_wait_lifetimes: &[f64],
     ) {
-        let (e, d, u, p) = self.last;
-        self.events.inc_by(t.events.saturating_sub(e));
-        self.dropped.inc_by(t.dropped.saturating_sub(d));
-        self.untracked.inc_by(t.untracked.saturating_sub(u));
+        let last = self.last;
+        self.events.inc_by(t.events.saturating_sub(last.events));
+        self.dropped.inc_by(t.dropped.saturating_sub(last.dropped));
+        self.untracked
+            .inc_by(t.untracked.saturating_sub(last.untracked));
+        self.stacks_dropped
+            .inc_by(t.stacks_dropped.saturating_sub(last.stacks_dropped));
         self.poll_seconds
-            .inc_by(t.poll_ns.saturating_sub(p) as f64 / 1e9);
-        self.last = (t.events, t.dropped, t.untracked, t.poll_ns);
+            .inc_by(t.poll_ns.saturating_sub(last.poll_ns) as f64 / 1e9);
+        self.last = *t;
         for &s in close_wait_lifetimes {
             self.close_wait_lifetime.observe(s);
         }
@@ -279,6 +286,11 @@ fn register_persistent(registry: &mut Registry, persistent: &Persistent) {
         persistent.untracked.clone(),
     );
     registry.register(
+        "connwatch_stacks_dropped",
+        "User stacks lost (their ring was full, or nothing of them could be read): leak sites may miss sockets",
+        persistent.stacks_dropped.clone(),
+    );
+    registry.register(
         "connwatch_poll_seconds",
         "Time spent polling sock_diag and /proc",
         persistent.poll_seconds.clone(),
@@ -428,6 +440,7 @@ mod tests {
                 events: 10,
                 dropped: 1,
                 untracked: 0,
+                stacks_dropped: 0,
                 poll_ns: 2_000_000,
             },
             &[0.5],
@@ -438,6 +451,7 @@ mod tests {
                 events: 25,
                 dropped: 1,
                 untracked: 3,
+                stacks_dropped: 2,
                 poll_ns: 3_000_000,
             },
             &[],
@@ -447,6 +461,7 @@ mod tests {
         assert!(text.contains("connwatch_events_total 25"), "{text}");
         assert!(text.contains("connwatch_events_dropped_total 1"));
         assert!(text.contains("connwatch_sockets_untracked_total 3"));
+        assert!(text.contains("connwatch_stacks_dropped_total 2"), "{text}");
         assert!(
             text.contains("connwatch_poll_seconds_total 0.003"),
             "{text}"

@@ -227,6 +227,13 @@ fn footer(r: &Report) -> String {
         r.loss.events_dropped,
         r.loss.sockets_untracked
     );
+    if r.loss.stacks_dropped > 0 {
+        // Only where stacks were lost: leak sites may then miss sockets.
+        out.insert_str(
+            out.len() - 1,
+            &format!(", {} stacks dropped", r.loss.stacks_dropped),
+        );
+    }
     let e = &r.time_wait_ends;
     if let Some(k) = &r.kernel {
         out += &format!(
@@ -321,6 +328,38 @@ mod tests {
         assert!(text.contains("  * python3[4242] holds 50 CLOSE_WAIT sockets."));
         assert!(text.contains("unattributed: 0 CLOSE_WAIT, 3 TIME_WAIT"));
         assert!(!text.contains("WARNING"));
+    }
+
+    /// A flagged row's top leak site follows its reason on a line of its own; lost
+    /// stacks join the loss line.
+    #[test]
+    fn the_top_leak_site_follows_the_reason() {
+        let mut r = report(0);
+        r.loss.stacks_dropped = 4;
+        r.processes[0].leak_sites = vec![crate::report::LeakSite {
+            sockets: 50,
+            at: crate::stacks::At::Eof,
+            stack: vec!["handler (srv.py:9)".into()],
+            truncated: false,
+            hint: None,
+            summary: "read EOF at handler (srv.py:9) ← main (srv.py:30)".into(),
+        }];
+        let text = human(&r);
+        assert!(
+            text.contains(
+                "  * python3[4242] holds 50 CLOSE_WAIT sockets.\n    read EOF at handler (srv.py:9) ← main (srv.py:30)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("0 sockets untracked, 4 stacks dropped\n"),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&json(&r)).unwrap();
+        let site = &json["processes"][0]["leak_sites"][0];
+        assert_eq!(site["at"], "eof");
+        assert_eq!(site["sockets"], 50);
+        assert!(site.get("summary").is_none(), "{site}");
     }
 
     #[test]
