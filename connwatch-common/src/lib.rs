@@ -24,11 +24,12 @@ pub const MAP_STACK_CTL: &str = "STACK_CTL";
 pub const PROG_FD_ENTER: &str = "connwatch_fd_enter";
 pub const PROG_EOF_EXIT: &str = "connwatch_eof_exit";
 pub const PROG_ACCEPT_EXIT: &str = "connwatch_accept_exit";
+pub const PROG_CONNECT_ENTER: &str = "connwatch_connect_enter";
 
 /// Where a user stack was captured: the two moments of a socket that can end in
 /// CLOSE_WAIT (where it was made, where the process learnt of the hang-up).
 pub mod stack_at {
-    /// connect(): the CLOSE -> SYN_SENT transition, in the caller's syscall.
+    /// connect(), at its entry (the syscall in which CLOSE -> SYN_SENT runs).
     pub const CONNECT: u8 = 1;
     /// accept()/accept4() returning the socket's fd.
     pub const ACCEPT: u8 = 2;

@@ -36,7 +36,7 @@ use aya_log_ebpf::debug;
 use connwatch_common::{
     AF_INET, AF_INET6, Event, FILTER_MAX, Filter, IPPROTO_TCP, ListenKey, Offsets, SockState,
     SocketFd, counter, is_lifecycle, lifecycle_needs, may_leave_timewait, owner_needed_later,
-    owner_source, runs_in_owner_context, stack_at, starts_a_life, tcp_state, timewait_birth,
+    owner_source, runs_in_owner_context, starts_a_life, tcp_state, timewait_birth,
     timewait_birth_of, tp_record,
 };
 
@@ -198,18 +198,6 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
         // SAFETY: as above.
         unsafe { *slot = s.state };
     }
-    if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT && stacks::wanted(task.pid) {
-        // SAFETY: a helper that checks its argument (null: inode 0); see below.
-        let inode = unsafe {
-            let tcp = bpf_skc_to_tcp_sock(sk.cast_mut().cast()) as *const u8;
-            if tcp.is_null() {
-                0
-            } else {
-                inode_of::<Direct>(tcp)
-            }
-        };
-        stacks::capture(ctx.as_ptr(), stack_at::CONNECT, inode);
-    }
     if lifecycle
         && !is_lifecycle(old, new)
         && new != tcp_state::LISTEN
@@ -315,9 +303,6 @@ pub fn connwatch_tracepoint(ctx: TracePointContext) -> u32 {
         let new = core::ptr::read_volatile(field(tp_record::NEWSTATE) as *const i32) as u8;
         let task = Task::current(sk, old, new, &mut s.comm);
         let owned = update_lru(&ctx, &task, s);
-        if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT && stacks::wanted(task.pid) {
-            stacks::capture(ctx.as_ptr(), stack_at::CONNECT, inode_of::<Copied>(sk));
-        }
         finish::<Copied>(&task, s, &owned);
     }
     0

@@ -1,8 +1,8 @@
 //! User stacks at the moments that name the code behind a leaked socket: where it was
 //! made (connect, accept) and where its process read the peer's EOF and went on without
-//! closing it. Off the common path: nothing is captured unless userspace asks for a
-//! process (`STACK_PIDS`, or every process), and the syscall programs below are
-//! attached only while it does.
+//! closing it. Off the common path: all of it runs on syscall tracepoints, attached only
+//! while userspace wants some process (`STACK_PIDS`, or every process); the state
+//! probe is not touched, so the cost of a transition does not change.
 //!
 //! A record holds the kernel's frame-pointer walk (`bpf_get_stack`), the user registers
 //! at the syscall and a copy of the top of the user stack: a frame-pointer walk skips
@@ -50,7 +50,7 @@ static READ_FDS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(4096, 0);
 
 /// Whether stacks are wanted for this process.
 #[inline(always)]
-pub fn wanted(tgid: u32) -> bool {
+fn wanted(tgid: u32) -> bool {
     match STACK_CTL.get(0).copied().unwrap_or(stack_mode::OFF) {
         stack_mode::OFF => false,
         stack_mode::ALL => true,
@@ -62,7 +62,7 @@ pub fn wanted(tgid: u32) -> bool {
 /// Captures the current task's user stack for the socket `inode` (`at`: `stack_at`).
 /// `ctx` is the running program's context, which `bpf_get_stack` takes.
 #[inline(never)]
-pub fn capture(ctx: *mut core::ffi::c_void, at: u8, inode: u64) {
+fn capture(ctx: *mut core::ffi::c_void, at: u8, inode: u64) {
     let Some(mut entry) = STACKS.reserve::<StackRecord>(0) else {
         bump(counter::STACKS_DROPPED);
         return;
@@ -185,6 +185,25 @@ pub fn connwatch_eof_exit(ctx: TracePointContext) -> u32 {
     let inode = tcp_inode_of_fd(fd);
     if inode != 0 {
         capture(ctx.as_ptr(), stack_at::EOF, inode);
+    }
+    0
+}
+
+/// `sys_enter_connect`: the socket's fd is the first argument; the stack is the one the
+/// CLOSE -> SYN_SENT transition runs under, in the same syscall.
+#[tracepoint]
+pub fn connwatch_connect_enter(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    if !wanted((id >> 32) as u32) {
+        return 0;
+    }
+    // SAFETY: as in `connwatch_fd_enter`.
+    let Ok(fd) = (unsafe { ctx.read_at::<u64>(SYSCALL_ARG0) }) else {
+        return 0;
+    };
+    let inode = tcp_inode_of_fd(fd as u32);
+    if inode != 0 {
+        capture(ctx.as_ptr(), stack_at::CONNECT, inode);
     }
     0
 }

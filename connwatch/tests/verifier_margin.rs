@@ -60,7 +60,8 @@ fn stack_figures(text: &str) -> Vec<(String, u32)> {
 }
 
 /// The programs of stack capture, which `--stacks` loads at once.
-const STACK_PROGRAMS: [&str; 3] = [
+const STACK_PROGRAMS: [&str; 4] = [
+    "connwatch_connect_enter",
     "connwatch_fd_enter",
     "connwatch_eof_exit",
     "connwatch_accept_exit",

@@ -856,15 +856,25 @@ fn probe_costs(
     let t = Tracer::connwatch(cw, &["watch", "--json", "--interval", "2s"])?;
     let (cw_ns, cw_runs) = probe_cost(&t, ns, fixed, secs)?;
     t.finish();
-    // With --stacks every process is captured: the state program pays for a stack at
-    // each connect(), and each accept() of the load's server captures one
-    // (connwatch_accept_exit's ns per run: the cost of one captured stack).
+    // With --stacks every process is captured: the syscall programs run beside the
+    // state program, and capture a stack at each connect(), accept() and EOF of the
+    // load. stacks_probe_ns: the BPF time of all of connwatch's programs per transition
+    // (the state program's runs); one captured stack: connwatch_accept_exit's ns per
+    // run (each run an accept() of the load's server, captured).
     say("probe cost: connwatch --stacks");
     let t = Tracer::connwatch(cw, &["watch", "--stacks", "--json", "--interval", "2s"])?;
     let state = progs_named(&t.progs, &["connwatch_tp_btf", "connwatch_tracepoint"])?;
     let accept = progs_named(&t.progs, &["connwatch_accept_exit"])?;
-    let [(stacks_ns, stacks_runs), (capture_ns, captures)] =
-        probe_cost_of([&state, &accept], ns, fixed, secs)?;
+    let [
+        (state_ns, stacks_runs),
+        (all_ns, all_runs),
+        (capture_ns, captures),
+    ] = probe_cost_of([&state, &t.progs, &accept], ns, fixed, secs)?;
+    let stacks_ns = if stacks_runs > 0 {
+        all_ns * all_runs as f64 / stacks_runs as f64
+    } else {
+        0.0
+    };
     t.finish();
     say("probe cost: tcpstates");
     let t = Tracer::tcpstates()?;
@@ -881,7 +891,7 @@ fn probe_costs(
     )?;
     writeln!(
         out,
-        "probe with --stacks: {stacks_ns:.0} ns/event ({stacks_runs} runs); one captured stack (accept): {capture_ns:.0} ns ({captures} captures)"
+        "probe with --stacks: {stacks_ns:.0} ns/event, all programs ({stacks_runs} transitions; the state program alone {state_ns:.0} ns); one captured stack (accept): {capture_ns:.0} ns ({captures} captures)"
     )?;
     Ok(ProbeCosts {
         cw_ns,
@@ -1095,7 +1105,7 @@ fn children_cpu() -> f64 {
 const METHOD: &str = "## How each figure is taken
 
 - **probe_ns**, **tcpstates_ns**, **floor_ns**: `run_time_ns / run_cnt` of each tracer's programs (`kernel.bpf_stats_enabled=1`, restored after), under the same fixed-rate churn (half of saturation): `connwatch watch`, `tcpstates`, and the floor, `bpftrace -e 'tracepoint:sock:inet_sock_set_state { @c = count(); }'`.
-- **stacks_probe_ns**: connwatch's state program (`connwatch_tp_btf`, or `connwatch_tracepoint` where it falls back), ns per event, under `watch --stacks` (every process captured: a stack at each connect()), in the same churn as probe_ns. **stack_capture_ns**: ns per run of `connwatch_accept_exit` in that run, each run one accept() of the load's server whose stack it captures: the cost of one captured stack (a frame-pointer walk of up to 64 frames, the user registers and an 8 KiB copy of the stack into the stack ring). The default path's probe_ns is measured without `--stacks`, when no process is captured.
+- **stacks_probe_ns**: the BPF time of all of connwatch's programs (the state program and the syscall programs of stack capture: connect, accept, read/recvfrom) per transition, under `watch --stacks` (every process captured: a stack at each connect(), accept() and EOF of the load), in the same churn as probe_ns. **stack_capture_ns**: ns per run of `connwatch_accept_exit` in that run, each run one accept() of the load's server whose stack it captures: the cost of one captured stack (a frame-pointer walk of up to 64 frames, the user registers and an 8 KiB copy of the stack into the stack ring). The default path's probe_ns is measured without `--stacks`, when no process is captured.
 - **tax_pct**, **tcpstates_tax_pct**, **trace_tax_pct**: saturating loopback churn (4 client threads, connect / 1-byte exchange / close) with no tracer, with `connwatch watch`, with `tcpstates`, with `connwatch trace` (output to /dev/null), interleaved rounds; each round's tax as % of that round's no-tracer throughput, the median of the rounds, and beside it (`_range`) the lowest and highest round, so that a target grazed shows as such.
 - **kernel_mem_b**: `bytes_memlock` summed over the maps a `connwatch watch` with default flags creates on an idle host (`bpftool map show`).
 - **tw_idle_cpu_pct**: CPU time of `connwatch watch` (default flags) over 30 s while N TIME_WAIT sockets exist and nothing else happens, as % of one CPU.

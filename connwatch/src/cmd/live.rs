@@ -182,10 +182,9 @@ impl Live {
         loop {
             tokio::select! {
                 ready = self.ring.readable_mut() => {
-                    settle(&mut self.stacks);
                     let mut guard = ready?;
                     let ring = guard.get_inner_mut();
-                    let drained = drain(ring, &mut self.monitor, sink, &mut self.received, &mut self.undecodable, BATCH);
+                    let drained = drain(ring, &mut self.monitor, sink, &mut self.received, &mut self.undecodable, &mut self.stacks, BATCH);
                     // A full batch may have left more: stay ready, and let the other
                     // branches (the report tick) take their turn first.
                     if drained.as_ref().is_ok_and(|n| *n < BATCH) {
@@ -230,13 +229,13 @@ impl Live {
     /// Applies one batch of what is queued in the ring buffer (at saturation the ring
     /// never empties: draining "until empty" would hold the loop for good).
     pub fn drain(&mut self, sink: &mut impl Sink) -> Result<()> {
-        self.settle_stacks();
         drain(
             self.ring.get_mut(),
             &mut self.monitor,
             sink,
             &mut self.received,
             &mut self.undecodable,
+            &mut self.stacks,
             BATCH,
         )
         .map(|_| ())
@@ -253,13 +252,13 @@ impl Live {
     /// `stop`, handing the last transitions to `sink`.
     pub fn stop_into(&mut self, sink: &mut impl Sink) -> Result<()> {
         self.probe.detach();
-        self.settle_stacks();
         drain(
             self.ring.get_mut(),
             &mut self.monitor,
             sink,
             &mut self.received,
             &mut self.undecodable,
+            &mut self.stacks,
             usize::MAX,
         )
         .map(|_| ())
@@ -292,14 +291,12 @@ impl Live {
         Ok(s)
     }
 
-    fn settle_stacks(&mut self) {
-        settle(&mut self.stacks);
-    }
-
     /// Applies what is queued, reconciles with sock_diag and builds a report; then
     /// starts capturing the stacks of processes it flags `close_wait_leak`.
     pub fn report(&mut self, is_final: bool) -> Result<Report> {
         self.drain(&mut NoSink)?;
+        // Every stack captured so far is counted in this report.
+        settle(&mut self.stacks);
         self.monitor.refresh()?;
         let c = self.probe.counters()?;
         let lost = crate::report::Loss {
@@ -355,8 +352,7 @@ fn start_stacks(probe: &mut Probe, opts: &ProbeOptions) -> Result<Option<Stacks>
     Stacks::start(control, mode, pids).map(Some)
 }
 
-/// Stacks captured before the events now queued are filed first, so that a transition
-/// into CLOSE_WAIT finds where its socket was made.
+/// Files the stacks captured so far (bounded wait; nothing to wait for mostly).
 fn settle(stacks: &mut Option<Stacks>) {
     if let Some(s) = stacks {
         s.settle();
@@ -385,6 +381,7 @@ fn drain(
     sink: &mut impl Sink,
     received: &mut u64,
     undecodable: &mut u64,
+    stacks: &mut Option<Stacks>,
     max: usize,
 ) -> Result<usize> {
     let mut written = false;
@@ -396,6 +393,11 @@ fn drain(
         *received += 1;
         match decode(&item) {
             Ok(t) => {
+                if t.new == crate::decode::TcpState::CLOSE_WAIT {
+                    // Its socket's stacks were captured before this event was
+                    // queued: filed first, so the sink finds where it was made.
+                    settle(stacks);
+                }
                 monitor.apply(&t);
                 sink.transition(&t).map_err(SinkError)?;
                 written = true;

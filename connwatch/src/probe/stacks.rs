@@ -1,7 +1,7 @@
 //! The kernel side of stack capture: which processes are captured (`STACK_CTL`,
-//! `STACK_PIDS`), and the syscall programs (read/recvfrom EOF, accept), loaded and
-//! attached only once a process is wanted, so a host where nothing is wanted runs
-//! none of them. connect() is captured by the state probe itself.
+//! `STACK_PIDS`), and the syscall programs (connect, accept, read/recvfrom EOF), loaded
+//! and attached only while a process is wanted, so a host where nothing is wanted runs
+//! none of them.
 use std::{
     collections::BTreeSet,
     sync::{Arc, Mutex},
@@ -14,14 +14,15 @@ use aya::{
     programs::{TracePoint, trace_point::TracePointLinkId},
 };
 use connwatch_common::{
-    MAP_STACK_CTL, MAP_STACK_PIDS, MAP_STACKS, PROG_ACCEPT_EXIT, PROG_EOF_EXIT, PROG_FD_ENTER,
-    stack_mode,
+    MAP_STACK_CTL, MAP_STACK_PIDS, MAP_STACKS, PROG_ACCEPT_EXIT, PROG_CONNECT_ENTER, PROG_EOF_EXIT,
+    PROG_FD_ENTER, stack_mode,
 };
 
 use super::tracefs;
 
 /// The syscall tracepoints each program is attached to.
-const ATTACH: [(&str, &[&str]); 3] = [
+const ATTACH: [(&str, &[&str]); 4] = [
+    (PROG_CONNECT_ENTER, &["sys_enter_connect"]),
     (PROG_FD_ENTER, &["sys_enter_read", "sys_enter_recvfrom"]),
     (PROG_EOF_EXIT, &["sys_exit_read", "sys_exit_recvfrom"]),
     (PROG_ACCEPT_EXIT, &["sys_exit_accept", "sys_exit_accept4"]),
@@ -32,8 +33,8 @@ pub const MAX_PIDS: usize = 1024;
 
 pub struct StackControl {
     ebpf: Arc<Mutex<Ebpf>>,
-    /// The kernel can name the socket behind an fd (BTF has the fields): accept and
-    /// EOF can be captured.
+    /// The kernel can name the socket behind an fd (BTF has the fields): stacks can be
+    /// captured.
     fd_capable: bool,
     syscalls: Attached,
     /// The syscall programs were loaded (once; attached and detached as needed).
@@ -173,7 +174,7 @@ impl StackControl {
         }
         if !self.fd_capable {
             eprintln!(
-                "connwatch: stacks at accept() and at EOF are not available on this kernel (its BTF lacks the fd table); stacks at connect() are"
+                "connwatch: leak sites are not available on this kernel: its BTF lacks the fd table (task_struct.files, fdtable)"
             );
             self.syscalls = Attached::Failed;
             return;
@@ -181,9 +182,7 @@ impl StackControl {
         self.syscalls = match self.try_attach() {
             Ok(links) => Attached::Yes(links),
             Err(e) => {
-                eprintln!(
-                    "connwatch: stacks at accept() and at EOF are not available: {e:#}; stacks at connect() are"
-                );
+                eprintln!("connwatch: leak sites are not available: {e:#}");
                 Attached::Failed
             }
         };

@@ -99,7 +99,7 @@ const ROOTS: [&str; 10] = [
 
 /// Interpreters whose programs' functions are named only through a perf map, with the
 /// option that writes one.
-const INTERPRETERS: [(&str, &str); 3] = [
+const INTERPRETERS: [(&str, &str); 8] = [
     (
         "python",
         "run python 3.12+ with -X perf so that its functions are named",
@@ -112,6 +112,28 @@ const INTERPRETERS: [(&str, &str); 3] = [
         "java",
         "run the JVM with -XX:+PreserveFramePointer and a perf map agent",
     ),
+    ("ruby", RUNTIME_WITHOUT_MAP),
+    ("perl", RUNTIME_WITHOUT_MAP),
+    ("php", RUNTIME_WITHOUT_MAP),
+    ("beam.smp", RUNTIME_WITHOUT_MAP),
+    ("lua", RUNTIME_WITHOUT_MAP),
+];
+
+const RUNTIME_WITHOUT_MAP: &str =
+    "an interpreter without a perf map: only its own functions can be named";
+
+/// Perf-map names of a runtime's or its libraries' code rather than the program's:
+/// Node's built-ins and internal modules, V8's stubs, Python's standard library and
+/// installed packages.
+const RUNTIME_CODE: [&str; 8] = [
+    "node:",
+    "Builtin:",
+    "BytecodeHandler:",
+    "Stub:",
+    "/usr/lib/python",
+    "site-packages/",
+    "dist-packages/",
+    "<frozen ",
 ];
 
 const NO_FRAME_POINTERS: &str = "build with -fno-omit-frame-pointer, or keep .eh_frame";
@@ -137,7 +159,9 @@ pub fn site(at: At, frames: &[Frame], exe: &str) -> Site {
         .and_then(|f| f.function.as_deref())
         .is_some_and(|n| ROOTS.contains(&n));
     let named = frames.iter().all(|f| f.function.is_some());
+    let mapped = frames.iter().any(from_perf_map);
     let (truncated, hint) = match own {
+        None if interpreter.is_some() && mapped => (true, Some(LATER_TICK)),
         None if interpreter.is_some() => (true, interpreter),
         None if go && whole => (true, Some(LATER_TICK)),
         None => (true, Some(NO_FRAME_POINTERS)),
@@ -153,6 +177,11 @@ pub fn site(at: At, frames: &[Frame], exe: &str) -> Site {
     }
 }
 
+/// Whether a frame was named by a perf map (JIT or interpreted code, in no file).
+fn from_perf_map(f: &Frame) -> bool {
+    f.function.is_some() && f.module.as_deref().is_none_or(|m| m.contains("perf-"))
+}
+
 /// Whether a frame is the program's own code: in its executable (or, for an
 /// interpreter, named by its perf map), and neither a root nor the Go runtime or
 /// standard library.
@@ -165,8 +194,8 @@ fn is_own(f: &Frame, exe: &str, go: bool, interpreted: bool) -> bool {
     }
     if interpreted {
         // Functions of the interpreter itself live in its executable or libraries; the
-        // program's own come from the perf map (outside any file).
-        return f.module.as_deref().is_none_or(|m| m.contains("perf-"));
+        // program's own come from the perf map, beside those of the runtime's modules.
+        return from_perf_map(f) && !RUNTIME_CODE.iter().any(|r| name.contains(r));
     }
     if f.module.as_deref() != Some(exe) {
         return false;
@@ -276,5 +305,36 @@ mod tests {
         let s = site(At::Eof, &frames, py);
         assert!(s.truncated);
         assert!(s.hint.unwrap().contains("-X perf"));
+        // With `-X perf`: the program's function is named, the standard library's and
+        // the installed packages' are passed over.
+        let map = "/tmp/perf-4242.map";
+        let frames = [
+            frame("__libc_recv", LIBC, None),
+            frame("py::recv_into:/usr/lib/python3.12/socket.py", map, None),
+            frame(
+                "py::get:/usr/lib/python3/dist-packages/requests/api.py",
+                map,
+                None,
+            ),
+            frame("py::fetch_prices:/srv/app/client.py", map, None),
+            frame("_PyEval_EvalFrameDefault", py, None),
+            frame("main", py, None),
+        ];
+        let s = site(At::Eof, &frames, py);
+        assert_eq!((s.own, s.truncated), (3, false), "{s:?}");
+        // A connect made by Node's event loop on a later tick: only its internals.
+        let node = "/usr/bin/node";
+        let frames = [
+            frame("__connect", LIBC, None),
+            frame("LazyCompile:*internalConnect node:net:1063", map, None),
+            frame(
+                "LazyCompile:~processTicksAndRejections node:internal/process/task_queues:67",
+                map,
+                None,
+            ),
+            frame("main", node, None),
+        ];
+        let s = site(At::Connect, &frames, node);
+        assert_eq!((s.truncated, s.hint), (true, Some(LATER_TICK)));
     }
 }
