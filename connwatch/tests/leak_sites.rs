@@ -15,20 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Connwatch, DEADLINE, Lines, Peer, require_root, tool};
+use common::{Connwatch, DEADLINE, Lines, Peer, require_root, run, tool};
 use serde_json::Value;
 
 common::peer_entry!();
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn scratch(tag: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sites-{tag}"));
@@ -166,25 +156,32 @@ fn never_names(row: &Value, function: &str) {
 
 const LEAKS: usize = 3;
 
-/// The C server with `flags` under `watch --stacks`: its three leaked sockets are
-/// counted at one EOF site and one accept site.
-fn c_server_sites(tag: &str, flags: &[&str]) -> Value {
+/// The C server built with `flags`, its port and pid, and `watch --json` (reports every
+/// second, leaks flagged from 1 s) started on it with `extra` options.
+fn c_server_under(tag: &str, flags: &[&str], extra: &[&str]) -> (Program, u16, String, Connwatch) {
     require_root();
     let bin = c_server(tag, flags);
     let mut server = Program::spawn(&bin, &[]);
     let port: u16 = server.out.wait_for("the port", |_| true).parse().unwrap();
     let pid = server.pid();
-    let mut cw = Connwatch::start(&[
+    let mut args = vec![
         "watch",
-        "--stacks",
         "--json",
         "--interval",
         "1s",
         "--close-wait-age",
         "1s",
-        "--pid",
-        &pid,
-    ]);
+    ];
+    args.extend(extra);
+    args.extend(["--pid", &pid]);
+    let cw = Connwatch::start(&args);
+    (server, port, pid, cw)
+}
+
+/// The C server with `flags` under `watch --stacks`: its three leaked sockets are
+/// counted at one EOF site and one accept site.
+fn c_server_sites(tag: &str, flags: &[&str]) -> Value {
+    let (_server, port, pid, mut cw) = c_server_under(tag, flags, &["--stacks"]);
     for _ in 0..LEAKS {
         connect(port, "L");
         connect(port, "P");
@@ -322,21 +319,8 @@ fn trace_gives_each_close_wait_the_stack_that_made_its_socket() {
 /// next leaked sockets get their sites within a few reports.
 #[test]
 fn a_flagged_leak_gets_its_sites_without_stacks() {
-    require_root();
-    let bin = c_server("auto", &["-g", "-O0", "-fno-omit-frame-pointer"]);
-    let mut server = Program::spawn(&bin, &[]);
-    let port: u16 = server.out.wait_for("the port", |_| true).parse().unwrap();
-    let pid = server.pid();
-    let mut cw = Connwatch::start(&[
-        "watch",
-        "--json",
-        "--interval",
-        "1s",
-        "--close-wait-age",
-        "1s",
-        "--pid",
-        &pid,
-    ]);
+    let (server, port, pid, mut cw) =
+        c_server_under("auto", &["-g", "-O0", "-fno-omit-frame-pointer"], &[]);
     connect(port, "L");
     let row = row_where(&mut cw, &pid, "the leak flagged", |r| {
         r["flags"]

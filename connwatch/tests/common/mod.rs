@@ -738,6 +738,18 @@ pub fn get(port: u16, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Runs a set-up command (a build, a runtime's CLI) that must succeed; its output.
+pub fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A program a test drives, which the test command installs: missing is a failure.
 pub fn tool(path: &str, package: &str) -> String {
     assert!(
