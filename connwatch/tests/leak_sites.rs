@@ -234,12 +234,20 @@ fn c_server_without_frame_pointers_is_named_or_said_truncated() {
 /// The Go client, its server (a peer closing each connection at once), and connwatch
 /// started by `args` (with the client's pid appended) before the client dials.
 fn go_client_under(tag: &str, args: &[&str]) -> (Program, Peer, Connwatch) {
+    client_under(&go_client(tag), &[], args)
+}
+
+/// A client program (`bin` with `pre` arguments before the address and the count)
+/// under connwatch, as `go_client_under`.
+fn client_under(bin: &PathBuf, pre: &[&str], args: &[&str]) -> (Program, Peer, Connwatch) {
     require_root();
-    let bin = go_client(tag);
     let mut server = Peer::spawn(&["closer", "127.0.0.1:0"]);
     let port = server.out.wait_for("the port", |l| l.starts_with("port "));
     let addr = format!("127.0.0.1:{}", port.trim_start_matches("port "));
-    let mut client = Program::spawn(&bin, &[&addr, &LEAKS.to_string()]);
+    let leaks = LEAKS.to_string();
+    let mut client_args = pre.to_vec();
+    client_args.extend([addr.as_str(), leaks.as_str()]);
+    let mut client = Program::spawn(bin, &client_args);
     client.out.wait_for("the client", |l| l == "ready");
     let pid = client.pid();
     let mut full: Vec<&str> = args.to_vec();
@@ -284,6 +292,45 @@ fn go_client_names_the_dialing_function() {
         "{row:#}"
     );
     never_names(&row, "main.politeClient");
+}
+
+/// CPython without a perf map: its stacks name only the interpreter's C functions, so
+/// the sites say truncated, with the option that would name the program's functions,
+/// and the sentence names no place rather than the interpreter's `sock_recv`.
+#[test]
+fn python_without_a_perf_map_is_said_truncated_with_its_option() {
+    let dir = scratch("python");
+    let script = dir.join("sites_client.py");
+    std::fs::write(&script, include_str!("support/sites_client.py")).unwrap();
+    let python = PathBuf::from(tool("/usr/bin/python3", "python3"));
+    let args = [
+        "watch",
+        "--stacks",
+        "--json",
+        "--interval",
+        "1s",
+        "--close-wait-age",
+        "1s",
+    ];
+    let (client, _server, mut cw) = client_under(&python, &[script.to_str().unwrap()], &args);
+    let row = row_where(&mut cw, &client.pid(), "the Python client's sites", |r| {
+        let s = sites(r);
+        site_at(&s, "connect").is_some_and(|c| c["sockets"] == LEAKS)
+            && site_at(&s, "eof").is_some_and(|e| e["sockets"] == LEAKS)
+            && flagged(r)
+    });
+    for site in sites(&row) {
+        assert_eq!(site["truncated"], true, "{row:#}");
+        assert!(
+            site["hint"].as_str().unwrap().contains("-X perf"),
+            "{row:#}"
+        );
+    }
+    let reason = row["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("read EOF at no function of the program's own (stack incomplete: run python 3.12+ with -X perf"),
+        "{reason}"
+    );
 }
 
 /// `trace --json --stacks`: a transition into CLOSE_WAIT carries the stack where its

@@ -699,7 +699,7 @@ mod tests {
             stack: vec!["__libc_read".into(), f.into(), "main (s.c:40)".into()],
             truncated: false,
             hint: None,
-            own: 1,
+            own: Some(1),
         };
         let mut t = Table::new(NS);
         for i in 0..3 {

@@ -121,7 +121,7 @@ mod tests {
             stack: vec![name.to_string()],
             truncated: false,
             hint: None,
-            own: 0,
+            own: Some(0),
         }
     }
 

@@ -47,30 +47,34 @@ pub struct Site {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hint: Option<&'static str>,
     /// Index in `stack` of the first frame of the program's own code (not a library,
-    /// a runtime or the language's standard library); 0 when none is.
+    /// a runtime or the language's standard library), if any frame is.
     #[serde(skip)]
-    pub own: usize,
+    pub own: Option<usize>,
 }
 
 impl Site {
     /// The site in a line: its own code's innermost frame and that frame's caller.
+    /// Without a frame of the program's own, it says so rather than name a library's
+    /// or an interpreter's function as the place.
     pub fn summary(&self) -> String {
-        let frames: Vec<&str> = self
-            .stack
-            .iter()
-            .skip(self.own)
-            .take(2)
-            .map(String::as_str)
-            .collect();
-        let mut s = format!(
-            "{} {}",
-            if self.at.made() {
-                "made at"
-            } else {
-                "read EOF at"
-            },
-            frames.join(" ← ")
-        );
+        let verb = if self.at.made() {
+            "made at"
+        } else {
+            "read EOF at"
+        };
+        let mut s = match self.own {
+            Some(own) => {
+                let frames: Vec<&str> = self
+                    .stack
+                    .iter()
+                    .skip(own)
+                    .take(2)
+                    .map(String::as_str)
+                    .collect();
+                format!("{verb} {}", frames.join(" ← "))
+            }
+            None => format!("{verb} no function of the program's own"),
+        };
         if self.truncated {
             s += " (stack incomplete";
             if let Some(h) = self.hint {
@@ -173,7 +177,7 @@ pub fn site(at: At, frames: &[Frame], exe: &str) -> Site {
         stack: frames.iter().map(Frame::label).collect(),
         truncated,
         hint,
-        own: own.unwrap_or(0),
+        own,
     }
 }
 
@@ -237,7 +241,7 @@ mod tests {
         ];
         let s = site(At::Eof, &frames, EXE);
         assert!(!s.truncated);
-        assert_eq!(s.own, 1);
+        assert_eq!(s.own, Some(1));
         assert_eq!(
             s.summary(),
             "read EOF at leaky_handler (server.c:17) ← main (server.c:40)"
@@ -270,7 +274,7 @@ mod tests {
             frame("runtime.goexit", go, None),
         ];
         let s = site(At::Connect, &frames, go);
-        assert_eq!((s.own, s.truncated), (2, false));
+        assert_eq!((s.own, s.truncated), (Some(2), false));
         assert!(
             s.summary()
                 .starts_with("made at main.leakyClient (client.go:12) ← main.main")
@@ -305,6 +309,11 @@ mod tests {
         let s = site(At::Eof, &frames, py);
         assert!(s.truncated);
         assert!(s.hint.unwrap().contains("-X perf"));
+        // The interpreter's own C functions are not named as the place.
+        assert_eq!(
+            s.summary(),
+            "read EOF at no function of the program's own (stack incomplete: run python 3.12+ with -X perf so that its functions are named)"
+        );
         // With `-X perf`: the program's function is named, the standard library's and
         // the installed packages' are passed over.
         let map = "/tmp/perf-4242.map";
@@ -321,7 +330,7 @@ mod tests {
             frame("main", py, None),
         ];
         let s = site(At::Eof, &frames, py);
-        assert_eq!((s.own, s.truncated), (3, false), "{s:?}");
+        assert_eq!((s.own, s.truncated), (Some(3), false), "{s:?}");
         // A connect made by Node's event loop on a later tick: only its internals.
         let node = "/usr/bin/node";
         let frames = [
