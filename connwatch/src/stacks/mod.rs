@@ -62,7 +62,7 @@ pub struct Stacks {
     tx: mpsc::Sender<record::Capture>,
     shared: Arc<Shared>,
     pub mode: Mode,
-    /// Records that could not be decoded.
+    /// Records that could not be decoded, or handed to the thread.
     pub undecodable: u64,
 }
 
@@ -123,6 +123,9 @@ impl Stacks {
                 Ok(c) => {
                     if self.tx.send(c).is_ok() {
                         sent += 1;
+                    } else {
+                        // The thread is gone: counted, never waited for.
+                        self.undecodable += 1;
                     }
                 }
                 Err(e) => {
@@ -194,11 +197,21 @@ fn work(rx: &mpsc::Receiver<record::Capture>, shared: &Shared) {
         if fresh {
             procs.insert(c.pid, files.process(c.pid));
         }
-        let u = procs
-            .get(&c.pid)
-            .map(|m| unwind::unwind(&c, &m.unwinder, &mut cache))
-            .unwrap_or_default();
-        file(&c, u.addrs, &symbols, shared);
+        // One stack that trips a library must not end the thread: it is counted as
+        // unreadable and the next one goes on.
+        let filed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let u = procs
+                .get(&c.pid)
+                .map(|m| unwind::unwind(&c, &m.unwinder, &mut cache))
+                .unwrap_or_default();
+            file(&c, u.addrs, &symbols, shared);
+        }));
+        if filed.is_err() {
+            log::warn!("a stack of {} could not be unwound or symbolized", c.pid);
+            let mut book = lock(&shared.book);
+            book.captures += 1;
+            book.unreadable += 1;
+        }
         let mut p = lock(&shared.progress);
         p.done += 1;
         shared.done.notify_all();
