@@ -808,6 +808,8 @@ impl Monitor {
         if let Some(b) = sites {
             entries.insert("stack_sites", b.sites() as u64);
             entries.insert("stack_sockets", b.sockets() as u64);
+            // Sockets whose sites were pushed out by the bound (not pruned as gone).
+            entries.insert("stack_sockets_evicted", b.evicted);
         }
         Footprint {
             rss_bytes: owners::own_rss_bytes(),
