@@ -182,11 +182,17 @@ pub fn connwatch_eof_exit(ctx: TracePointContext) -> u32 {
     if unsafe { ctx.read_at::<i64>(SYSCALL_RET) } != Ok(0) {
         return 0;
     }
+    capture_fd(&ctx, stack_at::EOF, fd);
+    0
+}
+
+/// Captures the stack for the TCP socket behind `fd`, if it is one.
+#[inline(always)]
+fn capture_fd(ctx: &TracePointContext, at: u8, fd: u32) {
     let inode = tcp_inode_of_fd(fd);
     if inode != 0 {
-        capture(ctx.as_ptr(), stack_at::EOF, inode);
+        capture(ctx.as_ptr(), at, inode);
     }
-    0
 }
 
 /// `sys_enter_connect`: the socket's fd is the first argument; the stack is the one the
@@ -198,12 +204,8 @@ pub fn connwatch_connect_enter(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: as in `connwatch_fd_enter`.
-    let Ok(fd) = (unsafe { ctx.read_at::<u64>(SYSCALL_ARG0) }) else {
-        return 0;
-    };
-    let inode = tcp_inode_of_fd(fd as u32);
-    if inode != 0 {
-        capture(ctx.as_ptr(), stack_at::CONNECT, inode);
+    if let Ok(fd) = unsafe { ctx.read_at::<u64>(SYSCALL_ARG0) } {
+        capture_fd(&ctx, stack_at::CONNECT, fd as u32);
     }
     0
 }
@@ -222,9 +224,6 @@ pub fn connwatch_accept_exit(ctx: TracePointContext) -> u32 {
     if fd < 0 {
         return 0;
     }
-    let inode = tcp_inode_of_fd(fd as u32);
-    if inode != 0 {
-        capture(ctx.as_ptr(), stack_at::ACCEPT, inode);
-    }
+    capture_fd(&ctx, stack_at::ACCEPT, fd as u32);
     0
 }

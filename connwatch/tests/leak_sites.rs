@@ -156,6 +156,17 @@ fn never_names(row: &Value, function: &str) {
 
 const LEAKS: usize = 3;
 
+/// `watch --stacks`, reporting every second, leaks flagged from 1 s.
+const WATCH_STACKS: [&str; 7] = [
+    "watch",
+    "--stacks",
+    "--json",
+    "--interval",
+    "1s",
+    "--close-wait-age",
+    "1s",
+];
+
 /// The C server built with `flags`, its port and pid, and `watch --json` (reports every
 /// second, leaks flagged from 1 s) started on it with `extra` options.
 fn c_server_under(tag: &str, flags: &[&str], extra: &[&str]) -> (Program, u16, String, Connwatch) {
@@ -260,16 +271,7 @@ fn client_under(bin: &PathBuf, pre: &[&str], args: &[&str]) -> (Program, Peer, C
 
 #[test]
 fn go_client_names_the_dialing_function() {
-    let args = [
-        "watch",
-        "--stacks",
-        "--json",
-        "--interval",
-        "1s",
-        "--close-wait-age",
-        "1s",
-    ];
-    let (client, _server, mut cw) = go_client_under("go", &args);
+    let (client, _server, mut cw) = go_client_under("go", &WATCH_STACKS);
     let row = row_where(&mut cw, &client.pid(), "the Go client's sites", |r| {
         let s = sites(r);
         r["close_wait"] == LEAKS
@@ -303,16 +305,8 @@ fn python_without_a_perf_map_is_said_truncated_with_its_option() {
     let script = dir.join("sites_client.py");
     std::fs::write(&script, include_str!("support/sites_client.py")).unwrap();
     let python = PathBuf::from(tool("/usr/bin/python3", "python3"));
-    let args = [
-        "watch",
-        "--stacks",
-        "--json",
-        "--interval",
-        "1s",
-        "--close-wait-age",
-        "1s",
-    ];
-    let (client, _server, mut cw) = client_under(&python, &[script.to_str().unwrap()], &args);
+    let (client, _server, mut cw) =
+        client_under(&python, &[script.to_str().unwrap()], &WATCH_STACKS);
     let row = row_where(&mut cw, &client.pid(), "the Python client's sites", |r| {
         let s = sites(r);
         site_at(&s, "connect").is_some_and(|c| c["sockets"] == LEAKS)

@@ -257,6 +257,17 @@ fn load_and_attach(
     }
 }
 
+/// The kernel BTF parsed on `parsing`'s thread.
+fn joined_btf(
+    parsing: std::thread::JoinHandle<Result<Btf, aya::BtfError>>,
+    path: &Path,
+) -> Result<Btf> {
+    parsing
+        .join()
+        .map_err(|_| anyhow!("the BTF parser panicked"))?
+        .with_context(|| format!("cannot parse kernel BTF at {}", path.display()))
+}
+
 impl Probe {
     pub fn load(opts: &ProbeOptions) -> Result<Self> {
         let started = std::time::Instant::now();
@@ -289,17 +300,7 @@ impl Probe {
 
         let tp_btf_blocker = tp_btf_blocker(&opts.btf_path, resolved.as_ref());
 
-        let btf = match parsing {
-            Some(parsing) => Some(
-                parsing
-                    .join()
-                    .map_err(|_| anyhow!("the BTF parser panicked"))?
-                    .with_context(|| {
-                        format!("cannot parse kernel BTF at {}", opts.btf_path.display())
-                    })?,
-            ),
-            None => None,
-        };
+        let btf = parsing.map(|p| joined_btf(p, &opts.btf_path)).transpose()?;
         lap("BTF parsed");
         let loader = loader
             .join()
@@ -322,10 +323,12 @@ impl Probe {
             _ => None,
         };
         lap("socket-fd iterator loaded");
-        let fd_capable = resolved
-            .as_ref()
-            .is_some_and(|r| r.has_all(&offsets::STACK_FD_FIELDS));
-        let stacks = Some(StackControl::new(Arc::clone(&ebpf), fd_capable));
+        let stacks = Some(StackControl::new(
+            Arc::clone(&ebpf),
+            resolved
+                .as_ref()
+                .is_some_and(|r| r.has_all(&offsets::STACK_FD_FIELDS)),
+        ));
         let lru_capacity = if attached == TRACEPOINT_NAME {
             lru_entries(opts.max_sockets)
         } else {

@@ -56,7 +56,6 @@ pub(super) fn row(
     let tw_rate = (span_s > 0.0 && a.tw_created > 0).then(|| round3(a.tw_created as f64 / span_s));
     let ev = evidence(&mut a, cfg);
     let peers = top_peers(&mut a, s);
-    let leak_sites = leak_sites(&a, s);
 
     let mut row = ProcessRow {
         pid,
@@ -84,7 +83,7 @@ pub(super) fn row(
         fin_wait2_oldest_s: a.fw2_oldest_ns.map(|ns| round3(ns as f64 / 1e9)),
         container,
         k8s,
-        leak_sites,
+        leak_sites: leak_sites(&a, s),
     };
     let raised: Vec<&flag::Flag> = flag::ALL
         .into_iter()
