@@ -16,6 +16,8 @@ pub const GLOBAL_FILTER: &str = "FILTER";
 pub const GLOBAL_WAKE_AT: &str = "WAKE_AT";
 pub const MAP_LISTENERS: &str = "LISTENERS";
 pub const PROG_SOCKET_FDS: &str = "connwatch_socket_fds";
+/// The TCP socket iterator (`iter/tcp`) that seeds the tables at start-up.
+pub const PROG_TCP_SOCKETS: &str = "connwatch_tcp_sockets";
 pub const MAP_STACKS: &str = "STACKS";
 pub const MAP_STACK_PIDS: &str = "STACK_PIDS";
 pub const MAP_STACK_CTL: &str = "STACK_CTL";
@@ -87,6 +89,58 @@ pub struct SocketFd {
     pub fd: u32,
     /// The socket's inode, as in `socket:[N]`.
     pub inode: u64,
+}
+
+/// What a `TcpSocket` record describes.
+pub mod tcp_socket_kind {
+    /// The first record of a pass: only `now_jiffies` and `now_ns` are set, for userspace
+    /// to tell the kernel's tick rate (jiffies per second).
+    pub const HEADER: u8 = 0;
+    /// A full socket (`tcp_sock`): every field is set.
+    pub const FULL: u8 = 1;
+    /// A timewait socket: `state` is its substate (TIME_WAIT, or FIN_WAIT2 of an
+    /// orphan), `expires` its timer; no inode, queues or ages.
+    pub const TIMEWAIT: u8 = 2;
+    /// A request socket (a handshake in progress, `NEW_SYN_RECV`).
+    pub const REQUEST: u8 = 3;
+}
+
+/// One record of the TCP socket iterator (`iter/tcp`): what the start-up seed reads of
+/// a socket, in a fixed layout, instead of a sock_diag dump with `tcp_info` for every
+/// socket. Ages are in jiffies, as the kernel keeps them (`tcp_info` converts them the
+/// same way: `tcp_jiffies32` less the stamp).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpSocket {
+    /// `tcp_socket_kind`.
+    pub kind: u8,
+    /// `skc_state` (a timewait socket's `tw_substate`).
+    pub state: u8,
+    pub family: u16,
+    /// Local and remote port, host order.
+    pub sport: u16,
+    pub dport: u16,
+    /// The socket's owner uid as the iterator gives it (0 for timewait sockets).
+    pub uid: u32,
+    /// Bytes received and not read (`rcv_nxt - copied_seq`), and sent and not yet
+    /// acknowledged (`write_seq - snd_una`): sock_diag's Recv-Q and Send-Q.
+    pub recv_q: u32,
+    pub send_q: u32,
+    pub inode: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Jiffies since we last sent data (`lsndtime`), since the peer last sent data
+    /// (`icsk_ack.lrcvtime`) and since its last ACK (`rcv_tstamp`).
+    pub since_sent: u32,
+    pub since_recv: u32,
+    pub since_ack: u32,
+    /// Jiffies until a timewait socket's timer fires (0 when due).
+    pub expires: u32,
+    /// `tcp_sock.bytes_received`.
+    pub bytes_received: u64,
+    /// `HEADER` only: `bpf_jiffies64()` and `bpf_ktime_get_ns()` at one moment.
+    pub now_jiffies: u64,
+    pub now_ns: u64,
 }
 
 /// Most pids and ports a kernel-side filter holds.
@@ -416,6 +470,28 @@ pub struct Offsets {
     pub pt_regs_ip: u32,
     pub pt_regs_sp: u32,
     pub pt_regs_bp: u32,
+    /// `sock_common.skc_num` (local port, host order) and `.skc_state`: the iterator
+    /// reads them for every kind of socket (full, timewait, request).
+    pub skc_num: u32,
+    pub skc_state: u32,
+    /// `tcp_sock.{rcv_nxt, copied_seq, write_seq, snd_una}` (the queues),
+    /// `.{lsndtime, rcv_tstamp}`, `inet_connection_sock.icsk_ack.lrcvtime` (ages) and
+    /// `.bytes_received`: what the seed took from `tcp_info`.
+    pub tcp_rcv_nxt: u32,
+    pub tcp_copied_seq: u32,
+    pub tcp_write_seq: u32,
+    pub tcp_snd_una: u32,
+    pub tcp_lsndtime: u32,
+    pub tcp_rcv_tstamp: u32,
+    pub icsk_lrcvtime: u32,
+    pub tcp_bytes_received: u32,
+    /// `inet_timewait_sock.tw_substate` and `.tw_timer.expires`.
+    pub tw_substate: u32,
+    pub tw_expires: u32,
+    /// `socket_alloc.vfs_inode`: a socket's inode sits beside its `struct socket`
+    /// (`SOCK_INODE`), one read from the socket instead of a walk through its file.
+    pub socket_alloc_inode: u32,
+    pub _pad: u32,
 }
 
 impl Offsets {
@@ -456,6 +532,20 @@ impl Offsets {
             pt_regs_ip: u,
             pt_regs_sp: u,
             pt_regs_bp: u,
+            skc_num: u,
+            skc_state: u,
+            tcp_rcv_nxt: u,
+            tcp_copied_seq: u,
+            tcp_write_seq: u,
+            tcp_snd_una: u,
+            tcp_lsndtime: u,
+            tcp_rcv_tstamp: u,
+            icsk_lrcvtime: u,
+            tcp_bytes_received: u,
+            tw_substate: u,
+            tw_expires: u,
+            socket_alloc_inode: u,
+            _pad: 0,
         }
     }
 }
@@ -478,13 +568,16 @@ mod user {
     unsafe impl aya::Pod for super::SocketFd {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::StackRecord {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::TcpSocket {}
 }
 
 // The wire layout is fixed: a change here must be a deliberate one on both sides.
 const _: () = assert!(core::mem::size_of::<Event>() == 120);
 const _: () = assert!(core::mem::size_of::<SockState>() == 32);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 33 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 47 * 4);
 const _: () = assert!(core::mem::size_of::<StackRecord>() == 64 + STACK_FRAMES * 8 + STACK_COPY);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8 + 16 + 32 + 8);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 12);
 const _: () = assert!(core::mem::size_of::<SocketFd>() == 16);
+const _: () = assert!(core::mem::size_of::<TcpSocket>() == 104);

@@ -67,6 +67,9 @@ const STACK_PROGRAMS: [&str; 4] = [
     "connwatch_accept_exit",
 ];
 
+/// The iterators, loaded wherever the kernel has BTF: the fd index's and the seed's.
+const ITERATORS: [&str; 2] = ["connwatch_socket_fds", "connwatch_tcp_sockets"];
+
 fn margin_under(hook: &str, program: &str) {
     require_root();
     let stats = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("stack_{hook}.txt"));
@@ -80,7 +83,10 @@ fn margin_under(hook: &str, program: &str) {
     assert!(out.status.success(), "trace --hook {hook} failed: {err:?}");
     let text = std::fs::read_to_string(&stats).unwrap_or_default();
     let figures = stack_figures(&text);
-    for program in std::iter::once(program).chain(STACK_PROGRAMS) {
+    for program in std::iter::once(program)
+        .chain(STACK_PROGRAMS)
+        .chain(ITERATORS)
+    {
         assert!(
             figures
                 .iter()

@@ -90,6 +90,9 @@ pub fn attach(opts: &ProbeOptions, window: Duration, filter: Filter) -> Result<A
         monitor = monitor.with_prescan();
     }
     let mut probe = Probe::load(opts)?;
+    if let Some(iter) = probe.take_tcp_sockets() {
+        monitor.use_tcp_sockets(iter);
+    }
     if let Some(fds) = probe.take_socket_fds() {
         monitor.use_socket_fds(Box::new(fds));
     }

@@ -24,7 +24,7 @@ use crate::{
     filter::{Filter, Selection},
     host::owners::{self, FdIndex, ProcInfo},
     host::sockdiag::Query,
-    monitor::namespaces::{Namespaces, Visit},
+    monitor::namespaces::{Listing, Namespaces, Visit},
     monitor::table::{SockKey, Table},
     monitor::timewait::{Listed, Synthetic, Tracker, TwOwner},
 };
@@ -58,6 +58,8 @@ pub struct Monitor {
     loss_polled: u64,
     /// The /proc scan started with the monitor, taken over at the first seeding.
     prescan: Option<owners::Prescan>,
+    /// The probe's TCP socket iterator, for the seed (used once).
+    tcp_sockets: Option<Arc<crate::probe::TcpSockets>>,
     /// Leak sites, where stacks are captured.
     sites: Option<Arc<Mutex<crate::stacks::Book>>>,
 }
@@ -112,6 +114,7 @@ impl Monitor {
             loss_seen: 0,
             loss_polled: 0,
             prescan: None,
+            tcp_sockets: None,
             sites: None,
         }
     }
@@ -137,15 +140,25 @@ impl Monitor {
         self
     }
 
-    /// One visit to every namespace (or `only` those), its cost counted as polling.
+    /// One visit to every namespace (or `only` those) with sock_diag dumps, its cost
+    /// counted as polling.
     fn visit(
         &mut self,
         queries: &[Query],
         kernel: bool,
         only: Option<&BTreeSet<u32>>,
     ) -> Result<Vec<Visit>> {
+        self.visit_listing(&Listing::Dumps(queries.to_vec()), kernel, only)
+    }
+
+    fn visit_listing(
+        &mut self,
+        listing: &Listing,
+        kernel: bool,
+        only: Option<&BTreeSet<u32>>,
+    ) -> Result<Vec<Visit>> {
         let started = std::time::Instant::now();
-        let mut visits = self.namespaces.visit(queries, kernel, only, &self.filter)?;
+        let mut visits = self.namespaces.visit(listing, kernel, only, &self.filter)?;
         self.keep_selected(&mut visits);
         self.poll_ns += started.elapsed().as_nanos() as u64;
         Ok(visits)
@@ -209,6 +222,11 @@ impl Monitor {
         }
     }
 
+    /// The seed lists sockets with the probe's TCP socket iterator instead of sock_diag.
+    pub fn use_tcp_sockets(&mut self, iter: crate::probe::TcpSockets) {
+        self.tcp_sockets = Some(Arc::new(iter));
+    }
+
     /// The fd index asks `source` (the probe's socket-fd iterator) instead of walking
     /// /proc; the start-up /proc scan, no longer needed, stops.
     pub fn use_socket_fds(&mut self, source: Box<dyn owners::SocketFdSource>) {
@@ -251,13 +269,7 @@ impl Monitor {
             started.elapsed()
         );
         let now = monotonic_ns();
-        // tcp_info for the CLOSE_WAIT sockets' ages; asked of every socket, because a
-        // second dump per namespace costs more (each walks the host-wide hash table).
-        let everything = Query {
-            tcp_info: true,
-            ..Query::all()
-        };
-        let visits = self.visit(&[everything], true, None)?;
+        let visits = self.seed_visit()?;
         for v in &visits {
             self.table.seed(v.ns, &v.sockets, now);
         }
@@ -272,6 +284,24 @@ impl Monitor {
             started.elapsed()
         );
         Ok(())
+    }
+
+    /// The seed's listing of every namespace: from the probe's TCP socket iterator, or
+    /// where there is none (or it fails), a sock_diag dump with `tcp_info` for the
+    /// CLOSE_WAIT sockets' ages, asked of every socket because a second dump per
+    /// namespace costs more (each walks the host-wide hash table).
+    fn seed_visit(&mut self) -> Result<Vec<Visit>> {
+        if let Some(iter) = self.tcp_sockets.take() {
+            match self.visit_listing(&Listing::Iterator(iter), true, None) {
+                Ok(visits) => return Ok(visits),
+                Err(e) => log::warn!("seeding from sock_diag instead: {e:#}"),
+            }
+        }
+        let everything = Query {
+            tcp_info: true,
+            ..Query::all()
+        };
+        self.visit(&[everything], true, None)
     }
 
     /// Sockets whose state was lost so far (missed transitions, over the limit).

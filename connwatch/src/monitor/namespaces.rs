@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
 };
 
 use anyhow::{Context as _, Result};
@@ -21,6 +22,7 @@ use crate::{
     host::kernelinfo::KernelInfo,
     host::netns,
     host::sockdiag::{self, DiagSocket, Query},
+    probe::TcpSockets,
 };
 
 pub struct Namespaces {
@@ -39,6 +41,40 @@ pub struct Namespaces {
     rediscover: bool,
     /// Namespaces where a TIME_WAIT was born since their listeners were last listed.
     listeners_wanted: BTreeSet<u32>,
+}
+
+/// How a visit lists a namespace's sockets.
+#[derive(Clone)]
+pub enum Listing {
+    /// sock_diag dumps, their results together.
+    Dumps(Vec<Query>),
+    /// The probe's TCP socket iterator: every socket, with what the seed reads of
+    /// `tcp_info`; a sock_diag dump with `tcp_info` where it fails.
+    Iterator(Arc<TcpSockets>),
+}
+
+impl Listing {
+    /// The sockets of the calling thread's namespace.
+    fn list(&self) -> std::io::Result<Vec<DiagSocket>> {
+        match self {
+            Self::Dumps(queries) => {
+                let mut sockets = Vec::new();
+                for q in queries {
+                    sockets.extend(sockdiag::dump(*q)?);
+                }
+                Ok(sockets)
+            }
+            // A pass that fails (the tick rate untold near five minutes of uptime) is
+            // made again the old way, for this namespace.
+            Self::Iterator(iter) => iter.list().or_else(|e| {
+                log::debug!("TCP socket iterator failed ({e}): sock_diag instead");
+                sockdiag::dump(Query {
+                    tcp_info: true,
+                    ..Query::all()
+                })
+            }),
+        }
+    }
 }
 
 /// What one visit to a namespace brought back.
@@ -161,26 +197,26 @@ impl Namespaces {
         reborn
     }
 
-    /// One visit to every namespace (or `only` those): the `queries` dumped, their
-    /// results together, and with `kernel` its TIME_WAIT settings read and kept, all in
-    /// one setns per namespace. Sockets outside `filter` are left out (listeners stay:
-    /// they name the owners of server-side sockets). A namespace that fails (its last
-    /// process exited meanwhile) is skipped; our own failing is an error.
+    /// One visit to every namespace (or `only` those): its sockets listed, and with
+    /// `kernel` its TIME_WAIT settings read and kept, all in one setns per namespace.
+    /// Sockets outside `filter` are left out (listeners stay: they name the owners of
+    /// server-side sockets). A namespace that fails (its last process exited
+    /// meanwhile) is skipped; our own failing is an error.
     pub fn visit(
         &mut self,
-        queries: &[Query],
+        listing: &Listing,
         kernel: bool,
         only: Option<&BTreeSet<u32>>,
         filter: &Filter,
     ) -> Result<Vec<Visit>> {
-        let queries = queries.to_vec();
-        let visit = move || -> std::io::Result<(Vec<DiagSocket>, Option<KernelInfo>)> {
-            let mut sockets = Vec::new();
-            for q in &queries {
-                sockets.extend(sockdiag::dump(*q)?);
-            }
-            Ok((sockets, kernel.then(KernelInfo::read)))
+        let what = match listing {
+            Listing::Dumps(_) => "cannot list TCP sockets through netlink sock_diag",
+            Listing::Iterator(_) => "cannot list TCP sockets with the probe's iterator",
         };
+        let visit =
+            move |listing: &Listing| -> std::io::Result<(Vec<DiagSocket>, Option<KernelInfo>)> {
+                Ok((listing.list()?, kernel.then(KernelInfo::read)))
+            };
         let own = self.own;
         let wanted = |ns: &u32| only.is_none_or(|o| o.contains(ns));
         let others: Vec<(u32, PathBuf)> = self
@@ -189,12 +225,17 @@ impl Namespaces {
             .filter(|(ns, _)| **ns != own && wanted(ns))
             .map(|(ns, path)| (*ns, path.clone()))
             .collect();
+        // The other namespaces on a thread of their own, beside our own namespace here.
+        let elsewhere = (!others.is_empty()).then(|| {
+            let listing = listing.clone();
+            std::thread::spawn(move || netns::run_in_each(others, move |_| visit(&listing)))
+        });
         let mut results = Vec::new();
         if wanted(&own) {
-            results.push((own, visit()));
+            results.push((own, visit(listing)));
         }
-        if !others.is_empty() {
-            results.extend(netns::run_in_each(others, move |_| visit()));
+        if let Some(elsewhere) = elsewhere {
+            results.extend(elsewhere.join().unwrap_or_default());
         }
         let mut out = Vec::with_capacity(results.len());
         for (ns, result) in results {
@@ -209,9 +250,9 @@ impl Namespaces {
                     out.push(Visit { ns, sockets });
                 }
                 Err(e) if ns == own => {
-                    return Err(e).context("cannot list TCP sockets through netlink sock_diag");
+                    return Err(e).context(what);
                 }
-                Err(e) => log::debug!("netns {ns}: sock_diag dump failed: {e}"),
+                Err(e) => log::debug!("netns {ns}: listing its sockets failed: {e}"),
             }
         }
         Ok(out)

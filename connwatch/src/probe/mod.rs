@@ -13,6 +13,7 @@ mod offsets;
 mod preflight;
 mod socket_fds;
 mod stacks;
+mod tcp_sockets;
 mod tracefs;
 
 use std::{
@@ -36,6 +37,7 @@ pub use preflight::{
 };
 pub use socket_fds::SocketFds;
 pub use stacks::StackControl;
+pub use tcp_sockets::TcpSockets;
 pub use tracefs::layout_mismatches;
 
 /// Which kernel hook to attach.
@@ -72,6 +74,7 @@ pub struct Probe {
     ebpf: Arc<Mutex<Ebpf>>,
     /// The socket-fd iterator, where the kernel has what it needs.
     socket_fds: Option<SocketFds>,
+    tcp_sockets: Option<TcpSockets>,
     /// Stack capture's switches (taken by the stack reader).
     stacks: Option<StackControl>,
     pub attached: &'static str,
@@ -323,6 +326,19 @@ impl Probe {
             _ => None,
         };
         lap("socket-fd iterator loaded");
+        let tcp_sockets = match (&btf, &resolved) {
+            (Some(btf), Some(r))
+                if r.missing_required.is_empty()
+                    && r.has_all(&offsets::TCP_ITER_FIELDS)
+                    && r.has_all(&offsets::INODE_FIELDS) =>
+            {
+                TcpSockets::load(&ebpf, btf)
+                    .inspect_err(|e| log::debug!("seed from sock_diag: {e:#}"))
+                    .ok()
+            }
+            _ => None,
+        };
+        lap("TCP socket iterator loaded");
         let stacks = Some(StackControl::new(
             Arc::clone(&ebpf),
             resolved
@@ -337,6 +353,7 @@ impl Probe {
         Ok(Self {
             ebpf,
             socket_fds,
+            tcp_sockets,
             stacks,
             attached,
             degraded,
@@ -349,6 +366,12 @@ impl Probe {
     /// kernel lacks it).
     pub fn take_socket_fds(&mut self) -> Option<SocketFds> {
         self.socket_fds.take()
+    }
+
+    /// The TCP socket iterator, for the start-up seed (once: `None` after, or where the
+    /// kernel lacks it).
+    pub fn take_tcp_sockets(&mut self) -> Option<TcpSockets> {
+        self.tcp_sockets.take()
     }
 
     /// Stack capture's switches (once).

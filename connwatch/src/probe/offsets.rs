@@ -3,7 +3,7 @@
 //! output is frozen to one kernel build, so the offsets are looked up at start-up and
 //! handed to the probe in its `OFFSETS` global. A field that cannot be found is reported
 //! by name instead of being read at a wrong offset.
-use std::path::Path;
+use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use btf_rs::{Btf, Type};
@@ -84,7 +84,7 @@ const REQUIRED: [Field; 8] = [
 
 /// Fields whose absence blanks netns/inode in events, rules out `--cgroup`, or leaves
 /// TIME_WAIT births to be confirmed by polling.
-const OPTIONAL: [Field; 25] = [
+const OPTIONAL: [Field; 38] = [
     Field {
         name: "skc_net",
         root: "sock",
@@ -235,6 +235,84 @@ const OPTIONAL: [Field; 25] = [
         path: &["bp"],
         slot: |o| &mut o.pt_regs_bp,
     },
+    Field {
+        name: "skc_num",
+        root: "sock",
+        path: &["__sk_common", "skc_num"],
+        slot: |o| &mut o.skc_num,
+    },
+    Field {
+        name: "skc_state",
+        root: "sock",
+        path: &["__sk_common", "skc_state"],
+        slot: |o| &mut o.skc_state,
+    },
+    Field {
+        name: "tcp_sock.rcv_nxt",
+        root: "tcp_sock",
+        path: &["rcv_nxt"],
+        slot: |o| &mut o.tcp_rcv_nxt,
+    },
+    Field {
+        name: "tcp_sock.copied_seq",
+        root: "tcp_sock",
+        path: &["copied_seq"],
+        slot: |o| &mut o.tcp_copied_seq,
+    },
+    Field {
+        name: "tcp_sock.write_seq",
+        root: "tcp_sock",
+        path: &["write_seq"],
+        slot: |o| &mut o.tcp_write_seq,
+    },
+    Field {
+        name: "tcp_sock.snd_una",
+        root: "tcp_sock",
+        path: &["snd_una"],
+        slot: |o| &mut o.tcp_snd_una,
+    },
+    Field {
+        name: "tcp_sock.lsndtime",
+        root: "tcp_sock",
+        path: &["lsndtime"],
+        slot: |o| &mut o.tcp_lsndtime,
+    },
+    Field {
+        name: "tcp_sock.rcv_tstamp",
+        root: "tcp_sock",
+        path: &["rcv_tstamp"],
+        slot: |o| &mut o.tcp_rcv_tstamp,
+    },
+    Field {
+        name: "icsk_ack.lrcvtime",
+        root: "tcp_sock",
+        path: &["inet_conn", "icsk_ack", "lrcvtime"],
+        slot: |o| &mut o.icsk_lrcvtime,
+    },
+    Field {
+        name: "tcp_sock.bytes_received",
+        root: "tcp_sock",
+        path: &["bytes_received"],
+        slot: |o| &mut o.tcp_bytes_received,
+    },
+    Field {
+        name: "tw_substate",
+        root: "inet_timewait_sock",
+        path: &["tw_substate"],
+        slot: |o| &mut o.tw_substate,
+    },
+    Field {
+        name: "tw_timer.expires",
+        root: "inet_timewait_sock",
+        path: &["tw_timer", "expires"],
+        slot: |o| &mut o.tw_expires,
+    },
+    Field {
+        name: "socket_alloc.vfs_inode",
+        root: "socket_alloc",
+        path: &["vfs_inode"],
+        slot: |o| &mut o.socket_alloc_inode,
+    },
 ];
 
 impl Resolved {
@@ -253,12 +331,21 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
         missing_required: Vec::new(),
         missing_optional: Vec::new(),
     };
+    // Each name lookup scans every type of the mmapped BTF: each root struct once.
+    let mut roots: HashMap<&str, Option<Type>> = HashMap::new();
     for (fields, missing) in [
         (&REQUIRED[..], &mut r.missing_required),
         (&OPTIONAL[..], &mut r.missing_optional),
     ] {
         for f in fields {
-            match field_offset(&btf, f.root, f.path) {
+            let root = roots
+                .entry(f.root)
+                .or_insert_with(|| named_struct(&btf, f.root).ok());
+            let found = match root {
+                Some(root) => member_offset(&btf, root.clone(), f.root, f.path),
+                None => Err(anyhow::anyhow!("no struct {}", f.root)),
+            };
+            match found {
                 Ok(off) => *(f.slot)(&mut r.offsets) = off,
                 Err(_) => missing.push(f.name),
             }
@@ -307,6 +394,26 @@ pub const STACK_FD_FIELDS: [&str; 8] = [
 /// (without them only the frame-pointer walk is there).
 pub const STACK_REG_FIELDS: [&str; 3] = ["pt_regs.ip", "pt_regs.sp", "pt_regs.bp"];
 
+/// Fields the TCP socket iterator reads, beside the tuple and the inode (without them
+/// the seed dumps through sock_diag).
+pub const TCP_ITER_FIELDS: [&str; 12] = [
+    "skc_num",
+    "skc_state",
+    "tcp_sock.rcv_nxt",
+    "tcp_sock.copied_seq",
+    "tcp_sock.write_seq",
+    "tcp_sock.snd_una",
+    "tcp_sock.lsndtime",
+    "tcp_sock.rcv_tstamp",
+    "icsk_ack.lrcvtime",
+    "tcp_sock.bytes_received",
+    "tw_substate",
+    "tw_timer.expires",
+];
+
+/// Fields that lead from a socket to its inode.
+pub const INODE_FIELDS: [&str; 4] = ["sk_socket", "socket.file", "file.f_inode", "inode.i_ino"];
+
 /// Fields the probe reads to match `--cgroup` against a socket's cgroup.
 pub const CGROUP_FIELDS: [&str; 3] = ["sk_cgrp_data.cgroup", "cgroup.kn", "kernfs_node.id"];
 
@@ -335,8 +442,13 @@ pub fn check_cgroup_filter(cgroup_id: u64, resolved: Option<&Resolved>) -> Resul
 
 /// Byte offset of `path` (a chain of member names, anonymous structs/unions searched
 /// through) inside `struct root`. Bitfields and non-byte-aligned members are refused.
-pub fn field_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<u32> {
-    let mut ty = named_struct(btf, root)?;
+#[cfg(test)]
+fn field_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<u32> {
+    member_offset(btf, named_struct(btf, root)?, root, path)
+}
+
+/// `field_offset` from the root struct's type.
+fn member_offset(btf: &Btf, mut ty: Type, root: &str, path: &[&str]) -> Result<u32> {
     let mut total_bits = 0u32;
     for (i, name) in path.iter().enumerate() {
         let (bits, member_ty) = find_member(btf, &ty, name)?.with_context(|| {
