@@ -392,6 +392,8 @@ pub struct Event {
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     pub owner_comm: [u8; 16],
+    /// The current task's name where the transition runs in the owner's context
+    /// (`runs_in_owner_context`); zeros elsewhere (a bystander's name is not read).
     pub task_comm: [u8; 16],
 }
 

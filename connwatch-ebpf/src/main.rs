@@ -514,13 +514,10 @@ fn emit<K: Kernel>(task: &Task, netns: u32, owned: &Owned, s: &Scratch) {
         (*e).saddr = t.saddr;
         (*e).daddr = t.daddr;
         (*e).owner_comm = s.state.owner_comm;
-        if task.in_context {
-            // Filled when `in_context` (`Task::current`).
-            (*e).task_comm = s.comm;
-        } else {
-            // Straight into the slot: no stack copy.
-            bpf_get_current_comm((&raw mut (*e).task_comm).cast(), 16);
-        }
+        // Filled when `in_context` (`Task::current`). A bystander's name (softirq, a
+        // timer) is not read: no view shows it, and it cost a helper call on each of
+        // the events that run there (->CLOSE_WAIT, FIN_WAIT2->CLOSE).
+        (*e).task_comm = if task.in_context { s.comm } else { [0; 16] };
     }
     // Waking the reader for every event costs an IPI each (a VM exit under
     // virtualisation: microseconds). Wake it only once an eighth of the ring is filled
