@@ -641,13 +641,14 @@ impl Monitor {
     }
 
     /// A full dump of every namespace: the state histogram, the CLOSE_WAIT table
-    /// reconciled, settings, listeners, and `with_timewait` (the dump lists TIME_WAIT
-    /// sockets) timewait sockets observed.
+    /// reconciled, settings, listeners; for the seed (whose listing holds TIME_WAIT
+    /// sockets) timewait sockets observed, and no reconciliation: the table was just
+    /// filled from this same listing.
     fn absorb_full_dump(
         &mut self,
         visits: Vec<Visit>,
         now: u64,
-        with_timewait: bool,
+        seed: bool,
     ) -> Result<Vec<Synthetic>> {
         self.states.clear();
         self.prune_sites(&visits, now);
@@ -655,10 +656,12 @@ impl Monitor {
             for (state, n) in snapshot::state_counts(&v.sockets) {
                 *self.states.entry(state).or_insert(0) += n;
             }
-            self.table.reconcile(v.ns, &v.sockets, now);
+            if !seed {
+                self.table.reconcile(v.ns, &v.sockets, now);
+            }
             self.table.note_fin_wait2(v.ns, &v.sockets, now);
         }
-        let rows = if with_timewait {
+        let rows = if seed {
             let loss = self.loss_seen;
             let rows = self.observe(visits.into_iter().map(|v| (v, Listed::All)).collect());
             self.loss_polled = loss;

@@ -67,14 +67,27 @@ pub struct Footprint {
 /// Timewait sockets whose substate is FIN_WAIT2 (orphans the process already closed)
 /// are counted apart from real FIN_WAIT2 sockets, as `FIN_WAIT2_TW`.
 pub fn state_counts(sockets: &[DiagSocket]) -> BTreeMap<String, u64> {
-    let mut counts = BTreeMap::new();
+    // Counted by state number first: a name per socket costs an allocation each, and
+    // a full dump of a busy host lists 100,000.
+    let mut by_state = [0u64; 256];
+    let mut orphans = 0;
     for s in sockets {
-        let name = if s.timewait && s.state == TcpState::FIN_WAIT2 {
-            "FIN_WAIT2_TW".to_string()
+        if s.timewait && s.state == TcpState::FIN_WAIT2 {
+            orphans += 1;
         } else {
-            s.state.to_string()
-        };
-        *counts.entry(name).or_insert(0) += 1;
+            // A u8 state always has its slot.
+            if let Some(n) = by_state.get_mut(usize::from(s.state.0)) {
+                *n += 1;
+            }
+        }
+    }
+    let mut counts: BTreeMap<String, u64> = (0..=u8::MAX)
+        .zip(by_state)
+        .filter(|&(_, n)| n > 0)
+        .map(|(state, n)| (TcpState(state).to_string(), n))
+        .collect();
+    if orphans > 0 {
+        counts.insert("FIN_WAIT2_TW".to_string(), orphans);
     }
     counts
 }

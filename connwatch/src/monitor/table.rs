@@ -510,7 +510,15 @@ impl Table {
     /// Sockets that existed before connwatch: CLOSE_WAIT ages are estimated from the
     /// time since the peer's last ACK (its FIN, if nothing was sent after it).
     pub fn seed(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
-        for s in sockets.iter().filter(|s| s.state == TcpState::CLOSE_WAIT) {
+        let close_wait = sockets.iter().filter(|s| s.state == TcpState::CLOSE_WAIT);
+        // Room at once, rather than a rehash at each doubling.
+        self.close_wait.reserve(
+            close_wait
+                .clone()
+                .count()
+                .min(self.limit.saturating_sub(self.close_wait.len())),
+        );
+        for s in close_wait {
             let key = self.key(netns, s.local, s.remote);
             if self.room(&key) {
                 self.close_wait
