@@ -241,18 +241,38 @@ unsafe fn tuple_of(sk: *const u8, t: &mut Tuple) -> bool {
         t.family = family;
         t.sport = u16::from_be(Direct::read::<u16>(sk, off!(inet_sport)).unwrap_or(0));
         t.dport = u16::from_be(Direct::read::<u16>(sk, off!(skc_dport)).unwrap_or(0));
-        t.saddr = [0; 16];
-        t.daddr = [0; 16];
+        addresses(sk, family, &mut t.saddr, &mut t.daddr)
+    }
+}
+
+/// The local and remote address of a typed socket (its `sock_common`) into `saddr`
+/// and `daddr`: IPv4 in the first 4 bytes; false for a family other than IPv4 and
+/// IPv6.
+///
+/// # Safety
+/// `sk` must be a typed socket pointer whose type begins with `sock_common` (see
+/// `Direct`).
+#[inline(always)]
+unsafe fn addresses(
+    sk: *const u8,
+    family: u16,
+    saddr: &mut [u8; 16],
+    daddr: &mut [u8; 16],
+) -> bool {
+    // SAFETY: plain loads the verifier checks (see `Direct`).
+    unsafe {
+        *saddr = [0; 16];
+        *daddr = [0; 16];
         match family {
             AF_INET => {
                 let s = Direct::read::<u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0);
                 let d = Direct::read::<u32>(sk, off!(skc_daddr)).unwrap_or(0);
-                t.saddr[..4].copy_from_slice(&s.to_ne_bytes());
-                t.daddr[..4].copy_from_slice(&d.to_ne_bytes());
+                saddr[..4].copy_from_slice(&s.to_ne_bytes());
+                daddr[..4].copy_from_slice(&d.to_ne_bytes());
             }
             AF_INET6 => {
-                t.saddr = Direct::read_16(sk, off!(skc_v6_rcv_saddr));
-                t.daddr = Direct::read_16(sk, off!(skc_v6_daddr));
+                *saddr = Direct::read_16(sk, off!(skc_v6_rcv_saddr));
+                *daddr = Direct::read_16(sk, off!(skc_v6_daddr));
             }
             _ => return false,
         }

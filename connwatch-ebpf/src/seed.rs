@@ -7,9 +7,9 @@ use aya_ebpf::helpers::{
     bpf_ktime_get_ns,
     generated::{bpf_jiffies64, bpf_seq_write, bpf_skc_to_tcp_sock, bpf_skc_to_tcp_timewait_sock},
 };
-use connwatch_common::{AF_INET, AF_INET6, TcpSocket, tcp_socket_kind, tcp_state};
+use connwatch_common::{TcpSocket, tcp_socket_kind, tcp_state};
 
-use crate::{Direct, IterMeta, Kernel as _, inode_of};
+use crate::{Direct, IterMeta, Kernel as _, addresses, inode_of};
 
 /// `struct bpf_iter__tcp`: each member aligned to 8 bytes.
 #[repr(C)]
@@ -88,20 +88,7 @@ unsafe fn common(sk: *const u8, rec: &mut TcpSocket) -> bool {
         rec.family = Direct::read::<u16>(sk, off!(skc_family)).unwrap_or(0);
         rec.sport = Direct::read::<u16>(sk, off!(skc_num)).unwrap_or(0);
         rec.dport = u16::from_be(Direct::read::<u16>(sk, off!(skc_dport)).unwrap_or(0));
-        match rec.family {
-            AF_INET => {
-                let s = Direct::read::<u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0);
-                let d = Direct::read::<u32>(sk, off!(skc_daddr)).unwrap_or(0);
-                rec.saddr[..4].copy_from_slice(&s.to_ne_bytes());
-                rec.daddr[..4].copy_from_slice(&d.to_ne_bytes());
-            }
-            AF_INET6 => {
-                rec.saddr = Direct::read_16(sk, off!(skc_v6_rcv_saddr));
-                rec.daddr = Direct::read_16(sk, off!(skc_v6_daddr));
-            }
-            _ => return false,
-        }
-        true
+        addresses(sk, rec.family, &mut rec.saddr, &mut rec.daddr)
     }
 }
 

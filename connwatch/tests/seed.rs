@@ -125,11 +125,7 @@ fn the_iterator_lists_what_sock_diag_lists() {
     settled(made.port);
     // Ages of a second, so that a wrong tick rate or stamp shows beyond the tolerance.
     std::thread::sleep(Duration::from_secs(1));
-    let info = Query {
-        tcp_info: true,
-        ..Query::all()
-    };
-    let diag = by_tuple(sockdiag::dump(info).unwrap(), made.port);
+    let diag = by_tuple(sockdiag::dump(Query::all_with_info()).unwrap(), made.port);
     let listed = by_tuple(iter.list().unwrap(), made.port);
     assert_eq!(listed.len(), 13, "{listed:#?}");
     assert_eq!(

@@ -61,6 +61,14 @@ impl Query {
         }
     }
 
+    /// Every socket with its `tcp_info` (the seed's dump where there is no iterator).
+    pub fn all_with_info() -> Self {
+        Self {
+            tcp_info: true,
+            ..Self::all()
+        }
+    }
+
     pub fn states(states: &[TcpState], tcp_info: bool) -> Self {
         Self {
             states: states.iter().fold(0, |acc, s| acc | (1 << s.0)),

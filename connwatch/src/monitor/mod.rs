@@ -297,11 +297,7 @@ impl Monitor {
                 Err(e) => log::warn!("seeding from sock_diag instead: {e:#}"),
             }
         }
-        let everything = Query {
-            tcp_info: true,
-            ..Query::all()
-        };
-        self.visit(&[everything], true, None)
+        self.visit(&[Query::all_with_info()], true, None)
     }
 
     /// Sockets whose state was lost so far (missed transitions, over the limit).

@@ -68,10 +68,7 @@ impl Listing {
             // made again the old way, for this namespace.
             Self::Iterator(iter) => iter.list().or_else(|e| {
                 log::debug!("TCP socket iterator failed ({e}): sock_diag instead");
-                sockdiag::dump(Query {
-                    tcp_info: true,
-                    ..Query::all()
-                })
+                sockdiag::dump(Query::all_with_info())
             }),
         }
     }
