@@ -96,8 +96,11 @@ pub mod tcp_socket_kind {
     /// The first record of a pass: only `now_jiffies` and `now_ns` are set, for userspace
     /// to tell the kernel's tick rate (jiffies per second).
     pub const HEADER: u8 = 0;
-    /// A full socket (`tcp_sock`): every field is set.
+    /// A full socket (`tcp_sock`): every field but the ages and `bytes_received`.
     pub const FULL: u8 = 1;
+    /// A full socket in CLOSE_WAIT or FIN_WAIT2, whose evidence the reports read:
+    /// every field is set.
+    pub const FULL_AGED: u8 = 4;
     /// A timewait socket: `state` is its substate (TIME_WAIT, or FIN_WAIT2 of an
     /// orphan), `expires` its timer; no inode, queues or ages.
     pub const TIMEWAIT: u8 = 2;

@@ -112,8 +112,9 @@ fn ms(jiffies: u32, hz: u32) -> u32 {
     u32::try_from(ms).unwrap_or(u32::MAX)
 }
 
-/// A record as sock_diag would have listed the socket (with `tcp_info` for a full
-/// socket); `None` for a header or an unknown kind or family.
+/// A record as sock_diag would have listed the socket (with what the seed reads of
+/// `tcp_info` for a CLOSE_WAIT or FIN_WAIT2 one); `None` for a header or an unknown
+/// kind.
 fn socket(r: &TcpSocket, hz: u32) -> Option<DiagSocket> {
     let addr = |raw: [u8; 16]| -> IpAddr {
         if r.family == AF_INET {
@@ -123,14 +124,14 @@ fn socket(r: &TcpSocket, hz: u32) -> Option<DiagSocket> {
             IpAddr::V6(Ipv6Addr::from(raw))
         }
     };
-    let full = r.kind == tcp_socket_kind::FULL;
+    let aged = r.kind == tcp_socket_kind::FULL_AGED;
     let state = match r.kind {
-        tcp_socket_kind::FULL | tcp_socket_kind::TIMEWAIT => r.state,
+        tcp_socket_kind::FULL | tcp_socket_kind::FULL_AGED | tcp_socket_kind::TIMEWAIT => r.state,
         // sock_diag names a handshake in progress SYN_RECV.
         tcp_socket_kind::REQUEST => tcp_state::SYN_RECV,
         _ => return None,
     };
-    let info = |v: u32| full.then_some(v);
+    let info = |v: u32| aged.then_some(v);
     Some(DiagSocket {
         state: TcpState(state),
         local: SocketAddr::new(addr(r.saddr), r.sport),
@@ -144,7 +145,7 @@ fn socket(r: &TcpSocket, hz: u32) -> Option<DiagSocket> {
         last_ack_recv_ms: info(ms(r.since_ack, hz)),
         last_data_recv_ms: info(ms(r.since_recv, hz)),
         last_data_sent_ms: info(ms(r.since_sent, hz)),
-        bytes_received: full.then_some(r.bytes_received),
+        bytes_received: aged.then_some(r.bytes_received),
     })
 }
 
@@ -204,7 +205,7 @@ mod tests {
             ..TcpSocket::default()
         };
         let mut cw = TcpSocket {
-            kind: tcp_socket_kind::FULL,
+            kind: tcp_socket_kind::FULL_AGED,
             state: tcp_state::CLOSE_WAIT,
             family: AF_INET,
             sport: 8080,
@@ -237,11 +238,16 @@ mod tests {
             ..TcpSocket::default()
         };
         let unknown = TcpSocket { kind: 9, ..cw };
-        let mut raw = bytes(&[header, cw, tw, req, unknown]);
+        let established = TcpSocket {
+            kind: tcp_socket_kind::FULL,
+            state: tcp_state::ESTABLISHED,
+            ..cw
+        };
+        let mut raw = bytes(&[header, cw, tw, req, unknown, established]);
         // A torn tail is ignored rather than misread.
         raw.extend([1, 2, 3]);
         let socks = parse(&raw).unwrap();
-        assert_eq!(socks.len(), 3);
+        assert_eq!(socks.len(), 4);
         let s = &socks[0];
         assert_eq!(s.state, TcpState::CLOSE_WAIT);
         assert_eq!(s.local, "127.0.0.1:8080".parse().unwrap());
@@ -261,6 +267,13 @@ mod tests {
         assert_eq!(t.expires_ms, 4000);
         assert_eq!((t.last_ack_recv_ms, t.bytes_received), (None, None));
         assert_eq!(socks[2].state, TcpState::SYN_RECV);
+        // Ages only where the reports read them.
+        let e = &socks[3];
+        assert_eq!(
+            (e.state, e.inode, e.recv_q),
+            (TcpState(tcp_state::ESTABLISHED), 4242, 5)
+        );
+        assert_eq!((e.last_ack_recv_ms, e.bytes_received), (None, None));
         // No header: an error, not an empty list; nothing at all is no socket.
         assert!(parse(&bytes(&[cw])).is_err());
         assert!(parse(&[]).unwrap().is_empty());
