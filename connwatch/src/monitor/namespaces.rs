@@ -222,24 +222,17 @@ impl Namespaces {
             .filter(|(ns, _)| **ns != own && wanted(ns))
             .map(|(ns, path)| (*ns, path.clone()))
             .collect();
-        // The other namespaces on worker threads, one per CPU, beside our own namespace
-        // here: each listing walks the host-wide hash table, whatever the namespace
-        // holds, and a node runs a namespace per pod.
-        let workers = std::thread::available_parallelism().map_or(1, usize::from);
-        let per_worker = others.len().div_ceil(workers).max(1);
-        let elsewhere: Vec<_> = others
-            .chunks(per_worker)
-            .map(|chunk| {
-                let (listing, chunk) = (listing.clone(), chunk.to_vec());
-                std::thread::spawn(move || netns::run_in_each(chunk, move |_| visit(&listing)))
-            })
-            .collect();
+        // The other namespaces on a thread of their own, beside our own namespace here.
+        let elsewhere = (!others.is_empty()).then(|| {
+            let listing = listing.clone();
+            std::thread::spawn(move || netns::run_in_each(others, move |_| visit(&listing)))
+        });
         let mut results = Vec::new();
         if wanted(&own) {
             results.push((own, visit(listing)));
         }
-        for worker in elsewhere {
-            results.extend(worker.join().unwrap_or_default());
+        if let Some(elsewhere) = elsewhere {
+            results.extend(elsewhere.join().unwrap_or_default());
         }
         let mut out = Vec::with_capacity(results.len());
         for (ns, result) in results {
