@@ -50,8 +50,6 @@ pub struct Monitor {
     tw_budget: Budget,
     /// Full dumps (`refresh`).
     full_budget: Budget,
-    /// Handing a report's freed memory back (`release_freed_memory`).
-    trim_budget: Budget,
     /// The last timewait poll of every namespace.
     last_reconcile: Option<std::time::Instant>,
     /// Events lost so far (dropped, unstorable, undecodable): a loss means a timewait
@@ -80,10 +78,6 @@ const POLL_BUDGET: u32 = 50;
 /// host-wide TCP hash table, TIME_WAIT sockets included even when they are not asked
 /// for; between dumps the tables follow events, so a dump every few seconds suffices.
 const REFRESH_BUDGET: u32 = 400;
-
-/// Handing the memory a report freed back to the kernel (`malloc_trim`) may use at most
-/// 1/TRIM_BUDGET of a CPU: after each report where it is cheap.
-const TRIM_BUDGET: u32 = 200;
 
 /// A followed TIME_WAIT this close to its timer may be gone from the kernel already:
 /// not a sign that it ended early.
@@ -116,7 +110,6 @@ impl Monitor {
             taken: (0, 0),
             tw_budget: Budget::new(POLL_BUDGET),
             full_budget: Budget::new(REFRESH_BUDGET),
-            trim_budget: Budget::new(TRIM_BUDGET),
             last_reconcile: None,
             loss_seen: 0,
             loss_polled: 0,
@@ -786,18 +779,7 @@ impl Monitor {
             footprint: self.footprint(sites.as_deref()),
             sites: sites.as_deref(),
         };
-        let built = build(&snapshot);
-        // A report allocates in proportion to the sockets it counts and frees it all:
-        // glibc would keep those pages (2 MB with 50,000 CLOSE_WAIT sockets).
-        // Within a budget of its own: on a busy heap the walk is not free, and the
-        // pages it hands back are faulted in again by the next report.
-        if self.trim_budget.allows() {
-            let started = crate::budget::thread_cpu_time();
-            release_freed_memory();
-            self.trim_budget
-                .spent(crate::budget::thread_cpu_time().saturating_sub(started));
-        }
-        built
+        build(&snapshot)
     }
 
     /// The state histogram of the last full dump, with the states that connwatch follows
