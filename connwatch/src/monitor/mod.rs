@@ -860,9 +860,8 @@ fn sole_holder(index: &FdIndex, inodes: &[u64]) -> Option<u32> {
     others.into_iter().all(|&p| p == first).then_some(first)
 }
 
-/// Hands the memory a large dump or a report used back to the kernel: glibc keeps freed
-/// heap pages, so RSS would otherwise show the largest dump or report ever made rather
-/// than what is held.
+/// Hands the memory a large dump used back to the kernel: glibc keeps freed heap pages,
+/// so RSS would otherwise show the largest dump ever made rather than what is held.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks and trims glibc's own free lists.
