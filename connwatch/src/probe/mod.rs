@@ -260,6 +260,35 @@ fn load_and_attach(
     }
 }
 
+/// The iterators, where the kernel has BTF and the fields they read: the fd index's
+/// (else /proc is walked) and the seed's (else sock_diag dumps).
+fn load_iterators(
+    ebpf: &Arc<Mutex<Ebpf>>,
+    btf: Option<&Btf>,
+    resolved: Option<&offsets::Resolved>,
+) -> (Option<SocketFds>, Option<TcpSockets>) {
+    let (Some(btf), Some(r)) = (btf, resolved) else {
+        return (None, None);
+    };
+    let socket_fds = r
+        .has_all(&offsets::SOCKET_FD_FIELDS)
+        .then(|| SocketFds::load(ebpf, btf))
+        .and_then(|l| {
+            l.inspect_err(|e| log::debug!("fd index from /proc: {e:#}"))
+                .ok()
+        });
+    let seed_fields = r.missing_required.is_empty()
+        && r.has_all(&offsets::TCP_ITER_FIELDS)
+        && r.has_all(&offsets::INODE_FIELDS);
+    let tcp_sockets = seed_fields
+        .then(|| TcpSockets::load(ebpf, btf))
+        .and_then(|l| {
+            l.inspect_err(|e| log::debug!("seed from sock_diag: {e:#}"))
+                .ok()
+        });
+    (socket_fds, tcp_sockets)
+}
+
 /// The kernel BTF parsed on `parsing`'s thread.
 fn joined_btf(
     parsing: std::thread::JoinHandle<Result<Btf, aya::BtfError>>,
@@ -317,28 +346,8 @@ impl Probe {
         )?;
         lap("attached");
         let ebpf = Arc::new(Mutex::new(ebpf));
-        let socket_fds = match (&btf, &resolved) {
-            (Some(btf), Some(r)) if r.has_all(&offsets::SOCKET_FD_FIELDS) => {
-                SocketFds::load(&ebpf, btf)
-                    .inspect_err(|e| log::debug!("fd index from /proc: {e:#}"))
-                    .ok()
-            }
-            _ => None,
-        };
-        lap("socket-fd iterator loaded");
-        let tcp_sockets = match (&btf, &resolved) {
-            (Some(btf), Some(r))
-                if r.missing_required.is_empty()
-                    && r.has_all(&offsets::TCP_ITER_FIELDS)
-                    && r.has_all(&offsets::INODE_FIELDS) =>
-            {
-                TcpSockets::load(&ebpf, btf)
-                    .inspect_err(|e| log::debug!("seed from sock_diag: {e:#}"))
-                    .ok()
-            }
-            _ => None,
-        };
-        lap("TCP socket iterator loaded");
+        let (socket_fds, tcp_sockets) = load_iterators(&ebpf, btf.as_ref(), resolved.as_ref());
+        lap("iterators loaded");
         let stacks = Some(StackControl::new(
             Arc::clone(&ebpf),
             resolved
