@@ -34,9 +34,19 @@ impl Budget {
     }
 
     /// Records a run that just ended and cost `cost` (CPU time where the job runs on
-    /// this thread; wall time where it waits on other threads or the kernel).
+    /// this thread; wall time where it waits on other threads or the kernel). What an
+    /// earlier run still owes is carried over: a cheap job charged to the same budget
+    /// (a listener dump after a poll) must not wipe out an expensive one's spacing.
     pub fn spent(&mut self, cost: Duration) {
-        self.last = Some((Instant::now(), cost));
+        let now = Instant::now();
+        let owed = match (self.last, self.share) {
+            (Some((end, last)), share) if share > 0 => {
+                let free_at = end + last.saturating_mul(share);
+                free_at.saturating_duration_since(now) / share
+            }
+            _ => Duration::ZERO,
+        };
+        self.last = Some((now, owed + cost));
     }
 }
 
@@ -66,8 +76,29 @@ mod tests {
         b.spent(Duration::from_secs(1));
         assert_eq!(b.spacing(), Duration::from_secs(20));
         assert!(!b.allows());
+        // A cheap job charged to the same budget keeps what the expensive one owes.
         b.spent(Duration::ZERO);
-        assert!(b.allows(), "a free run may repeat at once");
+        assert!(!b.allows(), "a cheap run wiped out the spacing");
+        assert!(
+            b.spacing() > Duration::from_millis(19_900),
+            "{:?}",
+            b.spacing()
+        );
+        b.spent(Duration::from_millis(100));
+        assert!(
+            b.spacing() > Duration::from_millis(21_900),
+            "{:?}",
+            b.spacing()
+        );
+    }
+
+    #[test]
+    fn a_free_run_after_the_spacing_may_repeat_at_once() {
+        let mut b = Budget::new(20);
+        b.spent(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(25));
+        b.spent(Duration::ZERO);
+        assert!(b.allows());
     }
 
     #[test]
