@@ -426,6 +426,13 @@ pub fn proc_info(pid: u32) -> Option<ProcInfo> {
     })
 }
 
+/// A process's name alone (`/proc/PID/stat`): what naming the owner of a timewait
+/// socket needs, without the fd count (a walk of /proc/PID/fd, long for a server
+/// holding tens of thousands) and the rest of `proc_info`.
+pub fn comm(pid: u32) -> Option<String> {
+    Some(Process::new(pid as i32).ok()?.stat().ok()?.comm)
+}
+
 /// Inode of this process's network namespace (`/proc/self/ns/net`).
 pub fn own_netns() -> u32 {
     std::fs::read_link("/proc/self/ns/net")
@@ -498,6 +505,7 @@ mod tests {
         index.ensure([inode]);
         assert_eq!(index.scans, 1);
         let me = proc_info(std::process::id()).unwrap();
+        assert_eq!(comm(std::process::id()).as_ref(), Some(&me.comm));
         assert!(me.fds >= 3);
         assert!(me.fd_limit.is_some());
         assert_ne!(own_netns(), 0);
