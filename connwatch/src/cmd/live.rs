@@ -65,6 +65,9 @@ pub struct Live {
     drain_tick: Interval,
     tw_poll: Interval,
     report_tick: Interval,
+    /// When the next report is due, and a timewait poll deferred until it is out.
+    next_report: tokio::time::Instant,
+    poll_after_report: bool,
     /// Stack capture, where it may run (`--stacks`, or the report commands' capture of
     /// flagged processes).
     stacks: Option<Stacks>,
@@ -163,7 +166,9 @@ impl Live {
                 t.reset();
                 t
             },
+            next_report: tokio::time::Instant::now() + every,
             report_tick,
+            poll_after_report: false,
             stacks,
         })
     }
@@ -182,8 +187,48 @@ impl Live {
     /// `every` (a report is due; for `trace`, namespaces are listed again). Cancel-safe
     /// (every branch finishes its work synchronously), so it can sit in a `select!`.
     pub async fn until_tick(&mut self, sink: &mut impl Sink) -> Result<()> {
+        if std::mem::take(&mut self.poll_after_report) {
+            self.note_loss()?;
+            self.poll(sink)?;
+        }
         loop {
+            if tokio::time::Instant::now() >= self.next_report {
+                // Due while a branch ran (a poll): the timer is seen as elapsed only once
+                // the runtime turns its clock, else another batch would go first.
+                tokio::task::yield_now().await;
+            }
+            // Biased, the event ring last: a report that is due goes before another
+            // batch of events (at saturation the ring is always ready, and a fair draw
+            // would let batches hold up the report); the timers cannot starve it, and
+            // the stack ring is drained whole each time.
             tokio::select! {
+                biased;
+                _ = self.report_tick.tick() => {
+                    self.next_report = tokio::time::Instant::now() + self.report_tick.period();
+                    // New namespaces (pods) within one interval, in every command.
+                    self.monitor.discover_namespaces();
+                    return Ok(());
+                }
+                _ = self.drain_tick.tick() => self.drain(sink)?,
+                _ = self.tw_poll.tick() => {
+                    self.note_loss()?;
+                    // A poll that could still run when the report is due waits for it:
+                    // the report keeps its time, the poll runs right after it.
+                    let report_in = self.next_report.saturating_duration_since(tokio::time::Instant::now());
+                    if self.monitor.poll_waits_for_report(report_in, self.tw_poll.period()) {
+                        self.poll_after_report = true;
+                    } else {
+                        self.poll(sink)?;
+                    }
+                }
+                ready = stack_ring(&mut self.stacks) => {
+                    let mut guard = ready?;
+                    guard.clear_ready();
+                    drop(guard);
+                    if let Some(s) = &mut self.stacks {
+                        s.drain();
+                    }
+                }
                 ready = self.ring.readable_mut() => {
                     let mut guard = ready?;
                     let ring = guard.get_inner_mut();
@@ -196,31 +241,29 @@ impl Live {
                     drained?;
                     tokio::task::yield_now().await;
                 }
-                ready = stack_ring(&mut self.stacks) => {
-                    let mut guard = ready?;
-                    guard.clear_ready();
-                    drop(guard);
-                    if let Some(s) = &mut self.stacks {
-                        s.drain();
-                    }
-                }
-                _ = self.drain_tick.tick() => self.drain(sink)?,
-                _ = self.tw_poll.tick() => {
-                    self.drain(sink)?;
-                    let loss = self.loss()?;
-                    self.monitor.note_loss(loss);
-                    let rows = self.monitor.poll_timewait()?;
-                    if !rows.is_empty() {
-                        sink.inferred(&rows).and_then(|()| sink.flush()).map_err(SinkError)?;
-                    }
-                }
-                _ = self.report_tick.tick() => {
-                    // New namespaces (pods) within one interval, in every command.
-                    self.monitor.discover_namespaces();
-                    return Ok(());
-                }
             }
         }
+    }
+
+    /// A timewait poll, after what is queued is applied. The loss it goes by was noted
+    /// before (`note_loss`): one that a drop during this drain brought would turn the
+    /// poll, already judged not to hold up the report, into one of every namespace.
+    fn poll(&mut self, sink: &mut impl Sink) -> Result<()> {
+        self.drain(sink)?;
+        let rows = self.monitor.poll_timewait()?;
+        if !rows.is_empty() {
+            sink.inferred(&rows)
+                .and_then(|()| sink.flush())
+                .map_err(SinkError)?;
+        }
+        Ok(())
+    }
+
+    /// Tells the monitor the loss so far (a poll after a loss lists every namespace).
+    fn note_loss(&mut self) -> Result<()> {
+        let loss = self.loss()?;
+        self.monitor.note_loss(loss);
+        Ok(())
     }
 
     /// Events lost so far: dropped by the kernel, not storable, or undecodable.

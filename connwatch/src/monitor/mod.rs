@@ -50,8 +50,13 @@ pub struct Monitor {
     tw_budget: Budget,
     /// Full dumps (`refresh`).
     full_budget: Budget,
+    /// The dumps that fetch new CLOSE_WAIT sockets' evidence before a report.
+    evidence_budget: Budget,
     /// The last timewait poll of every namespace.
     last_reconcile: Option<std::time::Instant>,
+    /// Wall time of the last timewait poll that listed only the namespaces wanting it
+    /// (`some`), and of the last that listed them all: what the next like it will take.
+    poll_wall: PollWall,
     /// Events lost so far (dropped, unstorable, undecodable): a loss means a timewait
     /// socket may have begun unseen, so the next poll is not skipped.
     loss_seen: u64,
@@ -79,6 +84,12 @@ const POLL_BUDGET: u32 = 50;
 /// for; between dumps the tables follow events, so a dump every few seconds suffices.
 const REFRESH_BUDGET: u32 = 400;
 
+/// The evidence dumps before a report may use at most 1/EVIDENCE_BUDGET of a CPU. Each
+/// lists only CLOSE_WAIT sockets, but walks the host-wide hash table to find them: with
+/// tens of thousands of TIME_WAITs that costs milliseconds, and under a CPU limit it
+/// would delay every report. Sockets still wanting evidence get it at a later report.
+const EVIDENCE_BUDGET: u32 = 50;
+
 /// A followed TIME_WAIT this close to its timer may be gone from the kernel already:
 /// not a sign that it ended early.
 const SETTLE_NS: u64 = 2_000_000_000;
@@ -86,6 +97,13 @@ const SETTLE_NS: u64 = 2_000_000_000;
 /// Timewait sockets of every namespace are listed at least this often: the rare
 /// reconciliation that catches what neither events nor timers tell.
 const TW_RECONCILE: Duration = Duration::from_secs(60);
+
+/// Wall time of the last timewait polls, by scope (see `Monitor::poll_waits_for_report`).
+#[derive(Clone, Copy, Debug, Default)]
+struct PollWall {
+    some: Duration,
+    all: Duration,
+}
 
 impl Monitor {
     pub fn new(window: Duration, filter: Filter) -> Self {
@@ -110,7 +128,9 @@ impl Monitor {
             taken: (0, 0),
             tw_budget: Budget::new(POLL_BUDGET),
             full_budget: Budget::new(REFRESH_BUDGET),
+            evidence_budget: Budget::new(EVIDENCE_BUDGET),
             last_reconcile: None,
+            poll_wall: PollWall::default(),
             loss_seen: 0,
             loss_polled: 0,
             prescan: None,
@@ -353,6 +373,7 @@ impl Monitor {
         self.tw.expire_due(monotonic_ns());
         self.recheck_early_ends(monotonic_ns());
         let mut rows = if let Some(scope) = self.timewait_poll_scope() {
+            let everywhere = scope.is_none();
             let started = std::time::Instant::now();
             let loss = self.loss_seen;
             let polled = match scope {
@@ -366,6 +387,11 @@ impl Monitor {
             // Charged to the polls' budget; a full dump that observes timewait sockets
             // (the seed) is charged to its own.
             self.tw_budget.spent(started.elapsed());
+            if everywhere {
+                self.poll_wall.all = started.elapsed();
+            } else {
+                self.poll_wall.some = started.elapsed();
+            }
             self.tw.expire_pending(monotonic_ns());
             self.loss_polled = loss;
             rows
@@ -521,10 +547,7 @@ impl Monitor {
     /// them are polled anyway: what no event shows (an RST in TIME_WAIT, a timer
     /// re-armed) is caught there.
     fn timewait_poll_scope(&mut self) -> Option<Option<BTreeMap<u32, Listed>>> {
-        let reconcile = self
-            .last_reconcile
-            .is_none_or(|t| t.elapsed() >= TW_RECONCILE);
-        let everywhere = !self.tw_seeded || self.loss_seen != self.loss_polled || reconcile;
+        let everywhere = self.polls_everywhere();
         let wanting = self.tw.wanting_poll();
         if !everywhere && wanting.is_empty() {
             return None;
@@ -536,6 +559,30 @@ impl Monitor {
             self.last_reconcile = Some(std::time::Instant::now());
         }
         Some((!everywhere).then_some(wanting))
+    }
+
+    /// Whether the next timewait poll lists every namespace: before the first, after a
+    /// loss (a timewait socket may have begun unseen), and every `TW_RECONCILE`.
+    fn polls_everywhere(&self) -> bool {
+        let reconcile = self
+            .last_reconcile
+            .is_none_or(|t| t.elapsed() >= TW_RECONCILE);
+        !self.tw_seeded || self.loss_seen != self.loss_polled || reconcile
+    }
+
+    /// Whether the timewait poll due now should wait until the report due in
+    /// `report_in` is out, so as not to hold it up: where the last poll like it took
+    /// longer than that. One that lists every namespace costs in proportion to every
+    /// timewait socket on the host, and the first after a loss has no like poll to go
+    /// by: it also waits where the report is due within a poll `period` (the next poll
+    /// tick would come after it anyway). None waits where the budget allows no poll.
+    pub fn poll_waits_for_report(&self, report_in: Duration, period: Duration) -> bool {
+        let likely = if self.polls_everywhere() {
+            self.poll_wall.all.max(period)
+        } else {
+            self.poll_wall.some
+        };
+        self.tw_budget.allows() && likely > report_in
     }
 
     /// Takes a visit's listeners and timewait sockets: confirms closes as TIME_WAIT
@@ -567,29 +614,28 @@ impl Monitor {
             ..
         } = self;
         let listeners = namespaces.listeners();
-        for (Visit { ns, sockets }, listed) in &visits {
-            // Once per listening port, not once per socket: a server can leave tens of
-            // thousands of TIME_WAITs on one port.
-            let known: std::cell::RefCell<HashMap<u16, Option<TwOwner>>> = Default::default();
-            let listener = |port: u16| -> Option<TwOwner> {
-                if let Some(owner) = known.borrow().get(&port) {
-                    return owner.clone();
-                }
-                let owner = listeners
-                    .get(&(*ns, port))
-                    .and_then(|inodes| sole_holder(index, inodes))
-                    .map(|pid| TwOwner {
-                        pid,
-                        comm: owners::proc_info(pid)
-                            .map(|p| p.comm)
-                            .unwrap_or_default()
-                            .into(),
-                    });
-                known.borrow_mut().insert(port, owner.clone());
-                owner
-            };
-            rows.extend(tw.observe(*ns, sockets, *listed, now, seeding, &listener));
-        }
+        // Once per listening port, not once per socket: a server can leave tens of
+        // thousands of TIME_WAITs on one port.
+        let known: std::cell::RefCell<HashMap<(u32, u16), Option<TwOwner>>> = Default::default();
+        let listener = |ns: u32, port: u16| -> Option<TwOwner> {
+            if let Some(owner) = known.borrow().get(&(ns, port)) {
+                return owner.clone();
+            }
+            let owner = listeners
+                .get(&(ns, port))
+                .and_then(|inodes| sole_holder(index, inodes))
+                .map(|pid| TwOwner {
+                    pid,
+                    comm: owners::comm(pid).unwrap_or_default().into(),
+                });
+            known.borrow_mut().insert((ns, port), owner.clone());
+            owner
+        };
+        let polled: Vec<(u32, &[crate::host::sockdiag::DiagSocket], Listed)> = visits
+            .iter()
+            .map(|(v, listed)| (v.ns, v.sockets.as_slice(), *listed))
+            .collect();
+        rows.extend(tw.observe_many(&polled, now, seeding, &listener));
         self.tw_seeded = true;
         rows.sort_by_key(|r| r.ts_ns);
         Ok(rows)
@@ -689,9 +735,10 @@ impl Monitor {
     /// before the peer's FIN (`tcp_info`), the evidence behind a leak's likely cause.
     fn fill_evidence(&mut self) {
         let wanting = self.table.wanting_evidence();
-        if wanting.is_empty() {
+        if wanting.is_empty() || !self.evidence_budget.allows() {
             return;
         }
+        let started = std::time::Instant::now();
         let query = Query::states(&[TcpState::CLOSE_WAIT], true);
         if let Ok(visits) = self.visit(&[query], false, Some(&wanting)) {
             let now = monotonic_ns();
@@ -699,6 +746,7 @@ impl Monitor {
                 self.table.fill_evidence(v.ns, &v.sockets, now);
             }
         }
+        self.evidence_budget.spent(started.elapsed());
     }
 
     /// Resolves holders and process facts, and hands `build` a snapshot of it all (a
@@ -867,5 +915,38 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim only walks and trims glibc's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_poll_waits_for_a_report_it_would_hold_up() {
+        let mut m = Monitor::new(Duration::from_secs(60), Filter::default());
+        let period = 1000 * MS;
+        // Before the first poll every namespace is listed: it waits for a report due
+        // within a poll period, not for one due later.
+        assert!(m.poll_waits_for_report(900 * MS, period));
+        assert!(!m.poll_waits_for_report(1100 * MS, period));
+        // The last such poll took 3 s: a report due within 3 s goes first.
+        m.poll_wall.all = 3000 * MS;
+        assert!(m.poll_waits_for_report(2900 * MS, period));
+        assert!(!m.poll_waits_for_report(3100 * MS, period));
+        // A poll of the namespaces wanting it goes by its own last cost.
+        m.tw_seeded = true;
+        m.last_reconcile = Some(std::time::Instant::now());
+        m.poll_wall.some = 5 * MS;
+        assert!(!m.poll_waits_for_report(10 * MS, period));
+        assert!(m.poll_waits_for_report(4 * MS, period));
+        // A loss makes the next poll list every namespace again.
+        m.note_loss(1);
+        assert!(m.poll_waits_for_report(2900 * MS, period));
+        // Where the budget allows no poll now, there is nothing to defer.
+        m.tw_budget.spent(Duration::from_secs(1));
+        assert!(!m.poll_waits_for_report(10 * MS, period));
     }
 }
