@@ -11,7 +11,6 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -76,13 +75,6 @@ fn round(ns: &NetNs, next_peer: &AtomicU64) {
     leaker.finish();
 }
 
-/// Moves this thread into `ns` (setns affects only the calling thread).
-fn enter(ns: &NetNs) {
-    let f = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
-    // SAFETY: setns on an open namespace fd, for this thread only.
-    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-}
-
 #[test]
 fn churn_does_not_grow_memory() {
     require_root();
@@ -108,7 +100,7 @@ fn churn_does_not_grow_memory() {
             let (ns, stop, rounds, next_peer) =
                 (ns.clone(), stop.clone(), rounds.clone(), next_peer.clone());
             thread::spawn(move || {
-                enter(&ns);
+                ns.enter();
                 while !stop.load(Ordering::Relaxed) {
                     round(&ns, &next_peer);
                     rounds.fetch_add(1, Ordering::Relaxed);

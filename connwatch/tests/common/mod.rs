@@ -610,6 +610,14 @@ impl NetNs {
         (a, b)
     }
 
+    /// Moves the calling thread into this namespace (setns affects only that thread).
+    pub fn enter(&self) {
+        use std::os::fd::AsRawFd as _;
+        let f = std::fs::File::open(format!("/run/netns/{}", self.name)).expect("open netns");
+        // SAFETY: setns on an open namespace fd, for this thread only.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    }
+
     /// Sets a sysctl inside the namespace (never on the host).
     pub fn sysctl(&self, key: &str, value: &str) {
         let st = Command::new("ip")
