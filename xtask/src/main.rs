@@ -82,6 +82,11 @@ enum Task {
         /// on one figure; the contract line needs a full run).
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<bench::Part>,
+        /// Measure this connwatch binary instead of building the workspace's (to compare
+        /// two builds part by part; only with --only, so BENCHMARKS.md always describes
+        /// this tree).
+        #[arg(long, value_name = "PATH", requires = "only")]
+        connwatch: Option<PathBuf>,
     },
 }
 
@@ -135,16 +140,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dist::image(&artifacts)?;
             Ok(ExitCode::SUCCESS)
         }
-        Task::Bench { quick, only } => {
+        Task::Bench {
+            quick,
+            only,
+            connwatch,
+        } => {
             if !setup::is_root() {
                 bail!("the benchmark loads BPF programs: run as root (sudo -E cargo xtask bench)");
             }
             setup::ensure_all()?;
-            status(cargo().args(["build", "--release", "--package", "connwatch"]))?;
+            let connwatch = match connwatch {
+                Some(bin) if bin.is_file() => bin,
+                Some(bin) => bail!("--connwatch {}: no such file", bin.display()),
+                None => {
+                    status(cargo().args(["build", "--release", "--package", "connwatch"]))?;
+                    workspace_root().join("target/release/connwatch")
+                }
+            };
             bench::bench(&bench::Options {
                 quick,
                 only,
-                connwatch: workspace_root().join("target/release/connwatch"),
+                connwatch,
                 out: workspace_root().join("docs/BENCHMARKS.md"),
             })?;
             Ok(ExitCode::SUCCESS)
