@@ -1,7 +1,7 @@
 //! The passes that fold a snapshot into per-process accumulators, one per kind of
 //! evidence: CLOSE_WAIT sockets, TIME_WAIT sockets, ephemeral-port pressure, and
 //! CLOSE_WAIT sockets closed within the window.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use rustc_hash::FxHashMap;
 
@@ -240,7 +240,19 @@ pub(super) fn time_wait(
 /// ones for the processes holding them, and per peer address those that waited longer
 /// than `fin_wait2_age_ns` (the peer's program is not closing its sockets).
 pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: &mut Accs) {
-    let local_peers = named_close_waits(s);
+    // Orphans (the process closed) with a known owner, and held ones (it shut down its
+    // side and keeps the socket): usually few beside the CLOSE_WAIT sockets.
+    let orphans: Vec<_> = s
+        .timewait
+        .tracked()
+        .filter(|(_, tw)| tw.substate == TcpState::FIN_WAIT2 && tw.owner.is_some())
+        .collect();
+    let held: Vec<_> = s.table.held_fin_wait2().collect();
+    let peers_wanted: HashSet<(Endpoint, Endpoint)> = (orphans.iter().map(|(k, _)| *k))
+        .chain(held.iter().map(|(k, ..)| *k))
+        .map(|k| (k.remote, k.local))
+        .collect();
+    let local_peers = named_close_waits(s, &peers_wanted);
     // Waiting on a peer that is a CLOSE_WAIT socket on this host whose holder connwatch
     // names: that process is the one not closing, and its own row says so; the one that
     // closed properly is not blamed for it, and its `peers` name that process. (A
@@ -252,10 +264,7 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
                 .map(|(_, pid)| *pid)
         })
     };
-    for (key, tw) in s.timewait.tracked() {
-        if tw.substate != TcpState::FIN_WAIT2 {
-            continue;
-        }
+    for (key, tw) in orphans {
         let Some(owner) = &tw.owner else {
             continue;
         };
@@ -277,9 +286,8 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
             a.comm = Some(owner.comm.to_string());
         }
     }
-    // Held ones: the process shut down its side and keeps the socket; whoever holds
-    // its fd waits.
-    for (key, inode, since) in s.table.held_fin_wait2() {
+    // Held ones: whoever holds the fd waits.
+    for (key, inode, since) in held {
         let age = s.now_ns.saturating_sub(since);
         let holder = local_holder(key);
         let peer = peer_addr(key, s.listening);
@@ -304,12 +312,23 @@ pub(super) fn fin_wait2(s: &Snapshot, fin_wait2_age_ns: u64, by: GroupBy, accs: 
     }
 }
 
-/// The CLOSE_WAIT sockets on this host whose holder connwatch names (a process holding
-/// the fd, or the owner the probe saw), by (local, remote), with their namespace and
-/// holder.
-fn named_close_waits(s: &Snapshot) -> HashMap<(Endpoint, Endpoint), Vec<(u32, u32)>> {
+/// The CLOSE_WAIT sockets on this host at one of the `wanted` (local, remote) pairs whose
+/// holder connwatch names (a process holding the fd, or the owner the probe saw), by
+/// (local, remote), with their namespace and holder. Only the wanted pairs: a map of all
+/// 50,000 CLOSE_WAIT sockets per report cost milliseconds and left its 50,000 small
+/// blocks in the heap.
+fn named_close_waits(
+    s: &Snapshot,
+    wanted: &HashSet<(Endpoint, Endpoint)>,
+) -> HashMap<(Endpoint, Endpoint), Vec<(u32, u32)>> {
     let mut named: HashMap<(Endpoint, Endpoint), Vec<(u32, u32)>> = HashMap::new();
+    if wanted.is_empty() {
+        return named;
+    }
     for (key, cw) in s.table.close_wait() {
+        if !wanted.contains(&(key.local, key.remote)) {
+            continue;
+        }
         let holder = s
             .holders
             .holders(cw.inode)
