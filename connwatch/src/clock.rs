@@ -1,12 +1,14 @@
 //! Kernel timestamps are CLOCK_MONOTONIC; they are turned into wall-clock time once, at
 //! the edge, for display.
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Maps CLOCK_MONOTONIC nanoseconds to wall-clock time, with the offset taken once.
 #[derive(Clone, Copy, Debug)]
 pub struct WallClock {
     /// Wall-clock time at monotonic zero.
     epoch: SystemTime,
+    /// The same, in nanoseconds since the Unix epoch (0 before it).
+    epoch_unix_ns: u64,
 }
 
 impl Default for WallClock {
@@ -19,19 +21,26 @@ impl WallClock {
     pub fn new() -> Self {
         let mono = monotonic_ns();
         let now = SystemTime::now();
-        Self {
-            epoch: now - Duration::from_nanos(mono),
-        }
+        Self::with_epoch(now - Duration::from_nanos(mono))
     }
 
-    /// A clock whose monotonic zero is `epoch` (for tests).
-    #[cfg(test)]
+    /// A clock whose monotonic zero is `epoch`.
     pub fn with_epoch(epoch: SystemTime) -> Self {
-        Self { epoch }
+        let since = epoch.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Self {
+            epoch,
+            epoch_unix_ns: u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
+        }
     }
 
     pub fn wall(&self, mono_ns: u64) -> SystemTime {
         self.epoch + Duration::from_nanos(mono_ns)
+    }
+
+    /// `wall` as nanoseconds since the Unix epoch, without building a `SystemTime`
+    /// (`trace` asks once per row).
+    pub fn unix_ns(&self, mono_ns: u64) -> u64 {
+        self.epoch_unix_ns.saturating_add(mono_ns)
     }
 }
 

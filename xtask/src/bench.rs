@@ -954,6 +954,16 @@ fn workload_tax(cw: &Path, ns: &Arc<Netns>, q: bool, out: &mut String) -> Result
                 t.finish();
             }
         }
+        // Each round's figures as it ends: whether a spread comes from one round or all.
+        let tax = |with: &[f64]| (1.0 - with[round] / runs[0][round]) * 100.0;
+        say(&format!(
+            "workload tax: round {}: {:.0} conn/s; watch {:.1}%, tcpstates {:.1}%, trace {:.1}%",
+            round + 1,
+            runs[0][round],
+            tax(&runs[1]),
+            tax(&runs[2]),
+            tax(&runs[3])
+        ));
     }
     let [none, with_cw, with_ts, with_trace] = &runs;
     let taxes = |with: &[f64]| -> Spread {

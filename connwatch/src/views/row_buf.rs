@@ -2,10 +2,14 @@
 //! at 100,000 rows a second, `core::fmt`'s padding (a `write_char` per pad byte), its
 //! per-octet address formatting, RFC 3339 timestamps and float formatting were most of
 //! `trace`'s CPU. Output is byte for byte what the `format!` widths gave.
+//!
+//! The buffer starts filled with spaces, so padding only moves the end; digits are
+//! written byte by byte (two at a time from a table) rather than copied in small
+//! slices: at 230,000 rows a second the `memcpy`/`memset` calls for pieces of one to
+//! six bytes were a fifth of `trace`'s CPU.
 use std::{
     io::Write as _,
     net::{IpAddr, SocketAddr},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 /// Longer than any row: 15 + 8 + 17 + 2 × 27 (IPv6 addresses and ports can be up to
@@ -23,11 +27,45 @@ impl Default for RowBuf {
     }
 }
 
+/// "00" to "99": two digits per lookup.
+const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
 impl RowBuf {
     pub fn new() -> Self {
         Self {
-            buf: [0; CAP],
+            // Spaces: what is skipped by `spaces` is already written.
+            buf: [b' '; CAP],
             len: 0,
+        }
+    }
+
+    fn byte(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+
+    /// `n` (< 100) as two digits.
+    fn pair(&mut self, n: u64) {
+        let i = (n % 100) as usize * 2;
+        self.byte(PAIRS[i]);
+        self.byte(PAIRS[i + 1]);
+    }
+
+    /// `n` (< 1000) without leading zeros.
+    fn small(&mut self, n: u8) {
+        if n >= 100 {
+            self.byte(b'0' + n / 100);
+            self.pair(u64::from(n % 100));
+        } else if n >= 10 {
+            self.pair(u64::from(n));
+        } else {
+            self.byte(b'0' + n);
         }
     }
 
@@ -44,12 +82,9 @@ impl RowBuf {
         }
     }
 
+    /// `n` spaces: the buffer beyond `len` holds spaces already.
     pub fn spaces(&mut self, n: usize) {
-        let n = n.min(CAP - self.len);
-        if let Some(dst) = self.buf.get_mut(self.len..self.len + n) {
-            dst.fill(b' ');
-            self.len += n;
-        }
+        self.len += n.min(CAP - self.len);
     }
 
     /// `s` left-aligned in `width` columns (`{:<width}`: never cut).
@@ -75,27 +110,17 @@ impl RowBuf {
         self.push(itoa::Buffer::new().format(n).as_bytes());
     }
 
-    /// `0` padded to `width` digits.
-    fn uint0(&mut self, n: u64, width: usize) {
-        let mut digits = itoa::Buffer::new();
-        let s = digits.format(n).as_bytes();
-        for _ in s.len()..width {
-            self.push(b"0");
-        }
-        self.push(s);
-    }
-
     /// `addr` as `Display` writes it (`1.2.3.4:80`, `[::1]:80`), left-aligned in `width`.
     pub fn socket_addr(&mut self, addr: &SocketAddr, width: usize) {
         self.left_with(width, |b| match addr.ip() {
             IpAddr::V4(ip) => {
-                for (i, octet) in ip.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        b.push(b".");
-                    }
-                    b.uint(u64::from(octet));
+                let [o0, o1, o2, o3] = ip.octets();
+                b.small(o0);
+                for octet in [o1, o2, o3] {
+                    b.byte(b'.');
+                    b.small(octet);
                 }
-                b.push(b":");
+                b.byte(b':');
                 b.uint(u64::from(addr.port()));
             }
             // Rarer, and its compression rules are std's to get right.
@@ -109,17 +134,20 @@ impl RowBuf {
         });
     }
 
-    /// UTC time of day with microseconds (`16:40:00.123456`), as in RFC 3339.
-    pub fn time_of_day(&mut self, t: SystemTime) {
-        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = since.as_secs() % 86_400;
-        self.uint0(secs / 3600, 2);
-        self.push(b":");
-        self.uint0(secs / 60 % 60, 2);
-        self.push(b":");
-        self.uint0(secs % 60, 2);
-        self.push(b".");
-        self.uint0(u64::from(since.subsec_micros()), 6);
+    /// UTC time of day with microseconds (`16:40:00.123456`), as in RFC 3339, of a time
+    /// given in nanoseconds since the Unix epoch.
+    pub fn time_of_day_ns(&mut self, unix_ns: u64) {
+        let secs = unix_ns / 1_000_000_000 % 86_400;
+        let micros = unix_ns % 1_000_000_000 / 1000;
+        self.pair(secs / 3600);
+        self.byte(b':');
+        self.pair(secs / 60 % 60);
+        self.byte(b':');
+        self.pair(secs % 60);
+        self.byte(b'.');
+        self.pair(micros / 10_000);
+        self.pair(micros / 100 % 100);
+        self.pair(micros % 100);
     }
 
     /// Nanoseconds as milliseconds with three decimals (`1000.000`), right-aligned in
@@ -130,14 +158,16 @@ impl RowBuf {
         let whole = digits.format(us / 1000).as_bytes();
         self.spaces(width.saturating_sub(whole.len() + 4));
         self.push(whole);
-        self.push(b".");
-        self.uint0(us % 1000, 3);
+        self.byte(b'.');
+        let frac = us % 1000;
+        self.byte(b'0' + (frac / 100) as u8);
+        self.pair(frac % 100);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
 
@@ -150,6 +180,8 @@ mod tests {
         for a in [
             "127.0.0.1:80",
             "10.200.3.4:65535",
+            "1.22.255.9:7",
+            "100.99.10.0:443",
             "0.0.0.0:0",
             "[::1]:8080",
             "[2001:db8::1]:443",
@@ -168,7 +200,7 @@ mod tests {
             for micros in [0u32, 1, 999_999, 123_456] {
                 let t = UNIX_EPOCH + Duration::new(secs, micros * 1000 + 789);
                 let mut b = RowBuf::new();
-                b.time_of_day(t);
+                b.time_of_day_ns(secs * 1_000_000_000 + u64::from(micros) * 1000 + 789);
                 let full = humantime::format_rfc3339_micros(t).to_string();
                 assert_eq!(text(&b), &full[11..26], "{full}");
             }

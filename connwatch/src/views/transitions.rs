@@ -109,7 +109,7 @@ pub fn human_row(t: &Row, clock: &WallClock) -> String {
 /// `trace` writes one per transition, tens of thousands a second on a busy host.
 pub fn write_human_row(w: &mut impl Write, t: &Row, clock: &WallClock) -> io::Result<()> {
     let mut b = RowBuf::new();
-    b.time_of_day(clock.wall(t.ts_ns));
+    b.time_of_day_ns(clock.unix_ns(t.ts_ns));
     b.push(b" ");
     match t.pid {
         Some(pid) => b.right(itoa::Buffer::new().format(pid).as_bytes(), 7),
