@@ -53,8 +53,10 @@ impl RowBuf {
     /// `n` (< 100) as two digits.
     fn pair(&mut self, n: u64) {
         let i = (n % 100) as usize * 2;
-        self.byte(PAIRS[i]);
-        self.byte(PAIRS[i + 1]);
+        if let Some(&[hi, lo]) = PAIRS.get(i..i + 2) {
+            self.byte(hi);
+            self.byte(lo);
+        }
     }
 
     /// `n` (< 1000) without leading zeros.
