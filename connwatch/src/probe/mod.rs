@@ -649,7 +649,11 @@ mod tests {
                 .iter()
                 .filter(|c| matches!(c.as_str(), "memset" | "memmove" | "memcpy"))
                 .collect();
-            assert!(loops.is_empty(), "{section} calls {loops:?}");
+            assert!(
+                loops.is_empty(),
+                "{section} calls {loops:?}: a struct copy or `[0; N]` in the probe became a \
+                 call (a byte loop in BPF); copy or zero it with `words` in connwatch-ebpf"
+            );
         }
         // The check sees such calls where they are: the stack capture (off the hot
         // path, in `.text`) still zeroes a buffer with one.
