@@ -5,9 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Maps CLOCK_MONOTONIC nanoseconds to wall-clock time, with the offset taken once.
 #[derive(Clone, Copy, Debug)]
 pub struct WallClock {
-    /// Wall-clock time at monotonic zero.
-    epoch: SystemTime,
-    /// The same, in nanoseconds since the Unix epoch (0 before it).
+    /// Wall-clock time at monotonic zero, in nanoseconds since the Unix epoch (0 before
+    /// it).
     epoch_unix_ns: u64,
 }
 
@@ -28,13 +27,12 @@ impl WallClock {
     pub fn with_epoch(epoch: SystemTime) -> Self {
         let since = epoch.duration_since(UNIX_EPOCH).unwrap_or_default();
         Self {
-            epoch,
             epoch_unix_ns: u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
         }
     }
 
     pub fn wall(&self, mono_ns: u64) -> SystemTime {
-        self.epoch + Duration::from_nanos(mono_ns)
+        UNIX_EPOCH + Duration::from_nanos(self.unix_ns(mono_ns))
     }
 
     /// `wall` as nanoseconds since the Unix epoch, without building a `SystemTime`

@@ -925,6 +925,11 @@ impl Spread {
     }
 }
 
+/// Connections/s lost with a tracer, as % of the run without one.
+fn tax_pct(with: f64, without: f64) -> f64 {
+    (1.0 - with / without) * 100.0
+}
+
 /// Workload tax (% of connections/s lost) of connwatch and tcpstates: interleaved runs
 /// at saturation, each round's tax against that round's run without a tracer (so a
 /// drift of the machine's speed between rounds does not count as tax); the median of
@@ -955,7 +960,7 @@ fn workload_tax(cw: &Path, ns: &Arc<Netns>, q: bool, out: &mut String) -> Result
             }
         }
         // Each round's figures as it ends: whether a spread comes from one round or all.
-        let tax = |with: &[f64]| (1.0 - with[round] / runs[0][round]) * 100.0;
+        let tax = |with: &[f64]| tax_pct(with[round], runs[0][round]);
         say(&format!(
             "workload tax: round {}: {:.0} conn/s; watch {:.1}%, tcpstates {:.1}%, trace {:.1}%",
             round + 1,
@@ -970,7 +975,7 @@ fn workload_tax(cw: &Path, ns: &Arc<Netns>, q: bool, out: &mut String) -> Result
         let per_round: Vec<f64> = with
             .iter()
             .zip(none)
-            .map(|(w, n)| (1.0 - w / n) * 100.0)
+            .map(|(w, n)| tax_pct(*w, *n))
             .collect();
         Spread::of(&per_round)
     };
