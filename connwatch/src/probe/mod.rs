@@ -9,6 +9,7 @@
 //!
 //! fentry/kprobes are not used: they are unavailable on the kernels we target (see
 //! docs/KERNEL.md).
+mod attach_btf;
 mod offsets;
 mod preflight;
 mod socket_fds;
@@ -221,13 +222,18 @@ fn load_and_attach(
 ) -> Result<(Ebpf, &'static str)> {
     // Taken by the first load; a fallback load makes its own.
     let loader = std::cell::Cell::new(Some(loader));
+    let fresh = || {
+        attach_btf::loader_without_parse()
+            .join()
+            .unwrap_or_default()
+    };
     let want_tp_btf = match opts.hook {
         HookChoice::TpBtf => true,
         HookChoice::Tracepoint => false,
         HookChoice::Auto => tp_btf_blocker.is_none(),
     };
     let tracepoint = |blocker: Option<String>| -> Result<(Ebpf, &'static str)> {
-        let loader = loader.take().unwrap_or_default();
+        let loader = loader.take().unwrap_or_else(fresh);
         let mut ebpf = load_object(loader, opts, btf, offsets, lru_entries(opts.max_sockets))?;
         let name = attach_tracepoint(&mut ebpf, opts.verbose).map_err(|e| match &blocker {
             Some(why) if opts.hook == HookChoice::Auto => {
@@ -248,7 +254,7 @@ fn load_and_attach(
     if let Some(why) = tp_btf_blocker {
         bail!("cannot use tp_btf: {why}; try --hook tracepoint");
     }
-    let mut ebpf = load_object(loader.take().unwrap_or_default(), opts, btf, offsets, 1)?;
+    let mut ebpf = load_object(loader.take().unwrap_or_else(fresh), opts, btf, offsets, 1)?;
     match attach_tp_btf(&mut ebpf, btf, opts.verbose) {
         Ok(name) => Ok((ebpf, name)),
         Err(e) if opts.hook == HookChoice::Auto => {
@@ -289,17 +295,6 @@ fn load_iterators(
     (socket_fds, tcp_sockets)
 }
 
-/// The kernel BTF parsed on `parsing`'s thread.
-fn joined_btf(
-    parsing: std::thread::JoinHandle<Result<Btf, aya::BtfError>>,
-    path: &Path,
-) -> Result<Btf> {
-    parsing
-        .join()
-        .map_err(|_| anyhow!("the BTF parser panicked"))?
-        .with_context(|| format!("cannot parse kernel BTF at {}", path.display()))
-}
-
 impl Probe {
     pub fn load(opts: &ProbeOptions) -> Result<Self> {
         let started = std::time::Instant::now();
@@ -308,16 +303,8 @@ impl Probe {
         check_kernel()?;
         warn_missing_optional();
         let has_btf = opts.btf_path.exists();
-        // `EbpfLoader::new()` parses the kernel's BTF itself (for relocations this
-        // probe does not use) before anything can be set on it: on a thread of its own
-        // from the start, as are the two parses below.
-        let loader = std::thread::spawn(EbpfLoader::new);
-        // aya parses the BTF for loading while the offsets are resolved from it (two
-        // parsers, ~30 ms each here): on threads of their own.
-        let parsing = has_btf.then(|| {
-            let path = opts.btf_path.clone();
-            std::thread::spawn(move || Btf::parse_file(&path, aya::Endianness::default()))
-        });
+        // Built on a thread beside the offsets' scan of the BTF (see `attach_btf`).
+        let loader = attach_btf::loader_without_parse();
         let resolved = if has_btf {
             Some(offsets::resolve(&opts.btf_path)?)
         } else {
@@ -332,11 +319,14 @@ impl Probe {
 
         let tp_btf_blocker = tp_btf_blocker(&opts.btf_path, resolved.as_ref());
 
-        let btf = parsing.map(|p| joined_btf(p, &opts.btf_path)).transpose()?;
-        lap("BTF parsed");
+        let btf = resolved
+            .as_ref()
+            .map(|r| attach_btf::btf(&r.attach_targets))
+            .transpose()?;
         let loader = loader
             .join()
-            .map_err(|_| anyhow!("the BTF parser panicked"))?;
+            .map_err(|_| anyhow!("building the probe's loader panicked"))?;
+        lap("loader ready");
         let (ebpf, attached) = load_and_attach(
             loader,
             opts,

@@ -9,6 +9,8 @@ use anyhow::{Context as _, Result, bail};
 use btf_rs::{Btf, Type};
 use connwatch_common::Offsets;
 
+use super::attach_btf::{self, Kind};
+
 /// Offsets for the probe, and which optional fields could not be resolved.
 #[derive(Debug)]
 pub struct Resolved {
@@ -17,6 +19,8 @@ pub struct Resolved {
     pub missing_required: Vec<&'static str>,
     /// Fields whose absence only blanks netns/inode in events.
     pub missing_optional: Vec<&'static str>,
+    /// The programs' attach targets found, with their type ids (see `attach_btf`).
+    pub attach_targets: Vec<attach_btf::Found>,
 }
 
 /// A field the probe reads: its name in messages, the struct it is found from, the
@@ -326,12 +330,16 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
     let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
         .or_else(|_| Btf::from_file(path))
         .with_context(|| format!("cannot parse kernel BTF at {}", path.display()))?;
+    let Scan {
+        roots,
+        attach_targets,
+    } = scan(&btf)?;
     let mut r = Resolved {
         offsets: Offsets::unresolved(),
         missing_required: Vec::new(),
         missing_optional: Vec::new(),
+        attach_targets,
     };
-    let roots = root_structs(&btf)?;
     for (fields, missing) in [
         (&REQUIRED[..], &mut r.missing_required),
         (&OPTIONAL[..], &mut r.missing_optional),
@@ -350,23 +358,46 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
     Ok(r)
 }
 
-/// The structs the fields are found from, by name, in one scan of the BTF's names (a
-/// lookup by name scans every type of the mmapped BTF: one per struct cost ~1 ms each).
-fn root_structs(btf: &Btf) -> Result<HashMap<String, Type>> {
+/// What one scan of the BTF's names finds.
+struct Scan {
+    /// The structs the fields are found from, by name.
+    roots: HashMap<String, Type>,
+    /// The programs' attach targets, with their ids.
+    attach_targets: Vec<attach_btf::Found>,
+}
+
+/// The structs the fields are found from and the programs' attach targets, in one scan
+/// of the BTF's names (a lookup by name scans every type of the mmapped BTF: one per
+/// name cost ~1 ms each).
+fn scan(btf: &Btf) -> Result<Scan> {
     let mut names: Vec<&str> = REQUIRED.iter().chain(&OPTIONAL).map(|f| f.root).collect();
+    names.extend(attach_btf::TARGETS.iter().map(|&(name, _)| name));
     names.sort_unstable();
     names.dedup();
     let pattern = format!("^(?:{})$", names.join("|"));
-    let re = regex::Regex::new(&pattern).context("struct names as a pattern")?;
-    let mut roots = HashMap::new();
+    let re = regex::Regex::new(&pattern).context("type names as a pattern")?;
+    let mut found = Scan {
+        roots: HashMap::new(),
+        attach_targets: Vec::new(),
+    };
     for id in btf.resolve_ids_by_regex(&re)? {
         let ty = btf.resolve_type_by_id(id)?;
-        if let Type::Struct(s) = &ty {
-            let name = btf.resolve_name(s)?;
-            roots.entry(name).or_insert(ty);
+        let (name, kind) = match &ty {
+            Type::Struct(s) => {
+                found.roots.entry(btf.resolve_name(s)?).or_insert(ty);
+                continue;
+            }
+            Type::Typedef(t) => (btf.resolve_name(t)?, Kind::Typedef),
+            Type::Func(f) => (btf.resolve_name(f)?, Kind::Func),
+            _ => continue,
+        };
+        if let Some((name, kind)) = attach_btf::target(&name, kind)
+            && !found.attach_targets.iter().any(|&(n, _, _)| n == name)
+        {
+            found.attach_targets.push((name, kind, id));
         }
     }
-    Ok(roots)
+    Ok(found)
 }
 
 /// Fields the probe reads to tell what a FIN_WAIT2/CLOSING -> CLOSE left behind.
@@ -559,6 +590,7 @@ mod tests {
     #[test]
     fn cgroup_filter_needs_its_offsets() {
         let resolved = |missing: Vec<&'static str>| Resolved {
+            attach_targets: Vec::new(),
             offsets: Offsets::unresolved(),
             missing_required: Vec::new(),
             missing_optional: missing,
