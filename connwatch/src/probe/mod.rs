@@ -10,6 +10,7 @@
 //! fentry/kprobes are not used: they are unavailable on the kernels we target (see
 //! docs/KERNEL.md).
 mod attach_btf;
+mod iter_file;
 mod offsets;
 mod preflight;
 mod socket_fds;

@@ -3,14 +3,13 @@
 //! files. Walking /proc instead costs a readlink per fd of every process (what `ss -p`
 //! does); the iterator reads only what it keeps. Used for the fd index wherever the
 //! kernel has BTF (iterators need it, 5.8 or later); /proc remains the fallback.
-use std::{
-    io::Read as _,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{Btf, Ebpf, programs::Iter};
 use connwatch_common::{PROG_SOCKET_FDS, SocketFd};
+
+use super::iter_file::for_each_batch;
 
 /// The loaded iterator; each `scan` is one pass over every task's files.
 pub struct SocketFds {
@@ -48,11 +47,13 @@ impl SocketFds {
             let link = prog.attach()?;
             prog.take_link(link)?.into_file()?
         };
-        let mut bytes = Vec::new();
-        (&file)
-            .read_to_end(&mut bytes)
-            .context("cannot read the socket-fd iterator")?;
-        Ok(parse(&bytes))
+        let mut fds = Vec::new();
+        for_each_batch(&file, size_of::<SocketFd>(), |batch| {
+            fds.extend(parse(batch));
+            Ok(())
+        })
+        .context("cannot read the socket-fd iterator")?;
+        Ok(fds)
     }
 }
 
@@ -69,7 +70,7 @@ impl crate::host::owners::SocketFdSource for SocketFds {
 }
 
 /// The iterator's output: `SocketFd` records back to back.
-pub fn parse(bytes: &[u8]) -> Vec<SocketFd> {
+pub fn parse(bytes: &[u8]) -> impl Iterator<Item = SocketFd> + '_ {
     bytes
         .chunks_exact(size_of::<SocketFd>())
         .map(|rec| {
@@ -89,7 +90,6 @@ pub fn parse(bytes: &[u8]) -> Vec<SocketFd> {
                 inode: u64_at(8),
             }
         })
-        .collect()
 }
 
 #[cfg(test)]
@@ -118,6 +118,6 @@ mod tests {
         }
         // A torn tail is ignored rather than misread.
         bytes.extend([1, 2, 3]);
-        assert_eq!(parse(&bytes), recs);
+        assert_eq!(parse(&bytes).collect::<Vec<_>>(), recs);
     }
 }

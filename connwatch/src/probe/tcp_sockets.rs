@@ -4,7 +4,7 @@
 //! with what the seed took from `tcp_info` (ages, bytes received) read as plain fields
 //! instead of a `tcp_info` built, under the socket's lock, for every socket.
 use std::{
-    io::{self, Read as _},
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
 };
@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{Btf, Ebpf, programs::Iter};
 use connwatch_common::{AF_INET, PROG_TCP_SOCKETS, TcpSocket, tcp_socket_kind, tcp_state};
 
+use super::iter_file::for_each_batch;
 use crate::{decode::TcpState, host::sockdiag::DiagSocket};
 
 /// The loaded iterator; each `list` is one pass over the calling thread's namespace.
@@ -54,27 +55,53 @@ impl TcpSockets {
                 .into_file()
                 .map_err(io::Error::other)?
         };
-        let mut bytes = Vec::new();
-        (&file).read_to_end(&mut bytes)?;
-        parse(&bytes)
+        let mut records = Records::default();
+        for_each_batch(&file, size_of::<TcpSocket>(), |batch| records.feed(batch))?;
+        Ok(records.sockets)
     }
 }
 
-/// The iterator's output: a header, then one record per socket; nothing at all for a
-/// namespace without sockets (the kernel then does not run the program).
-pub fn parse(bytes: &[u8]) -> io::Result<Vec<DiagSocket>> {
-    if bytes.is_empty() {
-        return Ok(Vec::new());
+/// The iterator's output, parsed as it is read: a header, then one record per socket;
+/// nothing at all for a namespace without sockets (the kernel then does not run the
+/// program).
+#[derive(Default)]
+struct Records {
+    /// The kernel's tick rate, from the header (`None` until it is read).
+    hz: Option<u32>,
+    sockets: Vec<DiagSocket>,
+}
+
+impl Records {
+    /// The next records of the output (whole ones).
+    fn feed(&mut self, batch: &[u8]) -> io::Result<()> {
+        let mut records = batch.chunks_exact(size_of::<TcpSocket>()).map(record);
+        let hz = match self.hz {
+            Some(hz) => hz,
+            None => {
+                let Some(header) = records.next() else {
+                    return Ok(());
+                };
+                if header.kind != tcp_socket_kind::HEADER {
+                    return Err(io::Error::other("the TCP socket iterator wrote no header"));
+                }
+                let hz = tick_rate(header.now_jiffies, header.now_ns).ok_or_else(|| {
+                    io::Error::other("cannot tell the kernel's tick rate (uptime near 300 s)")
+                })?;
+                *self.hz.insert(hz)
+            }
+        };
+        self.sockets
+            .extend(records.filter_map(|r| socket(&r, hz)));
+        Ok(())
     }
-    let mut records = bytes.chunks_exact(size_of::<TcpSocket>()).map(record);
-    let header = records
-        .next()
-        .filter(|h| h.kind == tcp_socket_kind::HEADER)
-        .ok_or_else(|| io::Error::other("the TCP socket iterator wrote no header"))?;
-    let hz = tick_rate(header.now_jiffies, header.now_ns).ok_or_else(|| {
-        io::Error::other("cannot tell the kernel's tick rate (uptime near 300 s)")
-    })?;
-    Ok(records.filter_map(|r| socket(&r, hz)).collect())
+}
+
+/// A whole output of the iterator (see `Records`).
+#[cfg(test)]
+fn parse(bytes: &[u8]) -> io::Result<Vec<DiagSocket>> {
+    let mut records = Records::default();
+    records.feed(bytes)?;
+    Ok(records.sockets)
 }
 
 fn record(bytes: &[u8]) -> TcpSocket {
