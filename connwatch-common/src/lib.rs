@@ -125,10 +125,11 @@ pub struct TcpSocket {
     pub dport: u16,
     /// The socket's owner uid as the iterator gives it (0 for timewait sockets).
     pub uid: u32,
-    /// Bytes received and not read (`rcv_nxt - copied_seq`), and sent and not yet
-    /// acknowledged (`write_seq - snd_una`): sock_diag's Recv-Q and Send-Q.
+    /// Bytes received and not read (`rcv_nxt - copied_seq`, sock_diag's Recv-Q), for
+    /// `FULL_AGED` sockets only: the seed reads it of CLOSE_WAIT sockets alone, and each
+    /// field is a cache line more of a cold socket.
     pub recv_q: u32,
-    pub send_q: u32,
+    pub _pad: u32,
     pub inode: u64,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
@@ -479,13 +480,11 @@ pub struct Offsets {
     /// reads them for every kind of socket (full, timewait, request).
     pub skc_num: u32,
     pub skc_state: u32,
-    /// `tcp_sock.{rcv_nxt, copied_seq, write_seq, snd_una}` (the queues),
+    /// `tcp_sock.{rcv_nxt, copied_seq}` (the unread bytes),
     /// `.{lsndtime, rcv_tstamp}`, `inet_connection_sock.icsk_ack.lrcvtime` (ages) and
     /// `.bytes_received`: what the seed took from `tcp_info`.
     pub tcp_rcv_nxt: u32,
     pub tcp_copied_seq: u32,
-    pub tcp_write_seq: u32,
-    pub tcp_snd_una: u32,
     pub tcp_lsndtime: u32,
     pub tcp_rcv_tstamp: u32,
     pub icsk_lrcvtime: u32,
@@ -541,8 +540,6 @@ impl Offsets {
             skc_state: u,
             tcp_rcv_nxt: u,
             tcp_copied_seq: u,
-            tcp_write_seq: u,
-            tcp_snd_una: u,
             tcp_lsndtime: u,
             tcp_rcv_tstamp: u,
             icsk_lrcvtime: u,
@@ -580,7 +577,7 @@ mod user {
 // The wire layout is fixed: a change here must be a deliberate one on both sides.
 const _: () = assert!(core::mem::size_of::<Event>() == 120);
 const _: () = assert!(core::mem::size_of::<SockState>() == 32);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 47 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 45 * 4);
 const _: () = assert!(core::mem::size_of::<StackRecord>() == 64 + STACK_FRAMES * 8 + STACK_COPY);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8 + 16 + 32 + 8);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 12);

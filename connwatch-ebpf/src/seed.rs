@@ -103,9 +103,9 @@ unsafe fn common(sk: *const u8, rec: &mut TcpSocket) -> bool {
     }
 }
 
-/// A full socket's inode and queues, and for the states whose evidence the reports
-/// read (CLOSE_WAIT, FIN_WAIT2) its ages as `tcp_info` computes them, in jiffies:
-/// each is a cache line more of a cold socket.
+/// A full socket's inode, and for the states whose evidence the reports read
+/// (CLOSE_WAIT, FIN_WAIT2) its unread bytes and its ages as `tcp_info` computes them, in
+/// jiffies: each is a cache line more of a cold socket, read only where it is used.
 ///
 /// # Safety
 /// `tcp` must be a typed `tcp_sock` pointer (see `Direct`).
@@ -114,18 +114,12 @@ unsafe fn full(tcp: *const u8, rec: &mut TcpSocket) {
     // SAFETY: plain loads the verifier checks against `tcp_sock` (see `Direct`).
     unsafe {
         rec.inode = inode_of::<Direct>(tcp);
-        let u32_at = |off: u32| Direct::read::<u32>(tcp, off).unwrap_or(0);
-        rec.recv_q = u32_at(off!(tcp_rcv_nxt)).wrapping_sub(u32_at(off!(tcp_copied_seq)));
-        // A listener's sequence numbers are zero; sock_diag shows its backlog there,
-        // which the seed does not read.
-        if (rec.recv_q as i32) < 0 {
-            rec.recv_q = 0;
-        }
-        rec.send_q = u32_at(off!(tcp_write_seq)).wrapping_sub(u32_at(off!(tcp_snd_una)));
         if !has_ages(rec.state) {
             return;
         }
         rec.kind = tcp_socket_kind::FULL_AGED;
+        let u32_at = |off: u32| Direct::read::<u32>(tcp, off).unwrap_or(0);
+        rec.recv_q = u32_at(off!(tcp_rcv_nxt)).wrapping_sub(u32_at(off!(tcp_copied_seq)));
         let now = bpf_jiffies64() as u32;
         rec.since_sent = now.wrapping_sub(u32_at(off!(tcp_lsndtime)));
         rec.since_recv = now.wrapping_sub(u32_at(off!(icsk_lrcvtime)));

@@ -25,9 +25,9 @@ pub struct DiagSocket {
     /// Socket inode (`socket:[N]` in /proc/PID/fd); 0 for timewait and orphan sockets.
     pub inode: u64,
     pub uid: u32,
-    /// Recv-Q: bytes received but not read by the process.
+    /// Recv-Q: bytes received but not read by the process (the TCP socket iterator
+    /// reads it only for CLOSE_WAIT and FIN_WAIT2 sockets, 0 for the others).
     pub recv_q: u32,
-    pub send_q: u32,
     /// A timewait socket (`struct inet_timewait_sock`): TIME_WAIT, or FIN_WAIT2 of an
     /// orphan whose process already closed it.
     pub timewait: bool,
@@ -337,7 +337,6 @@ fn parse_inet_diag(p: &[u8]) -> Option<DiagSocket> {
         inode: u64::from(u32_at(p, 68)?),
         uid: u32_at(p, 64)?,
         recv_q: u32_at(p, 56)?,
-        send_q: u32_at(p, 60)?,
         timewait: timer == TIMER_TIMEWAIT,
         expires_ms: if timer != 0 { u32_at(p, 52)? } else { 0 },
         last_ack_recv_ms,

@@ -712,7 +712,6 @@ pub(crate) mod tests {
             inode,
             uid: 0,
             recv_q: 5,
-            send_q: 0,
             timewait: false,
             expires_ms: 0,
             last_ack_recv_ms: Some(lastack_ms),

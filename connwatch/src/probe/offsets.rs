@@ -88,7 +88,7 @@ const REQUIRED: [Field; 8] = [
 
 /// Fields whose absence blanks netns/inode in events, rules out `--cgroup`, or leaves
 /// TIME_WAIT births to be confirmed by polling.
-const OPTIONAL: [Field; 38] = [
+const OPTIONAL: [Field; 36] = [
     Field {
         name: "skc_net",
         root: "sock",
@@ -264,18 +264,6 @@ const OPTIONAL: [Field; 38] = [
         slot: |o| &mut o.tcp_copied_seq,
     },
     Field {
-        name: "tcp_sock.write_seq",
-        root: "tcp_sock",
-        path: &["write_seq"],
-        slot: |o| &mut o.tcp_write_seq,
-    },
-    Field {
-        name: "tcp_sock.snd_una",
-        root: "tcp_sock",
-        path: &["snd_una"],
-        slot: |o| &mut o.tcp_snd_una,
-    },
-    Field {
         name: "tcp_sock.lsndtime",
         root: "tcp_sock",
         path: &["lsndtime"],
@@ -442,13 +430,11 @@ pub const STACK_REG_FIELDS: [&str; 3] = ["pt_regs.ip", "pt_regs.sp", "pt_regs.bp
 
 /// Fields the TCP socket iterator reads, beside the tuple and the inode (without them
 /// the seed dumps through sock_diag).
-pub const TCP_ITER_FIELDS: [&str; 12] = [
+pub const TCP_ITER_FIELDS: [&str; 10] = [
     "skc_num",
     "skc_state",
     "tcp_sock.rcv_nxt",
     "tcp_sock.copied_seq",
-    "tcp_sock.write_seq",
-    "tcp_sock.snd_una",
     "tcp_sock.lsndtime",
     "tcp_sock.rcv_tstamp",
     "icsk_ack.lrcvtime",

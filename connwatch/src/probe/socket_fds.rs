@@ -71,25 +71,23 @@ impl crate::host::owners::SocketFdSource for SocketFds {
 
 /// The iterator's output: `SocketFd` records back to back.
 pub fn parse(bytes: &[u8]) -> impl Iterator<Item = SocketFd> + '_ {
-    bytes
-        .chunks_exact(size_of::<SocketFd>())
-        .map(|rec| {
-            let u32_at = |at: usize| {
-                rec.get(at..at + 4)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, u32::from_ne_bytes)
-            };
-            let u64_at = |at: usize| {
-                rec.get(at..at + 8)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, u64::from_ne_bytes)
-            };
-            SocketFd {
-                pid: u32_at(0),
-                fd: u32_at(4),
-                inode: u64_at(8),
-            }
-        })
+    bytes.chunks_exact(size_of::<SocketFd>()).map(|rec| {
+        let u32_at = |at: usize| {
+            rec.get(at..at + 4)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u32::from_ne_bytes)
+        };
+        let u64_at = |at: usize| {
+            rec.get(at..at + 8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_ne_bytes)
+        };
+        SocketFd {
+            pid: u32_at(0),
+            fd: u32_at(4),
+            inode: u64_at(8),
+        }
+    })
 }
 
 #[cfg(test)]

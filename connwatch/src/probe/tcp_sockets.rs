@@ -90,8 +90,7 @@ impl Records {
                 *self.hz.insert(hz)
             }
         };
-        self.sockets
-            .extend(records.filter_map(|r| socket(&r, hz)));
+        self.sockets.extend(records.filter_map(|r| socket(&r, hz)));
         Ok(())
     }
 }
@@ -166,7 +165,6 @@ fn socket(r: &TcpSocket, hz: u32) -> Option<DiagSocket> {
         inode: r.inode,
         uid: r.uid,
         recv_q: r.recv_q,
-        send_q: r.send_q,
         timewait: r.kind == tcp_socket_kind::TIMEWAIT,
         expires_ms: ms(r.expires, hz),
         last_ack_recv_ms: info(ms(r.since_ack, hz)),
