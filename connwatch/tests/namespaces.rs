@@ -364,3 +364,53 @@ fn a_reused_namespace_inode_is_a_new_namespace() {
     let took = replaced.elapsed();
     assert!(took <= Duration::from_millis(1500), "took {took:?}");
 }
+
+/// Leaks made before connwatch starts, in namespaces other than its own, are in its
+/// first report, with estimated ages (the seed reads other namespaces on a worker and
+/// fills the table as it reads); `--port` keeps out another port's leak there.
+#[test]
+fn leaks_in_other_namespaces_before_start_are_seeded() {
+    require_root();
+    let namespaces: Vec<NetNs> = (0..3).map(|i| NetNs::new(&format!("sd{i}"))).collect();
+    let mut leaks = Vec::new();
+    for (i, ns) in namespaces.iter().enumerate() {
+        let n = 4 + i;
+        let mut leaker = Peer::spawn_in(Some(ns), &["leaker", "127.0.0.1:0", &n.to_string()]);
+        let port: u16 = leaker.expect("port").parse().unwrap();
+        let mut clients = Peer::spawn_in(
+            Some(ns),
+            &["clients", &addr("127.0.0.1", port), &n.to_string()],
+        );
+        clients.expect("closed");
+        leaker.expect("accepted");
+        leaks.push((leaker, port, n as u64));
+    }
+    // The first leak's port: the others' ports differ unless the kernel happened to
+    // pick the same one in their namespace (then they are selected too).
+    let port = leaks[0].1;
+    let mut cw = Connwatch::start(&["watch", "--json", "--interval", "500ms"]);
+    let r = wait_report(&mut cw, "a first report", |_| true);
+    for (leaker, _, n) in &leaks {
+        let p = process(&r, leaker.pid()).unwrap_or_else(|| panic!("leaker missing: {r}"));
+        assert_eq!(p["close_wait"].as_u64(), Some(*n), "{p}");
+        assert_eq!(p["close_wait_age_source"], "estimated", "{p}");
+    }
+    drop(cw);
+    let mut cw = Connwatch::start(&[
+        "watch",
+        "--json",
+        "--interval",
+        "500ms",
+        "--port",
+        &port.to_string(),
+    ]);
+    let r = wait_report(&mut cw, "a first report", |_| true);
+    for (leaker, leak_port, n) in &leaks {
+        let seen = process(&r, leaker.pid()).map(|p| p["close_wait"].as_u64());
+        if *leak_port == port {
+            assert_eq!(seen, Some(Some(*n)), "{r}");
+        } else {
+            assert_eq!(seen, None, "port {leak_port} is not selected: {r}");
+        }
+    }
+}

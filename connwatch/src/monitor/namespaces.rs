@@ -22,7 +22,7 @@ use crate::{
     host::kernelinfo::KernelInfo,
     host::netns,
     host::sockdiag::{self, DiagSocket, Query},
-    probe::TcpSockets,
+    probe::{TcpSocketRecords, TcpSockets},
 };
 
 pub struct Namespaces {
@@ -72,6 +72,71 @@ impl Listing {
             }),
         }
     }
+}
+
+/// What the seed's worker sends as it reads another namespace: a batch of whole records,
+/// then whether the pass ended well, with the namespace's settings.
+enum Piece {
+    Batch(u32, Vec<u8>),
+    Done(u32, bool, KernelInfo),
+}
+
+/// One namespace's sockets and settings, as listed.
+type NsListing = std::io::Result<(Vec<DiagSocket>, Option<KernelInfo>)>;
+
+/// Reads the TCP socket iterator in each of `namespaces` in turn, on a worker, sending
+/// each batch of records as it comes and then how the pass ended.
+fn read_elsewhere(
+    iter: &Arc<TcpSockets>,
+    namespaces: Vec<(u32, PathBuf)>,
+    tx: std::sync::mpsc::Sender<Piece>,
+) -> std::thread::JoinHandle<Vec<(u32, std::io::Result<()>)>> {
+    let iter = Arc::clone(iter);
+    std::thread::spawn(move || {
+        netns::run_in_each(namespaces, move |ns| {
+            let read = iter.read(|batch| {
+                tx.send(Piece::Batch(ns, batch.to_vec()))
+                    .map_err(|_| std::io::Error::other("the seed stopped reading"))
+            });
+            let _ = tx.send(Piece::Done(ns, read.is_ok(), KernelInfo::read()));
+            Ok(())
+        })
+    })
+}
+
+/// Parses the worker's batches as they come, handing each namespace's new sockets to
+/// `each`; the namespaces whose pass ended well go into `results`, the others are
+/// returned (a pass that wrote no header, say, is listed again another way).
+fn parse_as_read(
+    rx: std::sync::mpsc::Receiver<Piece>,
+    each: &mut impl FnMut(u32, &[DiagSocket]),
+    results: &mut Vec<(u32, NsListing)>,
+) -> Vec<u32> {
+    // A namespace's records so far; `Err` once its output could not be parsed.
+    let mut reading: BTreeMap<u32, Result<TcpSocketRecords, ()>> = BTreeMap::new();
+    let mut failed = Vec::new();
+    for piece in rx {
+        match piece {
+            Piece::Batch(ns, bytes) => {
+                let slot = reading.entry(ns).or_insert_with(|| Ok(Default::default()));
+                if let Ok(records) = slot {
+                    match records.feed(&bytes) {
+                        Ok(start) => each(ns, records.sockets.get(start..).unwrap_or(&[])),
+                        Err(e) => {
+                            log::debug!("netns {ns}: TCP socket iterator failed ({e})");
+                            *slot = Err(());
+                        }
+                    }
+                }
+            }
+            Piece::Done(ns, read, info) => match reading.remove(&ns) {
+                Some(Ok(records)) if read => results.push((ns, Ok((records.sockets, Some(info))))),
+                None if read => results.push((ns, Ok((Vec::new(), Some(info))))),
+                _ => failed.push(ns),
+            },
+        }
+    }
+    failed
 }
 
 /// What one visit to a namespace brought back.
@@ -234,6 +299,19 @@ impl Namespaces {
         if let Some(elsewhere) = elsewhere {
             results.extend(elsewhere.join().unwrap_or_default());
         }
+        self.absorb_visits(results, filter, what)
+    }
+
+    /// The listings of a visit as its `Visit`s, the filter applied (listeners are kept:
+    /// they name owners), each namespace's settings kept. Our own namespace failing is
+    /// an error (`what`); another's is only logged.
+    fn absorb_visits(
+        &mut self,
+        results: Vec<(u32, NsListing)>,
+        filter: &Filter,
+        what: &str,
+    ) -> Result<Vec<Visit>> {
+        let own = self.own;
         let mut out = Vec::with_capacity(results.len());
         for (ns, result) in results {
             match result {
@@ -247,12 +325,67 @@ impl Namespaces {
                     out.push(Visit { ns, sockets });
                 }
                 Err(e) if ns == own => {
-                    return Err(e).context(what);
+                    return Err(e).context(what.to_string());
                 }
                 Err(e) => log::debug!("netns {ns}: listing its sockets failed: {e}"),
             }
         }
         Ok(out)
+    }
+
+    /// The seed's visit, with the TCP socket iterator: as `visit`, but every namespace's
+    /// sockets are also handed to `each` (on this thread, before `filter` is applied to
+    /// them) as they are read, so that the tables fill while the kernel is still
+    /// listing. The other namespaces are read on a worker and parsed here. A namespace
+    /// whose pass fails is listed again through sock_diag, as `Listing::Iterator` does.
+    pub fn visit_streamed(
+        &mut self,
+        iter: &Arc<TcpSockets>,
+        filter: &Filter,
+        mut each: impl FnMut(u32, &[DiagSocket]),
+    ) -> Result<Vec<Visit>> {
+        let own = self.own;
+        let others: Vec<(u32, PathBuf)> = self
+            .paths
+            .iter()
+            .filter(|(ns, _)| **ns != own)
+            .map(|(ns, path)| (*ns, path.clone()))
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel::<Piece>();
+        let worker = (!others.is_empty()).then(|| read_elsewhere(iter, others.clone(), tx));
+        let listing = Listing::Iterator(Arc::clone(iter));
+        let mut results = vec![(own, listing.list().map(|s| (s, Some(KernelInfo::read()))))];
+        if let Some((_, Ok((sockets, _)))) = results.first() {
+            each(own, sockets);
+        }
+        let failed = parse_as_read(rx, &mut each, &mut results);
+        for (ns, entered) in worker.and_then(|w| w.join().ok()).unwrap_or_default() {
+            if let Err(e) = entered {
+                log::debug!("netns {ns}: listing its sockets failed: {e}");
+            }
+        }
+        // What failed, the way `Listing::Iterator` falls back.
+        let again: Vec<(u32, PathBuf)> = others
+            .into_iter()
+            .filter(|(ns, _)| failed.contains(ns))
+            .collect();
+        let dump = |_| {
+            Ok((
+                sockdiag::dump(Query::all_with_info())?,
+                Some(KernelInfo::read()),
+            ))
+        };
+        for (ns, listed) in netns::run_in_each(again, dump) {
+            if let Ok((sockets, _)) = &listed {
+                each(ns, sockets);
+            }
+            results.push((ns, listed));
+        }
+        self.absorb_visits(
+            results,
+            filter,
+            "cannot list TCP sockets with the probe's iterator",
+        )
     }
 
     /// Looks up single sockets by (local, remote) in each namespace of `wanted`: those

@@ -509,8 +509,13 @@ impl Table {
 
     /// Sockets that existed before connwatch: CLOSE_WAIT ages are estimated from the
     /// time since the peer's last ACK (its FIN, if nothing was sent after it).
-    pub fn seed(&mut self, netns: u32, sockets: &[DiagSocket], now_ns: u64) {
-        let close_wait = sockets.iter().filter(|s| s.state == TcpState::CLOSE_WAIT);
+    pub fn seed<'a>(
+        &mut self,
+        netns: u32,
+        sockets: impl Iterator<Item = &'a DiagSocket> + Clone,
+        now_ns: u64,
+    ) {
+        let close_wait = sockets.filter(|s| s.state == TcpState::CLOSE_WAIT);
         // Room at once, rather than a rehash at each doubling.
         self.close_wait.reserve(
             close_wait
@@ -830,10 +835,11 @@ pub(crate) mod tests {
         let mut t = Table::new(NS);
         t.seed(
             NS,
-            &[
+            [
                 diag(CLOSE_WAIT, L, R1, 77, 3_924),
                 diag(ESTABLISHED, L, R2, 78, 0),
-            ],
+            ]
+            .iter(),
             100 * SEC,
         );
         let cws: Vec<_> = t.close_wait().collect();

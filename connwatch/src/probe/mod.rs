@@ -39,7 +39,7 @@ pub use preflight::{
 };
 pub use socket_fds::SocketFds;
 pub use stacks::StackControl;
-pub use tcp_sockets::TcpSockets;
+pub use tcp_sockets::{Records as TcpSocketRecords, TcpSockets};
 pub use tracefs::layout_mismatches;
 
 /// Which kernel hook to attach.

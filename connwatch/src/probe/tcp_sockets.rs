@@ -39,6 +39,15 @@ impl TcpSockets {
     /// The TCP sockets of the calling thread's network namespace (the kernel binds an
     /// iterator to the namespace of the task that opens it).
     pub fn list(&self) -> io::Result<Vec<DiagSocket>> {
+        let mut records = Records::default();
+        self.read(|batch| records.feed(batch).map(|_| ()))?;
+        Ok(records.sockets)
+    }
+
+    /// One pass over the calling thread's namespace, its output handed to `each` as it
+    /// is read, in batches of whole records for `Records` to parse (on another thread,
+    /// say, while the kernel goes on listing).
+    pub fn read(&self, each: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
         let file = {
             let mut guard = self
                 .ebpf
@@ -55,9 +64,7 @@ impl TcpSockets {
                 .into_file()
                 .map_err(io::Error::other)?
         };
-        let mut records = Records::default();
-        for_each_batch(&file, size_of::<TcpSocket>(), |batch| records.feed(batch))?;
-        Ok(records.sockets)
+        for_each_batch(&file, size_of::<TcpSocket>(), each)
     }
 }
 
@@ -65,21 +72,22 @@ impl TcpSockets {
 /// nothing at all for a namespace without sockets (the kernel then does not run the
 /// program).
 #[derive(Default)]
-struct Records {
+pub struct Records {
     /// The kernel's tick rate, from the header (`None` until it is read).
     hz: Option<u32>,
-    sockets: Vec<DiagSocket>,
+    pub sockets: Vec<DiagSocket>,
 }
 
 impl Records {
-    /// The next records of the output (whole ones).
-    fn feed(&mut self, batch: &[u8]) -> io::Result<()> {
+    /// The next records of the output (whole ones); where in `sockets` theirs begin.
+    pub fn feed(&mut self, batch: &[u8]) -> io::Result<usize> {
+        let start = self.sockets.len();
         let mut records = batch.chunks_exact(size_of::<TcpSocket>()).map(record);
         let hz = match self.hz {
             Some(hz) => hz,
             None => {
                 let Some(header) = records.next() else {
-                    return Ok(());
+                    return Ok(start);
                 };
                 if header.kind != tcp_socket_kind::HEADER {
                     return Err(io::Error::other("the TCP socket iterator wrote no header"));
@@ -91,7 +99,7 @@ impl Records {
             }
         };
         self.sockets.extend(records.filter_map(|r| socket(&r, hz)));
-        Ok(())
+        Ok(start)
     }
 }
 

@@ -841,7 +841,7 @@ mod tests {
         let mut t = Table::new(NS);
         t.seed(
             NS,
-            &[diag(CLOSE_WAIT, L, "127.0.0.1:40000", 55, 90_000)],
+            [diag(CLOSE_WAIT, L, "127.0.0.1:40000", 55, 90_000)].iter(),
             100 * SEC,
         );
         let idx = hold(&t, |_| vec![4242]);
