@@ -803,7 +803,7 @@ impl Monitor {
         self.poll_ns += started.elapsed().as_nanos() as u64;
         let window_start = now.saturating_sub(self.window.as_nanos() as u64);
         self.prune_history(now);
-        let listening: HashMap<(u32, u16), Vec<u32>> = self
+        let listening: snapshot::Listening = self
             .namespaces
             .listeners()
             .iter()
@@ -828,10 +828,13 @@ impl Monitor {
         for (_, inode, _) in self.table.held_fin_wait2() {
             pids.extend(self.index.holders(inode));
         }
+        // Tens of thousands of TIME_WAITs, mostly of a few owners: one insert per run.
+        let mut last = None;
         pids.extend(
             self.tw
                 .tracked()
-                .filter_map(|(_, t)| t.owner.as_ref().map(|o| o.pid)),
+                .filter_map(|(_, t)| t.owner.as_ref().map(|o| o.pid))
+                .filter(|&pid| last.replace(pid) != Some(pid)),
         );
         let procs: HashMap<u32, ProcInfo> = pids
             .into_iter()

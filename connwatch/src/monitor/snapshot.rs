@@ -16,6 +16,10 @@ use crate::{
     },
 };
 
+/// Listening ports by (network namespace, port), with the processes holding the
+/// listener; looked up once per followed socket at every report (Fx: small keys).
+pub type Listening = rustc_hash::FxHashMap<(u32, u16), Vec<u32>>;
+
 /// Everything a report is made of, at one moment.
 pub struct Snapshot<'a> {
     /// CLOSE_WAIT sockets, and those closed within the window.
@@ -29,7 +33,7 @@ pub struct Snapshot<'a> {
     pub procs: &'a HashMap<u32, ProcInfo>,
     /// Listening ports, per network namespace, with the processes holding the listener.
     /// Sockets on them are the server side, whose peers differ only by ephemeral port.
-    pub listening: &'a HashMap<(u32, u16), Vec<u32>>,
+    pub listening: &'a Listening,
     /// Processes holding each socket's fd.
     pub holders: &'a FdIndex,
     pub timewait: &'a Tracker,

@@ -29,7 +29,7 @@ pub use growth::Growth;
 pub use key::{GroupBy, GroupKey, unit_of};
 pub use passes::Pressure;
 
-pub use crate::monitor::snapshot::{Footprint, Loss, Snapshot};
+pub use crate::monitor::snapshot::{Footprint, Listening, Loss, Snapshot};
 
 /// When a process is flagged, and what a row stands for: the report options, given on
 /// the command line of `watch`, `snapshot`, `top` and `serve` (a flag with a threshold
@@ -498,8 +498,8 @@ mod tests {
         }
     }
 
-    static NO_LISTENERS: std::sync::LazyLock<HashMap<(u32, u16), Vec<u32>>> =
-        std::sync::LazyLock::new(HashMap::new);
+    static NO_LISTENERS: std::sync::LazyLock<Listening> =
+        std::sync::LazyLock::new(Listening::default);
     static NO_HOLDERS: std::sync::LazyLock<FdIndex> =
         std::sync::LazyLock::new(|| FdIndex::with_holders([]));
     static NO_TIMEWAIT: std::sync::LazyLock<Tracker> = std::sync::LazyLock::new(Tracker::default);
@@ -1150,7 +1150,7 @@ mod tests {
         t.apply(&enter_cw(1.0, "127.0.0.1:41000", "10.0.0.7:5432", 60));
         let idx = hold(&t, |_| vec![4242]);
         let procs = procs();
-        let listening = HashMap::from([((NS, 8080), vec![4242])]);
+        let listening = Listening::from_iter([((NS, 8080), vec![4242])]);
         let mut inp = inputs(&t, 100, &procs);
         inp.holders = &idx;
         inp.listening = &listening;
@@ -1218,7 +1218,7 @@ mod tests {
         let t = Table::new(NS);
         let tw = timewaits(3, L, "127.0.0.2:50000", false, 7);
         let procs = procs();
-        let listening = HashMap::from([((NS, 8080), vec![7])]);
+        let listening = Listening::from_iter([((NS, 8080), vec![7])]);
         let mut inp = inputs(&t, 20, &procs);
         inp.listening = &listening;
         inp.timewait = &tw;

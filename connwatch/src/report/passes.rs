@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use rustc_hash::FxHashMap;
 
-use super::{GroupBy, Snapshot, Unattributed, key::counting_holders, round3};
+use super::{GroupBy, Listening, Snapshot, Unattributed, key::counting_holders, round3};
 use crate::{
     decode::{OwnerSource, TcpState},
     monitor::table::{AgeSource, Endpoint, QUIET_SPELL_MS, SockKey},
@@ -198,16 +198,25 @@ pub(super) fn time_wait(
     per_dest: &mut PerDest,
 ) {
     per_dest.clear();
+    // Every followed TIME_WAIT, tens of thousands on an idle host, at every report: one
+    // listener lookup each, and the namespace's port range and the owner's last source
+    // remembered from the socket before (they rarely change from one to the next).
+    let mut ns_range: Option<(u32, Option<std::ops::RangeInclusive<u16>>)> = None;
+    let mut last_source: Option<(u32, &'static str)> = None;
     for (key, tw) in s.timewait.tracked() {
         if tw.substate != TcpState::TIME_WAIT {
             continue;
         }
         let port = key.local.port();
         let listeners = s.listening.get(&(key.netns, port));
-        let ephemeral = s
-            .kernel
-            .get(&key.netns)
-            .is_some_and(|k| k.ephemeral().contains(&port));
+        let range = match &ns_range {
+            Some((ns, range)) if *ns == key.netns => range,
+            _ => {
+                let range = s.kernel.get(&key.netns).map(|k| k.ephemeral());
+                &ns_range.insert((key.netns, range)).1
+            }
+        };
+        let ephemeral = range.as_ref().is_some_and(|r| r.contains(&port));
         if ephemeral && listeners.is_none() {
             *per_dest.entry((key.netns, key.remote)).or_insert(0) += 1;
         }
@@ -219,8 +228,14 @@ pub(super) fn time_wait(
         a.time_wait += 1;
         let age = s.now_ns.saturating_sub(tw.entered_ns);
         a.tw_oldest_ns = Some(a.tw_oldest_ns.map_or(age, |o| o.max(age)));
-        a.peers.entry(peer_addr(key, s.listening)).or_default()[1] += 1;
-        a.sources.insert(tw.owner_source.as_str());
+        a.peers
+            .entry(peer_key(key, listeners.is_some()))
+            .or_default()[1] += 1;
+        let source = (owner.pid, tw.owner_source.as_str());
+        if last_source != Some(source) {
+            a.sources.insert(source.1);
+            last_source = Some(source);
+        }
         if listeners.is_some_and(|pids| pids.contains(&owner.pid)) {
             *a.tw_on_listen_port.entry(port).or_insert(0) += 1;
         }
@@ -408,9 +423,13 @@ impl std::fmt::Display for PeerKey {
 
 /// A peer as `addr:port`; on the server side (a listener's port) the client's ephemeral
 /// port says nothing, so its sockets are grouped as `addr:*`.
-pub(super) fn peer_addr(key: &SockKey, listening: &HashMap<(u32, u16), Vec<u32>>) -> PeerKey {
-    let port = (!listening.contains_key(&(key.netns, key.local.port()))).then(|| key.remote.port());
-    PeerKey(key.remote.ip(), port)
+pub(super) fn peer_addr(key: &SockKey, listening: &Listening) -> PeerKey {
+    peer_key(key, listening.contains_key(&(key.netns, key.local.port())))
+}
+
+/// `peer_addr` where whether the local port is a listener's is already known.
+fn peer_key(key: &SockKey, on_listener: bool) -> PeerKey {
+    PeerKey(key.remote.ip(), (!on_listener).then(|| key.remote.port()))
 }
 
 /// Count, nearest-rank p50 and p99, and maximum of lifetimes (ns), in seconds.
