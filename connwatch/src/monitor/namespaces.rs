@@ -351,31 +351,15 @@ impl Namespaces {
             .filter(|(ns, _)| **ns != own)
             .map(|(ns, path)| (*ns, path.clone()))
             .collect();
-        // Each namespace's pass walks the whole host's hash (an empty namespace's too): on
-        // a worker per CPU, the namespaces dealt out in turn.
         let (tx, rx) = std::sync::mpsc::channel::<Piece>();
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut shares: Vec<Vec<(u32, PathBuf)>> = vec![Vec::new(); cpus.min(others.len())];
-        for (i, ns) in others.iter().enumerate() {
-            if let Some(share) = shares.get_mut(i % cpus) {
-                share.push(ns.clone());
-            }
-        }
-        let workers: Vec<_> = shares
-            .into_iter()
-            .map(|share| read_elsewhere(iter, share, tx.clone()))
-            .collect();
-        drop(tx);
+        let worker = (!others.is_empty()).then(|| read_elsewhere(iter, others.clone(), tx));
         let listing = Listing::Iterator(Arc::clone(iter));
         let mut results = vec![(own, listing.list().map(|s| (s, Some(KernelInfo::read()))))];
         if let Some((_, Ok((sockets, _)))) = results.first() {
             each(own, sockets);
         }
         let failed = parse_as_read(rx, &mut each, &mut results);
-        for (ns, entered) in workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_default())
-        {
+        for (ns, entered) in worker.and_then(|w| w.join().ok()).unwrap_or_default() {
             if let Err(e) = entered {
                 log::debug!("netns {ns}: listing its sockets failed: {e}");
             }
