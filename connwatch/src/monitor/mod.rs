@@ -80,11 +80,9 @@ fn lock_book(b: &Mutex<crate::stacks::Book>) -> std::sync::MutexGuard<'_, crate:
 const POLL_BUDGET: u32 = 50;
 
 /// Full dumps (`refresh`) may use at most 1/REFRESH_BUDGET of a CPU. Each walks the
-/// host-wide TCP hash table once per namespace, TIME_WAIT sockets included even when
-/// they are not asked for; between dumps the tables follow events. On a small host a
-/// dump takes a millisecond or two (one at every report); with 50,000 idle TIME_WAITs
-/// ~10 ms, every ~8 s: two thirds of an idle `watch`'s CPU at 1/400 (0.25 %).
-const REFRESH_BUDGET: u32 = 800;
+/// host-wide TCP hash table, TIME_WAIT sockets included even when they are not asked
+/// for; between dumps the tables follow events, so a dump every few seconds suffices.
+const REFRESH_BUDGET: u32 = 400;
 
 /// The evidence dumps before a report may use at most 1/EVIDENCE_BUDGET of a CPU. Each
 /// lists only CLOSE_WAIT sockets, but walks the host-wide hash table to find them: with
