@@ -43,12 +43,10 @@ impl KernelInfo {
     }
 }
 
-/// The timewait sockets (both substates) the kernel holds in a network namespace, from
-/// the `tw` field of its /proc/net/sockstat, given the path the namespace is entered
-/// by: `/proc/self/ns/net` or `/proc/PID/ns/net` (None for a namespace with no process,
-/// kept by a bind mount: it would have to be entered).
-pub fn timewait_count(netns_path: &std::path::Path) -> Option<u64> {
-    let proc_dir = netns_path.parent()?.parent()?;
+/// The timewait sockets (both substates) the kernel holds in the network namespace of
+/// a process (`/proc/PID`, `/proc/self`, `/proc/thread-self`), from the `tw` field of
+/// its net/sockstat.
+pub fn timewait_count(proc_dir: &std::path::Path) -> Option<u64> {
     let text = std::fs::read_to_string(proc_dir.join("net/sockstat")).ok()?;
     sockstat_timewait(&text)
 }
@@ -86,7 +84,7 @@ mod tests {
         let text = "sockets: used 312\nTCP: inuse 21 orphan 0 tw 14000 alloc 57 mem 3\n";
         assert_eq!(sockstat_timewait(text), Some(14_000));
         assert_eq!(sockstat_timewait("UDP: inuse 4 mem 2\n"), None);
-        let own = timewait_count(std::path::Path::new("/proc/self/ns/net"));
+        let own = timewait_count(std::path::Path::new("/proc/self"));
         assert!(own.is_some(), "this host's /proc/self/net/sockstat");
         assert_eq!(timewait_count(std::path::Path::new("/run/netns/x")), None);
     }

@@ -10,15 +10,26 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// Distinct network namespaces (inode → a path to enter it), ours included: those of
-/// every process, and those kept by `ip netns` under /run/netns with no process yet.
-pub fn all() -> BTreeMap<u32, PathBuf> {
-    let mut found = BTreeMap::new();
+/// The network namespaces that exist now, by inode, ours included.
+#[derive(Default)]
+pub struct Found {
+    /// A path to enter each: the bind mount `ip netns` (or a CNI plugin) keeps under
+    /// /run/netns, which lasts as long as the namespace, else a process's.
+    pub enter: BTreeMap<u32, PathBuf>,
+    /// /proc/PID of a process in each that has one: its per-namespace files
+    /// (net/sockstat) read there without entering the namespace.
+    pub procs: BTreeMap<u32, PathBuf>,
+}
+
+/// Distinct network namespaces: those of every process, and those kept by `ip netns`
+/// under /run/netns with no process yet.
+pub fn all() -> Found {
+    let mut found = Found::default();
     if let Ok(dir) = std::fs::read_dir("/run/netns") {
         for entry in dir.flatten() {
             // A bind mount of the namespace: its inode is the namespace's.
             if let Ok(meta) = entry.metadata() {
-                found.entry(meta.ino() as u32).or_insert(entry.path());
+                found.enter.entry(meta.ino() as u32).or_insert(entry.path());
             }
         }
     }
@@ -32,7 +43,8 @@ pub fn all() -> BTreeMap<u32, PathBuf> {
         }
         let path = entry.path().join("ns/net");
         if let Some(inode) = inode_of(&path) {
-            found.entry(inode).or_insert(path);
+            found.enter.entry(inode).or_insert(path);
+            found.procs.entry(inode).or_insert_with(|| entry.path());
         }
     }
     found
@@ -143,7 +155,9 @@ mod tests {
     #[test]
     fn finds_our_namespace() {
         let ours = inode_of(Path::new("/proc/self/ns/net")).unwrap();
-        assert!(all().contains_key(&ours));
+        let found = all();
+        assert!(found.enter.contains_key(&ours));
+        assert!(found.procs.contains_key(&ours));
         let seen = run_in(Path::new("/proc/self/ns/net"), || {
             Ok(inode_of(Path::new("/proc/thread-self/ns/net")))
         })

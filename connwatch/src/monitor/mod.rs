@@ -26,7 +26,7 @@ use crate::{
     host::sockdiag::Query,
     monitor::namespaces::{Listing, Namespaces, Visit},
     monitor::table::{SockKey, Table},
-    monitor::timewait::{Listed, Synthetic, Tracker, TwOwner},
+    monitor::timewait::{CountSays, Listed, Synthetic, Tracker, TwOwner},
 };
 
 pub struct Monitor {
@@ -90,9 +90,10 @@ const REFRESH_BUDGET: u32 = 400;
 /// would delay every report. Sockets still wanting evidence get it at a later report.
 const EVIDENCE_BUDGET: u32 = 50;
 
-/// A followed TIME_WAIT this close to its timer may be gone from the kernel already:
-/// not a sign that it ended early.
-const SETTLE_NS: u64 = 2_000_000_000;
+/// A followed TIME_WAIT this close to its timer may be gone from the kernel already
+/// (jiffies round its timer, and its due time is taken just after the kernel armed it):
+/// whether it is, a lookup tells.
+const SETTLE_NS: u64 = 500_000_000;
 
 /// Timewait sockets of every namespace are listed at least this often: the rare
 /// reconciliation that catches what neither events nor timers tell.
@@ -403,8 +404,11 @@ impl Monitor {
             self.discover_namespaces();
         }
         self.tw.expire_due(monotonic_ns());
-        self.recheck_early_ends(monotonic_ns());
-        let mut rows = if let Some(scope) = self.timewait_poll_scope() {
+        // The lookups a recheck may need and the poll it may call for are one job,
+        // judged against the budget once and charged together.
+        let allowed = self.tw_budget.allows();
+        let asked = self.recheck_early_ends(monotonic_ns(), allowed)?;
+        let mut rows = if let Some(scope) = self.timewait_poll_scope(allowed) {
             let everywhere = scope.is_none();
             let started = std::time::Instant::now();
             let loss = self.loss_seen;
@@ -418,7 +422,7 @@ impl Monitor {
             let rows = self.observe(polled)?;
             // Charged to the polls' budget; a full dump that observes timewait sockets
             // (the seed) is charged to its own.
-            self.tw_budget.spent(started.elapsed());
+            self.tw_budget.spent(asked + started.elapsed());
             if everywhere {
                 self.poll_wall.all = started.elapsed();
             } else {
@@ -428,6 +432,9 @@ impl Monitor {
             self.loss_polled = loss;
             rows
         } else {
+            if !asked.is_zero() {
+                self.tw_budget.spent(asked);
+            }
             // Ends noticed without a poll (a new SYN on the 4-tuple, a namespace gone).
             self.tw.take_queued()
         };
@@ -449,31 +456,50 @@ impl Monitor {
     /// Notices TIME_WAITs that ended early without an event connwatch sees (a new
     /// connection on the same 4-tuple while `watch` does not follow connection starts,
     /// an RST), at the poll after: where the kernel holds fewer timewait sockets
-    /// (/proc/PID/net/sockstat) than connwatch follows there, far from their timers,
-    /// that namespace's timewait sockets are listed again now. A cheap read per
-    /// namespace holding followed TIME_WAITs; births still in flight only make the
-    /// kernel's count higher, and sockets near their timer are left to it.
-    fn recheck_early_ends(&mut self, now: u64) {
+    /// (/proc/PID/net/sockstat) than connwatch follows there, that namespace's timewait
+    /// sockets are listed again now. A cheap read per namespace holding followed
+    /// TIME_WAITs; where others there are at their timers (another service's churn),
+    /// a lookup of those tells whether they account for the difference.
+    /// Returns the time the lookups took (only where the budget `allowed` them).
+    fn recheck_early_ends(&mut self, now: u64, allowed: bool) -> Result<Duration> {
         if !self.tw_seeded {
-            return;
+            return Ok(Duration::ZERO);
         }
-        let mut short = Vec::new();
-        for (&ns, &followed) in self.tw.followed_per_ns() {
-            let Some(held) = self
-                .namespaces
-                .path(ns)
-                .and_then(crate::host::kernelinfo::timewait_count)
-            else {
-                continue;
-            };
-            if held < followed && held < self.tw.settled_in(ns, now, SETTLE_NS) {
-                short.push(ns);
+        let namespaces: Vec<u32> = self.tw.followed_per_ns().keys().copied().collect();
+        let (mut short, mut ask) = (Vec::new(), BTreeMap::new());
+        for (ns, held) in self.namespaces.timewait_counts(&namespaces) {
+            match self.tw.judge_count(ns, held, now, SETTLE_NS) {
+                CountSays::Nothing => {}
+                CountSays::Short => short.push(ns),
+                CountSays::Ask { settled, near } if allowed => {
+                    ask.insert(ns, (held, settled, near));
+                }
+                CountSays::Ask { .. } => {}
             }
+        }
+        let mut asked = Duration::ZERO;
+        if !ask.is_empty() {
+            let started = std::time::Instant::now();
+            let wanted = ask.iter().map(|(ns, a)| (*ns, a.2.clone())).collect();
+            let found = self.namespaces.lookup(wanted)?;
+            for (ns, (held, settled, _)) in ask {
+                let still = found
+                    .get(&ns)
+                    .map_or(0, |f| f.iter().filter(|s| s.timewait).count() as u64);
+                log::debug!(
+                    "netns {ns}: {held} timewait sockets, {settled} far from their timer, {still} of those near it still there"
+                );
+                if held < settled + still {
+                    short.push(ns);
+                }
+            }
+            asked = started.elapsed();
         }
         for ns in short {
             log::debug!("netns {ns}: fewer timewait sockets than followed: listing them");
             self.tw.recheck(ns);
         }
+        Ok(asked)
     }
 
     /// Lists the listeners of the namespaces where a TIME_WAIT was born since they were
@@ -578,13 +604,13 @@ impl Monitor {
     /// (`Some(None)` is every namespace, `None` no poll). Every `TW_RECONCILE` all of
     /// them are polled anyway: what no event shows (an RST in TIME_WAIT, a timer
     /// re-armed) is caught there.
-    fn timewait_poll_scope(&mut self) -> Option<Option<BTreeMap<u32, Listed>>> {
+    fn timewait_poll_scope(&mut self, allowed: bool) -> Option<Option<BTreeMap<u32, Listed>>> {
         let everywhere = self.polls_everywhere();
         let wanting = self.tw.wanting_poll();
         if !everywhere && wanting.is_empty() {
             return None;
         }
-        if !self.tw_budget.allows() {
+        if !allowed {
             return None;
         }
         if everywhere {

@@ -19,7 +19,7 @@ use anyhow::{Context as _, Result};
 use crate::{
     decode::TcpState,
     filter::Filter,
-    host::kernelinfo::KernelInfo,
+    host::kernelinfo::{self, KernelInfo},
     host::netns,
     host::sockdiag::{self, DiagSocket, Query},
     probe::{TcpSocketRecords, TcpSockets},
@@ -30,6 +30,8 @@ pub struct Namespaces {
     /// Whether other namespaces can be entered (CAP_SYS_ADMIN).
     others: bool,
     paths: BTreeMap<u32, PathBuf>,
+    /// /proc/PID of a process in each namespace that had one at the last discovery.
+    procs: BTreeMap<u32, PathBuf>,
     /// Each namespace's cookie: its inode number is reused by the next namespace
     /// created once it is gone, the cookie never is.
     cookies: HashMap<u32, u64>,
@@ -151,6 +153,7 @@ impl Namespaces {
             own,
             others,
             paths: BTreeMap::new(),
+            procs: BTreeMap::new(),
             cookies: HashMap::new(),
             kernel: BTreeMap::new(),
             listeners: HashMap::new(),
@@ -193,7 +196,11 @@ impl Namespaces {
     /// sockets are gone, the new one's are to be listed). Their listeners and settings
     /// are dropped here; a new namespace's listeners are wanted at the next poll.
     pub fn discover(&mut self) -> (Vec<u32>, Vec<u32>) {
-        let mut found = netns::all();
+        let netns::Found {
+            enter: mut found,
+            procs,
+        } = netns::all();
+        self.procs = procs;
         if !self.others {
             // setns would fail in each of them (warned once at start), and without
             // CAP_SYS_PTRACE other processes' namespaces may be unreadable: then nothing
@@ -463,8 +470,44 @@ impl Namespaces {
     }
 
     /// The path a namespace is entered by (`/proc/PID/ns/net`, or a bind mount).
-    pub fn path(&self, ns: u32) -> Option<&std::path::Path> {
-        self.paths.get(&ns).map(PathBuf::as_path)
+    /// The timewait sockets the kernel holds in each of `wanted` (the `tw` of its
+    /// /proc/net/sockstat): read through a process in the namespace, still there and
+    /// still in it (its pid may have been reused), else by entering the namespace (one
+    /// kept only by a bind mount, as `ip netns` and CNI plugins keep pods').
+    pub fn timewait_counts(&self, wanted: &[u32]) -> BTreeMap<u32, u64> {
+        let mut counts = BTreeMap::new();
+        let mut enter = Vec::new();
+        for &ns in wanted {
+            let proc_dir = if ns == self.own {
+                Some(std::path::Path::new("/proc/self"))
+            } else {
+                self.procs
+                    .get(&ns)
+                    .map(PathBuf::as_path)
+                    .filter(|dir| netns::inode_of(&dir.join("ns/net")) == Some(ns))
+            };
+            match proc_dir.and_then(kernelinfo::timewait_count) {
+                Some(n) => {
+                    counts.insert(ns, n);
+                }
+                None => enter.extend(self.paths.get(&ns).map(|p| (ns, p.clone()))),
+            }
+        }
+        if !enter.is_empty() {
+            let read = |_| {
+                kernelinfo::timewait_count(std::path::Path::new("/proc/thread-self"))
+                    .ok_or_else(|| std::io::Error::other("no TCP line in sockstat"))
+            };
+            for (ns, n) in netns::run_in_each(enter, read) {
+                match n {
+                    Ok(n) => {
+                        counts.insert(ns, n);
+                    }
+                    Err(e) => log::debug!("netns {ns}: cannot read its sockstat: {e}"),
+                }
+            }
+        }
+        counts
     }
 
     /// TIME_WAIT settings per namespace.
@@ -486,5 +529,39 @@ mod tests {
         root.note(2);
         assert!(root.take_rediscover());
         assert!(!root.take_rediscover(), "cleared once taken");
+    }
+
+    /// A namespace no process is in, kept by a bind mount as `ip netns` and CNI plugins
+    /// keep them, still has its timewait sockets counted (by entering it).
+    #[test]
+    fn timewait_sockets_are_counted_where_no_process_is() {
+        let name = format!("cw-unit-count-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let ok = std::process::Command::new("ip").args(args).status();
+            assert!(ok.is_ok_and(|s| s.success()), "ip {args:?} (run as root)");
+        };
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        let path = PathBuf::from(format!("/run/netns/{name}"));
+        // A server that closes first leaves a TIME_WAIT there once the client closes.
+        let made = netns::run_in(&path, || {
+            use std::io::Read as _;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let mut client = std::net::TcpStream::connect(listener.local_addr()?)?;
+            drop(listener.accept()?);
+            client.read_exact(&mut [0u8; 1]).ok();
+            Ok(())
+        });
+        // A bind mount's inode is the namespace's.
+        let ns = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap()) as u32;
+        let own = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).unwrap();
+        let mut namespaces = Namespaces::new(own, true);
+        namespaces.discover();
+        let counts = namespaces.timewait_counts(&[ns, own]);
+        ip(&["netns", "del", &name]);
+        made.unwrap();
+        assert!(!namespaces.procs.contains_key(&ns), "no process is in it");
+        assert_eq!(counts.get(&ns), Some(&1));
+        assert!(counts.contains_key(&own));
     }
 }

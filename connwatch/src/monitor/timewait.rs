@@ -40,6 +40,15 @@ const EARLY_MARGIN_NS: u64 = 100_000_000;
 /// wheel may fire a little late; ending it sooner would count it `early` at a poll).
 const EXPIRY_GRACE_NS: u64 = 1_000_000_000;
 
+/// How late the kernel may end a timewait socket after its timer is due: a 60 s timer
+/// sits in a level of the timer wheel that fires up to its granularity late (512
+/// jiffies at HZ 100 or 250, 4096 at HZ 1000: 5.1, 2.0 and 4.1 s).
+const LINGER_NS: u64 = 6_000_000_000;
+
+/// Most sockets near or past their timer that `judge_count` asks the kernel about in a
+/// namespace; where there are more, the count is left to the next poll there.
+pub const NEAR_TIMER_CAP: usize = 1024;
+
 /// How long a close waits for a poll of its namespace to confirm its timewait socket.
 /// Namespaces are polled every round (and a new one is found as soon as a transition
 /// names it), so this is only reached when polls could not run: by then its TIME_WAIT
@@ -128,6 +137,21 @@ pub struct Ended {
     pub pid: Option<u32>,
 }
 
+/// What a namespace's count of timewait sockets says (`Tracker::judge_count`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum CountSays {
+    /// Nothing connwatch follows is missing (or the count cannot tell).
+    Nothing,
+    /// Fewer than must exist: one ended early unseen.
+    Short,
+    /// Fewer than may exist: those near or past their timer (`near`) must be looked up;
+    /// one ended early unseen if `held < settled + (those still there)`.
+    Ask {
+        settled: u64,
+        near: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    },
+}
+
 /// A ->CLOSE from FIN_WAIT2/CLOSING waiting for a poll to confirm its timewait socket.
 #[derive(Clone, Debug)]
 struct Pending {
@@ -169,6 +193,11 @@ pub struct Tracker {
     recheck: std::collections::BTreeSet<u32>,
     /// Followed timewait sockets per namespace (kept with `tracked`).
     per_ns: HashMap<u32, u64>,
+    /// TIME_WAITs `expire_due` ended that the kernel may still hold for `LINGER_NS`
+    /// (key, due): a count of a namespace's timewait sockets includes them. At most
+    /// `NEAR_TIMER_CAP`; those let go make the list incomplete until `lingering_gap`.
+    lingering: VecDeque<(SockKey, u64)>,
+    lingering_gap: u64,
     /// How much history (`created`, `ended`) is kept: older entries go as new ones
     /// come, so memory is bounded even where no report prunes (`trace`: 0). `None`:
     /// until `prune`.
@@ -638,6 +667,12 @@ impl Tracker {
         }
         for (key, at) in due {
             self.end(key, End::Expired, at);
+            if self.lingering.len() >= NEAR_TIMER_CAP
+                && let Some((_, due)) = self.lingering.pop_front()
+            {
+                self.lingering_gap = self.lingering_gap.max(due + LINGER_NS);
+            }
+            self.lingering.push_back((key, at));
         }
         self.next_expiry_ns = self
             .tracked
@@ -724,16 +759,47 @@ impl Tracker {
         &self.per_ns
     }
 
-    /// Of the timewait sockets followed in `netns`, those that must still exist in the
-    /// kernel unless they ended early: confirmed, and not within `margin_ns` of their
-    /// timer (the kernel's timer wheel may fire a little before or after it).
-    pub fn settled_in(&self, netns: u32, now_ns: u64, margin_ns: u64) -> u64 {
-        self.tracked
+    /// What the kernel's count of the timewait sockets of `netns` (`held`, read now)
+    /// says about those followed there. Those confirmed and more than `margin_ns` from
+    /// their timer must exist unless they ended early (the kernel never fires a timer
+    /// sooner); those nearer, and those ended at their timer in the last `LINGER_NS`,
+    /// may or may not. A count below the first is an early end; a count below all of
+    /// them is one only if the uncertain ones still there make up the difference, which
+    /// a lookup of each tells (at most `NEAR_TIMER_CAP`). Births not yet told only make
+    /// the count higher.
+    pub fn judge_count(&mut self, netns: u32, held: u64, now_ns: u64, margin_ns: u64) -> CountSays {
+        let followed = self.per_ns.get(&netns).copied().unwrap_or(0);
+        self.lingering
+            .retain(|(_, due)| due.saturating_add(LINGER_NS) > now_ns);
+        // One a poll found again is followed anew: not counted twice.
+        let tracked = &self.tracked;
+        let lingering = self
+            .lingering
             .iter()
-            .filter(|(k, t)| {
-                k.netns == netns && !t.provisional && t.due_ns > now_ns.saturating_add(margin_ns)
-            })
-            .count() as u64
+            .filter(|(k, _)| k.netns == netns && !tracked.contains_key(k));
+        if held >= followed + lingering.clone().count() as u64 {
+            return CountSays::Nothing;
+        }
+        let (mut settled, mut near) = (0, Vec::new());
+        for (k, t) in self.tracked.iter().filter(|(k, _)| k.netns == netns) {
+            if t.provisional {
+                // Its namespace is polled anyway (`wanting_poll`).
+                continue;
+            }
+            if t.due_ns > now_ns.saturating_add(margin_ns) {
+                settled += 1;
+            } else if near.len() <= NEAR_TIMER_CAP {
+                near.push((k.local.into(), k.remote.into()));
+            }
+        }
+        if held < settled {
+            return CountSays::Short;
+        }
+        near.extend(lingering.map(|(k, _)| (k.local.into(), k.remote.into())));
+        if near.is_empty() || near.len() > NEAR_TIMER_CAP || now_ns < self.lingering_gap {
+            return CountSays::Nothing;
+        }
+        CountSays::Ask { settled, near }
     }
 
     /// Whether the socket is followed (a timewait socket, or a close awaiting one).
@@ -938,6 +1004,65 @@ mod tests {
             &no_listener,
         );
         assert!(t.wants_poll());
+    }
+
+    /// A close the probe told left a TIME_WAIT (`Leaves`), from `port` to S.
+    fn born_at(t: &mut Tracker, port: u16, ts_s: f64) {
+        let local = format!("127.0.0.1:{port}");
+        let mut c = tr(ts_s, FIN_WAIT2, CLOSE, &local, S);
+        c.leaves = Leaves::Timewait(TcpState::TIME_WAIT);
+        t.on_transition(key(&local, S), &c);
+    }
+
+    #[test]
+    fn count_tells_early_ends_through_others_at_their_timers() {
+        let mut t = Tracker::default();
+        let margin = SEC / 2;
+        // Another service's three, due at 60 s; ours, due at 118 s.
+        for port in 1..=3 {
+            born_at(&mut t, port, 0.0);
+            born_at(&mut t, 100 + port, 58.0);
+        }
+        let now = 59_800_000_000;
+        assert_eq!(t.judge_count(NS, 6, now, margin), CountSays::Nothing);
+        // One fewer: ours ended early, or one of theirs was timed out a little sooner
+        // than connwatch reckons. Only a lookup of theirs can tell.
+        let CountSays::Ask { settled, near } = t.judge_count(NS, 5, now, margin) else {
+            panic!("the count alone cannot tell");
+        };
+        assert_eq!(settled, 3);
+        let mut ports: Vec<u16> = near.iter().map(|(l, _)| l.port()).collect();
+        ports.sort();
+        assert_eq!(ports, [1, 2, 3]);
+        assert_eq!(t.judge_count(NS, 2, now, margin), CountSays::Short);
+        // Theirs ended at their timer, but the kernel may hold them a while longer.
+        t.expire_due(61_500_000_000);
+        assert_eq!(t.counts(), (3, 0));
+        let now = 61_600_000_000;
+        assert_eq!(t.judge_count(NS, 6, now, margin), CountSays::Nothing);
+        let CountSays::Ask { settled, near } = t.judge_count(NS, 4, now, margin) else {
+            panic!("theirs may linger");
+        };
+        assert_eq!((settled, near.len()), (3, 3));
+        assert_eq!(t.judge_count(NS, 2, now, margin), CountSays::Short);
+        // Past the longest the kernel's timer wheel waits, only ours count.
+        let now = 67 * SEC;
+        assert_eq!(t.judge_count(NS, 3, now, margin), CountSays::Nothing);
+        assert_eq!(t.judge_count(NS, 2, now, margin), CountSays::Short);
+    }
+
+    #[test]
+    fn too_many_at_their_timers_are_not_looked_up() {
+        let mut t = Tracker::default();
+        for port in 1..=NEAR_TIMER_CAP as u16 + 1 {
+            born_at(&mut t, port, 0.0);
+        }
+        born_at(&mut t, 60_000, 58.0);
+        let held = NEAR_TIMER_CAP as u64 + 1;
+        let now = 59_800_000_000;
+        assert_eq!(t.judge_count(NS, held, now, SEC / 2), CountSays::Nothing);
+        // Below the settled ones it is still an early end.
+        assert_eq!(t.judge_count(NS, 0, now, SEC / 2), CountSays::Short);
     }
 
     #[test]
