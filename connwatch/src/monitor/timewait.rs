@@ -344,6 +344,8 @@ impl Tracker {
                     self.seen_again(key, s, due, now_ns, &mut rows);
                 } else if let Some(p) = self.pending.remove(&key) {
                     self.confirm(key, p, s.state, due, &mut rows);
+                } else if s.expires_ms == 0 && self.lingers(&key) {
+                    // Ended at its timer already; the timer wheel has yet to run it.
                 } else {
                     self.adopt(key, s, due, now_ns, !seeding, &|port| listener(netns, port));
                 }
@@ -759,6 +761,11 @@ impl Tracker {
         &self.per_ns
     }
 
+    /// Whether `expire_due` ended this socket in the last `LINGER_NS`.
+    fn lingers(&self, key: &SockKey) -> bool {
+        self.lingering.iter().any(|(k, _)| k == key)
+    }
+
     /// What the kernel's count of the timewait sockets of `netns` (`held`, read now)
     /// says about those followed there. Those confirmed and more than `margin_ns` from
     /// their timer must exist unless they ended early (the kernel never fires a timer
@@ -1049,6 +1056,24 @@ mod tests {
         let now = 67 * SEC;
         assert_eq!(t.judge_count(NS, 3, now, margin), CountSays::Nothing);
         assert_eq!(t.judge_count(NS, 2, now, margin), CountSays::Short);
+    }
+
+    #[test]
+    fn one_the_timer_wheel_runs_late_is_not_found_anew() {
+        let mut t = Tracker::default();
+        born_at(&mut t, 1, 10.0);
+        t.expire_due(71 * SEC);
+        let ends: Vec<_> = t.take_queued().into_iter().filter_map(|r| r.end).collect();
+        assert_eq!(ends, [End::Expired]);
+        // The wheel runs its timer 2 s late: a poll still lists it, 0 ms left.
+        let late = [tw(TIME_WAIT, "127.0.0.1:1", S, 0)];
+        let rows = t.observe(NS, &late, Listed::All, 71_900_000_000, false, &no_listener);
+        assert!(rows.is_empty(), "{rows:?}");
+        assert_eq!(t.counts(), (0, 0));
+        assert!(!t.wants_poll(), "nothing unexplained");
+        let rows = t.observe(NS, &[], Listed::All, 73 * SEC, false, &no_listener);
+        assert!(rows.is_empty(), "{rows:?}");
+        assert_eq!(t.untracked(), 0);
     }
 
     #[test]
