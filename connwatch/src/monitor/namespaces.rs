@@ -535,12 +535,21 @@ mod tests {
     /// keep them, still has its timewait sockets counted (by entering it).
     #[test]
     fn timewait_sockets_are_counted_where_no_process_is() {
+        struct Deleted(String);
+        impl Drop for Deleted {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", &self.0])
+                    .status();
+            }
+        }
         let name = format!("cw-unit-count-{}", std::process::id());
         let ip = |args: &[&str]| {
             let ok = std::process::Command::new("ip").args(args).status();
             assert!(ok.is_ok_and(|s| s.success()), "ip {args:?} (run as root)");
         };
         ip(&["netns", "add", &name]);
+        let _deleted = Deleted(name.clone());
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         let path = PathBuf::from(format!("/run/netns/{name}"));
         // A server that closes first leaves a TIME_WAIT there once the client closes.
@@ -558,7 +567,6 @@ mod tests {
         let mut namespaces = Namespaces::new(own, true);
         namespaces.discover();
         let counts = namespaces.timewait_counts(&[ns, own]);
-        ip(&["netns", "del", &name]);
         made.unwrap();
         assert!(!namespaces.procs.contains_key(&ns), "no process is in it");
         assert_eq!(counts.get(&ns), Some(&1));
