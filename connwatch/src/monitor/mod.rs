@@ -483,9 +483,11 @@ impl Monitor {
             let wanted = ask.iter().map(|(ns, a)| (*ns, a.2.clone())).collect();
             let found = self.namespaces.lookup(wanted)?;
             for (ns, (held, settled, _)) in ask {
-                let still = found
-                    .get(&ns)
-                    .map_or(0, |f| f.iter().filter(|s| s.timewait).count() as u64);
+                // Not looked up (the namespace went meanwhile): nothing to conclude.
+                let Some(found) = found.get(&ns) else {
+                    continue;
+                };
+                let still = found.iter().filter(|s| s.timewait).count() as u64;
                 log::debug!(
                     "netns {ns}: {held} timewait sockets, {settled} far from their timer, {still} of those near it still there"
                 );
