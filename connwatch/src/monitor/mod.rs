@@ -467,8 +467,10 @@ impl Monitor {
         }
         let namespaces: Vec<u32> = self.tw.followed_per_ns().keys().copied().collect();
         let (mut short, mut ask) = (Vec::new(), BTreeMap::new());
-        for (ns, held) in self.namespaces.timewait_counts(&namespaces) {
-            match self.tw.judge_count(ns, held, now, SETTLE_NS) {
+        let held = self.namespaces.timewait_counts(&namespaces);
+        for (ns, says) in self.tw.judge_counts(&held, now, SETTLE_NS) {
+            let held = held.get(&ns).copied().unwrap_or(0);
+            match says {
                 CountSays::Nothing => {}
                 CountSays::Short => short.push(ns),
                 CountSays::Ask { settled, near } if allowed => {

@@ -20,7 +20,7 @@
 //! process listening on its local port, if any.
 //!
 //! Pure logic: polls and transitions come in with their timestamps.
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use rustc_hash::FxHashMap as HashMap;
 
@@ -45,7 +45,7 @@ const EXPIRY_GRACE_NS: u64 = 1_000_000_000;
 /// jiffies at HZ 100 or 250, 4096 at HZ 1000: 5.1, 2.0 and 4.1 s).
 const LINGER_NS: u64 = 6_000_000_000;
 
-/// Most sockets near or past their timer that `judge_count` asks the kernel about in a
+/// Most sockets near or past their timer that `judge_counts` asks the kernel about in a
 /// namespace; where there are more, the count is left to the next poll there.
 pub const NEAR_TIMER_CAP: usize = 1024;
 
@@ -137,7 +137,7 @@ pub struct Ended {
     pub pid: Option<u32>,
 }
 
-/// What a namespace's count of timewait sockets says (`Tracker::judge_count`).
+/// What a namespace's count of timewait sockets says (`Tracker::judge_counts`).
 #[derive(Debug, PartialEq, Eq)]
 pub enum CountSays {
     /// Nothing connwatch follows is missing (or the count cannot tell).
@@ -766,47 +766,82 @@ impl Tracker {
         self.lingering.iter().any(|(k, _)| k == key)
     }
 
-    /// What the kernel's count of the timewait sockets of `netns` (`held`, read now)
-    /// says about those followed there. Those confirmed and more than `margin_ns` from
+    /// What the kernel's count of the timewait sockets of each namespace (`held`, read
+    /// now) says about those followed there. Those confirmed and more than `margin_ns` from
     /// their timer must exist unless they ended early (the kernel never fires a timer
     /// sooner); those nearer, and those ended at their timer in the last `LINGER_NS`,
     /// may or may not. A count below the first is an early end; a count below all of
     /// them is one only if the uncertain ones still there make up the difference, which
     /// a lookup of each tells (at most `NEAR_TIMER_CAP`). Births not yet told only make
     /// the count higher.
-    pub fn judge_count(&mut self, netns: u32, held: u64, now_ns: u64, margin_ns: u64) -> CountSays {
-        let followed = self.per_ns.get(&netns).copied().unwrap_or(0);
+    pub fn judge_counts(
+        &mut self,
+        held: &BTreeMap<u32, u64>,
+        now_ns: u64,
+        margin_ns: u64,
+    ) -> BTreeMap<u32, CountSays> {
         self.lingering
             .retain(|(_, due)| due.saturating_add(LINGER_NS) > now_ns);
         // One a poll found again is followed anew: not counted twice.
-        let tracked = &self.tracked;
-        let lingering = self
-            .lingering
-            .iter()
-            .filter(|(k, _)| k.netns == netns && !tracked.contains_key(k));
-        if held >= followed + lingering.clone().count() as u64 {
-            return CountSays::Nothing;
-        }
-        let (mut settled, mut near) = (0, Vec::new());
-        for (k, t) in self.tracked.iter().filter(|(k, _)| k.netns == netns) {
-            if t.provisional {
-                // Its namespace is polled anyway (`wanting_poll`).
-                continue;
-            }
-            if t.due_ns > now_ns.saturating_add(margin_ns) {
-                settled += 1;
-            } else if near.len() <= NEAR_TIMER_CAP {
-                near.push((k.local.into(), k.remote.into()));
+        let mut lingering: HashMap<u32, Vec<SockKey>> = HashMap::default();
+        for (k, _) in &self.lingering {
+            if held.contains_key(&k.netns) && !self.tracked.contains_key(k) {
+                lingering.entry(k.netns).or_default().push(*k);
             }
         }
-        if held < settled {
-            return CountSays::Short;
+        let lingering_in = |ns: &u32| lingering.get(ns).map_or(&[][..], Vec::as_slice);
+        let mut says: BTreeMap<u32, CountSays> = BTreeMap::new();
+        // Counted: (settled, near) of the namespaces whose count is below all followed.
+        let mut counted: HashMap<u32, (u64, Vec<SockKey>)> = HashMap::default();
+        for (&ns, &n) in held {
+            let followed = self.per_ns.get(&ns).copied().unwrap_or(0);
+            if n >= followed + lingering_in(&ns).len() as u64 {
+                says.insert(ns, CountSays::Nothing);
+            } else {
+                counted.insert(ns, (0, Vec::new()));
+            }
         }
-        near.extend(lingering.map(|(k, _)| (k.local.into(), k.remote.into())));
-        if near.is_empty() || near.len() > NEAR_TIMER_CAP || now_ns < self.lingering_gap {
-            return CountSays::Nothing;
+        if !counted.is_empty() {
+            // One walk of the followed sockets for every namespace that needs it.
+            for (k, t) in &self.tracked {
+                let Some((settled, near)) = counted.get_mut(&k.netns) else {
+                    continue;
+                };
+                if t.provisional {
+                    // Its namespace is polled anyway (`wanting_poll`).
+                } else if t.due_ns > now_ns.saturating_add(margin_ns) {
+                    *settled += 1;
+                } else if near.len() <= NEAR_TIMER_CAP {
+                    near.push(*k);
+                }
+            }
         }
-        CountSays::Ask { settled, near }
+        for (ns, (settled, mut near)) in counted {
+            let verdict = if held.get(&ns).is_some_and(|&n| n < settled) {
+                CountSays::Short
+            } else {
+                near.extend_from_slice(lingering_in(&ns));
+                if near.is_empty() || near.len() > NEAR_TIMER_CAP || now_ns < self.lingering_gap {
+                    CountSays::Nothing
+                } else {
+                    let near = near.iter().map(|k| (k.local.into(), k.remote.into()));
+                    CountSays::Ask {
+                        settled,
+                        near: near.collect(),
+                    }
+                }
+            };
+            says.insert(ns, verdict);
+        }
+        says
+    }
+
+    /// `judge_counts` for one namespace.
+    #[cfg(test)]
+    fn judge_count(&mut self, netns: u32, held: u64, now_ns: u64, margin_ns: u64) -> CountSays {
+        let held = BTreeMap::from([(netns, held)]);
+        let mut says = self.judge_counts(&held, now_ns, margin_ns);
+        says.remove(&netns).unwrap_or(CountSays::Nothing)
     }
 
     /// Whether the socket is followed (a timewait socket, or a close awaiting one).
@@ -1074,6 +1109,26 @@ mod tests {
         let rows = t.observe(NS, &[], Listed::All, 73 * SEC, false, &no_listener);
         assert!(rows.is_empty(), "{rows:?}");
         assert_eq!(t.untracked(), 0);
+    }
+
+    #[test]
+    fn counts_of_several_namespaces_are_judged_apart() {
+        let mut t = Tracker::default();
+        let other = NS + 1;
+        for port in 1..=3 {
+            born_at(&mut t, port, 0.0);
+            let local = format!("127.0.0.1:{}", 100 + port);
+            let mut c = tr(0.0, FIN_WAIT2, CLOSE, &local, S);
+            c.netns = other;
+            c.leaves = Leaves::Timewait(TcpState::TIME_WAIT);
+            let mut k = key(&local, S);
+            k.netns = other;
+            t.on_transition(k, &c);
+        }
+        let held = BTreeMap::from([(NS, 3), (other, 2)]);
+        let says = t.judge_counts(&held, 10 * SEC, SEC / 2);
+        assert_eq!(says.get(&NS), Some(&CountSays::Nothing));
+        assert_eq!(says.get(&other), Some(&CountSays::Short));
     }
 
     #[test]
