@@ -466,25 +466,24 @@ impl Monitor {
             return Ok(Duration::ZERO);
         }
         let namespaces: Vec<u32> = self.tw.followed_per_ns().keys().copied().collect();
-        let (mut short, mut ask) = (Vec::new(), BTreeMap::new());
+        let (mut short, mut wanted, mut asking) = (Vec::new(), BTreeMap::new(), Vec::new());
         let held = self.namespaces.timewait_counts(&namespaces);
         for (ns, says) in self.tw.judge_counts(&held, now, SETTLE_NS) {
-            let held = held.get(&ns).copied().unwrap_or(0);
             match says {
                 CountSays::Nothing => {}
                 CountSays::Short => short.push(ns),
                 CountSays::Ask { settled, near } if allowed => {
-                    ask.insert(ns, (held, settled, near));
+                    wanted.insert(ns, near);
+                    asking.push((ns, held.get(&ns).copied().unwrap_or(0), settled));
                 }
                 CountSays::Ask { .. } => {}
             }
         }
         let mut asked = Duration::ZERO;
-        if !ask.is_empty() {
+        if !wanted.is_empty() {
             let started = std::time::Instant::now();
-            let wanted = ask.iter().map(|(ns, a)| (*ns, a.2.clone())).collect();
             let found = self.namespaces.lookup(wanted)?;
-            for (ns, (held, settled, _)) in ask {
+            for (ns, held, settled) in asking {
                 // Not looked up (the namespace went meanwhile): nothing to conclude.
                 let Some(found) = found.get(&ns) else {
                     continue;

@@ -469,7 +469,6 @@ impl Namespaces {
         self.listeners.values().flatten().copied()
     }
 
-    /// The path a namespace is entered by (`/proc/PID/ns/net`, or a bind mount).
     /// The timewait sockets the kernel holds in each of `wanted` (the `tw` of its
     /// /proc/net/sockstat): read through a process in the namespace, still there and
     /// still in it (its pid may have been reused), else by entering the namespace (one
