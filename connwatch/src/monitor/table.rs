@@ -345,12 +345,13 @@ impl Table {
         }
     }
 
-    /// Namespaces holding CLOSE_WAIT sockets whose inode or `tcp_info` evidence is
-    /// still to be asked for (`fill_evidence`).
-    pub fn wanting_evidence(&self) -> std::collections::BTreeSet<u32> {
+    /// Namespaces holding CLOSE_WAIT sockets, in that state since `entered_by` or
+    /// earlier, whose inode or `tcp_info` evidence is still to be asked for
+    /// (`fill_evidence`). Younger ones wait: see `Monitor::fill_evidence`.
+    pub fn wanting_evidence(&self, entered_by: u64) -> std::collections::BTreeSet<u32> {
         self.close_wait
             .iter()
-            .filter(|(_, e)| e.wants_evidence())
+            .filter(|(_, e)| e.since_ns <= entered_by && e.wants_evidence())
             .map(|(k, _)| k.netns)
             .collect()
     }
@@ -741,6 +742,22 @@ pub(crate) mod tests {
         assert_eq!(cw.age_source, AgeSource::Observed);
         assert_eq!(cw.inode, 77);
         assert_eq!(t.closed_since(0).count(), 0);
+    }
+
+    #[test]
+    fn only_sockets_in_close_wait_long_enough_want_evidence() {
+        let mut t = Table::new(NS);
+        t.apply(&enter_cw(10.0, L, R1, 77));
+        // Entered at 10 s: not by 9.9 s, by 10 s and later.
+        assert!(t.wanting_evidence(9 * SEC + 9 * SEC / 10).is_empty());
+        assert_eq!(t.wanting_evidence(10 * SEC), [NS].into());
+        // Asked once, it wants nothing more at any age.
+        t.fill_evidence(NS, &[diag(CLOSE_WAIT, L, R1, 77, 10)], 11 * SEC);
+        assert!(t.wanting_evidence(u64::MAX).is_empty());
+        // A second, younger one wants it only once old enough.
+        t.apply(&enter_cw(20.0, L, R2, 78));
+        assert!(t.wanting_evidence(19 * SEC).is_empty());
+        assert_eq!(t.wanting_evidence(u64::MAX), [NS].into());
     }
 
     #[test]
