@@ -94,6 +94,34 @@ pub struct TwOwner {
     pub comm: std::sync::Arc<str>,
 }
 
+/// The owners of the last few closes, for the next: a busy host's TIME_WAITs come from
+/// a few processes, so their names are shared rather than allocated (and freed) once
+/// per TIME_WAIT.
+#[derive(Default)]
+struct RecentOwners {
+    owners: VecDeque<TwOwner>,
+}
+
+impl RecentOwners {
+    /// As many as a linear search is cheaper than a hash.
+    const KEPT: usize = 8;
+
+    fn owner(&mut self, pid: u32, comm: &str) -> TwOwner {
+        if let Some(o) = self.owners.iter().find(|o| o.pid == pid && *o.comm == *comm) {
+            return o.clone();
+        }
+        let o = TwOwner {
+            pid,
+            comm: comm.into(),
+        };
+        if self.owners.len() == Self::KEPT {
+            self.owners.pop_back();
+        }
+        self.owners.push_front(o.clone());
+        o
+    }
+}
+
 /// A timewait socket being followed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TimeWait {
@@ -202,6 +230,7 @@ pub struct Tracker {
     /// come, so memory is bounded even where no report prunes (`trace`: 0). `None`:
     /// until `prune`.
     pub window_ns: Option<u64>,
+    owners: RecentOwners,
 }
 
 impl Tracker {
@@ -216,10 +245,8 @@ impl Tracker {
         if !t.may_leave_timewait() {
             return;
         }
-        let owner = t.owner.pid.map(|pid| TwOwner {
-            pid,
-            comm: t.owner.comm.as_deref().unwrap_or_default().into(),
-        });
+        let comm = t.owner.comm.as_deref().unwrap_or_default();
+        let owner = t.owner.pid.map(|pid| self.owners.owner(pid, comm));
         // One lookup for both cases below: on a busy host the table holds 100,000s of
         // sockets, and each lookup of a new key is a cache miss (`perf`: the largest
         // part of `watch`'s time under churn).
@@ -1551,6 +1578,31 @@ mod tests {
         let mut t = close_from(old, ts_s, Some(42));
         t.leaves = leaves;
         t
+    }
+
+    #[test]
+    fn a_process_s_time_waits_share_its_name() {
+        let mut t = Tracker::default();
+        let tw = Leaves::Timewait(TcpState::TIME_WAIT);
+        let name = |t: &Tracker, local: &str| t.tracked[&key(local, S)].owner.clone().unwrap();
+        t.on_transition(key(C, S), &told(FIN_WAIT2, 10.0, tw));
+        t.on_transition(key("127.0.0.1:40001", S), &told(FIN_WAIT2, 10.1, tw));
+        let mut other = told(FIN_WAIT2, 10.2, tw);
+        other.owner.pid = Some(43);
+        t.on_transition(key("127.0.0.1:40002", S), &other);
+        let (a, b, c) = (
+            name(&t, C),
+            name(&t, "127.0.0.1:40001"),
+            name(&t, "127.0.0.1:40002"),
+        );
+        assert!(std::sync::Arc::ptr_eq(&a.comm, &b.comm), "one allocation");
+        assert_eq!((a.pid, &*a.comm), (42, "client"));
+        assert_eq!((c.pid, &*c.comm), (43, "client"), "another process: its own");
+        // A renamed process (exec) is not given its old name.
+        let mut renamed = told(FIN_WAIT2, 10.3, tw);
+        renamed.owner.comm = Some("exec'd".into());
+        t.on_transition(key("127.0.0.1:40003", S), &renamed);
+        assert_eq!(&*name(&t, "127.0.0.1:40003").comm, "exec'd");
     }
 
     #[test]
