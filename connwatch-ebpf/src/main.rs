@@ -29,15 +29,15 @@ use aya_ebpf::{
         },
     },
     macros::{btf_map, btf_tracepoint, map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::debug;
 use connwatch_common::{
     AF_INET, AF_INET6, Event, FILTER_MAX, Filter, IPPROTO_TCP, ListenKey, Offsets, SockState,
-    SocketFd, counter, is_lifecycle, lifecycle_needs, may_leave_timewait, owner_needed_later,
-    owner_source, runs_in_owner_context, starts_a_life, tcp_state, timewait_birth,
-    timewait_birth_of, tp_record,
+    SocketFd, begins_closing, counter, ends_closing, is_lifecycle, lifecycle_needs,
+    may_leave_timewait, owner_needed_later, owner_source, runs_in_owner_context, starts_a_life,
+    tcp_state, timewait_birth, timewait_birth_of, tp_record,
 };
 
 /// Event stream to userspace. Size is set by userspace at load time (`--ring-size`).
@@ -56,6 +56,17 @@ static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 /// used); inserts and removals are counted so that userspace can tell evictions.
 #[map]
 static SOCKETS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(1 << 18, 0);
+
+/// The closer of each socket between its close()/shutdown() and its CLOSE, keyed by
+/// socket address, for lifecycle-only `tp_btf` (1 entry otherwise, set by userspace):
+/// the FIN_WAIT2/CLOSING -> CLOSE that tells a TIME_WAIT's birth runs in softirq or a
+/// timer, and names its closer only from here. Preallocated: an insert and a delete
+/// per connection that closes first cost a third of what allocating socket storage
+/// and freeing it with the socket did (`bpf_stats`). Every way out of the closing
+/// states ends in CLOSE, where the entry is deleted; a full map is counted
+/// (`SOCKET_STORE_FAILED`), its closer then unknown.
+#[map]
+static CLOSERS: HashMap<u64, SockState> = HashMap::with_max_entries(1 << 15, 0);
 
 /// Working space of one program run: the tuple, the socket's remembered and new state
 /// and the task's name live here rather than on the BPF stack, which the verifier caps
@@ -223,8 +234,9 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: this CPU's slot, ours for this run (see `SCRATCH`).
     let s = unsafe { &mut *s };
     let mut task = Task::current(sk, old, new, &mut s.comm);
-    // Socket storage is created only where a later transition will read it.
-    let create = !lifecycle || owner_needed_later(old, new);
+    // Socket storage is created only where a later transition will read it (in
+    // lifecycle-only mode: a client's owner, for `--pid`).
+    let create = !lifecycle || (owner_needed_later(old, new) && filt!(npids) != 0);
     // SAFETY: `SOCK_STATE` is a socket storage map and `sk` the tracepoint's typed
     // socket (the verifier checks both); the helper returns the socket's slot or null.
     let slot = unsafe {
@@ -246,10 +258,27 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
             words::copy(&raw mut s.prev, slot);
         }
     }
+    let key = sk as u64;
+    let closer = if lifecycle && ends_closing(old, new) {
+        CLOSERS.get_ptr(&key)
+    } else {
+        None
+    };
+    if let Some(p) = closer {
+        // SAFETY: a map value pointer (8-aligned), valid for this program run.
+        unsafe { words::copy(&raw mut s.prev, p) };
+    }
     let owned = owned(s, &task);
     if !slot.is_null() {
         // SAFETY: as above.
         unsafe { words::copy(slot, &raw const s.state) };
+    }
+    if lifecycle && begins_closing(old, new) {
+        if CLOSERS.insert(&key, &s.state, 0).is_err() {
+            bump(counter::SOCKET_STORE_FAILED);
+        }
+    } else if closer.is_some() {
+        let _ = CLOSERS.remove(&key);
     }
     if lifecycle
         && !is_lifecycle(old, new)

@@ -459,6 +459,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn closers_are_kept_from_close_to_close() {
+        use connwatch_common::{begins_closing, ends_closing, lifecycle_needs};
+        use tcp_state::*;
+        // close()/shutdown() in the owner's context begins it; FIN_WAIT1 reached any
+        // other way names no closer.
+        assert!(begins_closing(ESTABLISHED, FIN_WAIT1));
+        assert!(begins_closing(SYN_RECV, FIN_WAIT1));
+        assert!(!begins_closing(FIN_WAIT1, FIN_WAIT2));
+        // Every way out of the closing states ends it, and lifecycle mode runs for each
+        // (a FIN_WAIT1 -> CLOSE is emitted by no view, but must let its closer go).
+        for old in [FIN_WAIT1, FIN_WAIT2, CLOSING] {
+            assert!(ends_closing(old, CLOSE), "{old}->CLOSE");
+            assert!(lifecycle_needs(old, CLOSE), "{old}->CLOSE");
+        }
+        for (old, new) in [
+            (LAST_ACK, CLOSE),
+            (ESTABLISHED, CLOSE),
+            (FIN_WAIT1, FIN_WAIT2),
+            (FIN_WAIT1, CLOSING),
+        ] {
+            assert!(!ends_closing(old, new), "{old}->{new}");
+        }
+    }
+
+    #[test]
     fn timewait_birth_from_the_socket_at_close() {
         use connwatch_common::timewait_birth_of;
         const ECONNRESET: i32 = 104;

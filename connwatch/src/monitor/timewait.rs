@@ -107,7 +107,11 @@ impl RecentOwners {
     const KEPT: usize = 8;
 
     fn owner(&mut self, pid: u32, comm: &str) -> TwOwner {
-        if let Some(o) = self.owners.iter().find(|o| o.pid == pid && *o.comm == *comm) {
+        if let Some(o) = self
+            .owners
+            .iter()
+            .find(|o| o.pid == pid && *o.comm == *comm)
+        {
             return o.clone();
         }
         let o = TwOwner {
@@ -1597,7 +1601,11 @@ mod tests {
         );
         assert!(std::sync::Arc::ptr_eq(&a.comm, &b.comm), "one allocation");
         assert_eq!((a.pid, &*a.comm), (42, "client"));
-        assert_eq!((c.pid, &*c.comm), (43, "client"), "another process: its own");
+        assert_eq!(
+            (c.pid, &*c.comm),
+            (43, "client"),
+            "another process: its own"
+        );
         // A renamed process (exec) is not given its old name.
         let mut renamed = told(FIN_WAIT2, 10.3, tw);
         renamed.owner.comm = Some("exec'd".into());

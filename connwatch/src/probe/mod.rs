@@ -30,8 +30,8 @@ use aya::{
     programs::{BtfTracePoint, TracePoint},
 };
 use connwatch_common::{
-    GLOBAL_FILTER, GLOBAL_OFFSETS, GLOBAL_WAKE_AT, ListenKey, MAP_COUNTERS, MAP_EVENTS,
-    MAP_LISTENERS, MAP_SOCKETS, Offsets, PROG_TP_BTF, PROG_TRACEPOINT, counter,
+    GLOBAL_FILTER, GLOBAL_OFFSETS, GLOBAL_WAKE_AT, ListenKey, MAP_CLOSERS, MAP_COUNTERS,
+    MAP_EVENTS, MAP_LISTENERS, MAP_SOCKETS, Offsets, PROG_TP_BTF, PROG_TRACEPOINT, counter,
 };
 
 pub use preflight::{
@@ -151,9 +151,15 @@ fn degraded(resolved: Option<&offsets::Resolved>) -> Vec<&'static str> {
     degraded
 }
 
+/// Entries of `CLOSERS`, where lifecycle-only `tp_btf` keeps each socket's closer from
+/// its close() to its CLOSE: the sockets in FIN_WAIT1, CLOSING or (after shutdown())
+/// FIN_WAIT2 at once. Preallocated, ~100 bytes each; a full map is counted as sockets
+/// untracked.
+const CLOSERS_ENTRIES: u32 = 1 << 15;
+
 /// Loads the probe object with `loader`: globals set, the ring sized, and the classic
 /// tracepoint's per-socket LRU map sized `lru_entries` (1 when tp_btf keeps state on
-/// the sockets).
+/// the sockets, and then `CLOSERS` sized for lifecycle-only mode, else 1).
 fn load_object(
     loader: EbpfLoader<'static>,
     opts: &ProbeOptions,
@@ -162,6 +168,12 @@ fn load_object(
     lru_entries: u32,
 ) -> Result<Ebpf> {
     let wake_at = wake_at(opts.ring_bytes);
+    let tp_btf = lru_entries == 1;
+    let closers = if tp_btf && opts.filter.lifecycle_only != 0 {
+        CLOSERS_ENTRIES
+    } else {
+        1
+    };
     // What is set below is borrowed only until the load (the loader is covariant).
     let mut loader: EbpfLoader<'_> = loader;
     let mut ebpf = loader
@@ -171,6 +183,7 @@ fn load_object(
         .override_global(GLOBAL_WAKE_AT, &wake_at, true)
         .map_max_entries(MAP_EVENTS, opts.ring_bytes)
         .map_max_entries(MAP_SOCKETS, lru_entries)
+        .map_max_entries(MAP_CLOSERS, closers)
         .load(PROBE_OBJECT)
         .map_err(|e| load_error(e, opts.verbose))?;
     if opts.verbose {
