@@ -234,20 +234,29 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: this CPU's slot, ours for this run (see `SCRATCH`).
     let s = unsafe { &mut *s };
     let mut task = Task::current(sk, old, new, &mut s.comm);
-    // Socket storage is created only where a later transition will read it (in
-    // lifecycle-only mode: a client's owner, for `--pid`).
-    let create = !lifecycle || (owner_needed_later(old, new) && filt!(npids) != 0);
-    // SAFETY: `SOCK_STATE` is a socket storage map and `sk` the tracepoint's typed
-    // socket (the verifier checks both); the helper returns the socket's slot or null.
-    let slot = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
-            sk.cast_mut().cast(),
-            core::ptr::null_mut(),
-            if create { 1 } else { 0 },
-        )
-    }
-    .cast::<SockState>();
+    // Socket storage (an allocation per socket, a third of the probe's time under
+    // churn) only where the kernel itself needs what it keeps: `--pid` matches a
+    // transition in softirq by the owner an earlier syscall named. Otherwise `trace`,
+    // which receives every transition, times states and carries owners in userspace
+    // (`carry`), and lifecycle-only mode keeps closers in `CLOSERS`.
+    let pids = filt!(npids) != 0;
+    let slot = if pids {
+        let create = !lifecycle || owner_needed_later(old, new);
+        // SAFETY: `SOCK_STATE` is a socket storage map and `sk` the tracepoint's typed
+        // socket (the verifier checks both); the helper returns the socket's slot or
+        // null.
+        unsafe {
+            bpf_sk_storage_get(
+                core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
+                sk.cast_mut().cast(),
+                core::ptr::null_mut(),
+                if create { 1 } else { 0 },
+            )
+        }
+        .cast::<SockState>()
+    } else {
+        core::ptr::null_mut()
+    };
     // A zeroed value rather than an `Option` (see `update_lru`).
     // SAFETY: fields of this CPU's scratch slot; the storage slot is this socket's,
     // valid for this program run; all 8-aligned (see `words`).

@@ -13,6 +13,7 @@ use tokio::{
 };
 
 use crate::{
+    carry::Carry,
     decode::{Transition, decode},
     filter::Filter,
     monitor::Monitor,
@@ -71,6 +72,8 @@ pub struct Live {
     /// Stack capture, where it may run (`--stacks`, or the report commands' capture of
     /// flagged processes).
     stacks: Option<Stacks>,
+    /// Where the probe keeps no per-socket state (`Probe::userspace_carries`).
+    carry: Option<Carry>,
 }
 
 /// What `attach` starts.
@@ -144,6 +147,9 @@ impl Live {
         } = attach(opts, cfg.window, filter)?;
         let mut report_tick = interval(every);
         report_tick.tick().await; // the first tick is immediate: skip it
+        let carry = probe
+            .userspace_carries
+            .then(|| Carry::new(opts.max_sockets as usize));
         Ok(Self {
             probe,
             monitor,
@@ -170,6 +176,7 @@ impl Live {
             report_tick,
             poll_after_report: false,
             stacks,
+            carry,
         })
     }
 
@@ -232,7 +239,7 @@ impl Live {
                 ready = self.ring.readable_mut() => {
                     let mut guard = ready?;
                     let ring = guard.get_inner_mut();
-                    let drained = drain(ring, &mut self.monitor, sink, &mut self.received, &mut self.undecodable, &mut self.stacks, BATCH);
+                    let drained = drain(ring, &mut self.monitor, sink, &mut self.received, &mut self.undecodable, &mut self.stacks, &mut self.carry, BATCH);
                     // A full batch may have left more: stay ready, and let the other
                     // branches (the report tick) take their turn first.
                     if drained.as_ref().is_ok_and(|n| *n < BATCH) {
@@ -269,7 +276,12 @@ impl Live {
     /// Events lost so far: dropped by the kernel, not storable, or undecodable.
     fn loss(&self) -> Result<u64> {
         let c = self.probe.counters()?;
-        Ok(c.dropped + c.sockets_lost() + self.undecodable)
+        Ok(c.dropped + c.sockets_lost() + self.undecodable + self.carry_untracked())
+    }
+
+    /// Sockets whose state `carry` could not keep (over `--max-sockets`).
+    fn carry_untracked(&self) -> u64 {
+        self.carry.as_ref().map_or(0, |c| c.untracked)
     }
 
     /// Applies one batch of what is queued in the ring buffer (at saturation the ring
@@ -282,6 +294,7 @@ impl Live {
             &mut self.received,
             &mut self.undecodable,
             &mut self.stacks,
+            &mut self.carry,
             BATCH,
         )
         .map(|_| ())
@@ -305,6 +318,7 @@ impl Live {
             &mut self.received,
             &mut self.undecodable,
             &mut self.stacks,
+            &mut self.carry,
             usize::MAX,
         )
         .map(|_| ())
@@ -314,7 +328,8 @@ impl Live {
     /// sockets whose state was lost.
     pub fn summary(&self) -> Result<String> {
         let c = self.probe.counters()?;
-        let untracked = self.monitor.untracked() + c.sockets_lost() + self.undecodable;
+        let untracked =
+            self.monitor.untracked() + c.sockets_lost() + self.undecodable + self.carry_untracked();
         let mut s = format!(
             "connwatch: {} events, {} received, {} dropped, {untracked} sockets untracked",
             c.seen, self.received, c.dropped
@@ -347,7 +362,7 @@ impl Live {
         let c = self.probe.counters()?;
         let lost = crate::report::Loss {
             events_dropped: c.dropped,
-            sockets_untracked: c.sockets_lost() + self.undecodable,
+            sockets_untracked: c.sockets_lost() + self.undecodable + self.carry_untracked(),
             stacks_dropped: c.stacks_dropped + self.stacks.as_ref().map_or(0, |s| s.lost()),
         };
         let reporter = &mut self.reporter;
@@ -428,6 +443,7 @@ fn drain(
     received: &mut u64,
     undecodable: &mut u64,
     stacks: &mut Option<Stacks>,
+    carry: &mut Option<Carry>,
     max: usize,
 ) -> Result<usize> {
     let mut written = false;
@@ -438,7 +454,10 @@ fn drain(
         read += 1;
         *received += 1;
         match decode(&item) {
-            Ok(t) => {
+            Ok(mut t) => {
+                if let Some(c) = carry {
+                    c.fill(&mut t);
+                }
                 if t.new == crate::decode::TcpState::CLOSE_WAIT {
                     // Its socket's stacks were captured before this event was
                     // queued: filed first, so the sink finds where it was made.

@@ -86,6 +86,9 @@ pub struct Probe {
     /// of what it evicted, with when it was taken.
     lru_capacity: u32,
     evicted: std::cell::Cell<(Option<std::time::Instant>, u64)>,
+    /// The probe keeps no per-socket state and emits every transition (`trace` under
+    /// tp_btf without `--pid`): userspace times states and carries owners (`carry`).
+    pub userspace_carries: bool,
 }
 
 /// Counters kept by the probe, summed over CPUs.
@@ -372,6 +375,9 @@ impl Probe {
             degraded,
             lru_capacity,
             evicted: std::cell::Cell::new((None, 0)),
+            userspace_carries: attached != TRACEPOINT_NAME
+                && opts.filter.npids == 0
+                && opts.filter.lifecycle_only == 0,
         })
     }
 
