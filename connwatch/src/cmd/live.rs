@@ -60,9 +60,8 @@ pub struct Live {
     pub monitor: Monitor,
     reporter: Reporter,
     ring: AsyncFd<RingBuf<MapData>>,
-    /// Events read from the ring buffer, and those of them that could not be decoded.
-    received: u64,
-    undecodable: u64,
+    /// What reading the ring keeps beside the monitor.
+    intake: Intake,
     drain_tick: Interval,
     tw_poll: Interval,
     report_tick: Interval,
@@ -72,6 +71,13 @@ pub struct Live {
     /// Stack capture, where it may run (`--stacks`, or the report commands' capture of
     /// flagged processes).
     stacks: Option<Stacks>,
+}
+
+/// The reader's own books and state, beside the monitor.
+struct Intake {
+    /// Events read from the ring buffer, and those of them that could not be decoded.
+    received: u64,
+    undecodable: u64,
     /// Where the probe keeps no per-socket state (`Probe::userspace_carries`).
     carry: Option<Carry>,
 }
@@ -155,8 +161,11 @@ impl Live {
             monitor,
             reporter: Reporter::new(cfg),
             ring,
-            received: 0,
-            undecodable: 0,
+            intake: Intake {
+                received: 0,
+                undecodable: 0,
+                carry,
+            },
             // `trace` shows rows within 50 ms at low rates; the reports read events at
             // their own ticks (polls and reports drain first), so they wake less often.
             // At high rates the probe wakes the reader once an eighth of the ring fills.
@@ -176,7 +185,6 @@ impl Live {
             report_tick,
             poll_after_report: false,
             stacks,
-            carry,
         })
     }
 
@@ -239,7 +247,7 @@ impl Live {
                 ready = self.ring.readable_mut() => {
                     let mut guard = ready?;
                     let ring = guard.get_inner_mut();
-                    let drained = drain(ring, &mut self.monitor, sink, &mut self.received, &mut self.undecodable, &mut self.stacks, &mut self.carry, BATCH);
+                    let drained = drain(ring, &mut self.monitor, sink, &mut self.intake, &mut self.stacks, BATCH);
                     // A full batch may have left more: stay ready, and let the other
                     // branches (the report tick) take their turn first.
                     if drained.as_ref().is_ok_and(|n| *n < BATCH) {
@@ -276,12 +284,12 @@ impl Live {
     /// Events lost so far: dropped by the kernel, not storable, or undecodable.
     fn loss(&self) -> Result<u64> {
         let c = self.probe.counters()?;
-        Ok(c.dropped + c.sockets_lost() + self.undecodable + self.carry_untracked())
+        Ok(c.dropped + c.sockets_lost() + self.intake.undecodable + self.carry_untracked())
     }
 
     /// Sockets whose state `carry` could not keep (over `--max-sockets`).
     fn carry_untracked(&self) -> u64 {
-        self.carry.as_ref().map_or(0, |c| c.untracked)
+        self.intake.carry.as_ref().map_or(0, |c| c.untracked)
     }
 
     /// Applies one batch of what is queued in the ring buffer (at saturation the ring
@@ -291,10 +299,8 @@ impl Live {
             self.ring.get_mut(),
             &mut self.monitor,
             sink,
-            &mut self.received,
-            &mut self.undecodable,
+            &mut self.intake,
             &mut self.stacks,
-            &mut self.carry,
             BATCH,
         )
         .map(|_| ())
@@ -315,10 +321,8 @@ impl Live {
             self.ring.get_mut(),
             &mut self.monitor,
             sink,
-            &mut self.received,
-            &mut self.undecodable,
+            &mut self.intake,
             &mut self.stacks,
-            &mut self.carry,
             usize::MAX,
         )
         .map(|_| ())
@@ -328,14 +332,16 @@ impl Live {
     /// sockets whose state was lost.
     pub fn summary(&self) -> Result<String> {
         let c = self.probe.counters()?;
-        let untracked =
-            self.monitor.untracked() + c.sockets_lost() + self.undecodable + self.carry_untracked();
+        let untracked = self.monitor.untracked()
+            + c.sockets_lost()
+            + self.intake.undecodable
+            + self.carry_untracked();
         let mut s = format!(
             "connwatch: {} events, {} received, {} dropped, {untracked} sockets untracked",
-            c.seen, self.received, c.dropped
+            c.seen, self.intake.received, c.dropped
         );
-        if self.undecodable > 0 {
-            s += &format!(", {} undecodable", self.undecodable);
+        if self.intake.undecodable > 0 {
+            s += &format!(", {} undecodable", self.intake.undecodable);
         }
         if c.dropped > 0 {
             s += " (the ring buffer was full: raise --ring-size)";
@@ -362,7 +368,7 @@ impl Live {
         let c = self.probe.counters()?;
         let lost = crate::report::Loss {
             events_dropped: c.dropped,
-            sockets_untracked: c.sockets_lost() + self.undecodable + self.carry_untracked(),
+            sockets_untracked: c.sockets_lost() + self.intake.undecodable + self.carry_untracked(),
             stacks_dropped: c.stacks_dropped + self.stacks.as_ref().map_or(0, |s| s.lost()),
         };
         let reporter = &mut self.reporter;
@@ -440,10 +446,8 @@ fn drain(
     ring: &mut RingBuf<MapData>,
     monitor: &mut Monitor,
     sink: &mut impl Sink,
-    received: &mut u64,
-    undecodable: &mut u64,
+    intake: &mut Intake,
     stacks: &mut Option<Stacks>,
-    carry: &mut Option<Carry>,
     max: usize,
 ) -> Result<usize> {
     let mut written = false;
@@ -452,10 +456,10 @@ fn drain(
         && let Some(item) = ring.next()
     {
         read += 1;
-        *received += 1;
+        intake.received += 1;
         match decode(&item) {
             Ok(mut t) => {
-                if let Some(c) = carry {
+                if let Some(c) = &mut intake.carry {
                     c.fill(&mut t);
                 }
                 if t.new == crate::decode::TcpState::CLOSE_WAIT {
@@ -468,7 +472,7 @@ fn drain(
                 written = true;
             }
             Err(e) => {
-                *undecodable += 1;
+                intake.undecodable += 1;
                 log::warn!("skipped an event: {e}");
             }
         }
