@@ -250,11 +250,11 @@ pub struct ProbeArgs {
     #[arg(long, default_value = "4M", value_parser = parse_ring_size)]
     pub ring_size: u32,
 
-    /// Sockets followed at once in userspace (beyond it the oldest are forgotten and
-    /// counted as untracked), and the cap of the kernel's per-socket map when the
-    /// classic tracepoint is used (with tp_btf, state lives on the sockets themselves;
-    /// the tracepoint's map is sized from the sockets the host holds, 104 bytes each,
-    /// within this cap). At least 1024, at most 16777216.
+    /// Sockets followed at once in userspace (beyond it the oldest are forgotten, or
+    /// new ones not followed, and counted as untracked; `trace` also keeps each
+    /// socket's state and owner in userspace within this cap), and the cap of the
+    /// kernel's per-socket map when the classic tracepoint is used (sized from the
+    /// sockets the host holds, 104 bytes each). At least 1024, at most 16777216.
     #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
 
