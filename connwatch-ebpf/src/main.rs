@@ -234,61 +234,9 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: this CPU's slot, ours for this run (see `SCRATCH`).
     let s = unsafe { &mut *s };
     let mut task = Task::current(sk, old, new, &mut s.comm);
-    // Socket storage (an allocation per socket, a third of the probe's time under
-    // churn) only where the kernel itself needs what it keeps: `--pid` matches a
-    // transition in softirq by the owner an earlier syscall named. Otherwise `trace`,
-    // which receives every transition, times states and carries owners in userspace
-    // (`carry`), and lifecycle-only mode keeps closers in `CLOSERS`.
-    let pids = filt!(npids) != 0;
-    let slot = if pids {
-        let create = !lifecycle || owner_needed_later(old, new);
-        // SAFETY: `SOCK_STATE` is a socket storage map and `sk` the tracepoint's typed
-        // socket (the verifier checks both); the helper returns the socket's slot or
-        // null.
-        unsafe {
-            bpf_sk_storage_get(
-                core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
-                sk.cast_mut().cast(),
-                core::ptr::null_mut(),
-                if create { 1 } else { 0 },
-            )
-        }
-        .cast::<SockState>()
-    } else {
-        core::ptr::null_mut()
-    };
-    // A zeroed value rather than an `Option` (see `update_lru`).
-    // SAFETY: fields of this CPU's scratch slot; the storage slot is this socket's,
-    // valid for this program run; all 8-aligned (see `words`).
-    unsafe {
-        if slot.is_null() {
-            words::zero(&raw mut s.prev);
-        } else {
-            words::copy(&raw mut s.prev, slot);
-        }
-    }
-    let key = sk as u64;
-    let closer = if lifecycle && ends_closing(old, new) {
-        CLOSERS.get_ptr(&key)
-    } else {
-        None
-    };
-    if let Some(p) = closer {
-        // SAFETY: a map value pointer (8-aligned), valid for this program run.
-        unsafe { words::copy(&raw mut s.prev, p) };
-    }
+    let kept = recall(sk, old, new, lifecycle, s);
     let owned = owned(s, &task);
-    if !slot.is_null() {
-        // SAFETY: as above.
-        unsafe { words::copy(slot, &raw const s.state) };
-    }
-    if lifecycle && begins_closing(old, new) {
-        if CLOSERS.insert(&key, &s.state, 0).is_err() {
-            bump(counter::SOCKET_STORE_FAILED);
-        }
-    } else if closer.is_some() {
-        let _ = CLOSERS.remove(&key);
-    }
+    remember(sk, old, new, lifecycle, &kept, s);
     if lifecycle
         && !is_lifecycle(old, new)
         && new != tcp_state::LISTEN
@@ -315,6 +263,84 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     }
     finish::<Direct>(&task, s, &owned);
     0
+}
+
+/// Where the probe keeps a socket's state between transitions (`recall`).
+struct Kept {
+    /// The socket's storage (null without one).
+    slot: *mut SockState,
+    /// A closer was read from `CLOSERS`.
+    closer: bool,
+}
+
+/// What was remembered of the socket before this transition, into `s.prev` (zeroed when
+/// nothing was). Socket storage (an allocation per socket, a third of the probe's time
+/// under churn) only where the kernel itself needs what it keeps: `--pid` matches a
+/// transition in softirq by the owner an earlier syscall named. Otherwise `trace`, which
+/// receives every transition, times states and carries owners in userspace (`carry`),
+/// and lifecycle-only mode keeps closers in `CLOSERS`, read at the end of the closing
+/// states. Inlined: the storage helper must get the tracepoint's typed pointer, which a
+/// subprogram would see as a scalar.
+#[inline(always)]
+fn recall(sk: *const u8, old: u8, new: u8, lifecycle: bool, s: &mut Scratch) -> Kept {
+    let slot = if filt!(npids) != 0 {
+        let create = !lifecycle || owner_needed_later(old, new);
+        // SAFETY: `SOCK_STATE` is a socket storage map and `sk` the tracepoint's typed
+        // socket (the verifier checks both); the helper returns the socket's slot or
+        // null.
+        unsafe {
+            bpf_sk_storage_get(
+                core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
+                sk.cast_mut().cast(),
+                core::ptr::null_mut(),
+                if create { 1 } else { 0 },
+            )
+        }
+        .cast::<SockState>()
+    } else {
+        core::ptr::null_mut()
+    };
+    // A zeroed value rather than an `Option` (see `update_lru`).
+    // SAFETY: fields of this CPU's scratch slot; the storage slot is this socket's,
+    // valid for this program run; all 8-aligned (see `words`).
+    unsafe {
+        if slot.is_null() {
+            words::zero(&raw mut s.prev);
+        } else {
+            words::copy(&raw mut s.prev, slot);
+        }
+    }
+    let closer = if lifecycle && ends_closing(old, new) {
+        CLOSERS.get_ptr(&(sk as u64))
+    } else {
+        None
+    };
+    if let Some(p) = closer {
+        // SAFETY: a map value pointer (8-aligned), valid for this program run.
+        unsafe { words::copy(&raw mut s.prev, p) };
+    }
+    Kept {
+        slot,
+        closer: closer.is_some(),
+    }
+}
+
+/// Keeps the socket's state after this transition (`s.state`) where `recall` found it,
+/// and a closer from close()/shutdown() in `CLOSERS` until the closing states end.
+#[inline(always)]
+fn remember(sk: *const u8, old: u8, new: u8, lifecycle: bool, kept: &Kept, s: &Scratch) {
+    if !kept.slot.is_null() {
+        // SAFETY: the storage slot `recall` got in this run; 8-aligned (see `words`).
+        unsafe { words::copy(kept.slot, &raw const s.state) };
+    }
+    let key = sk as u64;
+    if lifecycle && begins_closing(old, new) {
+        if CLOSERS.insert(&key, &s.state, 0).is_err() {
+            bump(counter::SOCKET_STORE_FAILED);
+        }
+    } else if kept.closer {
+        let _ = CLOSERS.remove(&key);
+    }
 }
 
 /// Family, ports and addresses of a socket typed `tcp_sock`, into `t`; false for a
