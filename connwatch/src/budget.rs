@@ -30,7 +30,15 @@ impl Budget {
 
     /// Whether a run now keeps within the budget.
     pub fn allows(&self) -> bool {
-        self.since_last().is_none_or(|t| t >= self.spacing())
+        self.allows_scaled(1.0)
+    }
+
+    /// Whether a run now keeps within the budget, for a job expected to cost `scale`
+    /// times the last run: one whose cost follows what it walks, which has grown (or
+    /// shrunk) by that much since.
+    pub fn allows_scaled(&self, scale: f64) -> bool {
+        self.since_last()
+            .is_none_or(|t| t >= self.spacing().mul_f64(scale.max(0.0)))
     }
 
     /// Records a run that just ended and cost `cost` (CPU time where the job runs on
@@ -68,6 +76,21 @@ pub fn thread_cpu_time() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_expected_to_cost_more_waits_longer() {
+        let mut b = Budget::new(1000);
+        b.spent(Duration::from_micros(10));
+        // 10 ms of spacing: already past twice nothing, not past a hundred times it.
+        std::thread::sleep(Duration::from_millis(15));
+        assert!(b.allows());
+        assert!(b.allows_scaled(1.0));
+        assert!(
+            !b.allows_scaled(100.0),
+            "a run costing 1 ms needs 1 s of spacing"
+        );
+        assert!(b.allows_scaled(0.5), "a cheaper run waits less");
+    }
 
     #[test]
     fn spacing_follows_the_last_cost() {

@@ -18,7 +18,7 @@ use anyhow::Result;
 
 use self::snapshot::{Footprint, Loss, Snapshot};
 use crate::{
-    budget::Budget,
+    budget::{Budget, thread_cpu_time},
     clock::{WallClock, monotonic_ns},
     decode::{Leaves, TcpState, Transition},
     filter::{Filter, Selection},
@@ -50,6 +50,10 @@ pub struct Monitor {
     tw_budget: Budget,
     /// Full dumps (`refresh`).
     full_budget: Budget,
+    /// Sockets listed by the last full dump other than CLOSE_WAIT and timewait ones
+    /// (those are followed between dumps), and `population()` right after it.
+    listed_other: u64,
+    full_population: u64,
     /// The dumps that fetch new CLOSE_WAIT sockets' evidence before a report.
     evidence_budget: Budget,
     /// The last timewait poll of every namespace.
@@ -83,6 +87,12 @@ const POLL_BUDGET: u32 = 50;
 /// host-wide TCP hash table, TIME_WAIT sockets included even when they are not asked
 /// for; between dumps the tables follow events, so a dump every few seconds suffices.
 const REFRESH_BUDGET: u32 = 400;
+
+/// A dump's walk of the host-wide hash costs about as much as this many sockets' before
+/// it meets any (its buckets: 262,144 on a host with 16 GB or more); what a full dump
+/// is expected to cost grows from the last one's by the sockets known to have come
+/// since, over this (see `Monitor::refresh`).
+const WALK_FIXED_SOCKETS: u64 = 4096;
 
 /// The evidence dumps before a report may use at most 1/EVIDENCE_BUDGET of a CPU. Each
 /// lists only CLOSE_WAIT sockets, but walks the host-wide hash table to find them: with
@@ -138,6 +148,8 @@ impl Monitor {
             taken: (0, 0),
             tw_budget: Budget::new(POLL_BUDGET),
             full_budget: Budget::new(REFRESH_BUDGET),
+            listed_other: 0,
+            full_population: 0,
             evidence_budget: Budget::new(EVIDENCE_BUDGET),
             last_reconcile: None,
             poll_wall: PollWall::default(),
@@ -719,11 +731,17 @@ impl Monitor {
     /// most 1/REFRESH_BUDGET of a CPU (a few ms on most hosts: every report; ~100 ms
     /// with 100,000 sockets: every few seconds).
     pub fn refresh(&mut self) -> Result<Vec<Synthetic>> {
-        if !self.full_budget.allows() {
+        // Spaced by what the next dump will cost, not the last: the seed may have
+        // walked a quiet host that a churn has since filled with TIME_WAITs (the seed
+        // of an empty namespace, then 60,000 TIME_WAITs: a dump 25 times the seed's).
+        let grown = (self.population() + WALK_FIXED_SOCKETS) as f64
+            / (self.full_population + WALK_FIXED_SOCKETS) as f64;
+        if !self.full_budget.allows_scaled(grown) {
             return Ok(Vec::new());
         }
         let now = monotonic_ns();
         let started = std::time::Instant::now();
+        let cpu_before = thread_cpu_time();
         // Every state but TIME_WAIT: those are followed by events, timers and the
         // timewait polls, and on a busy host they are most of what a dump would list.
         let query = Query {
@@ -732,8 +750,19 @@ impl Monitor {
         };
         let visits = self.visit(&[query], true, None)?;
         let rows = self.absorb_full_dump(visits, now, false);
-        self.full_budget.spent(started.elapsed());
+        // CPU on every thread the visit used, or the wall time where that is longer
+        // (a thread waiting for a core on a loaded host).
+        let cpu =
+            thread_cpu_time().saturating_sub(cpu_before) + self.namespaces.other_threads_cpu();
+        self.full_budget.spent(started.elapsed().max(cpu));
         rows
+    }
+
+    /// The TCP sockets a full dump is known to walk: those the last listed besides
+    /// CLOSE_WAIT and timewait ones, and those followed now.
+    fn population(&self) -> u64 {
+        let (time_wait, fin_wait2) = self.tw.counts();
+        self.listed_other + self.table.close_wait_count() + time_wait + fin_wait2
     }
 
     /// Forgets the sites of sockets that a full dump (begun at `now`) no longer lists;
@@ -764,6 +793,11 @@ impl Monitor {
     ) -> Result<Vec<Synthetic>> {
         self.states.clear();
         self.prune_sites(&visits, now);
+        self.listed_other = visits
+            .iter()
+            .flat_map(|v| &v.sockets)
+            .filter(|s| !s.timewait && s.state != TcpState::CLOSE_WAIT)
+            .count() as u64;
         for v in &visits {
             for (state, n) in snapshot::state_counts(&v.sockets) {
                 *self.states.entry(state).or_insert(0) += n;
@@ -784,6 +818,7 @@ impl Monitor {
             }
             Ok(Vec::new())
         };
+        self.full_population = self.population();
         release_freed_memory();
         rows
     }

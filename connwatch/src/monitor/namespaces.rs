@@ -11,12 +11,17 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
 
 use crate::{
+    budget::thread_cpu_time,
     decode::TcpState,
     filter::Filter,
     host::kernelinfo::{self, KernelInfo},
@@ -43,6 +48,8 @@ pub struct Namespaces {
     rediscover: bool,
     /// Namespaces where a TIME_WAIT was born since their listeners were last listed.
     listeners_wanted: BTreeSet<u32>,
+    /// CPU time the last `visit` used on threads other than the caller's.
+    other_threads_cpu: Duration,
 }
 
 /// How a visit lists a namespace's sockets.
@@ -159,12 +166,19 @@ impl Namespaces {
             listeners: HashMap::new(),
             rediscover: false,
             listeners_wanted: BTreeSet::new(),
+            other_threads_cpu: Duration::ZERO,
         }
     }
 
     /// connwatch's own network namespace.
     pub fn own(&self) -> u32 {
         self.own
+    }
+
+    /// CPU time the last `visit` used on threads other than the caller's (the caller's
+    /// own is in its thread's clock).
+    pub fn other_threads_cpu(&self) -> Duration {
+        self.other_threads_cpu
     }
 
     pub fn len(&self) -> usize {
@@ -295,16 +309,32 @@ impl Namespaces {
             .map(|(ns, path)| (*ns, path.clone()))
             .collect();
         // The other namespaces on a thread of their own, beside our own namespace here.
+        // Its CPU time is kept (`other_threads_cpu`): the budgets that space visits count
+        // CPU, and a visit on two threads costs up to twice its wall time.
         let elsewhere = (!others.is_empty()).then(|| {
             let listing = listing.clone();
-            std::thread::spawn(move || netns::run_in_each(others, move |_| visit(&listing)))
+            std::thread::spawn(move || {
+                let cpu = Arc::new(AtomicU64::new(0));
+                let spent = Arc::clone(&cpu);
+                let listed = netns::run_in_each(others, move |_| {
+                    let before = thread_cpu_time();
+                    let listed = visit(&listing);
+                    let used = thread_cpu_time().saturating_sub(before);
+                    spent.fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
+                    listed
+                });
+                (listed, Duration::from_nanos(cpu.load(Ordering::Relaxed)))
+            })
         });
         let mut results = Vec::new();
         if wanted(&own) {
             results.push((own, visit(listing)));
         }
+        self.other_threads_cpu = Duration::ZERO;
         if let Some(elsewhere) = elsewhere {
-            results.extend(elsewhere.join().unwrap_or_default());
+            let (listed, cpu) = elsewhere.join().unwrap_or_default();
+            results.extend(listed);
+            self.other_threads_cpu = cpu;
         }
         self.absorb_visits(results, filter, what)
     }
