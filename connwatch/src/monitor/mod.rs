@@ -94,6 +94,12 @@ const REFRESH_BUDGET: u32 = 400;
 /// since, over this (see `Monitor::refresh`).
 const WALK_FIXED_SOCKETS: u64 = 4096;
 
+/// How much more a walk of `now` sockets costs than one of `then` (see
+/// `WALK_FIXED_SOCKETS`).
+fn walk_growth(then: u64, now: u64) -> f64 {
+    (now + WALK_FIXED_SOCKETS) as f64 / (then + WALK_FIXED_SOCKETS) as f64
+}
+
 /// The evidence dumps before a report may use at most 1/EVIDENCE_BUDGET of a CPU. Each
 /// lists only CLOSE_WAIT sockets, but walks the host-wide hash table to find them: with
 /// tens of thousands of TIME_WAITs that costs milliseconds, and under a CPU limit it
@@ -734,8 +740,7 @@ impl Monitor {
         // Spaced by what the next dump will cost, not the last: the seed may have
         // walked a quiet host that a churn has since filled with TIME_WAITs (the seed
         // of an empty namespace, then 60,000 TIME_WAITs: a dump 25 times the seed's).
-        let grown = (self.population() + WALK_FIXED_SOCKETS) as f64
-            / (self.full_population + WALK_FIXED_SOCKETS) as f64;
+        let grown = walk_growth(self.full_population, self.population());
         if !self.full_budget.allows_scaled(grown) {
             return Ok(Vec::new());
         }
@@ -1037,6 +1042,25 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_full_dump_is_expected_to_cost_what_it_walks() {
+        // The seed of an empty namespace, then a churn's 60,000 TIME_WAITs: the next
+        // dump walks ~16 times what the seed did.
+        let g = walk_growth(0, 60_000);
+        assert!((15.0..16.0).contains(&g), "{g}");
+        // A few sockets more or less change nothing worth a delay.
+        assert!((walk_growth(100, 150) - 1.0).abs() < 0.02);
+        // A host emptied since costs less, and may be walked sooner.
+        assert!(walk_growth(100_000, 1_000) < 0.1);
+        // Deferred by the budget accordingly: a 1 ms seed allows a dump ~0.4 s later
+        // at the same size, not at 16 times it.
+        let mut m = Monitor::new(Duration::from_secs(60), Filter::default());
+        m.full_budget.spent(MS);
+        std::thread::sleep(500 * MS);
+        assert!(m.full_budget.allows_scaled(walk_growth(0, 0)));
+        assert!(!m.full_budget.allows_scaled(walk_growth(0, 60_000)));
+    }
 
     #[test]
     fn a_poll_waits_for_a_report_it_would_hold_up() {
