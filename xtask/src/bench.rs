@@ -104,8 +104,32 @@ fn run(cmd: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The load's listening port (see `Load::start`).
+/// The load's listening port (see `listen`).
 const LOAD_PORT: u16 = 80;
+
+/// The load's listener, made in the namespace by a thread that enters it (setns affects
+/// only the calling thread); a socket is used from any thread after.
+fn listen(ns: &Arc<Netns>) -> Result<TcpListener> {
+    let ns = Arc::clone(ns);
+    thread::spawn(move || -> Result<TcpListener> {
+        ns.enter()?;
+        // On every loopback address: each client connects to its own (below),
+        // so that each has a port space of its own and a run does not run out
+        // of ports into reusing its own TIME_WAITs (a slower connect() whose
+        // cost depends on what earlier runs left).
+        // On one fixed port, a web server's: the rate a run settles at depends
+        // on the port connected to (measured, 3-s runs: 31,300 conn/s on port
+        // 12345 every time, 38,000 on 40000), so a port the kernel picks anew
+        // for every run made runs without a tracer alone range over 27,000-
+        // 37,000 conn/s, more than the tax they measure. Each run has a
+        // namespace of its own: no other listener there.
+        let l = TcpListener::bind(("0.0.0.0", LOAD_PORT))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the listener's thread panicked"))?
+}
 
 /// Connection churn: clients connect, send a byte, get a byte back, close (first).
 struct Load {
@@ -119,29 +143,7 @@ impl Load {
     fn start(ns: &Arc<Netns>, clients: usize, rate: Option<f64>) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(AtomicU64::new(0));
-        // The listener, made in the namespace by a thread that enters it (setns affects
-        // only the calling thread); a socket is used from any thread after.
-        let listener = {
-            let ns = Arc::clone(ns);
-            thread::spawn(move || -> Result<TcpListener> {
-                ns.enter()?;
-                // On every loopback address: each client connects to its own (below),
-                // so that each has a port space of its own and a run does not run out
-                // of ports into reusing its own TIME_WAITs (a slower connect() whose
-                // cost depends on what earlier runs left).
-                // On one fixed port, a web server's: the rate a run settles at depends
-                // on the port connected to (measured, 3-s runs: 31,300 conn/s on port
-                // 12345 every time, 38,000 on 40000), so a port the kernel picks anew
-                // for every run made runs without a tracer alone range over 27,000-
-                // 37,000 conn/s, more than the tax they measure. Each run has a
-                // namespace of its own: no other listener there.
-                let l = TcpListener::bind(("0.0.0.0", LOAD_PORT))?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the listener's thread panicked"))??
-        };
+        let listener = listen(ns)?;
         let port = listener.local_addr()?.port();
         let mut threads = Vec::new();
         // As many server threads as clients: one would serialise every connection on
