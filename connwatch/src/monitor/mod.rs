@@ -739,7 +739,7 @@ impl Monitor {
     pub fn refresh(&mut self) -> Result<Vec<Synthetic>> {
         // Spaced by what the next dump will cost, not the last: the seed may have
         // walked a quiet host that a churn has since filled with TIME_WAITs (the seed
-        // of an empty namespace, then 60,000 TIME_WAITs: a dump 25 times the seed's).
+        // of an empty namespace, then 60,000 TIME_WAITs: a walk ~16 times the seed's).
         let grown = walk_growth(self.full_population, self.population());
         if !self.full_budget.allows_scaled(grown) {
             return Ok(Vec::new());
