@@ -16,6 +16,7 @@ pub mod cmd;
 pub mod decode;
 pub mod filter;
 pub mod host;
+pub mod huge_pages;
 pub mod monitor;
 pub mod probe;
 pub mod report;

@@ -14,6 +14,10 @@ use connwatch::{
     probe::{self, ProbeOptions},
 };
 
+/// Large tables on transparent huge pages (see the module).
+#[global_allocator]
+static ALLOCATOR: connwatch::huge_pages::Allocator = connwatch::huge_pages::Allocator;
+
 fn main() -> ExitCode {
     // One malloc arena: connwatch works on one thread, plus short-lived threads that
     // dump other network namespaces; with an arena each, what a dump freed stays
