@@ -8,9 +8,10 @@
 //! module says what the container is called. Names are asked for in a thread of their
 //! own, so a slow or absent runtime never holds up events or reports: a lookup that
 //! misses returns at once and queues the id; the thread lists the runtime's containers
-//! (all of them, in one call, so a host's containers are named together) at most once
-//! a second while ids are waiting, and a container started after connwatch is named by
-//! the next report. A runtime that is absent or refuses is said once on stderr; rows
+//! (all of them, in one call, so a host's containers are named together): within
+//! 200 ms of its last list for an id first wanted since, else at most once a second
+//! while ids it did not list wait. A container started after connwatch is named by the
+//! next report. A runtime that is absent or refuses is said once on stderr; rows
 //! keep the ids. CRI-O and podman containers keep their ids (no client for them yet).
 use std::{
     collections::HashMap,
@@ -135,8 +136,14 @@ pub struct RuntimeArgs {
     pub docker_socket: PathBuf,
 }
 
-/// One list call per runtime at most this often while ids wait for names.
+/// One list call per runtime at most this often while ids it did not list wait for
+/// names.
 const MIN_GAP: Duration = Duration::from_secs(1);
+/// An id wanted since a runtime's last list is asked for this soon after that list: a
+/// container that just started is named by the next report, even while its runtime
+/// is asked again and again for another id it does not know (a container gone, or
+/// another runtime's).
+const FRESH_GAP: Duration = Duration::from_millis(200);
 /// How long an id is asked for before it counts as one its runtime does not know (a
 /// container gone, or made by another runtime).
 const GIVE_UP: Duration = Duration::from_secs(10);
@@ -302,51 +309,112 @@ fn ask_loop(resolver: Arc<Resolver>, args: &RuntimeArgs) {
         *p = true;
         resolver.primed_cv.notify_all();
     }
+    // When each runtime was last listed (the start of the call).
+    let mut listed: HashMap<Runtime, Instant> = HashMap::new();
     loop {
-        let wanted: Vec<(String, Runtime)> = {
-            let Ok(mut t) = resolver.table.lock() else {
-                return;
-            };
-            while t.wanted.is_empty() {
-                t = match resolver.wake.wait(t) {
-                    Ok(t) => t,
-                    Err(_) => return,
-                };
-            }
-            t.wanted
-                .iter()
-                .map(|(id, (r, _))| (id.clone(), *r))
-                .collect()
+        let Some(asking) = wait_due(&resolver, &listed) else {
+            return;
         };
-        let (found, answered) = rt.block_on(asker.ask(&wanted));
-        if let Ok(mut t) = resolver.table.lock() {
-            if t.known.len() + found.len() > TABLE_MAX {
-                t.known.clear();
-            }
-            for (id, names) in found {
-                t.wanted.remove(&id);
-                t.known.insert(id, Arc::new(names));
-            }
-            // Given up on only where the runtime answered without it: while a runtime
-            // cannot be asked, its ids wait.
-            let now = Instant::now();
-            let expired: Vec<String> = t
+        let started = Instant::now();
+        let (found, answered) = rt.block_on(asker.ask(&asking));
+        for (_, runtime) in &asking {
+            listed.insert(*runtime, started);
+        }
+        let Ok(mut t) = resolver.table.lock() else {
+            return;
+        };
+        file_answers(&mut t, found, &answered);
+    }
+}
+
+/// Waits until a wanted id's runtime is due to be listed (`due`); returns the wanted
+/// ids of the runtimes due. `None` when the table is poisoned.
+fn wait_due(
+    resolver: &Resolver,
+    listed: &HashMap<Runtime, Instant>,
+) -> Option<Vec<(String, Runtime)>> {
+    let mut t = resolver.table.lock().ok()?;
+    loop {
+        let now = Instant::now();
+        let wanted = t
+            .wanted
+            .iter()
+            .map(|(id, &(r, since))| (id.as_str(), r, since));
+        let (ready, next) = due(wanted, listed, now);
+        if !ready.is_empty() {
+            let asking = t
                 .wanted
                 .iter()
-                .filter(|(_, (runtime, asked))| {
-                    answered.contains(runtime) && now.duration_since(*asked) >= GIVE_UP
-                })
-                .map(|(id, _)| id.clone())
+                .filter(|(_, (r, _))| ready.contains(r))
+                .map(|(id, (r, _))| (id.clone(), *r))
                 .collect();
-            if t.unknown.len() + expired.len() > TABLE_MAX {
-                t.unknown.clear();
-            }
-            for id in expired {
-                t.wanted.remove(&id);
-                t.unknown.insert(id);
-            }
+            return Some(asking);
         }
-        std::thread::sleep(MIN_GAP);
+        t = match next {
+            Some(at) => resolver.wake.wait_timeout(t, at - now).ok()?.0,
+            None => resolver.wake.wait(t).ok()?,
+        };
+    }
+}
+
+/// Which runtimes of the wanted ids (id, runtime, wanted since) are due to be listed
+/// at `now`, given when each was `listed` last; and, if none is, when the first will
+/// be. A runtime never listed is due at once; one with an id wanted since its last
+/// list, `FRESH_GAP` after that list; otherwise `MIN_GAP` after it.
+fn due<'a>(
+    wanted: impl Iterator<Item = (&'a str, Runtime, Instant)>,
+    listed: &HashMap<Runtime, Instant>,
+    now: Instant,
+) -> (Vec<Runtime>, Option<Instant>) {
+    let (mut ready, mut next) = (Vec::new(), None::<Instant>);
+    for (_, runtime, since) in wanted {
+        let at = match listed.get(&runtime) {
+            None => now,
+            Some(&last) if since >= last => last + FRESH_GAP,
+            Some(&last) => last + MIN_GAP,
+        };
+        if at <= now {
+            if !ready.contains(&runtime) {
+                ready.push(runtime);
+            }
+        } else {
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+    }
+    (ready, next)
+}
+
+/// Files what a round of lists found, and gives up on the ids that runtimes answered
+/// without for `GIVE_UP`.
+fn file_answers(
+    t: &mut Table,
+    found: HashMap<String, Names>,
+    answered: &std::collections::HashSet<Runtime>,
+) {
+    if t.known.len() + found.len() > TABLE_MAX {
+        t.known.clear();
+    }
+    for (id, names) in found {
+        t.wanted.remove(&id);
+        t.known.insert(id, Arc::new(names));
+    }
+    // Given up on only where the runtime answered without it: while a runtime cannot
+    // be asked, its ids wait.
+    let now = Instant::now();
+    let expired: Vec<String> = t
+        .wanted
+        .iter()
+        .filter(|(_, (runtime, asked))| {
+            answered.contains(runtime) && now.duration_since(*asked) >= GIVE_UP
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    if t.unknown.len() + expired.len() > TABLE_MAX {
+        t.unknown.clear();
+    }
+    for id in expired {
+        t.wanted.remove(&id);
+        t.unknown.insert(id);
     }
 }
 
@@ -542,6 +610,43 @@ mod tests {
         );
         assert_eq!(found["a"], named);
         assert!(!Names::default().is_named());
+    }
+
+    #[test]
+    fn a_new_id_is_asked_soon_and_one_not_listed_once_a_second() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let ready = |wanted: &[(&'static str, Runtime, Instant)], listed, now| {
+            due(wanted.iter().copied(), listed, now)
+        };
+        // Never listed: at once.
+        let none = HashMap::new();
+        let (r, next) = ready(&[("a", Runtime::Containerd, at(0))], &none, at(0));
+        assert_eq!((r, next), (vec![Runtime::Containerd], None));
+        // Listed at 100 ms without "a" (wanted since 0): again at 1.1 s, not before.
+        let listed = HashMap::from([(Runtime::Containerd, at(100))]);
+        let old = ("a", Runtime::Containerd, at(0));
+        assert_eq!(ready(&[old], &listed, at(500)), (vec![], Some(at(1100))));
+        assert_eq!(
+            ready(&[old], &listed, at(1100)).0,
+            vec![Runtime::Containerd]
+        );
+        // "b", wanted after that list: 200 ms after it, whatever "a" waits for.
+        let new = ("b", Runtime::Containerd, at(400));
+        assert_eq!(
+            ready(&[old, new], &listed, at(250)),
+            (vec![], Some(at(300)))
+        );
+        assert_eq!(
+            ready(&[old, new], &listed, at(450)).0,
+            vec![Runtime::Containerd]
+        );
+        // Another runtime's gap does not hold Docker's first id.
+        let docker = ("c", Runtime::Docker, at(400));
+        assert_eq!(
+            ready(&[old, docker], &listed, at(450)),
+            (vec![Runtime::Docker], Some(at(1100)))
+        );
     }
 
     #[test]
