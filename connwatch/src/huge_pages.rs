@@ -13,7 +13,10 @@
 //!
 //! Large blocks are their own mappings (`main` fixes glibc's mmap threshold), so the
 //! advice covers the block and nothing else; a block that grows in place (`mremap`)
-//! keeps it.
+//! keeps it. The cost: where the kernel compacts memory for advised regions (THP
+//! `defrag` is `madvise` by default), the first touch of such a block on a host whose
+//! memory is fragmented can take milliseconds. Tables grow rarely, and the event ring
+//! absorbs the pause; what it cannot hold is counted as dropped.
 use std::alloc::{GlobalAlloc, Layout, System};
 
 /// The size of a transparent huge page on x86-64 and arm64 (4 KiB base pages).
