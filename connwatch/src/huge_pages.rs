@@ -102,8 +102,8 @@ mod tests {
     #[test]
     fn a_large_block_is_usable_and_advised() {
         let layout = Layout::from_size_align(8 << 20, 8).unwrap();
-        // SAFETY: a non-zero layout; the block is written within its size and freed
-        // with the same layout.
+        // SAFETY: non-zero layouts; the block is written within its size, and freed
+        // with the layout of its size after the realloc.
         unsafe {
             let p = Allocator.alloc(layout);
             assert!(!p.is_null());

@@ -336,11 +336,7 @@ fn wait_due(
     let mut t = resolver.table.lock().ok()?;
     loop {
         let now = Instant::now();
-        let wanted = t
-            .wanted
-            .iter()
-            .map(|(id, &(r, since))| (id.as_str(), r, since));
-        let (ready, next) = due(wanted, listed, now);
+        let (ready, next) = due(t.wanted.values().copied(), listed, now);
         if !ready.is_empty() {
             let asking = t
                 .wanted
@@ -357,17 +353,17 @@ fn wait_due(
     }
 }
 
-/// Which runtimes of the wanted ids (id, runtime, wanted since) are due to be listed
+/// Which runtimes of the wanted ids (runtime, wanted since) are due to be listed
 /// at `now`, given when each was `listed` last; and, if none is, when the first will
 /// be. A runtime never listed is due at once; one with an id wanted since its last
 /// list, `FRESH_GAP` after that list; otherwise `MIN_GAP` after it.
-fn due<'a>(
-    wanted: impl Iterator<Item = (&'a str, Runtime, Instant)>,
+fn due(
+    wanted: impl Iterator<Item = (Runtime, Instant)>,
     listed: &HashMap<Runtime, Instant>,
     now: Instant,
 ) -> (Vec<Runtime>, Option<Instant>) {
     let (mut ready, mut next) = (Vec::new(), None::<Instant>);
-    for (_, runtime, since) in wanted {
+    for (runtime, since) in wanted {
         let at = match listed.get(&runtime) {
             None => now,
             Some(&last) if since >= last => last + FRESH_GAP,
@@ -616,23 +612,22 @@ mod tests {
     fn a_new_id_is_asked_soon_and_one_not_listed_once_a_second() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let ready = |wanted: &[(&'static str, Runtime, Instant)], listed, now| {
-            due(wanted.iter().copied(), listed, now)
-        };
+        let ready =
+            |wanted: &[(Runtime, Instant)], listed, now| due(wanted.iter().copied(), listed, now);
         // Never listed: at once.
         let none = HashMap::new();
-        let (r, next) = ready(&[("a", Runtime::Containerd, at(0))], &none, at(0));
+        let (r, next) = ready(&[(Runtime::Containerd, at(0))], &none, at(0));
         assert_eq!((r, next), (vec![Runtime::Containerd], None));
         // Listed at 100 ms without "a" (wanted since 0): again at 1.1 s, not before.
         let listed = HashMap::from([(Runtime::Containerd, at(100))]);
-        let old = ("a", Runtime::Containerd, at(0));
+        let old = (Runtime::Containerd, at(0));
         assert_eq!(ready(&[old], &listed, at(500)), (vec![], Some(at(1100))));
         assert_eq!(
             ready(&[old], &listed, at(1100)).0,
             vec![Runtime::Containerd]
         );
         // "b", wanted after that list: 200 ms after it, whatever "a" waits for.
-        let new = ("b", Runtime::Containerd, at(400));
+        let new = (Runtime::Containerd, at(400));
         assert_eq!(
             ready(&[old, new], &listed, at(250)),
             (vec![], Some(at(300)))
@@ -642,7 +637,7 @@ mod tests {
             vec![Runtime::Containerd]
         );
         // Another runtime's gap does not hold Docker's first id.
-        let docker = ("c", Runtime::Docker, at(400));
+        let docker = (Runtime::Docker, at(400));
         assert_eq!(
             ready(&[old, docker], &listed, at(450)),
             (vec![Runtime::Docker], Some(at(1100)))
