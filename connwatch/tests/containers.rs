@@ -2,8 +2,9 @@
 //! its own root, state and socket: Debian's containerd (with runc) running a
 //! FROM-scratch image the way the kubelet's CRI runs containers (the CRI's labels, the
 //! kubelet's cgroup path, the host network), and Debian's Docker. The image holds one
-//! static program (`support/leaker.c`) that connects and never closes. A runtime that
-//! cannot start fails the test: these tests never skip.
+//! static program (`support/leaker.c`) that connects and never closes; and Debian's
+//! podman (no daemon: connwatch reads the container store it shares with CRI-O). A
+//! runtime that cannot start fails the test: these tests never skip.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -570,6 +571,87 @@ fn docker_container_is_named() {
     // Docker's name for it, and Docker as its runtime (the path alone said containerd).
     assert_eq!(row["container"]["name"], pod_name.as_str(), "{row}");
     assert_eq!(row["container"]["runtime"], "docker", "{row}");
+}
+
+/// podman's containers are named from its container store (no daemon runs): by their
+/// name, and by their pod where the name is one CRI-O gives (the kubelet's
+/// `k8s_<container>_<pod>_<namespace>_<uid>_<attempt>`; CRI-O keeps its containers in the
+/// same store).
+#[test]
+fn podman_container_is_named_from_its_store() {
+    require_root();
+    let dir = Dir::new("podman");
+    let image = build_image(&dir.0);
+    let (root, runroot) = (dir.0.join("podman/root"), dir.0.join("podman/run"));
+    let podman = || {
+        let mut c = Command::new(tool("/usr/bin/podman", "podman"));
+        c.arg("--root")
+            .arg(&root)
+            .arg("--runroot")
+            .arg(&runroot)
+            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
+            .args(["--events-backend", "file"]);
+        c
+    };
+    run(podman().arg("load").arg("-i").arg(&image.oci));
+    // Limits within the test's own (podman's defaults would raise them, which needs
+    // CAP_SYS_RESOURCE), on the host network.
+    let start = |name: &str, extra: &[&str], port: &str, n: &str| {
+        let out = run(podman()
+            .args(["run", "-d", "--network", "host", "--name", name])
+            .args([
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=4096:4096",
+            ])
+            .args(extra)
+            .args([IMAGE, "/leaker", port, n]));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (_closer, port) = closing_server();
+    let name = format!("shop-web-{}", std::process::id());
+    let uid = pod_uid("podman-pod");
+    let pod_name = format!("k8s_app_{POD}_{NS}_{uid}_0");
+    let parent = format!("--cgroup-parent=/kubepods/besteffort/pod{uid}");
+    let ids = [
+        start(&name, &[], &port, "2"),
+        start(&pod_name, &[parent.as_str()], &port, "1"),
+    ];
+    let store = [root.display().to_string(), runroot.display().to_string()];
+    let args = [
+        "--containers-storage",
+        &store[0],
+        "--containers-storage",
+        &store[1],
+    ];
+    let end = Instant::now() + DEADLINE;
+    let (row, pod_row) = loop {
+        let r = snapshot(&args);
+        let rows = (
+            container_row(&r, &ids[0]).filter(|p| p["close_wait"] == 2),
+            container_row(&r, &ids[1]).filter(|p| p["close_wait"] == 1),
+        );
+        if let (Some(row), Some(pod_row)) = rows {
+            break (row.clone(), pod_row.clone());
+        }
+        assert!(Instant::now() < end, "no rows for the containers: {r}");
+        thread::sleep(Duration::from_millis(200));
+    };
+    let _ = podman()
+        .args(["rm", "-f", "-t", "0", &name, &pod_name])
+        .output();
+    assert_eq!(
+        row["container"],
+        serde_json::json!({"id": ids[0], "runtime": "podman", "name": name})
+    );
+    assert!(row["k8s"].is_null(), "{row}");
+    assert_eq!(
+        pod_row["k8s"],
+        serde_json::json!({"namespace": NS, "pod": POD, "pod_uid": uid, "container": "app"}),
+        "{pod_row}"
+    );
+    assert_eq!(pod_row["container"]["name"], "app", "{pod_row}");
 }
 
 /// The project's own alert fires in a real Prometheus (Debian's) for the leaking pod by

@@ -32,7 +32,7 @@ const APT_PACKAGES: &[&str] = &[
 /// Real software the root tests run connwatch against (`cargo xtask test` only): servers
 /// that close idle clients or share a port, the clients and libraries that leak, and
 /// the container runtimes whose containers connwatch names (containerd and runc; Docker;
-/// gcc builds the static programs of their FROM-scratch images), and the compilers of
+/// podman; gcc builds the static programs of their FROM-scratch images), and the compilers of
 /// the leak-site tests' C and Go programs (gcc, golang-go).
 const APT_TEST_PACKAGES: &[&str] = &[
     "redis-server",
@@ -42,6 +42,7 @@ const APT_TEST_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "docker.io",
+    "podman",
     "gcc",
     "golang-go",
 ];

@@ -11,11 +11,12 @@
 //! (all of them, in one call, so a host's containers are named together): within
 //! 200 ms of its last list for an id first wanted since, else at most once a second
 //! while ids it did not list wait. A container started after connwatch is named by the
-//! next report. A runtime that is absent or refuses is said once on stderr; rows
-//! keep the ids. CRI-O and podman containers keep their ids (no client for them yet).
+//! next report. podman's and CRI-O's containers are named from the files of the store
+//! they share (`storage`), as no daemon need be running for them. A runtime that is
+//! absent or refuses is said once on stderr; rows keep the ids.
 use std::{
     collections::HashMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, OnceLock},
     time::{Duration, Instant},
 };
@@ -24,6 +25,7 @@ use super::container::{Container, Runtime};
 
 mod containerd;
 mod docker;
+mod storage;
 
 /// What the runtime says about a container.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -134,6 +136,13 @@ pub struct RuntimeArgs {
     /// The Docker Engine API socket, asked for the names of Docker containers.
     #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
     pub docker_socket: PathBuf,
+
+    /// A directory of the container store podman and CRI-O share (containers/storage),
+    /// read for the names of their containers (repeatable: the store's root and its run
+    /// root). Default: `graphroot` and `runroot` of /etc/containers/storage.conf, else
+    /// /var/lib/containers/storage and /run/containers/storage.
+    #[arg(long, value_name = "DIR")]
+    pub containers_storage: Vec<PathBuf>,
 }
 
 /// One list call per runtime at most this often while ids it did not list wait for
@@ -182,6 +191,11 @@ impl Table {
 fn cannot_ask(runtime: Runtime, socket: &std::path::Path, error: &str) -> String {
     let flag = match runtime {
         Runtime::Docker => "--docker-socket",
+        Runtime::CriO | Runtime::Podman => {
+            return format!(
+                "connwatch: cannot read the names of podman and CRI-O containers ({error}): rows keep container ids (give the container store's directories with --containers-storage)"
+            );
+        }
         _ => "--containerd-socket",
     };
     format!(
@@ -256,20 +270,6 @@ pub fn lookup(c: &Container) -> Option<Arc<Names>> {
         return Some(n.clone());
     }
     if t.unknown.contains(&c.id) || t.wanted.contains_key(&c.id) {
-        return None;
-    }
-    if matches!(c.runtime, Runtime::CriO | Runtime::Podman) {
-        let r = c.runtime.as_str();
-        t.say_once(
-            c.runtime,
-            &format!(
-                "connwatch: {r} containers are not asked for their names (no client for {r} yet): their rows keep container ids"
-            ),
-        );
-        if t.unknown.len() >= TABLE_MAX {
-            t.unknown.clear();
-        }
-        t.unknown.insert(c.id.clone());
         return None;
     }
     if let Some(line) = t.absent.get(&c.runtime).cloned() {
@@ -418,6 +418,8 @@ fn file_answers(
 struct Asker {
     containerd: PathBuf,
     docker: PathBuf,
+    /// The container store's directories (podman's and CRI-O's containers).
+    storage: Vec<PathBuf>,
     /// Runtimes that failed, and when they may be asked again.
     backoff: HashMap<Runtime, Instant>,
     /// Where failures are said (once per runtime, with the lookups' sayings).
@@ -429,6 +431,11 @@ impl Asker {
         Self {
             containerd: args.containerd_socket.clone(),
             docker: args.docker_socket.clone(),
+            storage: if args.containers_storage.is_empty() {
+                storage::default_dirs()
+            } else {
+                args.containers_storage.clone()
+            },
             backoff: HashMap::new(),
             resolver,
         }
@@ -453,6 +460,17 @@ impl Asker {
                 merge(&mut found, listed);
             }
         }
+        // podman's and CRI-O's store, one listing for both.
+        if self.storage.iter().any(|d| d.is_dir()) {
+            if let Some(listed) = self.list(Runtime::Podman, true).await {
+                merge(&mut found, listed);
+            }
+        } else if let Ok(mut t) = self.resolver.table.lock() {
+            for runtime in [Runtime::Podman, Runtime::CriO] {
+                let line = cannot_ask(runtime, Path::new(""), "no container store here");
+                t.absent.insert(runtime, line);
+            }
+        }
         found
     }
 
@@ -468,22 +486,21 @@ impl Asker {
         let mut found = HashMap::new();
         let mut asked = Vec::new();
         let mut answered = std::collections::HashSet::new();
-        for runtime in [
-            Runtime::Containerd,
-            Runtime::Docker,
-            Runtime::CriO,
-            Runtime::Podman,
-        ] {
-            if !wanted.iter().any(|(_, r)| *r == runtime) {
+        for runtime in [Runtime::Containerd, Runtime::Docker, Runtime::Podman] {
+            // podman's and CRI-O's containers are in one store: one listing for both.
+            let of_runtime = |r: Runtime| match runtime {
+                Runtime::Podman => matches!(r, Runtime::Podman | Runtime::CriO),
+                _ => r == runtime,
+            };
+            if !wanted.iter().any(|(_, r)| of_runtime(*r)) {
                 continue;
-            }
-            if matches!(runtime, Runtime::CriO | Runtime::Podman) {
-                // Nothing to ask: their ids are given up on like unknown ones.
-                answered.insert(runtime);
             }
             if let Some(listed) = self.list(runtime, true).await {
                 merge(&mut found, listed);
                 answered.insert(runtime);
+                if runtime == Runtime::Podman {
+                    answered.insert(Runtime::CriO);
+                }
             }
             asked.push(runtime);
         }
@@ -518,8 +535,8 @@ impl Asker {
                 tokio::time::timeout(timeout, containerd::list(&self.containerd)).await
             }
             Runtime::Docker => tokio::time::timeout(timeout, docker::list(&self.docker)).await,
-            // Said by `lookup`, which never queues their ids.
-            Runtime::CriO | Runtime::Podman => return None,
+            // Files, read at once.
+            Runtime::CriO | Runtime::Podman => Ok(storage::list(&self.storage)),
         };
         let error = match result {
             Ok(Ok(listed)) => {
