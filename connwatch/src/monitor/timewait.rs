@@ -243,7 +243,9 @@ impl Tracker {
     /// to a server's TIME_WAIT, or the port reused): that end is reported at once.
     pub fn on_transition(&mut self, key: SockKey, t: &Transition) {
         self.changed();
-        if t.starts_a_life() && self.tracked.contains_key(&key) {
+        // connect() enters SYN_SENT before it picks the local port: a key with port 0
+        // is no followed 4-tuple (and its lookup, a cache miss, is skipped).
+        if t.starts_a_life() && key.local.port() != 0 && self.tracked.contains_key(&key) {
             self.end(key, End::Early, t.ts_ns);
         }
         if !t.may_leave_timewait() {
