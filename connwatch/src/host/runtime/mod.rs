@@ -505,16 +505,23 @@ impl Asker {
             asked.push(runtime);
         }
         // Not listed, or listed without a name (cri-dockerd's containers sit unlabelled
-        // in containerd's `moby` namespace, and the kubelet's path names no runtime).
-        let missing = wanted
-            .iter()
-            .any(|(id, _)| !found.get(id).is_some_and(Names::is_named));
-        if missing
-            && !asked.contains(&Runtime::Docker)
-            && self.docker.exists()
-            && let Some(listed) = self.list(Runtime::Docker, false).await
-        {
-            merge(&mut found, listed);
+        // in containerd's `moby` namespace, and the kubelet's cgroupfs path names no
+        // runtime: its containers may be Docker's or, on a CRI-O node, in the store).
+        for other in [Runtime::Docker, Runtime::Podman] {
+            let missing = wanted
+                .iter()
+                .any(|(id, _)| !found.get(id).is_some_and(Names::is_named));
+            let there = match other {
+                Runtime::Docker => self.docker.exists(),
+                _ => self.storage.iter().any(|d| d.is_dir()),
+            };
+            if missing
+                && there
+                && !asked.contains(&other)
+                && let Some(listed) = self.list(other, false).await
+            {
+                merge(&mut found, listed);
+            }
         }
         (found, answered)
     }
