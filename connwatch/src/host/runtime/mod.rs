@@ -140,7 +140,8 @@ pub struct RuntimeArgs {
     /// A directory of the container store podman and CRI-O share (containers/storage),
     /// read for the names of their containers (repeatable: the store's root and its run
     /// root). Default: `graphroot` and `runroot` of /etc/containers/storage.conf, else
-    /// /var/lib/containers/storage and /run/containers/storage.
+    /// /var/lib/containers/storage and /run/containers/storage; and each user's rootless
+    /// store (~/.local/share/containers/storage, /run/user/UID/containers).
     #[arg(long, value_name = "DIR")]
     pub containers_storage: Vec<PathBuf>,
 }
@@ -418,7 +419,9 @@ fn file_answers(
 struct Asker {
     containerd: PathBuf,
     docker: PathBuf,
-    /// The container store's directories (podman's and CRI-O's containers).
+    /// The container store's directories given (podman's and CRI-O's containers);
+    /// empty for the defaults, found anew at each list (a user's rootless store may
+    /// appear later).
     storage: Vec<PathBuf>,
     /// Runtimes that failed, and when they may be asked again.
     backoff: HashMap<Runtime, Instant>,
@@ -431,13 +434,18 @@ impl Asker {
         Self {
             containerd: args.containerd_socket.clone(),
             docker: args.docker_socket.clone(),
-            storage: if args.containers_storage.is_empty() {
-                storage::default_dirs()
-            } else {
-                args.containers_storage.clone()
-            },
+            storage: args.containers_storage.clone(),
             backoff: HashMap::new(),
             resolver,
+        }
+    }
+
+    /// The container store's directories: those given, else the defaults as they are now.
+    fn storage_dirs(&self) -> Vec<PathBuf> {
+        if self.storage.is_empty() {
+            storage::default_dirs()
+        } else {
+            self.storage.clone()
         }
     }
 
@@ -461,7 +469,7 @@ impl Asker {
             }
         }
         // podman's and CRI-O's store, one listing for both.
-        if self.storage.iter().any(|d| d.is_dir()) {
+        if self.storage_dirs().iter().any(|d| d.is_dir()) {
             if let Some(listed) = self.list(Runtime::Podman, true).await {
                 merge(&mut found, listed);
             }
@@ -513,7 +521,7 @@ impl Asker {
                 .any(|(id, _)| !found.get(id).is_some_and(Names::is_named));
             let there = match other {
                 Runtime::Docker => self.docker.exists(),
-                _ => self.storage.iter().any(|d| d.is_dir()),
+                _ => self.storage_dirs().iter().any(|d| d.is_dir()),
             };
             if missing
                 && there
@@ -543,7 +551,7 @@ impl Asker {
             }
             Runtime::Docker => tokio::time::timeout(timeout, docker::list(&self.docker)).await,
             // Files, read at once.
-            Runtime::CriO | Runtime::Podman => Ok(storage::list(&self.storage)),
+            Runtime::CriO | Runtime::Podman => Ok(storage::list(&self.storage_dirs())),
         };
         let error = match result {
             Ok(Ok(listed)) => {

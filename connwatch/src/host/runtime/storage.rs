@@ -9,6 +9,8 @@
 //! kubelet's dockershim did, `k8s_<container>_<pod>_<namespace>_<pod uid>_<attempt>`
 //! (`k8s_POD_…` for the pod's sandbox), and none of those parts can hold `_` (they are
 //! DNS names and a UID), so the name gives the pod.
+//!
+//! Root's store is read, and each user's where rootless podman made one.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -33,13 +35,42 @@ struct Stored {
 }
 
 /// The store's directories: `graphroot` and `runroot` of storage.conf's `[storage]`
-/// table, each defaulting to root's.
+/// table, each defaulting to root's; and those of rootless podman's users.
 pub fn default_dirs() -> Vec<PathBuf> {
     let conf = std::fs::read_to_string(CONF).unwrap_or_default();
-    vec![
+    let mut dirs = vec![
         conf_value(&conf, "graphroot").map_or_else(|| PathBuf::from(GRAPHROOT), PathBuf::from),
         conf_value(&conf, "runroot").map_or_else(|| PathBuf::from(RUNROOT), PathBuf::from),
-    ]
+    ];
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    dirs.extend(rootless_dirs(&passwd, Path::new("/run/user")));
+    dirs
+}
+
+/// Rootless podman's stores: each user's `graphroot` (their own storage.conf's, else
+/// `~/.local/share/containers/storage`) and run root (`/run/user/UID/containers`), where
+/// they exist.
+fn rootless_dirs(passwd: &str, run_user: &Path) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for line in passwd.lines() {
+        let fields: Vec<&str> = line.split(':').collect();
+        let (Some(uid), Some(home)) = (fields.get(2), fields.get(5)) else {
+            continue;
+        };
+        if *uid == "0" || home.is_empty() {
+            continue;
+        }
+        let home = Path::new(home);
+        let conf = std::fs::read_to_string(home.join(".config/containers/storage.conf"))
+            .unwrap_or_default();
+        let graph = conf_value(&conf, "graphroot").map_or_else(
+            || home.join(".local/share/containers/storage"),
+            PathBuf::from,
+        );
+        let run = run_user.join(uid).join("containers");
+        dirs.extend([graph, run].into_iter().filter(|d| d.is_dir()));
+    }
+    dirs
 }
 
 /// A quoted string `key = "value"` of storage.conf's `[storage]` table.
@@ -176,6 +207,38 @@ mod tests {
         );
         assert_eq!(conf_value(conf, "runroot").as_deref(), Some("/run/x"));
         assert_eq!(conf_value("", "graphroot"), None);
+    }
+
+    #[test]
+    fn rootless_stores_of_users_that_have_one() {
+        let root = std::env::temp_dir().join(format!("cw-rootless-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (alice, bob, run) = (root.join("alice"), root.join("bob"), root.join("run"));
+        std::fs::create_dir_all(alice.join(".local/share/containers/storage")).unwrap();
+        std::fs::create_dir_all(bob.join(".config/containers")).unwrap();
+        std::fs::create_dir_all(root.join("elsewhere")).unwrap();
+        let conf = format!(
+            "[storage]\ngraphroot = \"{}\"\n",
+            root.join("elsewhere").display()
+        );
+        std::fs::write(bob.join(".config/containers/storage.conf"), conf).unwrap();
+        std::fs::create_dir_all(run.join("1000/containers")).unwrap();
+        let passwd = format!(
+            "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::{}:/bin/sh\nbob:x:1001:1001::{}:/bin/sh\ncarol:x:1002:1002::{}:/bin/sh\nbroken\n",
+            alice.display(),
+            bob.display(),
+            root.join("carol").display(),
+        );
+        let dirs = rootless_dirs(&passwd, &run);
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(
+            dirs,
+            [
+                alice.join(".local/share/containers/storage"),
+                run.join("1000/containers"),
+                root.join("elsewhere"),
+            ]
+        );
     }
 
     #[test]
