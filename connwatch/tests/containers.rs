@@ -573,6 +573,46 @@ fn docker_container_is_named() {
     assert_eq!(row["container"]["runtime"], "docker", "{row}");
 }
 
+/// Debian's podman on a store of the test's own (no daemon: each command is one run).
+/// Its containers are removed with it.
+struct Podman {
+    root: PathBuf,
+    runroot: PathBuf,
+}
+
+impl Podman {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(tool("/usr/bin/podman", "podman"));
+        c.arg("--root")
+            .arg(&self.root)
+            .arg("--runroot")
+            .arg(&self.runroot)
+            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
+            .args(["--events-backend", "file"]);
+        c
+    }
+
+    /// Runs the leaker in a container `name` on the host network; returns its id.
+    /// Limits within the test's own: podman's defaults would raise them, which needs
+    /// CAP_SYS_RESOURCE.
+    fn start(&self, name: &str, extra: &[&str], port: &str, n: &str) -> String {
+        let out = run(self
+            .cmd()
+            .args(["run", "-d", "--network", "host", "--name", name])
+            .args(["--ulimit", "nofile=1024:1024"])
+            .args(["--ulimit", "nproc=4096:4096"])
+            .args(extra)
+            .args([IMAGE, "/leaker", port, n]));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.cmd().args(["rm", "-a", "-f", "-t", "0"]).output();
+    }
+}
+
 /// podman's containers are named from its container store (no daemon runs): by their
 /// name, and by their pod where the name is one CRI-O gives (the kubelet's
 /// `k8s_<container>_<pod>_<namespace>_<uid>_<attempt>`; CRI-O keeps its containers in the
@@ -582,68 +622,59 @@ fn podman_container_is_named_from_its_store() {
     require_root();
     let dir = Dir::new("podman");
     let image = build_image(&dir.0);
-    let (root, runroot) = (dir.0.join("podman/root"), dir.0.join("podman/run"));
-    let podman = || {
-        let mut c = Command::new(tool("/usr/bin/podman", "podman"));
-        c.arg("--root")
-            .arg(&root)
-            .arg("--runroot")
-            .arg(&runroot)
-            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
-            .args(["--events-backend", "file"]);
-        c
+    let podman = Podman {
+        root: dir.0.join("podman/root"),
+        runroot: dir.0.join("podman/run"),
     };
-    run(podman().arg("load").arg("-i").arg(&image.oci));
-    // Limits within the test's own (podman's defaults would raise them, which needs
-    // CAP_SYS_RESOURCE), on the host network.
-    let start = |name: &str, extra: &[&str], port: &str, n: &str| {
-        let out = run(podman()
-            .args(["run", "-d", "--network", "host", "--name", name])
-            .args([
-                "--ulimit",
-                "nofile=1024:1024",
-                "--ulimit",
-                "nproc=4096:4096",
-            ])
-            .args(extra)
-            .args([IMAGE, "/leaker", port, n]));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    run(podman.cmd().arg("load").arg("-i").arg(&image.oci));
     let (_closer, port) = closing_server();
+    let store = [
+        podman.root.display().to_string(),
+        podman.runroot.display().to_string(),
+    ];
+    let args = [
+        "--containers-storage",
+        store[0].as_str(),
+        "--containers-storage",
+        store[1].as_str(),
+    ];
+
+    // Started while `watch` runs: named by the report after its first row.
+    let mut cw = Connwatch::start(&[&["watch", "--json", "--interval", "1s"][..], &args].concat());
+    wait_report(&mut cw, "a first report", |_| true);
     let name = format!("shop-web-{}", std::process::id());
+    let id = podman.start(&name, &[], &port, "2");
+    let mut unnamed = 0;
+    let report = wait_report(&mut cw, "the container's row, named", |r| {
+        let Some(row) = container_row(r, &id) else {
+            return false;
+        };
+        if row["container"]["name"].is_null() {
+            unnamed += 1;
+        }
+        row["close_wait"] == 2 && row["container"]["name"] == name.as_str()
+    });
+    drop(cw);
+    assert!(unnamed <= 1, "named {unnamed} reports after its first row");
+    let row = container_row(&report, &id).unwrap().clone();
+
+    // Named the way CRI-O names a pod's container, in the kubelet's cgroup path.
     let uid = pod_uid("podman-pod");
     let pod_name = format!("k8s_app_{POD}_{NS}_{uid}_0");
     let parent = format!("--cgroup-parent=/kubepods/besteffort/pod{uid}");
-    let ids = [
-        start(&name, &[], &port, "2"),
-        start(&pod_name, &[parent.as_str()], &port, "1"),
-    ];
-    let store = [root.display().to_string(), runroot.display().to_string()];
-    let args = [
-        "--containers-storage",
-        &store[0],
-        "--containers-storage",
-        &store[1],
-    ];
+    let pod_id = podman.start(&pod_name, &[parent.as_str()], &port, "1");
     let end = Instant::now() + DEADLINE;
-    let (row, pod_row) = loop {
+    let pod_row = loop {
         let r = snapshot(&args);
-        let rows = (
-            container_row(&r, &ids[0]).filter(|p| p["close_wait"] == 2),
-            container_row(&r, &ids[1]).filter(|p| p["close_wait"] == 1),
-        );
-        if let (Some(row), Some(pod_row)) = rows {
-            break (row.clone(), pod_row.clone());
+        if let Some(row) = container_row(&r, &pod_id).filter(|p| p["close_wait"] == 1) {
+            break row.clone();
         }
-        assert!(Instant::now() < end, "no rows for the containers: {r}");
+        assert!(Instant::now() < end, "no row for the pod's container: {r}");
         thread::sleep(Duration::from_millis(200));
     };
-    let _ = podman()
-        .args(["rm", "-f", "-t", "0", &name, &pod_name])
-        .output();
     assert_eq!(
         row["container"],
-        serde_json::json!({"id": ids[0], "runtime": "podman", "name": name})
+        serde_json::json!({"id": id, "runtime": "podman", "name": name})
     );
     assert!(row["k8s"].is_null(), "{row}");
     assert_eq!(
