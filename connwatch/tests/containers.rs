@@ -310,6 +310,44 @@ fn snapshot(args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The first `watch` report in which container `id`'s row holds `close_wait` sockets
+/// and is `named`; it may appear unnamed in one report at most (the runtime is asked
+/// when a row first needs the name).
+fn wait_named(
+    cw: &mut Connwatch,
+    id: &str,
+    close_wait: u64,
+    named: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut unnamed = 0;
+    let report = wait_report(cw, "the container's row, named", |r| {
+        let Some(row) = container_row(r, id) else {
+            return false;
+        };
+        let is_named = named(row);
+        if !is_named {
+            unnamed += 1;
+        }
+        row["close_wait"] == close_wait && is_named
+    });
+    assert!(unnamed <= 1, "named {unnamed} reports after its first row");
+    report
+}
+
+/// The row of container `id` in `snapshot`'s report once it holds `close_wait`
+/// sockets (within `DEADLINE`; else the test fails with the last report).
+fn snapshot_row(args: &[&str], id: &str, close_wait: u64) -> Value {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let r = snapshot(args);
+        if let Some(row) = container_row(&r, id).filter(|p| p["close_wait"] == close_wait) {
+            return row.clone();
+        }
+        assert!(Instant::now() < end, "no row for container {id}: {r}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A pod's leaking container is named by namespace/pod/container in `watch` (started
 /// before the container: named within an interval of its first row), in `snapshot`
 /// (JSON and table), summed with its sibling by `--by pod`, and selected by `--pod` and
@@ -334,17 +372,7 @@ fn containerd_pod_is_named_by_namespace_pod_and_container() {
     wait_report(&mut cw, "a first report", |_| true);
     let uid = pod_uid(POD);
     let app = containerd.run_in_pod(POD, &uid, "app", &[port.clone(), "3".into()]);
-    let mut unnamed = 0;
-    let report = wait_report(&mut cw, "the container's row, named", |r| {
-        let Some(row) = container_row(r, &app) else {
-            return false;
-        };
-        if row["k8s"]["pod"].is_null() {
-            unnamed += 1;
-        }
-        row["close_wait"] == 3 && row["k8s"]["pod"] == POD
-    });
-    assert!(unnamed <= 1, "named {unnamed} reports after its first row");
+    let report = wait_named(&mut cw, &app, 3, |row| row["k8s"]["pod"] == POD);
     let row = container_row(&report, &app).unwrap();
     assert_eq!(row["comm"], "leaker");
     assert_eq!(
@@ -512,15 +540,11 @@ fn docker_container_is_named() {
         .args([IMAGE, "/leaker", &port, "2"]));
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let socket_arg = socket.display().to_string();
-    let end = Instant::now() + DEADLINE;
-    let row = loop {
-        let r = snapshot(&["--docker-socket", &socket_arg, "--by", "container"]);
-        if let Some(row) = container_row(&r, &id).filter(|p| p["close_wait"] == 2) {
-            break row.clone();
-        }
-        assert!(Instant::now() < end, "no row for the container: {r}");
-        thread::sleep(Duration::from_millis(200));
-    };
+    let row = snapshot_row(
+        &["--docker-socket", &socket_arg, "--by", "container"],
+        &id,
+        2,
+    );
     assert_eq!(
         row["container"],
         serde_json::json!({"id": id, "runtime": "docker", "name": name})
@@ -548,20 +572,13 @@ fn docker_container_is_named() {
         containerd_socket.display()
     );
     let containerd_arg = containerd_socket.display().to_string();
-    let end = Instant::now() + DEADLINE;
-    let row = loop {
-        let r = snapshot(&[
-            "--docker-socket",
-            &socket_arg,
-            "--containerd-socket",
-            &containerd_arg,
-        ]);
-        if let Some(row) = container_row(&r, &pod_id).filter(|p| p["close_wait"] == 1) {
-            break row.clone();
-        }
-        assert!(Instant::now() < end, "no row for the pod's container: {r}");
-        thread::sleep(Duration::from_millis(200));
-    };
+    let args = [
+        "--docker-socket",
+        &socket_arg,
+        "--containerd-socket",
+        &containerd_arg,
+    ];
+    let row = snapshot_row(&args, &pod_id, 1);
     let _ = docker().args(["rm", "-f", &name, &pod_name]).output();
     assert_eq!(
         row["k8s"],
@@ -644,18 +661,10 @@ fn podman_container_is_named_from_its_store() {
     wait_report(&mut cw, "a first report", |_| true);
     let name = format!("shop-web-{}", std::process::id());
     let id = podman.start(&name, &[], &port, "2");
-    let mut unnamed = 0;
-    let report = wait_report(&mut cw, "the container's row, named", |r| {
-        let Some(row) = container_row(r, &id) else {
-            return false;
-        };
-        if row["container"]["name"].is_null() {
-            unnamed += 1;
-        }
-        row["close_wait"] == 2 && row["container"]["name"] == name.as_str()
+    let report = wait_named(&mut cw, &id, 2, |row| {
+        row["container"]["name"] == name.as_str()
     });
     drop(cw);
-    assert!(unnamed <= 1, "named {unnamed} reports after its first row");
     let row = container_row(&report, &id).unwrap().clone();
 
     // Named the way CRI-O names a pod's container, in the kubelet's cgroup path.
@@ -663,15 +672,7 @@ fn podman_container_is_named_from_its_store() {
     let pod_name = format!("k8s_app_{POD}_{NS}_{uid}_0");
     let parent = format!("--cgroup-parent=/kubepods/besteffort/pod{uid}");
     let pod_id = podman.start(&pod_name, &[parent.as_str()], &port, "1");
-    let end = Instant::now() + DEADLINE;
-    let pod_row = loop {
-        let r = snapshot(&args);
-        if let Some(row) = container_row(&r, &pod_id).filter(|p| p["close_wait"] == 1) {
-            break row.clone();
-        }
-        assert!(Instant::now() < end, "no row for the pod's container: {r}");
-        thread::sleep(Duration::from_millis(200));
-    };
+    let pod_row = snapshot_row(&args, &pod_id, 1);
     assert_eq!(
         row["container"],
         serde_json::json!({"id": id, "runtime": "podman", "name": name})
