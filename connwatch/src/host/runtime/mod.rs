@@ -519,13 +519,13 @@ impl Asker {
             let missing = wanted
                 .iter()
                 .any(|(id, _)| !found.get(id).is_some_and(Names::is_named));
-            let there = match other {
+            let there = || match other {
                 Runtime::Docker => self.docker.exists(),
                 _ => self.storage_dirs().iter().any(|d| d.is_dir()),
             };
             if missing
-                && there
                 && !asked.contains(&other)
+                && there()
                 && let Some(listed) = self.list(other, false).await
             {
                 merge(&mut found, listed);
