@@ -1,8 +1,9 @@
 //! podman's and CRI-O's containers, from the files of `containers/storage`, the store
 //! both keep their containers in (with buildah's): each driver's
 //! `<driver>-containers/containers.json` under the store's root, and
-//! `volatile-containers.json` (containers that do not outlive a reboot) under its run
-//! root. No daemon to ask: podman has none by default, and CRI-O's CRI socket would
+//! `volatile-containers.json` (containers that do not outlive a reboot, as CRI-O makes
+//! them) beside it, or under the run root where the store is transient. Both files
+//! are read under every directory given. No daemon to ask: podman has none by default, and CRI-O's CRI socket would
 //! need a gRPC client of its own for what these files already say.
 //!
 //! A container's first name is its name. CRI-O names each container the way the
