@@ -381,6 +381,15 @@ fn due(
     (ready, next)
 }
 
+/// The runtime whose listing holds a runtime's containers: podman's and CRI-O's are in
+/// one store, listed once for both (as podman's).
+fn listed_by(runtime: Runtime) -> Runtime {
+    match runtime {
+        Runtime::CriO => Runtime::Podman,
+        r => r,
+    }
+}
+
 /// Files what a round of lists found, and gives up on the ids that runtimes answered
 /// without for `GIVE_UP`.
 fn file_answers(
@@ -402,7 +411,7 @@ fn file_answers(
         .wanted
         .iter()
         .filter(|(_, (runtime, asked))| {
-            answered.contains(runtime) && now.duration_since(*asked) >= GIVE_UP
+            answered.contains(&listed_by(*runtime)) && now.duration_since(*asked) >= GIVE_UP
         })
         .map(|(id, _)| id.clone())
         .collect();
@@ -486,7 +495,7 @@ impl Asker {
     /// container listed. An id of the kubelet's cgroupfs layout is taken for a
     /// containerd one; where containerd does not know it, Docker is asked as well
     /// (cri-dockerd places Docker's containers the same way).
-    /// Also returns the runtimes that answered.
+    /// Also returns the runtimes that answered (podman's store for CRI-O's ids too).
     async fn ask(
         &mut self,
         wanted: &[(String, Runtime)],
@@ -495,20 +504,12 @@ impl Asker {
         let mut asked = Vec::new();
         let mut answered = std::collections::HashSet::new();
         for runtime in [Runtime::Containerd, Runtime::Docker, Runtime::Podman] {
-            // podman's and CRI-O's containers are in one store: one listing for both.
-            let of_runtime = |r: Runtime| match runtime {
-                Runtime::Podman => matches!(r, Runtime::Podman | Runtime::CriO),
-                _ => r == runtime,
-            };
-            if !wanted.iter().any(|(_, r)| of_runtime(*r)) {
+            if !wanted.iter().any(|(_, r)| listed_by(*r) == runtime) {
                 continue;
             }
             if let Some(listed) = self.list(runtime, true).await {
                 merge(&mut found, listed);
                 answered.insert(runtime);
-                if runtime == Runtime::Podman {
-                    answered.insert(Runtime::CriO);
-                }
             }
             asked.push(runtime);
         }
