@@ -37,6 +37,13 @@ pub trait Sink {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+    /// Whether `transition` looks up where a CLOSE_WAIT socket was made (`--stacks`):
+    /// then the stacks captured before it are filed first. Reports settle before they
+    /// read the sites, so a sink that does not read them spares every CLOSE_WAIT a
+    /// look at the stack ring and a lock.
+    fn reads_sites(&self) -> bool {
+        false
+    }
 }
 
 /// The sink of the report commands: the table is all they need.
@@ -462,7 +469,7 @@ fn drain(
                 if let Some(c) = &mut intake.carry {
                     c.fill(&mut t);
                 }
-                if t.new == crate::decode::TcpState::CLOSE_WAIT {
+                if t.new == crate::decode::TcpState::CLOSE_WAIT && sink.reads_sites() {
                     // Its socket's stacks were captured before this event was
                     // queued: filed first, so the sink finds where it was made.
                     settle(stacks);

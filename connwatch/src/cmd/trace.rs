@@ -120,4 +120,8 @@ impl Sink for Rows<'_> {
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
+
+    fn reads_sites(&self) -> bool {
+        self.sites.is_some()
+    }
 }
