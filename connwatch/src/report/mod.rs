@@ -1169,6 +1169,33 @@ mod tests {
         assert_eq!(passes::peer_addr(&v6, &listening).to_string(), "[::1]:*");
     }
 
+    #[test]
+    fn of_peers_with_as_many_sockets_the_close_wait_one_leads() {
+        let mut t = Table::new(NS);
+        for i in 0..2 {
+            t.apply(&enter_cw(
+                1.0,
+                &format!("127.0.0.1:{}", 41000 + i),
+                "10.0.0.9:5432",
+                60 + i,
+            ));
+        }
+        let idx = hold(&t, |_| vec![4242]);
+        // As many TIME_WAITs, to a peer whose address sorts first.
+        let tw = timewaits(2, "127.0.0.1:40000", "10.0.0.1:80", true, 4242);
+        let procs = procs();
+        let mut inp = inputs(&t, 20, &procs);
+        inp.holders = &idx;
+        inp.timewait = &tw;
+        let r = build(&inp, &cfg(), &mut Growth::default());
+        let peers: Vec<(&str, u64, u64)> = r.processes[0]
+            .peers
+            .iter()
+            .map(|p| (p.addr.as_str(), p.close_wait, p.time_wait))
+            .collect();
+        assert_eq!(peers, [("10.0.0.9:5432", 2, 0), ("10.0.0.1:80", 0, 2)]);
+    }
+
     /// A tracker holding `n` confirmed TIME_WAITs from `local` (port varying when
     /// `vary_local`) to `remote`, owned by `pid`.
     fn timewaits(n: u16, local: &str, remote: &str, vary_local: bool, pid: u32) -> Tracker {

@@ -227,9 +227,13 @@ fn top_peers(a: &mut Acc, s: &Snapshot) -> Vec<Peer> {
             fin_wait2: fw2,
         })
         .collect();
+    // Most sockets first; of peers with as many, the one with more CLOSE_WAIT (a leak
+    // of this process), then TIME_WAIT, leads: the text view shows only the first.
     peers.sort_by(|x, y| {
         (y.close_wait + y.time_wait + y.fin_wait2)
             .cmp(&(x.close_wait + x.time_wait + x.fin_wait2))
+            .then(y.close_wait.cmp(&x.close_wait))
+            .then(y.time_wait.cmp(&x.time_wait))
             .then(x.addr.cmp(&y.addr))
     });
     peers.truncate(TOP_PEERS);
