@@ -252,11 +252,12 @@ pub const fn may_leave_timewait(old: u8, new: u8) -> bool {
 /// Whether the lifecycle-only probe (`watch`, `serve`, `top`) has anything to do for a
 /// transition: emit it, remember the owner its syscall names, forget a closer, or track
 /// a listener. Most transitions of a connection need nothing, and return before any
-/// kernel read.
+/// kernel read. connect()'s owner is kept only for a `--pid` filter (`pids`,
+/// `owner_needed_later`); without one its run would read the task for nothing.
 #[inline(always)]
-pub const fn lifecycle_needs(old: u8, new: u8) -> bool {
+pub const fn lifecycle_needs(old: u8, new: u8, pids: bool) -> bool {
     is_lifecycle(old, new)
-        || runs_in_owner_context(old, new)
+        || (runs_in_owner_context(old, new) && (pids || !owner_needed_later(old, new)))
         || ends_closing(old, new)
         || new == tcp_state::LISTEN
         || (old == tcp_state::LISTEN && new == tcp_state::CLOSE)

@@ -220,7 +220,7 @@ pub fn connwatch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     // The cheap common path: `watch` needs 3 of a connection's ~10 transitions, plus the
     // owners named by connect() and close(); the rest return here, before any read.
     let lifecycle = global(&raw const FILTER.lifecycle_only) != 0;
-    if lifecycle && !lifecycle_needs(old, new) {
+    if lifecycle && !lifecycle_needs(old, new, filt!(npids) != 0) {
         return 0;
     }
     // SAFETY: `sk` is the tracepoint's typed `struct sock *` (see `Direct`).

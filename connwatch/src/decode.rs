@@ -471,7 +471,7 @@ pub(crate) mod tests {
         // (a FIN_WAIT1 -> CLOSE is emitted by no view, but must let its closer go).
         for old in [FIN_WAIT1, FIN_WAIT2, CLOSING] {
             assert!(ends_closing(old, CLOSE), "{old}->CLOSE");
-            assert!(lifecycle_needs(old, CLOSE), "{old}->CLOSE");
+            assert!(lifecycle_needs(old, CLOSE, false), "{old}->CLOSE");
         }
         for (old, new) in [
             (LAST_ACK, CLOSE),
@@ -480,6 +480,27 @@ pub(crate) mod tests {
             (FIN_WAIT1, CLOSING),
         ] {
             assert!(!ends_closing(old, new), "{old}->{new}");
+        }
+    }
+
+    #[test]
+    fn connects_owner_is_read_only_for_a_pid_filter() {
+        use connwatch_common::lifecycle_needs;
+        use tcp_state::*;
+        // Without `--pid`, a client's CLOSE_WAIT finds its holder by its inode: the
+        // connect() run has nothing to keep.
+        assert!(!lifecycle_needs(CLOSE, SYN_SENT, false));
+        assert!(lifecycle_needs(CLOSE, SYN_SENT, true));
+        // The other syscalls' transitions are needed either way: listeners, closers,
+        // and the close() of a CLOSE_WAIT.
+        for (old, new) in [
+            (CLOSE, LISTEN),
+            (LISTEN, CLOSE),
+            (ESTABLISHED, FIN_WAIT1),
+            (SYN_RECV, FIN_WAIT1),
+            (CLOSE_WAIT, LAST_ACK),
+        ] {
+            assert!(lifecycle_needs(old, new, false), "{old}->{new}");
         }
     }
 
