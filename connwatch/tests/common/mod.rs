@@ -415,6 +415,30 @@ pub fn peer_main(role: &str) {
             }
             say(format!("closed {n}"));
         }
+        ["reusers", addr, n] => {
+            // As `secondclosers`, for a churn over a few ports: each connection may reuse
+            // the 4-tuple of one of the server's TIME_WAITs. A connect that fails is
+            // tried again (counted, with the last error).
+            let n: usize = n.parse().unwrap();
+            let (mut failed, mut last) = (0, String::new());
+            let mut done = 0;
+            while done < n {
+                match TcpStream::connect(addr.parse::<SocketAddr>().unwrap()) {
+                    Ok(mut c) => {
+                        c.set_read_timeout(Some(DEADLINE)).unwrap();
+                        let mut buf = [0u8; 16];
+                        while std::io::Read::read(&mut c, &mut buf).unwrap_or(0) > 0 {}
+                        done += 1;
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        last = e.to_string();
+                        assert!(failed <= n, "{failed} connects failed, the last: {last}");
+                    }
+                }
+            }
+            say(format!("closed {n} failed {failed} {last}"));
+        }
         ["clients", addr, n] => {
             // Connects N times and closes each connection first, at once.
             let n: usize = n.parse().unwrap();
