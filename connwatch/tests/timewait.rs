@@ -548,30 +548,33 @@ fn a_reuse_is_seen_while_other_time_waits_reach_their_timers() {
     );
 }
 
+/// Connects to `target` from `local` (port 0: the kernel's pick), in `ns`.
+fn connect_from(ns: Option<&NetNs>, local: SocketAddr, target: SocketAddr) -> TcpStream {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if let Some(ns) = ns {
+                ns.enter();
+            }
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&local.into()).unwrap();
+            s.connect(&target.into()).unwrap();
+            let c: TcpStream = s.into();
+            c
+        })
+        .join()
+        .unwrap()
+    })
+}
+
 /// A server (in `ns`) closes first on three connections, then one client connects again
 /// from the same port: `watch` reports 2 of the server's TIME_WAITs within 2.5 s.
 fn reuse_is_seen_within_one_interval(cw: &mut Connwatch, ns: Option<&NetNs>) {
     let mut server = Peer::spawn_in(ns, &["firstcloser", "127.0.0.1:0", "3"]);
     let port: u16 = server.expect("port").parse().unwrap();
     let target: SocketAddr = addr("127.0.0.1", port).parse().unwrap();
-    let connect_from = |local: SocketAddr| {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                if let Some(ns) = ns {
-                    ns.enter();
-                }
-                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                    .unwrap();
-                s.set_reuse_address(true).unwrap();
-                s.bind(&local.into()).unwrap();
-                s.connect(&target.into()).unwrap();
-                let c: TcpStream = s.into();
-                c
-            })
-            .join()
-            .unwrap()
-        })
-    };
+    let connect_from = |local: SocketAddr| connect_from(ns, local, target);
     let mut cports = Vec::new();
     for _ in 0..3 {
         let mut c = connect_from("127.0.0.1:0".parse().unwrap());
@@ -614,23 +617,10 @@ fn a_reuse_no_event_tells_is_found_through_a_churn_that_reuses_ports() {
     let mut quiet = Peer::spawn_in(Some(&ns), &["firstcloser", "127.0.0.1:0", "3"]);
     let quiet_port: u16 = quiet.expect("port").parse().unwrap();
     // Fixed client ports outside the churn's range: no churn socket holds them.
+    let quiet_addr: SocketAddr = addr("127.0.0.1", quiet_port).parse().unwrap();
     let connect_from = |local: u16| {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                ns.enter();
-                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                    .unwrap();
-                s.set_reuse_address(true).unwrap();
-                let local: SocketAddr = addr("127.0.0.1", local).parse().unwrap();
-                s.bind(&local.into()).unwrap();
-                let target: SocketAddr = addr("127.0.0.1", quiet_port).parse().unwrap();
-                s.connect(&target.into()).unwrap();
-                let c: TcpStream = s.into();
-                c
-            })
-            .join()
-            .unwrap()
-        })
+        let local: SocketAddr = addr("127.0.0.1", local).parse().unwrap();
+        connect_from(Some(&ns), local, quiet_addr)
     };
     for port in 45001..=45003 {
         let mut c = connect_from(port);
