@@ -485,9 +485,10 @@ impl Monitor {
     /// an RST), at the poll after: where the kernel holds fewer timewait sockets
     /// (/proc/PID/net/sockstat) than connwatch follows there, that namespace's timewait
     /// sockets are listed again now (where events are telling early ends there, once
-    /// they told fewer than were missing: `Tracker::judge_counts`). A cheap read per namespace holding followed
-    /// TIME_WAITs; where others there are at their timers (another service's churn),
-    /// a lookup of those tells whether they account for the difference.
+    /// they told fewer than were missing: `Tracker::judge_counts`). A cheap read per
+    /// namespace holding followed TIME_WAITs; where others there are at their timers
+    /// (another service's churn), a lookup of those tells whether they account for the
+    /// difference.
     /// Returns the time the lookups took (only where the budget `allowed` them).
     fn recheck_early_ends(&mut self, now: u64, allowed: bool) -> Result<Duration> {
         if !self.tw_seeded {
